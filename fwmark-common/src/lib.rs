@@ -1,0 +1,144 @@
+//! Everything that crosses the kernel boundary between the fwmark classifier
+//! (`fwmark-ebpf`) and its loader (`fwmark-user`).
+//!
+//! Every type is `#[repr(C)]`, has no implicit padding, and its size and
+//! alignment are asserted at compile time, so both sides agree byte for byte.
+#![no_std]
+
+use core::mem::{align_of, size_of};
+
+/// Names of the maps in the eBPF object, as the loader looks them up.
+pub mod map_names {
+    /// `Array<u32, 1>`: index of the generation the classifier uses.
+    pub const ACTIVE: &str = "ACTIVE";
+    /// `ArrayOfMaps<HashMap<ServiceKey, Target>, 2>`: exact-address entries per generation.
+    pub const EXACT: &str = "EXACT";
+    /// `ArrayOfMaps<LpmTrie<ServiceKey, Target>, 2>`: prefix entries per generation.
+    pub const PREFIX: &str = "PREFIX";
+    /// `PerCpuArray<RuleCounters>`: packets and bytes per rule.
+    pub const RULE_STATS: &str = "RULE_STATS";
+    /// `PerCpuArray<u64, GLOBAL_COUNTERS>`: global counters, see [`crate::global`].
+    pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
+}
+
+/// Name of the classifier program in the eBPF object.
+pub const PROGRAM_NAME: &str = "fwmark";
+
+/// Number of configuration generations the classifier can switch between.
+pub const GENERATIONS: u32 = 2;
+
+/// Value of [`ServiceKey::family`] for IPv4.
+pub const FAMILY_IPV4: u8 = 4;
+/// Value of [`ServiceKey::family`] for IPv6.
+pub const FAMILY_IPV6: u8 = 6;
+
+/// IP protocol numbers fwmark classifies.
+pub const IPPROTO_TCP: u8 = 6;
+/// UDP.
+pub const IPPROTO_UDP: u8 = 17;
+/// SCTP.
+pub const IPPROTO_SCTP: u8 = 132;
+
+/// [`ServiceKey::port`] of an entry that matches every port of its address.
+pub const ALL_PORTS: u16 = 0;
+
+/// Bits of [`ServiceKey`] in front of the address: family, protocol, port.
+pub const KEY_HEADER_BITS: u32 = 32;
+/// `prefix_len` of an LPM lookup key: the whole [`ServiceKey`].
+pub const LPM_LOOKUP_PREFIX_LEN: u32 = KEY_HEADER_BITS + 128;
+
+/// What a packet is looked up by: (address family, protocol, destination
+/// port, destination address).
+///
+/// The same layout is the exact-match hash key and the data part of the LPM
+/// trie key (`aya`'s `Key<ServiceKey>`, whose `prefix_len` counts
+/// [`KEY_HEADER_BITS`] plus the address prefix). The family, protocol and port
+/// come first so a prefix entry always matches them in full.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ServiceKey {
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
+    /// [`IPPROTO_TCP`], [`IPPROTO_UDP`] or [`IPPROTO_SCTP`].
+    pub proto: u8,
+    /// Destination port in network byte order as it sits in the packet
+    /// (`[hi, lo]`), or [`ALL_PORTS`].
+    pub port: [u8; 2],
+    /// Destination address; IPv4 uses the first 4 bytes, the rest are zero.
+    pub addr: [u8; 16],
+}
+
+/// What to do with a packet that matched: `mark = (mark & !mask) | (value & mask)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Target {
+    /// The mark value, already inside `mask`.
+    pub mark: u32,
+    /// The bits of `skb->mark` this entry owns (all ones: `--set-mark`).
+    pub mask: u32,
+    /// Index in the `RULE_STATS` counter array.
+    pub rule: u32,
+    /// Address prefix length of a prefix entry (0..=128); the classifier
+    /// compares it between the port and the all-ports prefix lookups.
+    pub prefix_len: u32,
+}
+
+/// Per-rule counters, like `iptables -L -v` shows per rule. Bytes count from
+/// the IP header on, as iptables counts them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct RuleCounters {
+    /// Packets marked by this rule.
+    pub packets: u64,
+    /// Their bytes from the IP header on.
+    pub bytes: u64,
+}
+
+/// Indices of the global counters in `GLOBAL_STATS`.
+pub mod global {
+    /// Every packet the classifier ran on.
+    pub const SEEN: u32 = 0;
+    /// Packets whose mark was written.
+    pub const MARKED: u32 = 1;
+    /// IPv4/IPv6 packets that matched no service.
+    pub const NO_MATCH: u32 = 2;
+    /// Packets that are neither IPv4 nor IPv6 (ARP, LLDP, a third VLAN tag, ...).
+    pub const NON_IP: u32 = 3;
+    /// IP fragments at a non-zero offset (only all-ports services can match them).
+    pub const LATER_FRAGMENT: u32 = 4;
+    /// Truncated or malformed headers; such packets are never marked.
+    pub const MALFORMED: u32 = 5;
+    /// Number of global counters.
+    pub const COUNT: u32 = 6;
+    /// Names, in index order, as `fwmark` prints them.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "seen",
+        "marked",
+        "no_match",
+        "non_ip",
+        "later_fragment",
+        "malformed",
+    ];
+}
+
+// Layout contract: sizes and alignments both sides rely on, with no padding.
+const _: () = assert!(size_of::<ServiceKey>() == 20);
+const _: () = assert!(align_of::<ServiceKey>() == 1);
+const _: () = assert!(size_of::<Target>() == 16);
+const _: () = assert!(align_of::<Target>() == 4);
+const _: () = assert!(size_of::<RuleCounters>() == 16);
+const _: () = assert!(align_of::<RuleCounters>() == 8);
+const _: () = assert!(LPM_LOOKUP_PREFIX_LEN as usize == size_of::<ServiceKey>() * 8);
+
+// SAFETY: these are plain-old-data `#[repr(C)]` types without padding (asserted
+// above and by bytemuck's derive), valid for any bit pattern, which is what
+// aya requires of map keys and values.
+#[cfg(feature = "user")]
+mod pod {
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::Target {}
+    unsafe impl aya::Pod for super::RuleCounters {}
+}

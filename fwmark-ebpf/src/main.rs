@@ -1,0 +1,148 @@
+//! fwmark's TC ingress classifier.
+//!
+//! For every packet: parse Ethernet (+ up to two VLAN tags), IPv4 or IPv6
+//! (+ extension headers), then the TCP/UDP/SCTP destination port; look up
+//! (family, protocol, port, destination address) in the active generation's
+//! maps; on a match write `mark = (mark & !mask) | (value & mask)`.
+//!
+//! It never drops, redirects or rewrites a packet and always returns
+//! `TC_ACT_UNSPEC` (== `TCX_NEXT`), so later tc programs still run.
+//!
+//! Precedence, first match wins:
+//! 1. exact address, exact port
+//! 2. exact address, all ports
+//! 3. longest address prefix; at equal length the port entry before the
+//!    all-ports entry
+//!
+//! IP fragments at a non-zero offset carry no L4 header: they are looked up
+//! with "all ports" only (like iptables, whose port matches never match them).
+#![no_std]
+#![no_main]
+
+mod parse;
+
+use aya_ebpf::{
+    bindings::TC_ACT_UNSPEC,
+    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    macros::{btf_map, classifier},
+    programs::TcContext,
+};
+use fwmark_common::{
+    ALL_PORTS, GENERATIONS, LPM_LOOKUP_PREFIX_LEN, RuleCounters, ServiceKey, Target, global,
+};
+use parse::{Packet, Parsed};
+
+/// Index of the generation in use. Read once per packet, so every lookup of
+/// one packet sees one whole configuration.
+#[btf_map]
+static ACTIVE: Array<u32, 1> = Array::new();
+
+/// Exact-address entries, one inner hash map per generation (inner maps are
+/// created and filled by userspace and never modified once published).
+#[btf_map]
+static EXACT: ArrayOfMaps<HashMap<ServiceKey, Target, 1>, { GENERATIONS as usize }> =
+    ArrayOfMaps::new();
+
+/// Prefix entries, one inner LPM trie per generation; empty slot = no prefixes.
+#[btf_map]
+static PREFIX: ArrayOfMaps<LpmTrie<ServiceKey, Target, 1>, { GENERATIONS as usize }> =
+    ArrayOfMaps::new();
+
+/// Per-rule counters; userspace sizes this map at load time.
+#[btf_map]
+static RULE_STATS: PerCpuArray<RuleCounters, 1> = PerCpuArray::new();
+
+/// Global counters, indexed by `fwmark_common::global`.
+#[btf_map]
+static GLOBAL_STATS: PerCpuArray<u64, { global::COUNT as usize }> = PerCpuArray::new();
+
+#[classifier]
+pub fn fwmark(ctx: TcContext) -> i32 {
+    count(global::SEEN);
+    match parse::packet(ctx.data(), ctx.data_end()) {
+        Parsed::NonIp => count(global::NON_IP),
+        Parsed::Malformed => count(global::MALFORMED),
+        Parsed::Ip(mut pkt) => {
+            if pkt.later_fragment {
+                count(global::LATER_FRAGMENT);
+            }
+            match lookup(&mut pkt) {
+                Some(target) => {
+                    mark(&ctx, &target, &pkt);
+                    count(global::MARKED);
+                }
+                None => count(global::NO_MATCH),
+            }
+        }
+    }
+    TC_ACT_UNSPEC
+}
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(counter) = GLOBAL_STATS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU array slot, owned by this CPU while the program runs.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[inline(always)]
+fn mark(ctx: &TcContext, target: &Target, pkt: &Packet) {
+    // SAFETY: `skb` is the context pointer the kernel passed to this program.
+    let old = unsafe { (*ctx.skb.skb).mark };
+    ctx.set_mark((old & !target.mask) | (target.mark & target.mask));
+    if let Some(stats) = RULE_STATS.get_ptr_mut(target.rule) {
+        // SAFETY: a per-CPU array slot, owned by this CPU while the program runs.
+        unsafe {
+            (*stats).packets += 1;
+            (*stats).bytes += u64::from(ctx.len().saturating_sub(pkt.l3_offset));
+        }
+    }
+}
+
+#[inline(always)]
+fn lookup(pkt: &mut Packet) -> Option<Target> {
+    let generation = *ACTIVE.get(0)?;
+    let key = &mut pkt.key;
+    let port = key.port;
+
+    if let Some(exact) = EXACT.get(generation) {
+        if !pkt.later_fragment {
+            if let Some(target) = exact.get_ptr(&*key) {
+                // SAFETY: published inner maps are never modified, so the entry is stable.
+                return Some(unsafe { *target });
+            }
+        }
+        key.port = ALL_PORTS.to_be_bytes();
+        if let Some(target) = exact.get_ptr(&*key) {
+            // SAFETY: as above.
+            return Some(unsafe { *target });
+        }
+    }
+
+    let prefix = PREFIX.get(generation)?;
+    key.port = port;
+    let mut lpm_key = Key::new(LPM_LOOKUP_PREFIX_LEN, *key);
+    let with_port = if pkt.later_fragment {
+        None
+    } else {
+        prefix.get(&lpm_key).copied()
+    };
+    lpm_key.data.port = ALL_PORTS.to_be_bytes();
+    let all_ports = prefix.get(&lpm_key).copied();
+    match (with_port, all_ports) {
+        (Some(p), Some(a)) if a.prefix_len > p.prefix_len => Some(a),
+        (Some(p), _) => Some(p),
+        (None, a) => a,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,197 @@
+//! Header parsers, one small inline function per header, in the style of
+//! Cilium's `bpf/lib/`: direct packet access, one bounds check per header,
+//! fixed loop bounds.
+
+use core::ptr::read_unaligned;
+
+use fwmark_common::{
+    ALL_PORTS, FAMILY_IPV4, FAMILY_IPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, ServiceKey,
+};
+
+const ETH_HLEN: usize = 14;
+const VLAN_HLEN: usize = 4;
+const IPV4_MIN_HLEN: usize = 20;
+const IPV6_HLEN: usize = 40;
+const IPV6_FRAG_HLEN: usize = 8;
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_DEST: u8 = 60;
+
+/// VLAN tags parsed in the packet data (the kernel has usually moved the
+/// outermost one to `skb->vlan_tci` already, which leaves the data untagged).
+const MAX_VLAN_TAGS: usize = 2;
+/// IPv6 extension headers walked before the L4 header; a longer chain is malformed.
+pub const MAX_IPV6_EXT_HEADERS: usize = 8;
+
+/// A parsed IP packet: its lookup key and what the counters need.
+pub struct Packet {
+    /// Family, protocol, destination port (ALL_PORTS for later fragments and
+    /// protocols without ports) and destination address.
+    pub key: ServiceKey,
+    /// A fragment at a non-zero offset: no L4 header.
+    pub later_fragment: bool,
+    /// Offset of the IP header; bytes are counted from there, like iptables.
+    pub l3_offset: u32,
+}
+
+pub enum Parsed {
+    Ip(Packet),
+    NonIp,
+    Malformed,
+}
+
+/// Bounds-checked pointer to `N` bytes at `off`: the one check per header.
+#[inline(always)]
+fn header<const N: usize>(data: usize, end: usize, off: usize) -> Option<*const [u8; N]> {
+    let start = data + off;
+    if start + N > end {
+        return None;
+    }
+    Some(start as *const [u8; N])
+}
+
+#[inline(always)]
+fn be16(hi: u8, lo: u8) -> u16 {
+    u16::from_be_bytes([hi, lo])
+}
+
+/// Ethernet plus up to [`MAX_VLAN_TAGS`] 802.1Q/802.1ad tags:
+/// returns (ethertype, offset of the L3 header).
+#[inline(always)]
+fn ethernet(data: usize, end: usize) -> Option<(u16, usize)> {
+    let eth = header::<ETH_HLEN>(data, end, 0)?;
+    // SAFETY: `header` checked that ETH_HLEN bytes are inside the packet.
+    let mut proto = unsafe { be16((*eth)[12], (*eth)[13]) };
+    let mut off = ETH_HLEN;
+    for _ in 0..MAX_VLAN_TAGS {
+        if proto != ETH_P_8021Q && proto != ETH_P_8021AD {
+            break;
+        }
+        let tag = header::<VLAN_HLEN>(data, end, off)?;
+        // SAFETY: bounds checked by `header`.
+        proto = unsafe { be16((*tag)[2], (*tag)[3]) };
+        off += VLAN_HLEN;
+    }
+    Some((proto, off))
+}
+
+/// IPv4 with any IHL: fills family and address, returns (protocol, L4 offset,
+/// later fragment).
+#[inline(always)]
+fn ipv4(data: usize, end: usize, off: usize, key: &mut ServiceKey) -> Option<(u8, usize, bool)> {
+    let ip = header::<IPV4_MIN_HLEN>(data, end, off)?;
+    // SAFETY: bounds checked by `header`.
+    let (ver_ihl, frag, proto, daddr) = unsafe {
+        (
+            (*ip)[0],
+            be16((*ip)[6], (*ip)[7]),
+            (*ip)[9],
+            read_unaligned(ip.cast::<u8>().add(16).cast::<[u8; 4]>()),
+        )
+    };
+    let ihl = usize::from(ver_ihl & 0x0f) * 4;
+    if ver_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN {
+        return None;
+    }
+    key.family = FAMILY_IPV4;
+    key.addr[..4].copy_from_slice(&daddr);
+    // Fragment offset (low 13 bits) non-zero: payload only, no L4 header.
+    Some((proto, off + ihl, frag & 0x1fff != 0))
+}
+
+/// IPv6 plus its extension headers (hop-by-hop, routing, destination
+/// options, fragment), at most [`MAX_IPV6_EXT_HEADERS`] of them.
+#[inline(always)]
+fn ipv6(data: usize, end: usize, off: usize, key: &mut ServiceKey) -> Option<(u8, usize, bool)> {
+    let ip = header::<IPV6_HLEN>(data, end, off)?;
+    // SAFETY: bounds checked by `header`.
+    let (version, mut next, daddr) = unsafe {
+        (
+            (*ip)[0] >> 4,
+            (*ip)[6],
+            read_unaligned(ip.cast::<u8>().add(24).cast::<[u8; 16]>()),
+        )
+    };
+    if version != 6 {
+        return None;
+    }
+    key.family = FAMILY_IPV6;
+    key.addr = daddr;
+    let mut off = off + IPV6_HLEN;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        match next {
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+                let ext = header::<2>(data, end, off)?;
+                // SAFETY: bounds checked by `header`.
+                let (nh, len) = unsafe { ((*ext)[0], (*ext)[1]) };
+                next = nh;
+                off += (usize::from(len) + 1) * 8;
+            }
+            NEXTHDR_FRAGMENT => {
+                let frag = header::<IPV6_FRAG_HLEN>(data, end, off)?;
+                // SAFETY: bounds checked by `header`.
+                let (nh, offset) = unsafe { ((*frag)[0], be16((*frag)[2], (*frag)[3]) & 0xfff8) };
+                if offset != 0 {
+                    // A later fragment: what follows is payload, stop here.
+                    return Some((nh, off + IPV6_FRAG_HLEN, true));
+                }
+                next = nh;
+                off += IPV6_FRAG_HLEN;
+            }
+            _ => return Some((next, off, false)),
+        }
+    }
+    match next {
+        NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_FRAGMENT => None,
+        _ => Some((next, off, false)),
+    }
+}
+
+/// Destination port of TCP, UDP and SCTP (bytes 2..4 in all three).
+#[inline(always)]
+fn dest_port(data: usize, end: usize, off: usize) -> Option<[u8; 2]> {
+    let l4 = header::<4>(data, end, off)?;
+    // SAFETY: bounds checked by `header`.
+    Some(unsafe { [(*l4)[2], (*l4)[3]] })
+}
+
+/// Parses the packet in `[data, data_end)`.
+#[inline(always)]
+pub fn packet(data: usize, data_end: usize) -> Parsed {
+    let Some((ethertype, l3)) = ethernet(data, data_end) else {
+        return Parsed::Malformed;
+    };
+    let mut key = ServiceKey {
+        family: 0,
+        proto: 0,
+        port: ALL_PORTS.to_be_bytes(),
+        addr: [0; 16],
+    };
+    let l3_result = match ethertype {
+        ETH_P_IP => ipv4(data, data_end, l3, &mut key),
+        ETH_P_IPV6 => ipv6(data, data_end, l3, &mut key),
+        _ => return Parsed::NonIp,
+    };
+    let Some((proto, l4, later_fragment)) = l3_result else {
+        return Parsed::Malformed;
+    };
+    key.proto = proto;
+    if !later_fragment && matches!(proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+        match dest_port(data, data_end, l4) {
+            Some(port) => key.port = port,
+            None => return Parsed::Malformed,
+        }
+    }
+    Parsed::Ip(Packet {
+        key,
+        later_fragment,
+        l3_offset: l3 as u32,
+    })
+}

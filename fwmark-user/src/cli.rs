@@ -1,0 +1,43 @@
+//! Command-line interface (clap derive); `main.rs` dispatches on it.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Default config file of `fwmark run`.
+pub const DEFAULT_CONFIG: &str = "/etc/fwmark/fwmark.toml";
+
+/// Sets firewall marks for LVS/IPVS services from a TC ingress eBPF
+/// classifier, configured by a TOML file.
+#[derive(Debug, Parser)]
+#[command(name = "fwmark", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load the config, attach the classifier to IFACE's ingress and mark
+    /// packets until SIGINT/SIGTERM (then detach and print the counters).
+    Run(RunArgs),
+    /// Validate a config without touching the kernel.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Interface that receives the VIP traffic (the director's public side).
+    #[arg(long, short = 'i', value_name = "IFACE")]
+    pub iface: String,
+    /// Config file.
+    #[arg(long, short = 'c', value_name = "FILE", default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// Config file.
+    #[arg(long, short = 'c', value_name = "FILE", default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+}

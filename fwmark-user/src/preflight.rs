@@ -1,0 +1,124 @@
+//! Checks before touching the kernel, each failing with one line that says
+//! what to do.
+
+use std::{ffi::CString, io, path::Path};
+
+use aya::util::KernelVersion;
+
+/// Where bpffs is expected.
+pub const BPFFS: &str = "/sys/fs/bpf";
+/// `BPF_FS_MAGIC` from `linux/magic.h`.
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+/// Oldest kernel fwmark supports: BTF-defined map-in-map maps and the
+/// netlink attach path (tcx needs 6.6 and is used when present).
+pub const MIN_KERNEL: KernelVersion = KernelVersion::new(5, 10, 0);
+
+/// Capability bits (`linux/capability.h`).
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_BPF: u32 = 39;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightError {
+    #[error(
+        "fwmark needs root (or CAP_BPF and CAP_NET_ADMIN) to load and attach eBPF programs; \
+         run it with sudo"
+    )]
+    NotPrivileged,
+    #[error("cannot tell the kernel version: {0}")]
+    KernelUnknown(String),
+    #[error("kernel {found} is too old: fwmark needs Linux >= {MIN_KERNEL} with BTF")]
+    KernelTooOld { found: KernelVersion },
+    #[error(
+        "interface {0:?} does not exist (see `ip link`); pass the interface that carries the VIPs"
+    )]
+    NoInterface(String),
+    #[error(
+        "bpffs is not mounted at {BPFFS} and mounting it failed ({0}); \
+         run `mount -t bpf bpf {BPFFS}` (or add it to /etc/fstab)"
+    )]
+    Bpffs(io::Error),
+}
+
+/// Effective capabilities of this process, from /proc/self/status.
+fn effective_caps() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Root, or the capabilities that loading and attaching need.
+pub fn check_privileges() -> Result<(), PreflightError> {
+    let caps = effective_caps();
+    let has = |cap: u32| caps & (1u64 << cap) != 0;
+    if (has(CAP_BPF) || has(CAP_SYS_ADMIN)) && has(CAP_NET_ADMIN) {
+        Ok(())
+    } else {
+        Err(PreflightError::NotPrivileged)
+    }
+}
+
+/// The running kernel, checked against [`MIN_KERNEL`].
+pub fn check_kernel() -> Result<KernelVersion, PreflightError> {
+    let found =
+        KernelVersion::current().map_err(|e| PreflightError::KernelUnknown(e.to_string()))?;
+    if found < MIN_KERNEL {
+        return Err(PreflightError::KernelTooOld { found });
+    }
+    Ok(found)
+}
+
+/// The interface's index, or a clear error.
+pub fn interface_index(iface: &str) -> Result<u32, PreflightError> {
+    let name = CString::new(iface).map_err(|_| PreflightError::NoInterface(iface.into()))?;
+    // SAFETY: `name` is a valid NUL-terminated string for the call's duration.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        Err(PreflightError::NoInterface(iface.into()))
+    } else {
+        Ok(index)
+    }
+}
+
+/// True when `path` is a bpffs mount.
+pub fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: all-zero is a valid `statfs`; the kernel fills it.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is NUL-terminated and `st` is a valid out-pointer.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// Makes sure bpffs is mounted at [`BPFFS`], mounting it when it is not.
+/// Returns true when this call mounted it.
+pub fn ensure_bpffs() -> Result<bool, PreflightError> {
+    let path = Path::new(BPFFS);
+    if is_bpffs(path) {
+        return Ok(false);
+    }
+    std::fs::create_dir_all(path).map_err(PreflightError::Bpffs)?;
+    let c = |s: &str| CString::new(s).expect("no NUL in constant");
+    let (src, target, fstype) = (c("bpf"), c(BPFFS), c("bpf"));
+    // SAFETY: all pointers are valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(PreflightError::Bpffs(io::Error::last_os_error()));
+    }
+    Ok(true)
+}

@@ -1,0 +1,385 @@
+//! Compiles a [`Config`] into the map entries the classifier looks up.
+//!
+//! Each (service, vip, protocol, port item) becomes one *rule*: one counter
+//! slot, like one iptables rule. A rule expands into entries:
+//! - an exact address (/32, /128) goes into the hash map, one entry per port
+//!   (a range is expanded; "every port" is one entry with port 0);
+//! - a shorter prefix goes into the LPM trie, likewise one entry per port.
+//!
+//! Two rules that claim the same (address or prefix, protocol, port) with a
+//! different mark or mask are a conflict and reject the config. With the
+//! same mark and mask the first rule owns the entry and a warning says so.
+
+use std::{collections::HashMap, fmt, net::IpAddr};
+
+use fwmark_common::{
+    ALL_PORTS, FAMILY_IPV4, FAMILY_IPV6, KEY_HEADER_BITS, LPM_LOOKUP_PREFIX_LEN, ServiceKey, Target,
+};
+use ipnet::IpNet;
+
+use crate::config::{Config, PortRange, Proto};
+
+/// Most map entries one config may expand to (ranges count one per port).
+pub const MAX_ENTRIES: usize = 1 << 22;
+
+/// One counter slot: a (service, vip, protocol, port item) of the config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    /// Index of the service in the config.
+    pub service: usize,
+    pub vip: IpNet,
+    pub proto: Proto,
+    /// `None`: every port.
+    pub ports: Option<PortRange>,
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let vip = if self.vip.prefix_len() == self.vip.max_prefix_len() {
+            self.vip.addr().to_string()
+        } else {
+            self.vip.to_string()
+        };
+        match self.ports {
+            Some(p) => write!(f, "{vip} {} port {p}", self.proto),
+            None => write!(f, "{vip} {} all ports", self.proto),
+        }
+    }
+}
+
+/// A prefix entry: the LPM trie key (`prefix_len` counts the key header and
+/// the address prefix) and its target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefixEntry {
+    pub prefix_len: u32,
+    pub key: ServiceKey,
+    pub target: Target,
+}
+
+/// Everything the datapath needs for one configuration generation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ruleset {
+    pub rules: Vec<Rule>,
+    pub exact: Vec<(ServiceKey, Target)>,
+    pub prefix: Vec<PrefixEntry>,
+    /// Things that are legal but worth telling the operator.
+    pub warnings: Vec<String>,
+}
+
+/// Two services claim one entry with different marks.
+#[derive(Debug, thiserror::Error)]
+pub enum RulesetError {
+    #[error(
+        "{file}: services {first:?} (line {first_line}) and {second:?} (line {second_line}) \
+         both claim {entry} with different marks ({first_mark:#x}/{first_mask:#x} and \
+         {second_mark:#x}/{second_mask:#x}); remove the entry from one of them"
+    )]
+    Conflict {
+        file: String,
+        entry: String,
+        first: String,
+        first_line: usize,
+        first_mark: u32,
+        first_mask: u32,
+        second: String,
+        second_line: usize,
+        second_mark: u32,
+        second_mask: u32,
+    },
+    #[error(
+        "{file}: the config expands to {entries} map entries, more than the {max} fwmark \
+         supports; use fewer or narrower port ranges, or a prefix instead of many addresses"
+    )]
+    TooLarge {
+        file: String,
+        entries: usize,
+        max: usize,
+    },
+}
+
+/// Family and address bytes of a map key.
+fn family_and_addr(addr: IpAddr) -> (u8, [u8; 16]) {
+    let mut bytes = [0u8; 16];
+    match addr {
+        IpAddr::V4(a) => {
+            bytes[..4].copy_from_slice(&a.octets());
+            (FAMILY_IPV4, bytes)
+        }
+        IpAddr::V6(a) => (FAMILY_IPV6, a.octets()),
+    }
+}
+
+/// The exact-match key for (addr, proto, port); port 0 = every port.
+pub fn service_key(addr: IpAddr, proto: u8, port: u16) -> ServiceKey {
+    let (family, addr) = family_and_addr(addr);
+    ServiceKey {
+        family,
+        proto,
+        port: port.to_be_bytes(),
+        addr,
+    }
+}
+
+/// LPM `prefix_len` of an entry for an address prefix of `bits` bits.
+pub fn lpm_prefix_len(bits: u8) -> u32 {
+    KEY_HEADER_BITS + u32::from(bits)
+}
+
+impl Ruleset {
+    /// Compiles a validated config.
+    pub fn compile(config: &Config) -> Result<Ruleset, RulesetError> {
+        let entries: usize = config
+            .services
+            .iter()
+            .map(|s| {
+                let ports = s
+                    .ports
+                    .as_ref()
+                    .map_or(1, |ps| ps.iter().map(|p| p.len()).sum());
+                s.vips.len() * s.protos.len() * ports
+            })
+            .sum();
+        if entries > MAX_ENTRIES {
+            return Err(RulesetError::TooLarge {
+                file: config.source.clone(),
+                entries,
+                max: MAX_ENTRIES,
+            });
+        }
+
+        // (prefix_len, key) -> index in exact/prefix and owning rule.
+        let mut owner: HashMap<(u32, ServiceKey), (bool, usize, usize)> =
+            HashMap::with_capacity(entries);
+        let mut rs = Ruleset::default();
+        for (si, service) in config.services.iter().enumerate() {
+            for vip in &service.vips {
+                for &proto in &service.protos {
+                    let items: Vec<Option<PortRange>> = match &service.ports {
+                        Some(ps) => ps.iter().copied().map(Some).collect(),
+                        None => vec![None],
+                    };
+                    for ports in items {
+                        let rule = u32::try_from(rs.rules.len()).expect("rules fit in u32");
+                        rs.rules.push(Rule {
+                            service: si,
+                            vip: *vip,
+                            proto,
+                            ports,
+                        });
+                        let exact = vip.prefix_len() == vip.max_prefix_len();
+                        let (lo, hi) = ports.map_or((ALL_PORTS, ALL_PORTS), |p| (p.lo, p.hi));
+                        for port in lo..=hi {
+                            let key = service_key(vip.network(), proto.number(), port);
+                            let target = Target {
+                                mark: service.mark,
+                                mask: service.mask,
+                                rule,
+                                prefix_len: u32::from(vip.prefix_len()),
+                            };
+                            let prefix_len = if exact {
+                                LPM_LOOKUP_PREFIX_LEN
+                            } else {
+                                lpm_prefix_len(vip.prefix_len())
+                            };
+                            if let Some(&(in_exact, idx, owner_rule)) =
+                                owner.get(&(prefix_len, key))
+                            {
+                                let existing = if in_exact {
+                                    rs.exact[idx].1
+                                } else {
+                                    rs.prefix[idx].target
+                                };
+                                let first = &config.services[rs.rules[owner_rule].service];
+                                let entry = describe(vip, proto, port);
+                                if (existing.mark, existing.mask) != (target.mark, target.mask) {
+                                    return Err(RulesetError::Conflict {
+                                        file: config.source.clone(),
+                                        entry,
+                                        first: first.name.clone(),
+                                        first_line: first.line,
+                                        first_mark: existing.mark,
+                                        first_mask: existing.mask,
+                                        second: service.name.clone(),
+                                        second_line: service.line,
+                                        second_mark: target.mark,
+                                        second_mask: target.mask,
+                                    });
+                                }
+                                rs.warnings.push(format!(
+                                    "service {:?} (line {}) repeats {entry}, already claimed by \
+                                     {:?} (line {}) with the same mark; it counts there",
+                                    service.name, service.line, first.name, first.line
+                                ));
+                                continue;
+                            }
+                            if exact {
+                                owner.insert(
+                                    (prefix_len, key),
+                                    (true, rs.exact.len(), rule as usize),
+                                );
+                                rs.exact.push((key, target));
+                            } else {
+                                owner.insert(
+                                    (prefix_len, key),
+                                    (false, rs.prefix.len(), rule as usize),
+                                );
+                                rs.prefix.push(PrefixEntry {
+                                    prefix_len,
+                                    key,
+                                    target,
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(rs)
+    }
+
+    /// Number of map entries (exact plus prefix).
+    pub fn entries(&self) -> usize {
+        self.exact.len() + self.prefix.len()
+    }
+}
+
+fn describe(vip: &IpNet, proto: Proto, port: u16) -> String {
+    let vip = if vip.prefix_len() == vip.max_prefix_len() {
+        vip.addr().to_string()
+    } else {
+        vip.to_string()
+    };
+    if port == ALL_PORTS {
+        format!("{vip} {proto} (all ports)")
+    } else {
+        format!("{vip} {proto} port {port}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compile(text: &str) -> Result<Ruleset, RulesetError> {
+        Ruleset::compile(&Config::parse(text, "t.toml").unwrap())
+    }
+
+    #[test]
+    fn key_encoding_is_network_order_and_zero_padded() {
+        let k = service_key("192.0.2.10".parse().unwrap(), 6, 443);
+        assert_eq!(k.family, FAMILY_IPV4);
+        assert_eq!(k.proto, 6);
+        assert_eq!(k.port, [0x01, 0xbb]);
+        assert_eq!(k.addr, [192, 0, 2, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let bytes: &[u8] = bytemuck::bytes_of(&k);
+        assert_eq!(&bytes[..4], &[4, 6, 0x01, 0xbb]);
+        let k6 = service_key("2001:db8::10".parse().unwrap(), 17, 53);
+        assert_eq!(k6.family, FAMILY_IPV6);
+        assert_eq!(k6.addr[0..2], [0x20, 0x01]);
+        assert_eq!(k6.addr[15], 0x10);
+        assert_eq!(lpm_prefix_len(24), 56);
+    }
+
+    #[test]
+    fn expands_ports_ranges_vips_and_protos() {
+        let rs = compile(
+            "[[service]]\nvip = [\"192.0.2.10\", \"2001:db8::10\"]\nproto = [\"tcp\", \"udp\"]\n\
+             ports = [21, \"10000-10002\"]\nmark = 21\n",
+        )
+        .unwrap();
+        // 2 vips * 2 protos * 2 port items
+        assert_eq!(rs.rules.len(), 8);
+        // 2 vips * 2 protos * 4 ports
+        assert_eq!(rs.exact.len(), 16);
+        assert!(rs.prefix.is_empty());
+        assert!(
+            rs.exact
+                .iter()
+                .all(|(_, t)| t.mark == 21 && t.mask == u32::MAX)
+        );
+        let ports: Vec<u16> = rs
+            .exact
+            .iter()
+            .filter(|(k, _)| k.family == 4 && k.proto == 6)
+            .map(|(k, _)| u16::from_be_bytes(k.port))
+            .collect();
+        assert_eq!(ports, vec![21, 10000, 10001, 10002]);
+        // Every entry points at a rule of its own vip/proto.
+        for (k, t) in &rs.exact {
+            let rule = &rs.rules[t.rule as usize];
+            assert_eq!(rule.proto.number(), k.proto);
+        }
+    }
+
+    #[test]
+    fn prefixes_go_to_the_trie_and_all_ports_is_port_zero() {
+        let rs =
+            compile("[[service]]\nvip = \"198.51.100.0/24\"\nproto = \"tcp\"\nmark = 9\n").unwrap();
+        assert!(rs.exact.is_empty());
+        assert_eq!(rs.prefix.len(), 1);
+        let e = rs.prefix[0];
+        assert_eq!(e.prefix_len, 32 + 24);
+        assert_eq!(e.key.port, [0, 0]);
+        assert_eq!(e.target.prefix_len, 24);
+        assert_eq!(e.key.addr[..4], [198, 51, 100, 0]);
+    }
+
+    #[test]
+    fn conflicting_marks_name_both_services() {
+        let err = compile(
+            "[[service]]\nname = \"web\"\nvip = \"192.0.2.10\"\nproto = \"tcp\"\nports = [80, 443]\nmark = 80\n\
+             [[service]]\nname = \"alt\"\nvip = \"192.0.2.10\"\nproto = \"tcp\"\nports = [\"440-450\"]\nmark = 81\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("\"web\" (line 1)"), "{err}");
+        assert!(err.contains("\"alt\" (line 7)"), "{err}");
+        assert!(err.contains("192.0.2.10 tcp port 443"), "{err}");
+    }
+
+    #[test]
+    fn same_mark_overlap_is_a_warning_and_first_owns_it() {
+        let rs = compile(
+            "[[service]]\nname = \"a\"\nvip = \"192.0.2.10\"\nproto = \"tcp\"\nports = [80]\nmark = 80\n\
+             [[service]]\nname = \"b\"\nvip = \"192.0.2.10\"\nproto = \"tcp\"\nports = [\"80-81\"]\nmark = 80\n",
+        )
+        .unwrap();
+        assert_eq!(rs.exact.len(), 2);
+        assert_eq!(rs.warnings.len(), 1);
+        assert!(rs.warnings[0].contains("already claimed by \"a\""));
+        assert_eq!(rs.exact[0].1.rule, 0);
+    }
+
+    #[test]
+    fn exact_and_prefix_with_different_marks_are_not_a_conflict() {
+        let rs = compile(
+            "[[service]]\nvip = \"192.0.2.0/24\"\nproto = \"tcp\"\nports = [80]\nmark = 1\n\
+             [[service]]\nvip = \"192.0.2.10\"\nproto = \"tcp\"\nports = [80]\nmark = 2\n",
+        )
+        .unwrap();
+        assert_eq!((rs.exact.len(), rs.prefix.len()), (1, 1));
+    }
+
+    #[test]
+    fn refuses_configs_beyond_the_entry_limit() {
+        let err = compile(
+            "[[service]]\nvip = [\"192.0.2.1\", \"192.0.2.2\", \"192.0.2.3\", \"192.0.2.4\", \
+             \"192.0.2.5\", \"192.0.2.6\", \"192.0.2.7\", \"192.0.2.8\", \"192.0.2.9\", \
+             \"192.0.2.11\", \"192.0.2.12\", \"192.0.2.13\", \"192.0.2.14\", \"192.0.2.15\", \
+             \"192.0.2.16\", \"192.0.2.17\", \"192.0.2.18\", \"192.0.2.19\", \"192.0.2.20\", \
+             \"192.0.2.21\", \"192.0.2.22\", \"192.0.2.23\", \"192.0.2.24\", \"192.0.2.25\", \
+             \"192.0.2.26\", \"192.0.2.27\", \"192.0.2.28\", \"192.0.2.29\", \"192.0.2.30\", \
+             \"192.0.2.31\", \"192.0.2.32\", \"192.0.2.33\", \"192.0.2.34\", \"192.0.2.35\", \
+             \"192.0.2.36\", \"192.0.2.37\", \"192.0.2.38\", \"192.0.2.39\", \"192.0.2.40\", \
+             \"192.0.2.41\", \"192.0.2.42\", \"192.0.2.43\", \"192.0.2.44\", \"192.0.2.45\", \
+             \"192.0.2.46\", \"192.0.2.47\", \"192.0.2.48\", \"192.0.2.49\", \"192.0.2.50\", \
+             \"192.0.2.51\", \"192.0.2.52\", \"192.0.2.53\", \"192.0.2.54\", \"192.0.2.55\", \
+             \"192.0.2.56\", \"192.0.2.57\", \"192.0.2.58\", \"192.0.2.59\", \"192.0.2.60\", \
+             \"192.0.2.61\", \"192.0.2.62\", \"192.0.2.63\", \"192.0.2.64\", \"192.0.2.65\"]\n\
+             proto = \"tcp\"\nports = [\"1-65535\"]\nmark = 1\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("more than the 4194304"), "{err}");
+    }
+}
