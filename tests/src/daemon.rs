@@ -1,0 +1,157 @@
+//! `fwmark run` as a child process inside a namespace.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _},
+    path::PathBuf,
+    process::{Child, ExitStatus, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+
+use crate::netns::Netns;
+
+/// The `fwmark` binary under test: `$FWMARK_BIN` (set by `cargo xtask test`)
+/// or the workspace's debug build.
+pub fn fwmark_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("FWMARK_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/fwmark");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo xtask test`, or build it with `cargo build -p fwmark-user`",
+        p.display()
+    );
+    p
+}
+
+/// What a stopped daemon left.
+#[derive(Debug)]
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// A running `fwmark run`.
+pub struct Daemon {
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+    stderr_thread: Option<JoinHandle<()>>,
+}
+
+impl Daemon {
+    /// Starts `fwmark ARGS...` in `ns` and waits until it logs that it is
+    /// attached (or fails).
+    pub fn start(ns: &Netns, args: &[&str]) -> Result<Daemon> {
+        let mut child = ns
+            .command(fwmark_bin())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning fwmark")?;
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let pipe = child.stderr.take().expect("piped stderr");
+        let sink = Arc::clone(&stderr);
+        let stderr_thread = std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let attached = line.contains("attached to");
+                sink.lock().expect("stderr lock").push_str(&(line + "\n"));
+                if attached {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        let mut daemon = Daemon {
+            child,
+            stderr,
+            stderr_thread: Some(stderr_thread),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if rx.recv_timeout(Duration::from_millis(50)).is_ok() {
+                return Ok(daemon);
+            }
+            if let Some(status) = daemon.child.try_wait()? {
+                let finished = daemon.collect(status);
+                bail!(
+                    "fwmark exited before attaching ({}):\n{}",
+                    finished.status,
+                    finished.stderr
+                );
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "fwmark did not attach within 30 s:\n{}",
+                    daemon.stderr_so_far()
+                );
+            }
+        }
+    }
+
+    /// What it logged so far.
+    pub fn stderr_so_far(&self) -> String {
+        self.stderr.lock().expect("stderr lock").clone()
+    }
+
+    /// Sends SIGTERM and waits (up to 20 s) for it to exit.
+    pub fn stop(mut self) -> Result<Finished> {
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(self.collect(status));
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("fwmark did not exit within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn collect(&mut self, status: ExitStatus) -> Finished {
+        let mut stdout = String::new();
+        if let Some(mut out) = self.child.stdout.take() {
+            let _ = out.read_to_string(&mut stdout);
+        }
+        if let Some(t) = self.stderr_thread.take() {
+            let _ = t.join();
+        }
+        Finished {
+            status,
+            stdout,
+            stderr: self.stderr_so_far(),
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Parses the `global: name=value ...` line `fwmark run` prints on exit.
+pub fn exit_globals(stdout: &str) -> Option<std::collections::BTreeMap<String, u64>> {
+    let line = stdout.lines().find_map(|l| l.strip_prefix("global: "))?;
+    line.split_whitespace()
+        .map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}

@@ -1,0 +1,86 @@
+//! The classifier run through `BPF_PROG_TEST_RUN`: load it, publish a config,
+//! feed it frames and read back the mark from the `__sk_buff` context.
+
+use anyhow::{Context as _, Result};
+use aya::programs::{TestRun as _, TestRunOptions};
+use fwmark::{
+    config::Config,
+    datapath::{Datapath, GlobalCounters},
+    ruleset::Ruleset,
+};
+use fwmark_common::RuleCounters;
+
+/// `sizeof(struct __sk_buff)` on current kernels.
+const SKB_CTX_LEN: usize = 192;
+/// `offsetof(struct __sk_buff, mark)`.
+const SKB_MARK_OFFSET: usize = 8;
+
+/// `TC_ACT_UNSPEC` / `TCX_NEXT`: "continue".
+pub const TC_ACT_UNSPEC: i32 = -1;
+
+/// What the classifier did with one frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// The program's return code.
+    pub ret: i32,
+    /// `skb->mark` after the program.
+    pub mark: u32,
+}
+
+/// A loaded classifier with a published config.
+pub struct Harness {
+    pub datapath: Datapath,
+    pub config: Config,
+    pub ruleset: Ruleset,
+}
+
+impl Harness {
+    /// Loads the classifier and publishes the config given as TOML text.
+    pub fn new(toml: &str) -> Result<Harness> {
+        let config = Config::parse(toml, "test config")?;
+        let ruleset = Ruleset::compile(&config)?;
+        let mut datapath = Datapath::load(ruleset.rules.len())?;
+        datapath.publish(&ruleset)?;
+        Ok(Harness {
+            datapath,
+            config,
+            ruleset,
+        })
+    }
+
+    /// Runs the classifier once on `frame`, with `skb->mark` preset to `mark`.
+    pub fn run(&self, frame: &[u8], mark: u32) -> Result<Verdict> {
+        let mut ctx_in = [0u8; SKB_CTX_LEN];
+        ctx_in[SKB_MARK_OFFSET..SKB_MARK_OFFSET + 4].copy_from_slice(&mark.to_ne_bytes());
+        let mut ctx_out = [0u8; SKB_CTX_LEN];
+        let result = self
+            .datapath
+            .program()?
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                ctx_in: Some(&ctx_in),
+                ctx_out: Some(&mut ctx_out),
+                ..TestRunOptions::default()
+            })
+            .with_context(|| format!("BPF_PROG_TEST_RUN of a {}-byte frame", frame.len()))?;
+        let mark_out = u32::from_ne_bytes(
+            ctx_out[SKB_MARK_OFFSET..SKB_MARK_OFFSET + 4]
+                .try_into()
+                .expect("4 bytes"),
+        );
+        Ok(Verdict {
+            ret: result.return_value as i32,
+            mark: mark_out,
+        })
+    }
+
+    /// Global counters so far.
+    pub fn global(&self) -> Result<GlobalCounters> {
+        Ok(self.datapath.global_counters()?)
+    }
+
+    /// Per-rule counters so far.
+    pub fn rules(&self) -> Result<Vec<RuleCounters>> {
+        Ok(self.datapath.rule_counters(self.ruleset.rules.len())?)
+    }
+}

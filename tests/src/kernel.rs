@@ -1,0 +1,43 @@
+//! Gate for tests that need the real kernel (root, `ip`, `nft`).
+
+/// Set to `1` to turn every skip of a kernel test into a failure (CI does).
+pub const REQUIRE_ENV: &str = "FWMARK_REQUIRE_KERNEL_TESTS";
+
+fn required() -> bool {
+    std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1")
+}
+
+fn have(tool: &str) -> bool {
+    std::process::Command::new(tool)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// True when the kernel test `name` can run. Otherwise prints a loud SKIP
+/// line and returns false, or panics when [`REQUIRE_ENV`] is `1`.
+pub fn available(name: &str, tools: &[&str]) -> bool {
+    let mut missing = Vec::new();
+    if !nix::unistd::geteuid().is_root() {
+        missing.push("root".to_string());
+    }
+    for tool in tools {
+        if !have(tool) {
+            missing.push(format!("the `{tool}` command"));
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let why = format!(
+        "kernel test {name} needs {}; run `cargo xtask test` (it re-runs under sudo)",
+        missing.join(" and ")
+    );
+    if required() {
+        panic!("{why}, and {REQUIRE_ENV}=1 forbids skipping it");
+    }
+    eprintln!("\n!!!!! SKIPPED: {why} !!!!!\n");
+    false
+}

@@ -1,0 +1,183 @@
+//! Network namespaces and veth pairs that a test creates, names uniquely and
+//! removes on drop (processes left in them are killed first).
+
+use std::{
+    fs::File,
+    net::IpAddr,
+    process::{Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{Context as _, Result, bail};
+use nix::sched::{CloneFlags, setns};
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+/// A name no other lab on this machine uses: `fw<pid><n><tag>`, short enough
+/// for an interface name (15 bytes).
+pub fn unique_name(tag: char) -> String {
+    let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    format!("fw{}x{n}{tag}", std::process::id() % 1_000_000)
+}
+
+/// Runs a command, failing with its stderr when it fails.
+pub fn run_cmd(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A network namespace owned by the test.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates a namespace with a unique name and its loopback up.
+    pub fn create(tag: char) -> Result<Netns> {
+        let name = unique_name(tag);
+        run_cmd(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip -n NAME ARGS...`
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        run_cmd(Command::new("ip").arg("-n").arg(&self.name).args(args))
+    }
+
+    /// A command that runs `program` inside the namespace (`ip netns exec`).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+
+    /// Runs `f` on a thread that has entered the namespace, so sockets it
+    /// opens live there.
+    pub fn run<R: Send, F: FnOnce() -> R + Send>(&self, f: F) -> Result<R> {
+        let path = format!("/run/netns/{}", self.name);
+        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+        let entered = path.clone();
+        std::thread::scope(|s| {
+            s.spawn(move || -> Result<R> {
+                setns(&file, CloneFlags::CLONE_NEWNET)
+                    .with_context(|| format!("entering network namespace {entered}"))?;
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in {path} panicked"))?
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Ok(pids) = run_cmd(Command::new("ip").args(["netns", "pids", &self.name])) {
+            for pid in pids
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        // Deleting the namespace also deletes the veth ends inside it.
+        let _ = run_cmd(Command::new("ip").args(["netns", "del", &self.name]));
+    }
+}
+
+/// Client-side IPv4 address of the lab link.
+pub const CLIENT_V4: &str = "192.0.2.100";
+/// Director-side IPv4 address of the lab link.
+pub const DIRECTOR_V4: &str = "192.0.2.1";
+/// Client-side IPv6 address of the lab link.
+pub const CLIENT_V6: &str = "2001:db8::100";
+/// Director-side IPv6 address of the lab link.
+pub const DIRECTOR_V6: &str = "2001:db8::1";
+
+/// A client namespace and a director namespace joined by a veth pair; the
+/// director holds the VIPs, the client routes them to the director.
+pub struct Lab {
+    pub client: Netns,
+    pub director: Netns,
+    /// The veth end in the client namespace.
+    pub client_if: String,
+    /// The veth end in the director namespace (where fwmark attaches).
+    pub director_if: String,
+}
+
+impl Lab {
+    pub fn new(vips: &[IpAddr]) -> Result<Lab> {
+        let client = Netns::create('c')?;
+        let director = Netns::create('d')?;
+        let client_if = format!("{}v", client.name);
+        let director_if = format!("{}v", director.name);
+        run_cmd(Command::new("ip").args([
+            "link",
+            "add",
+            &client_if,
+            "netns",
+            &client.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &director_if,
+            "netns",
+            &director.name,
+        ]))?;
+        client.ip(&["addr", "add", &format!("{CLIENT_V4}/24"), "dev", &client_if])?;
+        client.ip(&[
+            "addr",
+            "add",
+            &format!("{CLIENT_V6}/64"),
+            "dev",
+            &client_if,
+            "nodad",
+        ])?;
+        director.ip(&[
+            "addr",
+            "add",
+            &format!("{DIRECTOR_V4}/24"),
+            "dev",
+            &director_if,
+        ])?;
+        director.ip(&[
+            "addr",
+            "add",
+            &format!("{DIRECTOR_V6}/64"),
+            "dev",
+            &director_if,
+            "nodad",
+        ])?;
+        client.ip(&["link", "set", &client_if, "up"])?;
+        director.ip(&["link", "set", &director_if, "up"])?;
+        for vip in vips {
+            let (host, via) = match vip {
+                IpAddr::V4(_) => (format!("{vip}/32"), DIRECTOR_V4),
+                IpAddr::V6(_) => (format!("{vip}/128"), DIRECTOR_V6),
+            };
+            director.ip(&["addr", "add", &host, "dev", &director_if, "nodad"])?;
+            client.ip(&["route", "replace", &host, "via", via])?;
+        }
+        Ok(Lab {
+            client,
+            director,
+            client_if,
+            director_if,
+        })
+    }
+}

@@ -1,0 +1,616 @@
+//! The classifier in the real kernel, through BPF_PROG_TEST_RUN: every frame
+//! is built with etherparse headers, run once, and the mark is read back from
+//! the `__sk_buff` context.
+
+use fwmark_common::global;
+use fwmark_testlab::{
+    harness::{Harness, TC_ACT_UNSPEC, Verdict},
+    kernel,
+    packets::{Ext, Frame, L4, l3_offset},
+};
+
+const PRESET: u32 = 0x0bad_0000;
+
+const CONFIG: &str = r#"
+[[service]]
+name = "web"
+vip = "192.0.2.10"
+proto = "tcp"
+ports = [80, 443]
+mark = 80
+
+[[service]]
+name = "ftp"
+vip = "192.0.2.21"
+proto = "tcp"
+ports = [21, "10000-20000"]
+mark = 21
+
+[[service]]
+name = "dns"
+vip = ["192.0.2.53", "2001:db8::53"]
+proto = "udp"
+ports = [53]
+mark = 53
+
+[[service]]
+name = "sig"
+vip = ["192.0.2.90", "2001:db8::90"]
+proto = "sctp"
+ports = [2905]
+mark = 90
+
+[[service]]
+name = "web6"
+vip = "2001:db8::10"
+proto = "tcp"
+ports = [80, 443]
+mark = 86
+
+[[service]]
+name = "allports"
+vip = ["192.0.2.77", "2001:db8::77"]
+proto = ["tcp", "udp"]
+mark = 77
+"#;
+
+fn harness(name: &str, config: &str) -> Option<Harness> {
+    if !kernel::available(name, &[]) {
+        return None;
+    }
+    Some(Harness::new(config).expect("load classifier and publish config"))
+}
+
+fn run(h: &Harness, frame: &Frame) -> Verdict {
+    h.run(&frame.build(), PRESET).expect("test run")
+}
+
+fn assert_marked(h: &Harness, frame: &Frame, mark: u32) {
+    let v = run(h, frame);
+    assert_eq!(v.ret, TC_ACT_UNSPEC, "{frame:?}");
+    assert_eq!(v.mark, mark, "{frame:?}: got {:#x}, want {mark:#x}", v.mark);
+}
+
+fn assert_untouched(h: &Harness, frame: &Frame) {
+    assert_marked(h, frame, PRESET);
+}
+
+#[test]
+fn ipv4_tcp_udp_sctp_hits_and_misses() {
+    let Some(h) = harness("ipv4_tcp_udp_sctp_hits_and_misses", CONFIG) else {
+        return;
+    };
+    assert_marked(&h, &Frame::new("192.0.2.10", L4::Tcp(80)), 80);
+    assert_marked(&h, &Frame::new("192.0.2.10", L4::Tcp(443)), 80);
+    assert_untouched(&h, &Frame::new("192.0.2.10", L4::Tcp(81)));
+    assert_untouched(&h, &Frame::new("192.0.2.10", L4::Udp(80)));
+    assert_untouched(&h, &Frame::new("192.0.2.11", L4::Tcp(80)));
+    assert_marked(&h, &Frame::new("192.0.2.21", L4::Tcp(21)), 21);
+    for (port, hit) in [
+        (9999, false),
+        (10000, true),
+        (15000, true),
+        (20000, true),
+        (20001, false),
+    ] {
+        let f = Frame::new("192.0.2.21", L4::Tcp(port));
+        if hit {
+            assert_marked(&h, &f, 21);
+        } else {
+            assert_untouched(&h, &f);
+        }
+    }
+    assert_marked(&h, &Frame::new("192.0.2.53", L4::Udp(53)), 53);
+    assert_untouched(&h, &Frame::new("192.0.2.53", L4::Tcp(53)));
+    assert_marked(&h, &Frame::new("192.0.2.90", L4::Sctp(2905)), 90);
+    assert_untouched(&h, &Frame::new("192.0.2.90", L4::Sctp(2906)));
+    assert_untouched(&h, &Frame::new("192.0.2.90", L4::Other(1)));
+}
+
+#[test]
+fn ipv6_tcp_udp_sctp_hits_and_misses() {
+    let Some(h) = harness("ipv6_tcp_udp_sctp_hits_and_misses", CONFIG) else {
+        return;
+    };
+    assert_marked(&h, &Frame::new("2001:db8::10", L4::Tcp(80)), 86);
+    assert_marked(&h, &Frame::new("2001:db8::10", L4::Tcp(443)), 86);
+    assert_untouched(&h, &Frame::new("2001:db8::10", L4::Tcp(8080)));
+    assert_untouched(&h, &Frame::new("2001:db8::11", L4::Tcp(80)));
+    assert_marked(&h, &Frame::new("2001:db8::53", L4::Udp(53)), 53);
+    assert_marked(&h, &Frame::new("2001:db8::90", L4::Sctp(2905)), 90);
+    // The IPv4 VIP's bytes inside an IPv6 address must not match it.
+    assert_untouched(&h, &Frame::new("c000:20a::", L4::Tcp(80)));
+    assert_untouched(&h, &Frame::new("::ffff:192.0.2.10", L4::Tcp(80)));
+}
+
+#[test]
+fn all_ports_services_match_every_port_of_their_protocols() {
+    let Some(h) = harness("all_ports_services", CONFIG) else {
+        return;
+    };
+    for port in [1, 80, 65535] {
+        assert_marked(&h, &Frame::new("192.0.2.77", L4::Tcp(port)), 77);
+        assert_marked(&h, &Frame::new("2001:db8::77", L4::Udp(port)), 77);
+    }
+    assert_untouched(&h, &Frame::new("192.0.2.77", L4::Sctp(80)));
+}
+
+#[test]
+fn vlan_and_qinq_tags_are_skipped_three_are_not_ip() {
+    let Some(h) = harness("vlan_and_qinq", CONFIG) else {
+        return;
+    };
+    let f = Frame::new("192.0.2.10", L4::Tcp(443));
+    assert_marked(&h, &f.clone().vlans(&[0x8100]), 80);
+    assert_marked(&h, &f.clone().vlans(&[0x88a8, 0x8100]), 80);
+    assert_marked(&h, &f.clone().vlans(&[0x8100, 0x8100]), 80);
+    assert_marked(
+        &h,
+        &Frame::new("2001:db8::10", L4::Tcp(80)).vlans(&[0x88a8, 0x8100]),
+        86,
+    );
+    let before = h.global().unwrap().get(global::NON_IP);
+    assert_untouched(&h, &f.vlans(&[0x88a8, 0x8100, 0x8100]));
+    assert_eq!(h.global().unwrap().get(global::NON_IP), before + 1);
+}
+
+#[test]
+fn ipv4_options_of_every_length() {
+    let Some(h) = harness("ipv4_options", CONFIG) else {
+        return;
+    };
+    for words in 1..=10usize {
+        // NOP options ending with End of Options List.
+        let mut options = vec![1u8; words * 4];
+        *options.last_mut().unwrap() = 0;
+        let f = Frame::new("192.0.2.10", L4::Tcp(80)).ipv4_options(&options);
+        assert_marked(&h, &f, 80);
+        assert_untouched(
+            &h,
+            &Frame::new("192.0.2.10", L4::Tcp(81)).ipv4_options(&options),
+        );
+    }
+}
+
+#[test]
+fn bad_ipv4_header_length_and_version_are_malformed() {
+    let Some(h) = harness("bad_ipv4_header", CONFIG) else {
+        return;
+    };
+    let good = Frame::new("192.0.2.10", L4::Tcp(80)).build();
+    let l3 = l3_offset(0);
+    for ver_ihl in [0x44u8, 0x40, 0x65] {
+        let mut bad = good.clone();
+        bad[l3] = ver_ihl;
+        let before = h.global().unwrap().get(global::MALFORMED);
+        let v = h.run(&bad, PRESET).unwrap();
+        assert_eq!(
+            (v.ret, v.mark),
+            (TC_ACT_UNSPEC, PRESET),
+            "ver/ihl {ver_ihl:#x}"
+        );
+        assert_eq!(h.global().unwrap().get(global::MALFORMED), before + 1);
+    }
+    // IHL 15 on a frame that has no 60-byte header is a truncation.
+    let mut bad = good.clone();
+    bad.truncate(l3 + 40);
+    bad[l3] = 0x4f;
+    assert_eq!(h.run(&bad, PRESET).unwrap().mark, PRESET);
+}
+
+#[test]
+fn ipv6_extension_headers_are_walked() {
+    let Some(h) = harness("ipv6_extension_headers", CONFIG) else {
+        return;
+    };
+    let base = Frame::new("2001:db8::10", L4::Tcp(443));
+    let chains: [&[Ext]; 6] = [
+        &[Ext::HopByHop],
+        &[Ext::Routing],
+        &[Ext::DestOptions],
+        &[Ext::Fragment {
+            offset: 0,
+            more: true,
+        }],
+        &[
+            Ext::HopByHop,
+            Ext::DestOptions,
+            Ext::Routing,
+            Ext::Fragment {
+                offset: 0,
+                more: true,
+            },
+            Ext::DestOptions,
+        ],
+        &[Ext::DestOptions; 8],
+    ];
+    for chain in chains {
+        assert_marked(&h, &base.clone().ipv6_ext(chain), 86);
+        assert_marked(
+            &h,
+            &Frame::new("2001:db8::53", L4::Udp(53)).ipv6_ext(chain),
+            53,
+        );
+    }
+    // One more than the walker's bound: malformed, left alone.
+    let before = h.global().unwrap().get(global::MALFORMED);
+    assert_untouched(&h, &base.clone().ipv6_ext(&[Ext::DestOptions; 9]));
+    assert_eq!(h.global().unwrap().get(global::MALFORMED), before + 1);
+}
+
+#[test]
+fn later_fragments_never_match_by_port() {
+    let Some(h) = harness("later_fragments", CONFIG) else {
+        return;
+    };
+    // First fragments carry the L4 header: matched by port.
+    assert_marked(
+        &h,
+        &Frame::new("192.0.2.10", L4::Tcp(80)).ipv4_fragment(0, true),
+        80,
+    );
+    assert_marked(
+        &h,
+        &Frame::new("2001:db8::10", L4::Tcp(80)).ipv6_ext(&[Ext::Fragment {
+            offset: 0,
+            more: true,
+        }]),
+        86,
+    );
+    let before = h.global().unwrap();
+    // Later fragments: payload where the port would be, so no port match...
+    assert_untouched(
+        &h,
+        &Frame::new("192.0.2.10", L4::Tcp(80)).ipv4_fragment(185, false),
+    );
+    assert_untouched(
+        &h,
+        &Frame::new("2001:db8::10", L4::Tcp(80)).ipv6_ext(&[
+            Ext::HopByHop,
+            Ext::Fragment {
+                offset: 185,
+                more: true,
+            },
+        ]),
+    );
+    // ...but an all-ports service of that address and protocol matches, like
+    // an iptables rule without --dport.
+    assert_marked(
+        &h,
+        &Frame::new("192.0.2.77", L4::Tcp(80)).ipv4_fragment(185, true),
+        77,
+    );
+    assert_marked(
+        &h,
+        &Frame::new("2001:db8::77", L4::Udp(80)).ipv6_ext(&[Ext::Fragment {
+            offset: 7,
+            more: false,
+        }]),
+        77,
+    );
+    let after = h.global().unwrap();
+    assert_eq!(
+        after.get(global::LATER_FRAGMENT) - before.get(global::LATER_FRAGMENT),
+        4
+    );
+    assert_eq!(after.get(global::MARKED) - before.get(global::MARKED), 2);
+    assert_eq!(
+        after.get(global::NO_MATCH) - before.get(global::NO_MATCH),
+        2
+    );
+}
+
+/// Every truncation of a frame: marked exactly when the destination port is
+/// inside the data, never dropped, malformed counted otherwise.
+///
+/// BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header, and
+/// untagged IPv4/IPv6 frames shorter than the fixed IP header (it reads the
+/// addresses); behind a VLAN tag it takes any length from 14 bytes, so the
+/// tagged cases cover truncation inside the IP header.
+fn check_truncations(h: &Harness, frame: &Frame, l4_offset: usize, mark: u32) {
+    let full = frame.build();
+    let first = if frame.vlans.is_empty() {
+        l3_offset(0) + if frame.dst.is_ipv4() { 20 } else { 40 }
+    } else {
+        14
+    };
+    for len in first..=full.len() {
+        let before = h.global().unwrap();
+        let v = h.run(&full[..len], PRESET).unwrap();
+        let after = h.global().unwrap();
+        assert_eq!(v.ret, TC_ACT_UNSPEC, "len {len}");
+        if len >= l4_offset + 4 {
+            assert_eq!(v.mark, mark, "len {len} of {frame:?}");
+        } else {
+            assert_eq!(v.mark, PRESET, "len {len} of {frame:?}");
+            assert_eq!(
+                after.get(global::MALFORMED),
+                before.get(global::MALFORMED) + 1,
+                "len {len} of {frame:?} should count as malformed"
+            );
+        }
+    }
+}
+
+#[test]
+fn truncated_headers_at_every_length() {
+    let Some(h) = harness("truncated_headers", CONFIG) else {
+        return;
+    };
+    check_truncations(&h, &Frame::new("192.0.2.10", L4::Tcp(80)), 14 + 20, 80);
+    check_truncations(
+        &h,
+        &Frame::new("192.0.2.10", L4::Tcp(80)).vlans(&[0x8100]),
+        18 + 20,
+        80,
+    );
+    check_truncations(
+        &h,
+        &Frame::new("2001:db8::10", L4::Tcp(80)).vlans(&[0x8100]),
+        18 + 40,
+        86,
+    );
+    check_truncations(
+        &h,
+        &Frame::new("192.0.2.53", L4::Udp(53))
+            .vlans(&[0x88a8, 0x8100])
+            .ipv4_options(&[1, 1, 1, 0]),
+        14 + 8 + 24,
+        53,
+    );
+    check_truncations(&h, &Frame::new("2001:db8::90", L4::Sctp(2905)), 14 + 40, 90);
+    check_truncations(
+        &h,
+        &Frame::new("2001:db8::10", L4::Tcp(443)).ipv6_ext(&[
+            Ext::HopByHop,
+            Ext::Routing,
+            Ext::Fragment {
+                offset: 0,
+                more: true,
+            },
+        ]),
+        14 + 40 + 16 + 8 + 8,
+        86,
+    );
+    check_truncations(
+        &h,
+        &Frame::new("2001:db8::53", L4::Udp(53))
+            .vlans(&[0x8100])
+            .ipv6_ext(&[
+                Ext::DestOptions,
+                Ext::Fragment {
+                    offset: 0,
+                    more: true,
+                },
+            ]),
+        18 + 40 + 16 + 8,
+        53,
+    );
+}
+
+const PRECEDENCE: &str = r#"
+[[service]]
+name = "net24-all"
+vip = "198.51.100.0/24"
+proto = "tcp"
+mark = 1
+
+[[service]]
+name = "net24-80"
+vip = "198.51.100.0/24"
+proto = "tcp"
+ports = [80]
+mark = 2
+
+[[service]]
+name = "net25-all"
+vip = "198.51.100.128/25"
+proto = "tcp"
+mark = 3
+
+[[service]]
+name = "host-all"
+vip = "198.51.100.200"
+proto = "tcp"
+mark = 4
+
+[[service]]
+name = "host-443"
+vip = "198.51.100.200"
+proto = "tcp"
+ports = [443]
+mark = 5
+
+[[service]]
+name = "net16-22"
+vip = "198.51.0.0/16"
+proto = "tcp"
+ports = [22]
+mark = 6
+
+[[service]]
+name = "v6-48-all"
+vip = "2001:db8:1::/48"
+proto = ["tcp", "udp"]
+mark = 7
+
+[[service]]
+name = "v6-64-80"
+vip = "2001:db8:1:2::/64"
+proto = "tcp"
+ports = [80]
+mark = 8
+"#;
+
+#[test]
+fn precedence_exact_before_prefix_longest_first_port_before_all() {
+    let Some(h) = harness("precedence", PRECEDENCE) else {
+        return;
+    };
+    let cases: [(&str, L4, Option<u32>); 14] = [
+        ("198.51.100.200", L4::Tcp(443), Some(5)), // exact address, exact port
+        ("198.51.100.200", L4::Tcp(80), Some(4)),  // exact address all ports beats any prefix
+        ("198.51.100.130", L4::Tcp(80), Some(3)),  // /25 all ports beats /24 port 80
+        ("198.51.100.10", L4::Tcp(80), Some(2)),   // /24: port before all ports
+        ("198.51.100.10", L4::Tcp(81), Some(1)),
+        ("198.51.100.255", L4::Tcp(22), Some(3)), // /25 beats /16 port 22
+        ("198.51.7.7", L4::Tcp(22), Some(6)),
+        ("198.51.7.7", L4::Tcp(23), None),
+        ("198.52.0.1", L4::Tcp(22), None),
+        ("198.51.100.10", L4::Udp(80), None),
+        ("2001:db8:1:2::5", L4::Tcp(80), Some(8)),
+        ("2001:db8:1:2::5", L4::Tcp(81), Some(7)),
+        ("2001:db8:1:3::5", L4::Udp(80), Some(7)),
+        ("2001:db8:2::5", L4::Tcp(80), None),
+    ];
+    for (dst, l4, want) in cases {
+        let f = Frame::new(dst, l4);
+        match want {
+            Some(m) => assert_marked(&h, &f, m),
+            None => assert_untouched(&h, &f),
+        }
+    }
+}
+
+const MASKS: &str = r#"
+[[service]]
+name = "bit"
+vip = "192.0.2.1"
+proto = "tcp"
+ports = [80]
+mark = 0x4000
+mask = 0x4000
+
+[[service]]
+name = "byte"
+vip = "192.0.2.2"
+proto = "tcp"
+ports = [80]
+mark = 0x0100
+mask = 0xff00
+
+[[service]]
+name = "whole"
+vip = "192.0.2.3"
+proto = "tcp"
+ports = [80]
+mark = 0x50
+"#;
+
+#[test]
+fn mask_semantics_with_a_preset_mark() {
+    let Some(h) = harness("mask_semantics", MASKS) else {
+        return;
+    };
+    let cases = [
+        ("192.0.2.1", 0x1234, 0x5234),
+        ("192.0.2.1", 0xffff, 0xffff),
+        ("192.0.2.1", 0, 0x4000),
+        ("192.0.2.2", 0xabcd, 0x01cd),
+        ("192.0.2.2", 0xffff_ffff, 0xffff_01ff),
+        ("192.0.2.3", 0xdead_beef, 0x50),
+        ("192.0.2.4", 0x77, 0x77), // no match: untouched
+    ];
+    for (dst, preset, want) in cases {
+        let v = h
+            .run(&Frame::new(dst, L4::Tcp(80)).build(), preset)
+            .unwrap();
+        assert_eq!(v.ret, TC_ACT_UNSPEC);
+        assert_eq!(v.mark, want, "{dst} preset {preset:#x}: got {:#x}", v.mark);
+    }
+}
+
+#[test]
+fn counters_add_up() {
+    let Some(h) = harness("counters_add_up", CONFIG) else {
+        return;
+    };
+    let marked_frames = [
+        Frame::new("192.0.2.10", L4::Tcp(80)),
+        Frame::new("192.0.2.10", L4::Tcp(443)),
+        Frame::new("192.0.2.10", L4::Tcp(443)).vlans(&[0x8100]),
+        Frame::new("2001:db8::53", L4::Udp(53)),
+        Frame::new("192.0.2.77", L4::Tcp(80)).ipv4_fragment(10, false),
+    ];
+    let unmarked = [
+        Frame::new("192.0.2.10", L4::Tcp(22)),
+        Frame::new("192.0.2.10", L4::Tcp(80)).ipv4_fragment(10, true),
+    ];
+    let mut bytes_web = 0u64;
+    for f in &marked_frames {
+        let bytes = f.build();
+        assert_ne!(h.run(&bytes, 0).unwrap().mark, 0);
+        if f.dst.to_string() == "192.0.2.10" {
+            bytes_web += (bytes.len() - l3_offset(f.vlans.len())) as u64;
+        }
+    }
+    for f in &unmarked {
+        assert_eq!(h.run(&f.build(), 0).unwrap().mark, 0);
+    }
+    let mut arp = Frame::new("192.0.2.10", L4::Tcp(80)).build();
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    h.run(&arp, 0).unwrap();
+    let mut short = Frame::new("192.0.2.10", L4::Tcp(80))
+        .vlans(&[0x8100])
+        .build();
+    short.truncate(24);
+    h.run(&short, 0).unwrap();
+
+    let g = h.global().unwrap();
+    assert_eq!(g.get(global::SEEN), 9);
+    assert_eq!(g.get(global::MARKED), 5);
+    assert_eq!(g.get(global::NO_MATCH), 2);
+    assert_eq!(g.get(global::NON_IP), 1);
+    assert_eq!(g.get(global::MALFORMED), 1);
+    assert_eq!(g.get(global::LATER_FRAGMENT), 2);
+    assert_eq!(
+        g.get(global::SEEN),
+        g.get(global::MARKED)
+            + g.get(global::NO_MATCH)
+            + g.get(global::NON_IP)
+            + g.get(global::MALFORMED)
+    );
+
+    // Per rule: web's port 80 and 443 rules, counted from the IP header on.
+    let rules = h.rules().unwrap();
+    let web: Vec<_> = h
+        .ruleset
+        .rules
+        .iter()
+        .zip(&rules)
+        .filter(|(r, _)| h.config.services[r.service].name == "web")
+        .map(|(_, c)| *c)
+        .collect();
+    assert_eq!(
+        web.iter().map(|c| c.packets).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    assert_eq!(web.iter().map(|c| c.bytes).sum::<u64>(), bytes_web);
+    assert_eq!(rules.iter().map(|c| c.packets).sum::<u64>(), 5);
+}
+
+#[test]
+fn republishing_switches_generations() {
+    let Some(mut h) = harness("republishing", CONFIG) else {
+        return;
+    };
+    assert_marked(&h, &Frame::new("192.0.2.10", L4::Tcp(80)), 80);
+    let other = fwmark::config::Config::parse(
+        "[[service]]\nvip = \"192.0.2.10\"\nproto = \"tcp\"\nports = [80]\nmark = 81\n",
+        "b",
+    )
+    .unwrap();
+    let rs = fwmark::ruleset::Ruleset::compile(&other).unwrap();
+    for round in 0..5u32 {
+        let (rs, mark) = if round % 2 == 0 {
+            (&rs, 81)
+        } else {
+            (&h.ruleset, 80)
+        };
+        let rs = rs.clone();
+        h.datapath.publish(&rs).unwrap();
+        assert_marked(&h, &Frame::new("192.0.2.10", L4::Tcp(80)), mark);
+        assert_eq!(h.datapath.active_generation(), Some((round + 1) % 2));
+    }
+    assert_untouched(&h, &Frame::new("192.0.2.10", L4::Tcp(443)));
+}
