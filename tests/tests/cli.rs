@@ -1,1 +1,128 @@
+//! The `fwmark` binary's command line: `check`, and the one-line errors of
+//! `run` (missing config, missing interface, not root).
 
+use std::{
+    path::PathBuf,
+    process::{Command, Output},
+};
+
+use fwmark_testlab::{daemon::fwmark_bin, kernel, netns::Netns};
+
+fn example_config() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fwmark.example.toml")
+}
+
+fn fwmark(args: &[&str]) -> Output {
+    Command::new(fwmark_bin())
+        .args(args)
+        .output()
+        .expect("run fwmark")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn temp_config(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("fwmark-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn check_accepts_the_example() {
+    let out = fwmark(&["check", "--config", example_config().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("OK: 4 services, 7 rules, 10007 exact + 0 prefix entries"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_rejects_a_bad_config_with_file_line_and_field() {
+    let path = temp_config(
+        "bad.toml",
+        "[[service]]\nname = \"web\"\nvip = \"192.0.2.10\"\nproto = \"tcp\"\nports = [80, 0]\nmark = 80\n",
+    );
+    let out = fwmark(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("{}:5:9: service[1].ports: port 0", path.display())),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_names_both_services_of_a_conflict() {
+    let path = temp_config(
+        "conflict.toml",
+        "[[service]]\nname = \"a\"\nvip = \"192.0.2.10\"\nproto = \"tcp\"\nports = [80]\nmark = 80\n\
+         [[service]]\nname = \"b\"\nvip = \"192.0.2.10\"\nproto = \"tcp\"\nports = [\"79-81\"]\nmark = 81\n",
+    );
+    let out = fwmark(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("\"a\" (line 1) and \"b\" (line 7)"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn run_without_a_config_says_how_to_make_one() {
+    let out = fwmark(&["run", "--iface", "lo", "--config", "/nonexistent/fwmark.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("cannot read config /nonexistent/fwmark.toml")
+            && err.contains("fwmark.example.toml"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn run_needs_an_interface_argument() {
+    let out = fwmark(&["run"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--iface"), "{}", stderr(&out));
+}
+
+#[test]
+fn run_on_a_missing_interface_is_one_clear_line() {
+    if !kernel::available("run_on_a_missing_interface", &["ip"]) {
+        return;
+    }
+    let ns = Netns::create('m').unwrap();
+    let out = ns
+        .command(fwmark_bin())
+        .args(["run", "--iface", "nosuch0", "--config"])
+        .arg(example_config())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("interface \"nosuch0\" does not exist"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn run_as_an_unprivileged_user_says_it_needs_root() {
+    if !kernel::available("run_as_an_unprivileged_user", &["setpriv"]) {
+        return;
+    }
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .arg(fwmark_bin())
+        .args(["run", "--iface", "lo", "--config"])
+        .arg(example_config())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("fwmark needs root"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
