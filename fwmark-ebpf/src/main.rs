@@ -16,8 +16,9 @@
 //!
 //! IP fragments at a non-zero offset carry no L4 header: they are looked up
 //! with "all ports" only (like iptables, whose port matches never match them).
-#![no_std]
-#![no_main]
+// The classifier is built for the BPF target (by fwmark-user/build.rs);
+// host builds of this crate exist only so clippy checks it with the rest.
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 mod parse;
 
@@ -62,11 +63,11 @@ pub fn fwmark(ctx: TcContext) -> i32 {
     match parse::packet(ctx.data(), ctx.data_end()) {
         Parsed::NonIp => count(global::NON_IP),
         Parsed::Malformed => count(global::MALFORMED),
-        Parsed::Ip(mut pkt) => {
+        Parsed::Ip(pkt) => {
             if pkt.later_fragment {
                 count(global::LATER_FRAGMENT);
             }
-            match lookup(&mut pkt) {
+            match lookup(&pkt) {
                 Some(target) => {
                     mark(&ctx, &target, &pkt);
                     count(global::MARKED);
@@ -101,28 +102,26 @@ fn mark(ctx: &TcContext, target: &Target, pkt: &Packet) {
 }
 
 #[inline(always)]
-fn lookup(pkt: &mut Packet) -> Option<Target> {
+fn lookup(pkt: &Packet) -> Option<Target> {
     let generation = *ACTIVE.get(0)?;
-    let key = &mut pkt.key;
-    let port = key.port;
+    let mut key = pkt.key;
 
     if let Some(exact) = EXACT.get(generation) {
-        if !pkt.later_fragment {
-            if let Some(target) = exact.get_ptr(&*key) {
-                // SAFETY: published inner maps are never modified, so the entry is stable.
-                return Some(unsafe { *target });
-            }
+        if !pkt.later_fragment
+            && let Some(target) = exact.get_ptr(key)
+        {
+            // SAFETY: published inner maps are never modified, so the entry is stable.
+            return Some(unsafe { *target });
         }
         key.port = ALL_PORTS.to_be_bytes();
-        if let Some(target) = exact.get_ptr(&*key) {
+        if let Some(target) = exact.get_ptr(key) {
             // SAFETY: as above.
             return Some(unsafe { *target });
         }
     }
 
     let prefix = PREFIX.get(generation)?;
-    key.port = port;
-    let mut lpm_key = Key::new(LPM_LOOKUP_PREFIX_LEN, *key);
+    let mut lpm_key = Key::new(LPM_LOOKUP_PREFIX_LEN, pkt.key);
     let with_port = if pkt.later_fragment {
         None
     } else {
@@ -137,11 +136,14 @@ fn lookup(pkt: &mut Packet) -> Option<Target> {
     }
 }
 
-#[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
 
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]

@@ -68,24 +68,29 @@ pub struct Ruleset {
 
 /// Two services claim one entry with different marks.
 #[derive(Debug, thiserror::Error)]
+#[error(
+    "{file}: services {first:?} (line {first_line}) and {second:?} (line {second_line}) \
+     both claim {entry} with different marks ({first_mark:#x}/{first_mask:#x} and \
+     {second_mark:#x}/{second_mask:#x}); remove the entry from one of them"
+)]
+pub struct Conflict {
+    pub file: String,
+    pub entry: String,
+    pub first: String,
+    pub first_line: usize,
+    pub first_mark: u32,
+    pub first_mask: u32,
+    pub second: String,
+    pub second_line: usize,
+    pub second_mark: u32,
+    pub second_mask: u32,
+}
+
+/// A config that cannot be turned into map entries.
+#[derive(Debug, thiserror::Error)]
 pub enum RulesetError {
-    #[error(
-        "{file}: services {first:?} (line {first_line}) and {second:?} (line {second_line}) \
-         both claim {entry} with different marks ({first_mark:#x}/{first_mask:#x} and \
-         {second_mark:#x}/{second_mask:#x}); remove the entry from one of them"
-    )]
-    Conflict {
-        file: String,
-        entry: String,
-        first: String,
-        first_line: usize,
-        first_mark: u32,
-        first_mask: u32,
-        second: String,
-        second_line: usize,
-        second_mark: u32,
-        second_mask: u32,
-    },
+    #[error(transparent)]
+    Conflict(Box<Conflict>),
     #[error(
         "{file}: the config expands to {entries} map entries, more than the {max} fwmark \
          supports; use fewer or narrower port ranges, or a prefix instead of many addresses"
@@ -192,7 +197,7 @@ impl Ruleset {
                                 let first = &config.services[rs.rules[owner_rule].service];
                                 let entry = describe(vip, proto, port);
                                 if (existing.mark, existing.mask) != (target.mark, target.mask) {
-                                    return Err(RulesetError::Conflict {
+                                    return Err(RulesetError::Conflict(Box::new(Conflict {
                                         file: config.source.clone(),
                                         entry,
                                         first: first.name.clone(),
@@ -203,7 +208,7 @@ impl Ruleset {
                                         second_line: service.line,
                                         second_mark: target.mark,
                                         second_mask: target.mask,
-                                    });
+                                    })));
                                 }
                                 rs.warnings.push(format!(
                                     "service {:?} (line {}) repeats {entry}, already claimed by \
@@ -362,24 +367,15 @@ mod tests {
 
     #[test]
     fn refuses_configs_beyond_the_entry_limit() {
-        let err = compile(
-            "[[service]]\nvip = [\"192.0.2.1\", \"192.0.2.2\", \"192.0.2.3\", \"192.0.2.4\", \
-             \"192.0.2.5\", \"192.0.2.6\", \"192.0.2.7\", \"192.0.2.8\", \"192.0.2.9\", \
-             \"192.0.2.11\", \"192.0.2.12\", \"192.0.2.13\", \"192.0.2.14\", \"192.0.2.15\", \
-             \"192.0.2.16\", \"192.0.2.17\", \"192.0.2.18\", \"192.0.2.19\", \"192.0.2.20\", \
-             \"192.0.2.21\", \"192.0.2.22\", \"192.0.2.23\", \"192.0.2.24\", \"192.0.2.25\", \
-             \"192.0.2.26\", \"192.0.2.27\", \"192.0.2.28\", \"192.0.2.29\", \"192.0.2.30\", \
-             \"192.0.2.31\", \"192.0.2.32\", \"192.0.2.33\", \"192.0.2.34\", \"192.0.2.35\", \
-             \"192.0.2.36\", \"192.0.2.37\", \"192.0.2.38\", \"192.0.2.39\", \"192.0.2.40\", \
-             \"192.0.2.41\", \"192.0.2.42\", \"192.0.2.43\", \"192.0.2.44\", \"192.0.2.45\", \
-             \"192.0.2.46\", \"192.0.2.47\", \"192.0.2.48\", \"192.0.2.49\", \"192.0.2.50\", \
-             \"192.0.2.51\", \"192.0.2.52\", \"192.0.2.53\", \"192.0.2.54\", \"192.0.2.55\", \
-             \"192.0.2.56\", \"192.0.2.57\", \"192.0.2.58\", \"192.0.2.59\", \"192.0.2.60\", \
-             \"192.0.2.61\", \"192.0.2.62\", \"192.0.2.63\", \"192.0.2.64\", \"192.0.2.65\"]\n\
-             proto = \"tcp\"\nports = [\"1-65535\"]\nmark = 1\n",
-        )
+        // 65 addresses * 65535 ports = 4,259,775 entries > 2^22.
+        let vips: Vec<String> = (1..=65).map(|i| format!("\"192.0.2.{i}\"")).collect();
+        let err = compile(&format!(
+            "[[service]]\nvip = [{}]\nproto = \"tcp\"\nports = [\"1-65535\"]\nmark = 1\n",
+            vips.join(", ")
+        ))
         .unwrap_err()
         .to_string();
+        assert!(err.contains("expands to 4259775 map entries"), "{err}");
         assert!(err.contains("more than the 4194304"), "{err}");
     }
 }

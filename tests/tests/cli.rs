@@ -73,7 +73,13 @@ fn check_names_both_services_of_a_conflict() {
 
 #[test]
 fn run_without_a_config_says_how_to_make_one() {
-    let out = fwmark(&["run", "--iface", "lo", "--config", "/nonexistent/fwmark.toml"]);
+    let out = fwmark(&[
+        "run",
+        "--iface",
+        "lo",
+        "--config",
+        "/nonexistent/fwmark.toml",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(
@@ -105,7 +111,10 @@ fn run_on_a_missing_interface_is_one_clear_line() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    assert!(err.contains("interface \"nosuch0\" does not exist"), "{err}");
+    assert!(
+        err.contains("interface \"nosuch0\" does not exist"),
+        "{err}"
+    );
     assert_eq!(err.lines().count(), 1, "{err}");
 }
 
@@ -115,7 +124,12 @@ fn run_as_an_unprivileged_user_says_it_needs_root() {
         return;
     }
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
         .arg(fwmark_bin())
         .args(["run", "--iface", "lo", "--config"])
         .arg(example_config())
