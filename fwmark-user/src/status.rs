@@ -16,7 +16,7 @@ pub fn counters_table(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>12} {:>14}  {:<10} {:<20} {:<12}",
+        "{:>12} {:>14}  {:<10} {:<20} {}",
         "pkts", "bytes", "mark", "service", "match"
     );
     for (si, service) in config.services.iter().enumerate() {

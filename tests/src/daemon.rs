@@ -48,11 +48,16 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `fwmark ARGS...` in `ns` and waits until it logs that it is
-    /// attached (or fails).
+    /// Starts `fwmark ARGS...` ([`fwmark_bin`]) in `ns` and waits until it
+    /// logs that it is attached (or fails).
     pub fn start(ns: &Netns, args: &[&str]) -> Result<Daemon> {
+        Daemon::start_bin(&fwmark_bin(), ns, args)
+    }
+
+    /// [`Daemon::start`] with the binary given.
+    pub fn start_bin(bin: &std::path::Path, ns: &Netns, args: &[&str]) -> Result<Daemon> {
         let mut child = ns
-            .command(fwmark_bin())
+            .command(bin)
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -154,4 +159,15 @@ pub fn exit_globals(stdout: &str) -> Option<std::collections::BTreeMap<String, u
             Some((k.to_string(), v.parse().ok()?))
         })
         .collect()
+}
+
+/// Packets of the `(total)` line of `service` in the table `fwmark run`
+/// prints on exit.
+pub fn service_total(table: &str, service: &str) -> Option<u64> {
+    table.lines().find_map(|l| {
+        let cols: Vec<&str> = l.split_whitespace().collect();
+        (cols.len() == 5 && cols[3] == service && cols[4] == "(total)")
+            .then(|| cols[0].parse().ok())
+            .flatten()
+    })
 }

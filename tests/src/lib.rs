@@ -8,6 +8,7 @@
 //! when a test fails.
 
 pub mod daemon;
+pub mod example;
 pub mod harness;
 pub mod kernel;
 pub mod netns;

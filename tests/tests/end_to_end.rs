@@ -3,81 +3,23 @@
 //! UDP datagrams (IPv4 and IPv6) from the client; nftables counters in the
 //! director's prerouting report the mark every packet arrived with.
 
-use std::{net::IpAddr, path::PathBuf};
-
 use fwmark_testlab::{
-    daemon::{Daemon, exit_globals},
+    daemon::{Daemon, exit_globals, service_total},
+    example::{self, probe},
     kernel,
     netns::Lab,
-    nft::{self, MarkCounters, Probe, ProbeProto},
+    nft::{self, MarkCounters, ProbeProto},
 };
-
-fn example_config() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fwmark.example.toml")
-}
-
-fn probe(dst: &str, proto: ProbeProto, port: u16, expect_mark: u32, count: u32) -> Probe {
-    Probe {
-        dst: dst.parse().unwrap(),
-        proto,
-        port,
-        expect_mark,
-        count,
-    }
-}
-
-/// What fwmark.example.toml promises, written out by hand: every listed port,
-/// both ends of the FTP range and the ports just outside it, other ports and
-/// other protocols of the same VIPs.
-fn example_probes() -> Vec<Probe> {
-    use ProbeProto::{Tcp, Udp};
-    vec![
-        probe("192.0.2.10", Tcp, 80, 80, 3),
-        probe("192.0.2.10", Tcp, 443, 80, 3),
-        probe("192.0.2.10", Tcp, 8080, 0, 2),
-        probe("192.0.2.10", Udp, 80, 0, 2),
-        probe("192.0.2.21", Tcp, 21, 21, 2),
-        probe("192.0.2.21", Tcp, 9999, 0, 1),
-        probe("192.0.2.21", Tcp, 10000, 21, 2),
-        probe("192.0.2.21", Tcp, 15000, 21, 1),
-        probe("192.0.2.21", Tcp, 20000, 21, 2),
-        probe("192.0.2.21", Tcp, 20001, 0, 1),
-        probe("192.0.2.53", Udp, 53, 53, 3),
-        probe("192.0.2.53", Udp, 54, 0, 1),
-        probe("192.0.2.53", Tcp, 53, 0, 1),
-        probe("2001:db8::10", Tcp, 80, 86, 3),
-        probe("2001:db8::10", Tcp, 443, 86, 2),
-        probe("2001:db8::10", Tcp, 22, 0, 1),
-        probe("2001:db8::10", Udp, 443, 0, 1),
-    ]
-}
-
-fn vips(probes: &[Probe]) -> Vec<IpAddr> {
-    let mut v: Vec<IpAddr> = probes.iter().map(|p| p.dst).collect();
-    v.sort();
-    v.dedup();
-    v
-}
-
-/// Packets of the `(total)` line of `service` in the exit table.
-fn service_total(table: &str, service: &str) -> Option<u64> {
-    table.lines().find_map(|l| {
-        let cols: Vec<&str> = l.split_whitespace().collect();
-        (cols.len() == 5 && cols[3] == service && cols[4] == "(total)")
-            .then(|| cols[0].parse().ok())
-            .flatten()
-    })
-}
 
 #[test]
 fn example_config_marks_exactly_its_services() {
     if !kernel::available("example_config_marks_exactly_its_services", &["ip", "nft"]) {
         return;
     }
-    let probes = example_probes();
-    let lab = Lab::new(&vips(&probes)).expect("create namespaces");
+    let probes = example::probes();
+    let lab = Lab::new(&example::vips(&probes)).expect("create namespaces");
     let counters = MarkCounters::install(&lab.director, &probes).expect("install nft counters");
-    let config = example_config();
+    let config = example::config_path();
     let daemon = Daemon::start(
         &lab.director,
         &[

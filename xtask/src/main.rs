@@ -1,1 +1,80 @@
-fn main() {}
+//! `cargo xtask …`: everything a fresh machine needs, from one entry point.
+
+mod setup;
+mod util;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "fwmark's build tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Make this machine ready: nightly rust-src, bpf-linker built against
+    /// nightly's libLLVM, bpffs; check root and the test tools. Idempotent.
+    Setup,
+    /// Set up, then build fwmark (the eBPF classifier is embedded).
+    Build {
+        /// Build with optimizations.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build (release) and run `fwmark run ARGS…`, under sudo when not root.
+    /// Example: cargo xtask run -- --iface eth0 --config fwmark.example.toml
+    Run {
+        /// Arguments for `fwmark run`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, lint (fmt, clippy) and run every test, kernel tests included
+    /// (test binaries run under sudo when not root).
+    Test {
+        /// Skip `cargo fmt --check` and `cargo clippy`.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build, then show fwmark marking real traffic between two throwaway
+    /// network namespaces, with the example config.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::setup(),
+        Task::Build { release } => {
+            setup::setup()?;
+            util::build_fwmark(release).map(|_| ())
+        }
+        Task::Run { args } => {
+            setup::setup()?;
+            let bin = util::build_fwmark(true)?;
+            let mut cmd = util::as_root(&bin);
+            cmd.arg("run").args(&args);
+            util::exec(cmd)
+        }
+        Task::Test { no_lint, args } => {
+            setup::setup()?;
+            if !no_lint {
+                util::lint()?;
+            }
+            let bin = util::build_fwmark(false)?;
+            util::test(&bin, &args)
+        }
+        Task::Demo => {
+            setup::setup()?;
+            let bin = util::build_fwmark(false)?;
+            let demo = util::build_demo()?;
+            let mut cmd = util::as_root(&demo);
+            cmd.arg(&bin).arg(util::root().join("fwmark.example.toml"));
+            util::exec(cmd)
+        }
+    }
+}

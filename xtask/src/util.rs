@@ -1,0 +1,143 @@
+//! Running commands, building fwmark, linting and testing.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Runs `cmd`, failing with a message when it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Output of `cmd` (stdout), failing when it fails.
+pub fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `cmd` and exits with its exit code.
+pub fn exec(mut cmd: Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    std::process::exit(status.code().unwrap_or(1));
+}
+
+/// `program`, or `sudo -E program` when not root.
+pub fn as_root(program: &Path) -> Command {
+    if is_root() {
+        Command::new(program)
+    } else {
+        eprintln!("xtask: not root; running {} under sudo", program.display());
+        let mut cmd = Command::new("sudo");
+        cmd.arg("-E").arg(program);
+        cmd
+    }
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+/// Builds the `fwmark` binary (with the classifier embedded); returns its path.
+pub fn build_fwmark(release: bool) -> Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--package", "fwmark-user", "--bin", "fwmark"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    Ok(root()
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("fwmark"))
+}
+
+/// Builds the demo (`tests/src/bin/fwmark-demo.rs`); returns its path.
+pub fn build_demo() -> Result<PathBuf> {
+    run(cargo().args([
+        "build",
+        "--package",
+        "fwmark-testlab",
+        "--bin",
+        "fwmark-demo",
+    ]))?;
+    Ok(root().join("target/debug/fwmark-demo"))
+}
+
+/// `cargo fmt --check` and `cargo clippy -D warnings` over the workspace.
+pub fn lint() -> Result<()> {
+    run(cargo().args(["fmt", "--all", "--check"]))
+        .context("formatting differs: run `cargo fmt --all`")?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+    .context("clippy found problems")
+}
+
+/// Every test of the workspace; test binaries run under sudo when not root.
+pub fn test(bin: &Path, args: &[String]) -> Result<()> {
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace", "--exclude", "fwmark-ebpf"])
+        .args(args)
+        .env("FWMARK_BIN", bin);
+    if !is_root() {
+        if have("sudo") {
+            eprintln!("xtask: not root; test binaries run under sudo");
+            cmd.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
+        } else {
+            eprintln!(
+                "xtask: not root and no sudo: kernel tests will be skipped \
+                 (or fail with FWMARK_REQUIRE_KERNEL_TESTS=1)"
+            );
+        }
+    }
+    run(&mut cmd)
+}
+
+/// True when `program --version` runs.
+pub fn have(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok()
+}
