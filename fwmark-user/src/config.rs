@@ -560,32 +560,33 @@ fn parse_vip(text: &str) -> Result<IpNet, String> {
 }
 
 fn parse_port_item(item: &PortItem) -> Result<PortRange, String> {
-    fn port(n: i64, what: &str) -> Result<u16, String> {
+    /// `within`: the range text the port came from, for the message.
+    fn port(n: i64, within: Option<&str>) -> Result<u16, String> {
+        let place = within.map(|t| format!(" in {t:?}")).unwrap_or_default();
         match u16::try_from(n) {
             Ok(0) => Err(format!(
-                "port 0 in {what} is not a port; omit `ports` to match every port"
+                "port 0{place} is not a port; omit `ports` to match every port"
             )),
             Ok(p) => Ok(p),
-            Err(_) => Err(format!("port {n} in {what} is outside 1..=65535")),
+            Err(_) => Err(format!("port {n}{place} is outside 1..=65535")),
         }
     }
     match item {
-        PortItem::Number(n) => port(*n, &n.to_string()).map(|p| PortRange { lo: p, hi: p }),
+        PortItem::Number(n) => port(*n, None).map(|p| PortRange { lo: p, hi: p }),
         PortItem::Text(text) => {
-            let t = text.trim();
             let parse = |s: &str| -> Result<i64, String> {
                 s.trim().parse::<i64>().map_err(|_| {
                     format!("{text:?} is not a port or a \"lo-hi\" range (e.g. \"10000-20000\")")
                 })
             };
-            let (lo, hi) = match t.split_once('-') {
+            let (lo, hi) = match text.trim().split_once('-') {
                 Some((a, b)) => (parse(a)?, parse(b)?),
                 None => {
-                    let p = parse(t)?;
+                    let p = parse(text)?;
                     (p, p)
                 }
             };
-            let (lo, hi) = (port(lo, text)?, port(hi, text)?);
+            let (lo, hi) = (port(lo, Some(text))?, port(hi, Some(text))?);
             if lo > hi {
                 return Err(format!("range {text:?} is reversed; write \"{hi}-{lo}\""));
             }
