@@ -7,6 +7,7 @@
 
 use std::fmt;
 
+use crate::cli::AttachArg;
 use aya::{
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType,
@@ -36,19 +37,34 @@ impl fmt::Display for AttachMode {
     }
 }
 
+/// The first kernel with tcx.
+pub const TCX_KERNEL: KernelVersion = KernelVersion::new(6, 6, 0);
+
 impl AttachMode {
-    /// The mode this kernel supports.
+    /// The best mode this kernel supports.
     pub fn for_kernel(kernel: KernelVersion) -> AttachMode {
-        if kernel >= KernelVersion::new(6, 6, 0) {
+        if kernel >= TCX_KERNEL {
             AttachMode::Tcx
         } else {
             AttachMode::Netlink
+        }
+    }
+
+    /// The mode `--attach` asks for on this kernel.
+    pub fn choose(arg: AttachArg, kernel: KernelVersion) -> Result<AttachMode, AttachError> {
+        match arg {
+            AttachArg::Auto => Ok(AttachMode::for_kernel(kernel)),
+            AttachArg::Netlink => Ok(AttachMode::Netlink),
+            AttachArg::Tcx if kernel >= TCX_KERNEL => Ok(AttachMode::Tcx),
+            AttachArg::Tcx => Err(AttachError::NoTcx { kernel }),
         }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
+    #[error("tcx needs Linux >= {TCX_KERNEL}, this is {kernel}; use --attach netlink (or auto)")]
+    NoTcx { kernel: KernelVersion },
     #[error("adding the clsact qdisc to {iface} failed")]
     Qdisc {
         iface: String,

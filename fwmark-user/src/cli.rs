@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 /// Default config file of `fwmark run`.
 pub const DEFAULT_CONFIG: &str = "/etc/fwmark/fwmark.toml";
@@ -33,6 +33,20 @@ pub struct RunArgs {
     /// Config file.
     #[arg(long, short = 'c', value_name = "FILE", default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
+    /// How to attach: tcx where the kernel has it (>= 6.6), else netlink.
+    #[arg(long, value_enum, default_value_t = AttachArg::Auto)]
+    pub attach: AttachArg,
+}
+
+/// `--attach` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AttachArg {
+    /// tcx on Linux >= 6.6, netlink clsact otherwise.
+    Auto,
+    /// A tcx link (Linux >= 6.6).
+    Tcx,
+    /// A cls_bpf filter on the clsact qdisc, for kernels or tooling without tcx.
+    Netlink,
 }
 
 #[derive(Debug, clap::Args)]

@@ -34,6 +34,11 @@ pub enum PreflightError {
     )]
     NoInterface(String),
     #[error(
+        "interface {iface:?} has link type {link_type}, not Ethernet; fwmark parses Ethernet \
+         frames, so attach it to the Ethernet device (or bond/VLAN) that carries the VIPs"
+    )]
+    NotEthernet { iface: String, link_type: u32 },
+    #[error(
         "bpffs is not mounted at {BPFFS} and mounting it failed ({0}); \
          run `mount -t bpf bpf {BPFFS}` (or add it to /etc/fstab)"
     )]
@@ -83,6 +88,28 @@ pub fn interface_index(iface: &str) -> Result<u32, PreflightError> {
     } else {
         Ok(index)
     }
+}
+
+/// `ARPHRD_ETHER` and `ARPHRD_LOOPBACK`: link types whose frames start with
+/// an Ethernet header at TC ingress.
+const ETHERNET_LINK_TYPES: [u32; 2] = [1, 772];
+
+/// The interface exists and carries Ethernet frames; returns its index.
+pub fn check_interface(iface: &str) -> Result<u32, PreflightError> {
+    let index = interface_index(iface)?;
+    let type_file = Path::new("/sys/class/net").join(iface).join("type");
+    // Without sysfs (unusual) the check is skipped rather than guessed.
+    if let Some(link_type) = std::fs::read_to_string(&type_file)
+        .ok()
+        .and_then(|t| t.trim().parse::<u32>().ok())
+        && !ETHERNET_LINK_TYPES.contains(&link_type)
+    {
+        return Err(PreflightError::NotEthernet {
+            iface: iface.into(),
+            link_type,
+        });
+    }
+    Ok(index)
 }
 
 /// True when `path` is a bpffs mount.

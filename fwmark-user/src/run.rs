@@ -28,14 +28,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let (config, ruleset) = load_ruleset(&args.config)?;
     preflight::check_privileges()?;
     let kernel = preflight::check_kernel()?;
-    preflight::interface_index(&args.iface)?;
+    preflight::check_interface(&args.iface)?;
     if preflight::ensure_bpffs()? {
         info!("mounted bpffs at {}", preflight::BPFFS);
     }
 
     let mut datapath = Datapath::load(ruleset.rules.len())?;
     datapath.publish(&ruleset)?;
-    let mode = AttachMode::for_kernel(kernel);
+    let mode = AttachMode::choose(args.attach, kernel)?;
     let program = datapath.program_mut()?;
     let attachment = attach::attach(program, &args.iface, mode)?;
     let program_id = program.info().map(|i| i.id()).unwrap_or_default();

@@ -16,8 +16,8 @@ pub fn counters_table(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>12} {:>14}  {:<10} {:<20} {}",
-        "pkts", "bytes", "mark", "service", "match"
+        "{:>12} {:>14}  {:<10} {:<20} match",
+        "pkts", "bytes", "mark", "service"
     );
     for (si, service) in config.services.iter().enumerate() {
         let mut total = RuleCounters::default();

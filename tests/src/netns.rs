@@ -181,3 +181,26 @@ impl Lab {
         })
     }
 }
+
+/// The programs on `dev`'s ingress in `ns`, as `tcx:NAME` (tcx links, queried
+/// through aya: Debian 12's bpftool predates tcx) and `netlink:NAME`
+/// (`cls_bpf` filters listed by `tc`), in the order the kernel runs them.
+pub fn ingress_programs(ns: &Netns, dev: &str) -> Result<Vec<String>> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    let tcx = ns.run(|| SchedClassifier::query_tcx(dev, TcAttachType::Ingress))??;
+    let mut out: Vec<String> = tcx
+        .1
+        .iter()
+        .map(|p| format!("tcx:{}", p.name_as_str().unwrap_or("?")))
+        .collect();
+    let filters = run_cmd(
+        ns.command("tc")
+            .args(["filter", "show", "dev", dev, "ingress"]),
+    )
+    .unwrap_or_default();
+    out.extend(filters.lines().filter_map(|l| {
+        let name = l.split_whitespace().skip_while(|w| *w != "name").nth(1)?;
+        Some(format!("netlink:{name}"))
+    }));
+    Ok(out)
+}

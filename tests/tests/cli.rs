@@ -140,3 +140,34 @@ fn run_as_an_unprivileged_user_says_it_needs_root() {
     assert!(err.contains("fwmark needs root"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+#[test]
+fn run_refuses_a_non_ethernet_interface() {
+    if !kernel::available("run_refuses_a_non_ethernet_interface", &["ip"]) {
+        return;
+    }
+    let ns = Netns::create('t').unwrap();
+    ns.ip(&["tuntap", "add", "dev", "tun0", "mode", "tun"])
+        .unwrap();
+    let out = ns
+        .command(fwmark_bin())
+        .args(["run", "--iface", "tun0", "--config"])
+        .arg(example_config())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("\"tun0\" has link type 65534, not Ethernet"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn run_rejects_an_unknown_attach_mode() {
+    let out = fwmark(&["run", "--iface", "lo", "--attach", "xdp"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("possible values: auto, tcx, netlink"), "{err}");
+}

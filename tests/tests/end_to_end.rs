@@ -7,13 +7,23 @@ use fwmark_testlab::{
     daemon::{Daemon, exit_globals, service_total},
     example::{self, probe},
     kernel,
-    netns::Lab,
+    netns::{Lab, ingress_programs},
     nft::{self, MarkCounters, ProbeProto},
 };
 
 #[test]
-fn example_config_marks_exactly_its_services() {
-    if !kernel::available("example_config_marks_exactly_its_services", &["ip", "nft"]) {
+fn example_config_marks_exactly_its_services_tcx() {
+    example_config_marks_exactly_its_services("tcx");
+}
+
+#[test]
+fn example_config_marks_exactly_its_services_netlink() {
+    example_config_marks_exactly_its_services("netlink");
+}
+
+fn example_config_marks_exactly_its_services(mode: &str) {
+    let name = format!("example_config_marks_exactly_its_services_{mode}");
+    if !kernel::available(&name, &["ip", "nft", "tc"]) {
         return;
     }
     let probes = example::probes();
@@ -28,9 +38,16 @@ fn example_config_marks_exactly_its_services() {
             &lab.director_if,
             "--config",
             config.to_str().unwrap(),
+            "--attach",
+            mode,
         ],
     )
     .expect("fwmark run attaches");
+    assert_eq!(
+        ingress_programs(&lab.director, &lab.director_if).unwrap(),
+        vec![format!("{mode}:fwmark")],
+        "exactly one fwmark attachment while it runs"
+    );
 
     lab.client
         .run(|| probes.iter().try_for_each(nft::send))
@@ -63,7 +80,17 @@ fn example_config_marks_exactly_its_services() {
         finished.status,
         finished.stderr
     );
-    assert!(finished.stderr.contains("via tcx"), "{}", finished.stderr);
+    let logged = if mode == "tcx" {
+        "via tcx"
+    } else {
+        "via netlink clsact"
+    };
+    assert!(finished.stderr.contains(logged), "{}", finished.stderr);
+    assert_eq!(
+        ingress_programs(&lab.director, &lab.director_if).unwrap(),
+        Vec::<String>::new(),
+        "nothing left attached after exit"
+    );
 
     // fwmark's own counters agree with what the director saw.
     let marked: u64 = probes
