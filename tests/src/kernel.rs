@@ -3,6 +3,9 @@
 /// Set to `1` to turn every skip of a kernel test into a failure (CI does).
 pub const REQUIRE_ENV: &str = "FWMARK_REQUIRE_KERNEL_TESTS";
 
+/// Printed (on stderr) by every skipped kernel test; `cargo xtask test` counts it.
+pub const SKIP_MARKER: &str = "SKIPPED kernel test";
+
 fn required() -> bool {
     std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1")
 }
@@ -38,6 +41,9 @@ pub fn available(name: &str, tools: &[&str]) -> bool {
     if required() {
         panic!("{why}, and {REQUIRE_ENV}=1 forbids skipping it");
     }
-    eprintln!("\n!!!!! SKIPPED: {why} !!!!!\n");
+    // Written to the process's stderr directly: libtest captures eprintln!
+    // of passing tests, and a skip must be seen.
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "\n!!!!! {SKIP_MARKER}: {why} !!!!!\n");
     false
 }

@@ -112,12 +112,54 @@ pub fn lint() -> Result<()> {
     .context("clippy found problems")
 }
 
+/// Printed by a skipped kernel test (`fwmark_testlab::kernel::SKIP_MARKER`).
+const SKIP_MARKER: &str = "SKIPPED kernel test";
+
+/// Totals over every `test result:` line of a `cargo test` run.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    skipped: u64,
+}
+
+impl Tally {
+    /// Adds a libtest summary line such as
+    /// `test result: ok. 13 passed; 0 failed; 0 ignored; ...`.
+    fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                _ => {}
+            }
+        }
+    }
+}
+
 /// Every test of the workspace; test binaries run under sudo when not root.
+/// Ends with one line `fwmark tests: N passed, N failed, N skipped`.
 pub fn test(bin: &Path, args: &[String]) -> Result<()> {
+    use std::{
+        io::{BufRead as _, BufReader, Write as _},
+        process::Stdio,
+        sync::{Arc, Mutex},
+    };
+
     let mut cmd = cargo();
     cmd.args(["test", "--workspace", "--exclude", "fwmark-ebpf"])
         .args(args)
-        .env("FWMARK_BIN", bin);
+        .env("FWMARK_BIN", bin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     if !is_root() {
         if have("sudo") {
             eprintln!("xtask: not root; test binaries run under sudo");
@@ -129,7 +171,42 @@ pub fn test(bin: &Path, args: &[String]) -> Result<()> {
             );
         }
     }
-    run(&mut cmd)
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    // Echo both streams as they come, counting results and skips.
+    let stderr = child.stderr.take().expect("piped stderr");
+    let skips = Arc::clone(&tally);
+    let err_thread = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains(SKIP_MARKER) {
+                skips.lock().expect("tally").skipped += 1;
+            }
+            let _ = writeln!(std::io::stderr(), "{line}");
+        }
+    });
+    for line in BufReader::new(child.stdout.take().expect("piped stdout"))
+        .lines()
+        .map_while(Result::ok)
+    {
+        tally.lock().expect("tally").add_line(&line);
+        println!("{line}");
+    }
+    let status = child.wait()?;
+    let _ = err_thread.join();
+    let t = tally.lock().expect("tally");
+    // Skipped kernel tests return early and count as passed in libtest.
+    println!(
+        "fwmark tests: {} passed, {} failed, {} skipped",
+        t.passed.saturating_sub(t.skipped),
+        t.failed,
+        t.skipped
+    );
+    if !status.success() {
+        bail!("cargo test failed: {status}");
+    }
+    Ok(())
 }
 
 /// True when `program --version` runs.
@@ -140,4 +217,27 @@ pub fn have(program: &str) -> bool {
         .stderr(std::process::Stdio::null())
         .status()
         .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tally;
+
+    #[test]
+    fn tally_reads_libtest_summaries() {
+        let mut t = Tally::default();
+        t.add_line("test result: ok. 13 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.79s");
+        t.add_line(
+            "test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out",
+        );
+        t.add_line("test something ... ok");
+        assert_eq!(
+            t,
+            Tally {
+                passed: 15,
+                failed: 1,
+                skipped: 0
+            }
+        );
+    }
 }
