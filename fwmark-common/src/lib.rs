@@ -17,7 +17,7 @@ pub mod map_names {
     pub const PREFIX: &str = "PREFIX";
     /// `PerCpuArray<RuleCounters>`: packets and bytes per rule.
     pub const RULE_STATS: &str = "RULE_STATS";
-    /// `PerCpuArray<u64, GLOBAL_COUNTERS>`: global counters, see [`crate::global`].
+    /// `PerCpuArray<GlobalCounters, 1>`: global counters.
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
 }
 
@@ -26,6 +26,13 @@ pub const PROGRAM_NAME: &str = "fwmark";
 
 /// Number of configuration generations the classifier can switch between.
 pub const GENERATIONS: u32 = 2;
+
+/// Bits of the `ACTIVE` value that hold the generation index.
+pub const ACTIVE_GENERATION_MASK: u32 = 0xff;
+/// Set in the `ACTIVE` value when the active generation has prefix entries;
+/// without it the classifier skips the LPM lookups. Switching generation and
+/// this flag is one 32-bit write, so a packet never sees one without the other.
+pub const ACTIVE_HAS_PREFIX: u32 = 1 << 8;
 
 /// Value of [`ServiceKey::family`] for IPv4.
 pub const FAMILY_IPV4: u8 = 4;
@@ -65,8 +72,31 @@ pub struct ServiceKey {
     /// Destination port in network byte order as it sits in the packet
     /// (`[hi, lo]`), or [`ALL_PORTS`].
     pub port: [u8; 2],
-    /// Destination address; IPv4 uses the first 4 bytes, the rest are zero.
-    pub addr: [u8; 16],
+    /// Destination address bytes in packet order, held as four words
+    /// (`u32::from_ne_bytes` of each 4 bytes) so the key is 4-byte aligned
+    /// and copied by words; IPv4 uses the first word, the rest are zero.
+    pub addr: [u32; 4],
+}
+
+impl ServiceKey {
+    /// [`ServiceKey::addr`] from 16 address bytes in packet order.
+    pub const fn addr_words(b: [u8; 16]) -> [u32; 4] {
+        [
+            u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+            u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+            u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+            u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+        ]
+    }
+
+    /// The address bytes in packet order.
+    pub fn addr_bytes(&self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        for (chunk, word) in out.chunks_exact_mut(4).zip(self.addr) {
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        out
+    }
 }
 
 /// What to do with a packet that matched: `mark = (mark & !mask) | (value & mask)`.
@@ -97,24 +127,30 @@ pub struct RuleCounters {
     pub bytes: u64,
 }
 
-/// Indices of the global counters in `GLOBAL_STATS`.
-pub mod global {
+/// The classifier's global counters, one per CPU in `GLOBAL_STATS[0]`.
+/// `seen = marked + no_match + non_ip + malformed`; `later_fragment` counts a
+/// subset of `marked + no_match`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct GlobalCounters {
     /// Every packet the classifier ran on.
-    pub const SEEN: u32 = 0;
+    pub seen: u64,
     /// Packets whose mark was written.
-    pub const MARKED: u32 = 1;
+    pub marked: u64,
     /// IPv4/IPv6 packets that matched no service.
-    pub const NO_MATCH: u32 = 2;
+    pub no_match: u64,
     /// Packets that are neither IPv4 nor IPv6 (ARP, LLDP, a third VLAN tag, ...).
-    pub const NON_IP: u32 = 3;
+    pub non_ip: u64,
     /// IP fragments at a non-zero offset (only all-ports services can match them).
-    pub const LATER_FRAGMENT: u32 = 4;
+    pub later_fragment: u64,
     /// Truncated or malformed headers; such packets are never marked.
-    pub const MALFORMED: u32 = 5;
-    /// Number of global counters.
-    pub const COUNT: u32 = 6;
-    /// Names, in index order, as `fwmark` prints them.
-    pub const NAMES: [&str; COUNT as usize] = [
+    pub malformed: u64,
+}
+
+impl GlobalCounters {
+    /// Field names, in declaration order, as `fwmark` prints them.
+    pub const NAMES: [&'static str; 6] = [
         "seen",
         "marked",
         "no_match",
@@ -122,15 +158,31 @@ pub mod global {
         "later_fragment",
         "malformed",
     ];
+
+    /// Values in [`Self::NAMES`] order.
+    pub fn values(&self) -> [u64; 6] {
+        [
+            self.seen,
+            self.marked,
+            self.no_match,
+            self.non_ip,
+            self.later_fragment,
+            self.malformed,
+        ]
+    }
 }
 
 // Layout contract: sizes and alignments both sides rely on, with no padding.
 const _: () = assert!(size_of::<ServiceKey>() == 20);
-const _: () = assert!(align_of::<ServiceKey>() == 1);
+const _: () = assert!(align_of::<ServiceKey>() == 4);
 const _: () = assert!(size_of::<Target>() == 16);
 const _: () = assert!(align_of::<Target>() == 4);
 const _: () = assert!(size_of::<RuleCounters>() == 16);
 const _: () = assert!(align_of::<RuleCounters>() == 8);
+const _: () = assert!(size_of::<GlobalCounters>() == 48);
+const _: () = assert!(align_of::<GlobalCounters>() == 8);
+const _: () = assert!(GENERATIONS - 1 <= ACTIVE_GENERATION_MASK);
+const _: () = assert!(ACTIVE_HAS_PREFIX & ACTIVE_GENERATION_MASK == 0);
 const _: () = assert!(LPM_LOOKUP_PREFIX_LEN as usize == size_of::<ServiceKey>() * 8);
 
 // SAFETY: these are plain-old-data `#[repr(C)]` types without padding (asserted
@@ -141,4 +193,5 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::Target {}
     unsafe impl aya::Pod for super::RuleCounters {}
+    unsafe impl aya::Pod for super::GlobalCounters {}
 }

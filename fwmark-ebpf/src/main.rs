@@ -29,12 +29,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use fwmark_common::{
-    ALL_PORTS, GENERATIONS, LPM_LOOKUP_PREFIX_LEN, RuleCounters, ServiceKey, Target, global,
+    ACTIVE_GENERATION_MASK, ACTIVE_HAS_PREFIX, ALL_PORTS, GENERATIONS, GlobalCounters,
+    LPM_LOOKUP_PREFIX_LEN, RuleCounters, ServiceKey, Target,
 };
 use parse::{Packet, Parsed};
 
-/// Index of the generation in use. Read once per packet, so every lookup of
-/// one packet sees one whole configuration.
+/// Index of the generation in use, plus `ACTIVE_HAS_PREFIX`. Read once per
+/// packet, so every lookup of one packet sees one whole configuration.
 #[btf_map]
 static ACTIVE: Array<u32, 1> = Array::new();
 
@@ -53,38 +54,36 @@ static PREFIX: ArrayOfMaps<LpmTrie<ServiceKey, Target, 1>, { GENERATIONS as usiz
 #[btf_map]
 static RULE_STATS: PerCpuArray<RuleCounters, 1> = PerCpuArray::new();
 
-/// Global counters, indexed by `fwmark_common::global`.
+/// Global counters: one struct per CPU at index 0 (one lookup per packet).
 #[btf_map]
-static GLOBAL_STATS: PerCpuArray<u64, { global::COUNT as usize }> = PerCpuArray::new();
+static GLOBAL_STATS: PerCpuArray<GlobalCounters, 1> = PerCpuArray::new();
 
 #[classifier]
 pub fn fwmark(ctx: TcContext) -> i32 {
-    count(global::SEEN);
+    let Some(global) = GLOBAL_STATS.get_ptr_mut(0) else {
+        return TC_ACT_UNSPEC;
+    };
+    // SAFETY: this CPU's slot of a per-CPU array, used by this program only
+    // while it runs (no other writer can interleave on this CPU).
+    let global = unsafe { &mut *global };
+    global.seen += 1;
     match parse::packet(ctx.data(), ctx.data_end()) {
-        Parsed::NonIp => count(global::NON_IP),
-        Parsed::Malformed => count(global::MALFORMED),
+        Parsed::NonIp => global.non_ip += 1,
+        Parsed::Malformed => global.malformed += 1,
         Parsed::Ip(pkt) => {
             if pkt.later_fragment {
-                count(global::LATER_FRAGMENT);
+                global.later_fragment += 1;
             }
             match lookup(&pkt) {
                 Some(target) => {
                     mark(&ctx, &target, &pkt);
-                    count(global::MARKED);
+                    global.marked += 1;
                 }
-                None => count(global::NO_MATCH),
+                None => global.no_match += 1,
             }
         }
     }
     TC_ACT_UNSPEC
-}
-
-#[inline(always)]
-fn count(index: u32) {
-    if let Some(counter) = GLOBAL_STATS.get_ptr_mut(index) {
-        // SAFETY: a per-CPU array slot, owned by this CPU while the program runs.
-        unsafe { *counter += 1 };
-    }
 }
 
 #[inline(always)]
@@ -101,25 +100,32 @@ fn mark(ctx: &TcContext, target: &Target, pkt: &Packet) {
     }
 }
 
+// Keys are passed by reference: a by-value key is first copied to a second
+// stack slot, which costs instructions on every packet.
+#[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(always)]
 fn lookup(pkt: &Packet) -> Option<Target> {
-    let generation = *ACTIVE.get(0)?;
+    let active = *ACTIVE.get(0)?;
+    let generation = active & ACTIVE_GENERATION_MASK;
     let mut key = pkt.key;
 
     if let Some(exact) = EXACT.get(generation) {
         if !pkt.later_fragment
-            && let Some(target) = exact.get_ptr(key)
+            && let Some(target) = exact.get_ptr(&key)
         {
             // SAFETY: published inner maps are never modified, so the entry is stable.
             return Some(unsafe { *target });
         }
         key.port = ALL_PORTS.to_be_bytes();
-        if let Some(target) = exact.get_ptr(key) {
+        if let Some(target) = exact.get_ptr(&key) {
             // SAFETY: as above.
             return Some(unsafe { *target });
         }
     }
 
+    if active & ACTIVE_HAS_PREFIX == 0 {
+        return None;
+    }
     let prefix = PREFIX.get(generation)?;
     let mut lpm_key = Key::new(LPM_LOOKUP_PREFIX_LEN, pkt.key);
     let with_port = if pkt.later_fragment {

@@ -101,7 +101,7 @@ fn ipv4(data: usize, end: usize, off: usize, key: &mut ServiceKey) -> Option<(u8
         return None;
     }
     key.family = FAMILY_IPV4;
-    key.addr[..4].copy_from_slice(&daddr);
+    key.addr[0] = u32::from_ne_bytes(daddr);
     // Fragment offset (low 13 bits) non-zero: payload only, no L4 header.
     Some((proto, off + ihl, frag & 0x1fff != 0))
 }
@@ -116,14 +116,19 @@ fn ipv6(data: usize, end: usize, off: usize, key: &mut ServiceKey) -> Option<(u8
         (
             (*ip)[0] >> 4,
             (*ip)[6],
-            read_unaligned(ip.cast::<u8>().add(24).cast::<[u8; 16]>()),
+            read_unaligned(ip.cast::<u8>().add(24).cast::<[[u8; 4]; 4]>()),
         )
     };
     if version != 6 {
         return None;
     }
     key.family = FAMILY_IPV6;
-    key.addr = daddr;
+    key.addr = [
+        u32::from_ne_bytes(daddr[0]),
+        u32::from_ne_bytes(daddr[1]),
+        u32::from_ne_bytes(daddr[2]),
+        u32::from_ne_bytes(daddr[3]),
+    ];
     let mut off = off + IPV6_HLEN;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
@@ -172,7 +177,7 @@ pub fn packet(data: usize, data_end: usize) -> Parsed {
         family: 0,
         proto: 0,
         port: ALL_PORTS.to_be_bytes(),
-        addr: [0; 16],
+        addr: [0; 4],
     };
     let l3_result = match ethertype {
         ETH_P_IP => ipv4(data, data_end, l3, &mut key),

@@ -17,7 +17,9 @@ use aya::{
     },
     programs::{ProgramError, SchedClassifier},
 };
-use fwmark_common::{GENERATIONS, RuleCounters, ServiceKey, Target, global, map_names};
+use fwmark_common::{
+    ACTIVE_HAS_PREFIX, GENERATIONS, GlobalCounters, RuleCounters, ServiceKey, Target, map_names,
+};
 
 use crate::ruleset::Ruleset;
 
@@ -53,21 +55,6 @@ pub enum DatapathError {
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
     move |source| DatapathError::Map { map, source }
-}
-
-/// Global counters summed over CPUs, in `fwmark_common::global` order.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct GlobalCounters(pub [u64; global::COUNT as usize]);
-
-impl GlobalCounters {
-    pub fn get(&self, index: u32) -> u64 {
-        self.0[index as usize]
-    }
-
-    /// (name, value) pairs in index order.
-    pub fn named(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-        global::NAMES.iter().copied().zip(self.0.iter().copied())
-    }
 }
 
 /// A loaded classifier and its maps.
@@ -170,7 +157,14 @@ impl Datapath {
                 .ok_or(DatapathError::Missing(map_names::ACTIVE))?,
         )
         .map_err(map_err(map_names::ACTIVE))?;
-        active.set(0, next, 0).map_err(map_err(map_names::ACTIVE))?;
+        let flags = if ruleset.prefix.is_empty() {
+            0
+        } else {
+            ACTIVE_HAS_PREFIX
+        };
+        active
+            .set(0, next | flags, 0)
+            .map_err(map_err(map_names::ACTIVE))?;
         self.active = Some(next);
         Ok(next)
     }
@@ -189,20 +183,23 @@ impl Datapath {
 
     /// Global counters, summed over CPUs.
     pub fn global_counters(&self) -> Result<GlobalCounters, DatapathError> {
-        let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
+        let map: PerCpuArray<&MapData, GlobalCounters> = PerCpuArray::try_from(
             self.ebpf
                 .map(map_names::GLOBAL_STATS)
                 .ok_or(DatapathError::Missing(map_names::GLOBAL_STATS))?,
         )
         .map_err(map_err(map_names::GLOBAL_STATS))?;
-        let mut out = GlobalCounters::default();
-        for (i, slot) in out.0.iter_mut().enumerate() {
-            let values = map
-                .get(&(i as u32), 0)
-                .map_err(map_err(map_names::GLOBAL_STATS))?;
-            *slot = values.iter().sum();
-        }
-        Ok(out)
+        let per_cpu = map.get(&0, 0).map_err(map_err(map_names::GLOBAL_STATS))?;
+        Ok(per_cpu
+            .iter()
+            .fold(GlobalCounters::default(), |a, c| GlobalCounters {
+                seen: a.seen + c.seen,
+                marked: a.marked + c.marked,
+                no_match: a.no_match + c.no_match,
+                non_ip: a.non_ip + c.non_ip,
+                later_fragment: a.later_fragment + c.later_fragment,
+                malformed: a.malformed + c.malformed,
+            }))
     }
 
     /// Counters of rules `0..rules`, summed over CPUs.

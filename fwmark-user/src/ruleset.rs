@@ -121,7 +121,7 @@ pub fn service_key(addr: IpAddr, proto: u8, port: u16) -> ServiceKey {
         family,
         proto,
         port: port.to_be_bytes(),
-        addr,
+        addr: ServiceKey::addr_words(addr),
     }
 }
 
@@ -275,13 +275,16 @@ mod tests {
         assert_eq!(k.family, FAMILY_IPV4);
         assert_eq!(k.proto, 6);
         assert_eq!(k.port, [0x01, 0xbb]);
-        assert_eq!(k.addr, [192, 0, 2, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            k.addr_bytes(),
+            [192, 0, 2, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
         let bytes: &[u8] = bytemuck::bytes_of(&k);
         assert_eq!(&bytes[..4], &[4, 6, 0x01, 0xbb]);
         let k6 = service_key("2001:db8::10".parse().unwrap(), 17, 53);
         assert_eq!(k6.family, FAMILY_IPV6);
-        assert_eq!(k6.addr[0..2], [0x20, 0x01]);
-        assert_eq!(k6.addr[15], 0x10);
+        assert_eq!(k6.addr_bytes()[0..2], [0x20, 0x01]);
+        assert_eq!(k6.addr_bytes()[15], 0x10);
         assert_eq!(lpm_prefix_len(24), 56);
     }
 
@@ -326,7 +329,7 @@ mod tests {
         assert_eq!(e.prefix_len, 32 + 24);
         assert_eq!(e.key.port, [0, 0]);
         assert_eq!(e.target.prefix_len, 24);
-        assert_eq!(e.key.addr[..4], [198, 51, 100, 0]);
+        assert_eq!(e.key.addr_bytes()[..4], [198, 51, 100, 0]);
     }
 
     #[test]

@@ -2,9 +2,9 @@
 
 use std::fmt::Write as _;
 
-use fwmark_common::RuleCounters;
+use fwmark_common::{GlobalCounters, RuleCounters};
 
-use crate::{config::Config, datapath::GlobalCounters, ruleset::Ruleset};
+use crate::{config::Config, ruleset::Ruleset};
 
 /// One table: a line per service and per rule, then the global counters.
 pub fn counters_table(
@@ -49,7 +49,11 @@ pub fn counters_table(
             let _ = writeln!(out, "{line}");
         }
     }
-    let global: Vec<String> = global.named().map(|(n, v)| format!("{n}={v}")).collect();
+    let global: Vec<String> = GlobalCounters::NAMES
+        .iter()
+        .zip(global.values())
+        .map(|(n, v)| format!("{n}={v}"))
+        .collect();
     let _ = writeln!(out, "global: {}", global.join(" "));
     out
 }

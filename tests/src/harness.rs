@@ -3,12 +3,8 @@
 
 use anyhow::{Context as _, Result};
 use aya::programs::{TestRun as _, TestRunOptions};
-use fwmark::{
-    config::Config,
-    datapath::{Datapath, GlobalCounters},
-    ruleset::Ruleset,
-};
-use fwmark_common::RuleCounters;
+use fwmark::{config::Config, datapath::Datapath, ruleset::Ruleset};
+use fwmark_common::{GlobalCounters, RuleCounters};
 
 /// `sizeof(struct __sk_buff)` on current kernels.
 const SKB_CTX_LEN: usize = 192;

@@ -2,7 +2,6 @@
 //! is built with etherparse headers, run once, and the mark is read back from
 //! the `__sk_buff` context.
 
-use fwmark_common::global;
 use fwmark_testlab::{
     harness::{Harness, TC_ACT_UNSPEC, Verdict},
     kernel,
@@ -149,9 +148,9 @@ fn vlan_and_qinq_tags_are_skipped_three_are_not_ip() {
         &Frame::new("2001:db8::10", L4::Tcp(80)).vlans(&[0x88a8, 0x8100]),
         86,
     );
-    let before = h.global().unwrap().get(global::NON_IP);
+    let before = h.global().unwrap().non_ip;
     assert_untouched(&h, &f.vlans(&[0x88a8, 0x8100, 0x8100]));
-    assert_eq!(h.global().unwrap().get(global::NON_IP), before + 1);
+    assert_eq!(h.global().unwrap().non_ip, before + 1);
 }
 
 #[test]
@@ -182,14 +181,14 @@ fn bad_ipv4_header_length_and_version_are_malformed() {
     for ver_ihl in [0x44u8, 0x40, 0x65] {
         let mut bad = good.clone();
         bad[l3] = ver_ihl;
-        let before = h.global().unwrap().get(global::MALFORMED);
+        let before = h.global().unwrap().malformed;
         let v = h.run(&bad, PRESET).unwrap();
         assert_eq!(
             (v.ret, v.mark),
             (TC_ACT_UNSPEC, PRESET),
             "ver/ihl {ver_ihl:#x}"
         );
-        assert_eq!(h.global().unwrap().get(global::MALFORMED), before + 1);
+        assert_eq!(h.global().unwrap().malformed, before + 1);
     }
     // IHL 15 on a frame that has no 60-byte header is a truncation.
     let mut bad = good.clone();
@@ -233,9 +232,9 @@ fn ipv6_extension_headers_are_walked() {
         );
     }
     // One more than the walker's bound: malformed, left alone.
-    let before = h.global().unwrap().get(global::MALFORMED);
+    let before = h.global().unwrap().malformed;
     assert_untouched(&h, &base.clone().ipv6_ext(&[Ext::DestOptions; 9]));
-    assert_eq!(h.global().unwrap().get(global::MALFORMED), before + 1);
+    assert_eq!(h.global().unwrap().malformed, before + 1);
 }
 
 #[test]
@@ -289,15 +288,9 @@ fn later_fragments_never_match_by_port() {
         77,
     );
     let after = h.global().unwrap();
-    assert_eq!(
-        after.get(global::LATER_FRAGMENT) - before.get(global::LATER_FRAGMENT),
-        4
-    );
-    assert_eq!(after.get(global::MARKED) - before.get(global::MARKED), 2);
-    assert_eq!(
-        after.get(global::NO_MATCH) - before.get(global::NO_MATCH),
-        2
-    );
+    assert_eq!(after.later_fragment - before.later_fragment, 4);
+    assert_eq!(after.marked - before.marked, 2);
+    assert_eq!(after.no_match - before.no_match, 2);
 }
 
 /// Every truncation of a frame: marked exactly when the destination port is
@@ -324,8 +317,8 @@ fn check_truncations(h: &Harness, frame: &Frame, l4_offset: usize, mark: u32) {
         } else {
             assert_eq!(v.mark, PRESET, "len {len} of {frame:?}");
             assert_eq!(
-                after.get(global::MALFORMED),
-                before.get(global::MALFORMED) + 1,
+                after.malformed,
+                before.malformed + 1,
                 "len {len} of {frame:?} should count as malformed"
             );
         }
@@ -557,19 +550,13 @@ fn counters_add_up() {
     h.run(&short, 0).unwrap();
 
     let g = h.global().unwrap();
-    assert_eq!(g.get(global::SEEN), 9);
-    assert_eq!(g.get(global::MARKED), 5);
-    assert_eq!(g.get(global::NO_MATCH), 2);
-    assert_eq!(g.get(global::NON_IP), 1);
-    assert_eq!(g.get(global::MALFORMED), 1);
-    assert_eq!(g.get(global::LATER_FRAGMENT), 2);
-    assert_eq!(
-        g.get(global::SEEN),
-        g.get(global::MARKED)
-            + g.get(global::NO_MATCH)
-            + g.get(global::NON_IP)
-            + g.get(global::MALFORMED)
-    );
+    assert_eq!(g.seen, 9);
+    assert_eq!(g.marked, 5);
+    assert_eq!(g.no_match, 2);
+    assert_eq!(g.non_ip, 1);
+    assert_eq!(g.malformed, 1);
+    assert_eq!(g.later_fragment, 2);
+    assert_eq!(g.seen, g.marked + g.no_match + g.non_ip + g.malformed);
 
     // Per rule: web's port 80 and 443 rules, counted from the IP header on.
     let rules = h.rules().unwrap();
@@ -613,4 +600,24 @@ fn republishing_switches_generations() {
         assert_eq!(h.datapath.active_generation(), Some((round + 1) % 2));
     }
     assert_untouched(&h, &Frame::new("192.0.2.10", L4::Tcp(443)));
+}
+
+#[test]
+fn republishing_switches_prefix_lookups_on_and_off() {
+    let Some(mut h) = harness("republishing_prefixes", PRECEDENCE) else {
+        return;
+    };
+    let in_prefix = Frame::new("198.51.100.10", L4::Tcp(80));
+    assert_marked(&h, &in_prefix, 2);
+    let exact_only = fwmark::ruleset::Ruleset::compile(
+        &fwmark::config::Config::parse(CONFIG, "exact only").unwrap(),
+    )
+    .unwrap();
+    let with_prefixes = h.ruleset.clone();
+    h.datapath.publish(&exact_only).unwrap();
+    assert_untouched(&h, &in_prefix);
+    assert_marked(&h, &Frame::new("192.0.2.10", L4::Tcp(80)), 80);
+    h.datapath.publish(&with_prefixes).unwrap();
+    assert_marked(&h, &in_prefix, 2);
+    assert_untouched(&h, &Frame::new("192.0.2.10", L4::Tcp(80)));
 }
