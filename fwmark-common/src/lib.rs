@@ -132,7 +132,10 @@ pub struct RuleCounters {
 /// subset of `marked + no_match`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[cfg_attr(
+    feature = "user",
+    derive(bytemuck::Pod, bytemuck::Zeroable, serde::Serialize)
+)]
 pub struct GlobalCounters {
     /// Every packet the classifier ran on.
     pub seen: u64,

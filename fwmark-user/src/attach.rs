@@ -1,26 +1,36 @@
-//! Attaching the classifier to an interface's ingress, first in line.
+//! Attaching the classifier to an interface's ingress, first in line, and
+//! taking over or removing an attachment a previous fwmark left.
 //!
 //! Linux >= 6.6 has tcx (`bpf_link` based, multi-program): fwmark attaches
-//! with `LinkOrder::first()`. Older kernels get the netlink path: a `clsact`
-//! qdisc (added when missing, never removed: other filters may use it) and a
-//! direct-action `cls_bpf` filter at priority 1.
+//! with `LinkOrder::first()` and pins the link under the interface's pin
+//! directory, so marking survives the process. A new fwmark replaces the
+//! program on the live link atomically (`bpf_link_update`).
+//!
+//! Older kernels get the netlink path: a `clsact` qdisc (added when missing,
+//! never removed: other filters may use it) and a direct-action `cls_bpf`
+//! filter at priority 1; such a filter lives until it is deleted.
 
-use std::fmt;
+use std::{fmt, path::Path, process::Command};
 
-use crate::cli::AttachArg;
 use aya::{
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType,
-        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcError},
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError},
     },
     util::KernelVersion,
 };
 
+use crate::cli::AttachArg;
+
 /// Netlink filter priority: lower runs first.
-const NETLINK_PRIORITY: u16 = 1;
+pub const NETLINK_PRIORITY: u16 = 1;
+/// The first kernel with tcx.
+pub const TCX_KERNEL: KernelVersion = KernelVersion::new(6, 6, 0);
 
 /// How the program is attached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AttachMode {
     /// A tcx link (Linux >= 6.6).
     Tcx,
@@ -36,9 +46,6 @@ impl fmt::Display for AttachMode {
         })
     }
 }
-
-/// The first kernel with tcx.
-pub const TCX_KERNEL: KernelVersion = KernelVersion::new(6, 6, 0);
 
 impl AttachMode {
     /// The best mode this kernel supports.
@@ -78,55 +85,243 @@ pub enum AttachError {
         #[source]
         source: ProgramError,
     },
+    #[error("the pinned link {path} cannot be used")]
+    PinnedLink {
+        path: String,
+        #[source]
+        source: LinkError,
+    },
+    #[error("pinning the link at {path} failed")]
+    Pin {
+        path: String,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error(
+        "removing the previous netlink filter (pref {priority} handle {handle:#x}) failed: {why}"
+    )]
+    OldFilter {
+        priority: u16,
+        handle: u32,
+        why: String,
+    },
 }
 
-/// An attached classifier.
-pub struct Attachment {
-    pub iface: String,
-    pub mode: AttachMode,
-    pub link: SchedClassifierLinkId,
+/// An attachment this process holds.
+pub enum Attached {
+    /// A pinned tcx link.
+    Tcx(PinnedLink),
+    /// A netlink filter (detached when dropped, unless kept).
+    Netlink {
+        link: SchedClassifierLink,
+        priority: u16,
+        handle: u32,
+    },
 }
 
-/// Attaches `program` (already loaded) to `iface`'s ingress, first in line.
+impl Attached {
+    pub fn mode(&self) -> AttachMode {
+        match self {
+            Attached::Tcx(_) => AttachMode::Tcx,
+            Attached::Netlink { .. } => AttachMode::Netlink,
+        }
+    }
+
+    /// Netlink priority and handle, to record in the state.
+    pub fn netlink(&self) -> Option<(u16, u32)> {
+        match self {
+            Attached::Tcx(_) => None,
+            Attached::Netlink {
+                priority, handle, ..
+            } => Some((*priority, *handle)),
+        }
+    }
+
+    /// Leaves the attachment in place after this process exits.
+    pub fn keep(self) {
+        match self {
+            // The pin keeps the link attached when the fd closes.
+            Attached::Tcx(pinned) => drop(pinned),
+            // Dropping the link would delete the filter.
+            Attached::Netlink { link, .. } => std::mem::forget(link),
+        }
+    }
+
+    /// Removes the attachment (and the link's pin).
+    pub fn detach(self) -> Result<(), String> {
+        match self {
+            Attached::Tcx(pinned) => {
+                // Without its pin, the link goes when its last fd closes.
+                let link = pinned.unpin().map_err(|e| e.to_string())?;
+                drop(link);
+                Ok(())
+            }
+            Attached::Netlink { link, .. } => {
+                aya::programs::links::Link::detach(link).map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+fn attach_error(iface: &str, mode: AttachMode) -> impl FnOnce(ProgramError) -> AttachError + '_ {
+    move |source| AttachError::Attach {
+        iface: iface.to_string(),
+        mode,
+        source,
+    }
+}
+
+fn add_clsact(iface: &str) -> Result<(), AttachError> {
+    match tc::qdisc_add_clsact(iface) {
+        Ok(()) => Ok(()),
+        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        Err(source) => Err(AttachError::Qdisc {
+            iface: iface.to_string(),
+            source,
+        }),
+    }
+}
+
+fn netlink_attached(link: SchedClassifierLink) -> Result<Attached, ProgramError> {
+    let priority = link.priority()?;
+    let handle = u32::from(link.handle()?);
+    Ok(Attached::Netlink {
+        link,
+        priority,
+        handle,
+    })
+}
+
+/// Attaches `program` (loaded) to `iface`'s ingress, first in line; a tcx
+/// link is pinned at `link_pin`.
 pub fn attach(
     program: &mut SchedClassifier,
     iface: &str,
     mode: AttachMode,
-) -> Result<Attachment, AttachError> {
-    let options = match mode {
-        AttachMode::Tcx => TcAttachOptions::TcxOrder(LinkOrder::first()),
-        AttachMode::Netlink => {
-            match tc::qdisc_add_clsact(iface) {
-                Ok(()) => {}
-                Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(source) => {
-                    return Err(AttachError::Qdisc {
-                        iface: iface.to_string(),
-                        source,
-                    });
-                }
-            }
-            TcAttachOptions::Netlink(NlOptions {
-                priority: NETLINK_PRIORITY,
-                ..Default::default()
-            })
+    link_pin: &Path,
+) -> Result<Attached, AttachError> {
+    match mode {
+        AttachMode::Tcx => {
+            let id = program
+                .attach_with_options(
+                    iface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::first()),
+                )
+                .map_err(attach_error(iface, mode))?;
+            let link = program.take_link(id).map_err(attach_error(iface, mode))?;
+            let fd_link = FdLink::try_from(link).map_err(|source| AttachError::PinnedLink {
+                path: link_pin.display().to_string(),
+                source,
+            })?;
+            let pinned = fd_link.pin(link_pin).map_err(|source| AttachError::Pin {
+                path: link_pin.display().to_string(),
+                source,
+            })?;
+            Ok(Attached::Tcx(pinned))
         }
-    };
-    let link = program
-        .attach_with_options(iface, TcAttachType::Ingress, options)
-        .map_err(|source| AttachError::Attach {
-            iface: iface.to_string(),
-            mode,
-            source,
-        })?;
-    Ok(Attachment {
-        iface: iface.to_string(),
-        mode,
-        link,
-    })
+        AttachMode::Netlink => {
+            add_clsact(iface)?;
+            let id = program
+                .attach_with_options(
+                    iface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::Netlink(NlOptions {
+                        priority: NETLINK_PRIORITY,
+                        ..Default::default()
+                    }),
+                )
+                .map_err(attach_error(iface, mode))?;
+            let link = program.take_link(id).map_err(attach_error(iface, mode))?;
+            netlink_attached(link).map_err(attach_error(iface, mode))
+        }
+    }
 }
 
-/// Detaches what [`attach`] attached.
-pub fn detach(program: &mut SchedClassifier, attachment: Attachment) -> Result<(), ProgramError> {
-    program.detach(attachment.link)
+/// Takes over the attachment a previous fwmark left, running `program`
+/// from now on without a gap:
+/// - tcx: the program on the pinned link is replaced atomically;
+/// - netlink: a filter with the new program is added at the same priority
+///   before the old one is deleted (for an instant both mark alike, from the
+///   same maps).
+pub fn adopt(
+    program: &mut SchedClassifier,
+    iface: &str,
+    mode: AttachMode,
+    link_pin: &Path,
+    old_netlink: Option<(u16, u32)>,
+) -> Result<Attached, AttachError> {
+    match mode {
+        AttachMode::Tcx => {
+            let pin_error = |source| AttachError::PinnedLink {
+                path: link_pin.display().to_string(),
+                source,
+            };
+            let pinned = PinnedLink::from_pin(link_pin).map_err(pin_error)?;
+            let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(pin_error)?;
+            let id = program
+                .attach_to_link(link)
+                .map_err(attach_error(iface, mode))?;
+            let link = program.take_link(id).map_err(attach_error(iface, mode))?;
+            let fd_link = FdLink::try_from(link).map_err(pin_error)?;
+            // Still pinned: re-open it as a PinnedLink for detach/keep.
+            drop(fd_link);
+            let pinned = PinnedLink::from_pin(link_pin).map_err(pin_error)?;
+            Ok(Attached::Tcx(pinned))
+        }
+        AttachMode::Netlink => {
+            let attached = attach(program, iface, mode, link_pin)?;
+            if let Some((priority, handle)) = old_netlink {
+                delete_netlink_filter(iface, priority, handle)?;
+            }
+            Ok(attached)
+        }
+    }
+}
+
+/// Deletes one `cls_bpf` filter by priority and handle (with `tc`, from
+/// iproute2: aya can delete only the filters it attached itself).
+fn delete_netlink_filter(iface: &str, priority: u16, handle: u32) -> Result<(), AttachError> {
+    let out = Command::new("tc")
+        .args(["filter", "del", "dev", iface, "ingress", "pref"])
+        .arg(priority.to_string())
+        .arg("handle")
+        .arg(format!("{handle:#x}"))
+        .arg("bpf")
+        .output()
+        .map_err(|e| AttachError::OldFilter {
+            priority,
+            handle,
+            why: format!("cannot run tc (install iproute2): {e}"),
+        })?;
+    if !out.status.success() {
+        return Err(AttachError::OldFilter {
+            priority,
+            handle,
+            why: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Removes an attachment left by a previous fwmark (`fwmark detach`).
+pub fn remove_left(iface: &str, mode: AttachMode, link_pin: &Path) -> Result<(), String> {
+    match mode {
+        AttachMode::Tcx => match PinnedLink::from_pin(link_pin) {
+            Ok(pinned) => Attached::Tcx(pinned).detach(),
+            // Gone with its interface, or never pinned: nothing attached.
+            Err(_) => Ok(()),
+        },
+        AttachMode::Netlink => {
+            match tc::qdisc_detach_program(
+                iface,
+                TcAttachType::Ingress,
+                fwmark_common::PROGRAM_NAME,
+            ) {
+                Ok(()) => Ok(()),
+                Err(TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    }
 }

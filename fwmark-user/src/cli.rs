@@ -1,10 +1,11 @@
-//! Command-line interface (clap derive); `main.rs` dispatches on it.
+//! Command-line interface (clap derive); `main.rs` dispatches on it. The
+//! shell completions and the man page are generated from these definitions.
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-/// Default config file of `fwmark run`.
+/// Default config file.
 pub const DEFAULT_CONFIG: &str = "/etc/fwmark/fwmark.toml";
 
 /// Sets firewall marks for LVS/IPVS services from a TC ingress eBPF
@@ -18,11 +19,27 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Load the config, attach the classifier to IFACE's ingress and mark
-    /// packets until SIGINT/SIGTERM (then detach and print the counters).
+    /// Attach the classifier to IFACE's ingress (or take over the attachment
+    /// a previous fwmark left) and keep it marking by the config: reload on
+    /// SIGHUP and when the file changes; on SIGINT/SIGTERM detach (unless
+    /// --keep) and print the counters.
     Run(RunArgs),
+    /// Switch the live config of IFACE to FILE atomically, printing what
+    /// changes.
+    Apply(ApplyArgs),
+    /// Show the attachment, the live config and the counters of IFACE.
+    Status(StatusArgs),
+    /// Remove fwmark's attachment, pins and state from IFACE.
+    Detach(DetachArgs),
     /// Validate a config without touching the kernel.
     Check(CheckArgs),
+    /// Print shell completions.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff).
+    Man,
 }
 
 #[derive(Debug, clap::Args)]
@@ -36,6 +53,20 @@ pub struct RunArgs {
     /// How to attach: tcx where the kernel has it (>= 6.6), else netlink.
     #[arg(long, value_enum, default_value_t = AttachArg::Auto)]
     pub attach: AttachArg,
+    /// Leave marking in place when this process exits.
+    #[arg(long)]
+    pub keep: bool,
+    /// Reload on SIGHUP only, not when the config file changes.
+    #[arg(long)]
+    pub no_watch: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (a bare port listens
+    /// on 127.0.0.1).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+    /// Room for this many rules in the counter map (default: twice the
+    /// config's, at least 16384); applies beyond it need a restart.
+    #[arg(long, value_name = "N")]
+    pub max_rules: Option<usize>,
 }
 
 /// `--attach` values.
@@ -47,6 +78,34 @@ pub enum AttachArg {
     Tcx,
     /// A cls_bpf filter on the clsact qdisc, for kernels or tooling without tcx.
     Netlink,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ApplyArgs {
+    /// Interface whose live config changes.
+    #[arg(long, short = 'i', value_name = "IFACE")]
+    pub iface: String,
+    /// The new config.
+    #[arg(long, short = 'c', value_name = "FILE", default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Print what would change and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    #[arg(long, short = 'i', value_name = "IFACE")]
+    pub iface: String,
+    /// Print a JSON document (stable schema, see README) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DetachArgs {
+    #[arg(long, short = 'i', value_name = "IFACE")]
+    pub iface: String,
 }
 
 #[derive(Debug, clap::Args)]

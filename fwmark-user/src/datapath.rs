@@ -1,24 +1,31 @@
-//! The kernel side as userspace sees it: load the classifier, publish a
-//! ruleset into its maps, read its counters.
+//! The kernel side as userspace sees it: load the classifier, switch its
+//! maps to a new configuration generation, read its counters.
 //!
 //! A ruleset is published as a *generation*: a fresh inner hash map (exact
-//! entries) and a fresh inner LPM trie (prefix entries), filled completely
-//! before they are placed in the `EXACT`/`PREFIX` outer arrays; then `ACTIVE`
-//! is pointed at them. The classifier reads `ACTIVE` once per packet, so a
-//! packet is classified wholly by one generation.
+//! entries) and a fresh inner LPM trie (prefix entries) are filled completely
+//! while nothing can see them, placed in the unused slot of the `EXACT` and
+//! `PREFIX` outer arrays, and then `ACTIVE` (one 32-bit word: slot and
+//! has-prefix flag) is pointed at them. The classifier reads `ACTIVE` once per
+//! packet, so a packet is classified wholly by one generation.
+//!
+//! The old generation is released only after every program that may still
+//! use it has finished: an update of a map-in-map from userspace returns only
+//! after an RCU grace period (`maybe_wait_bpf_programs()` in the kernel), so
+//! one more update after the switch is the wait.
 
-use std::collections::BTreeMap;
+use std::path::Path;
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, ArrayOfMaps, HashMap, IterableMap, LpmTrie, MapData, MapError, PerCpuArray,
-        lpm_trie::Key,
+        Array, ArrayOfMaps, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray,
+        PerCpuValues, lpm_trie::Key,
     },
     programs::{ProgramError, SchedClassifier},
 };
 use fwmark_common::{
-    ACTIVE_HAS_PREFIX, GENERATIONS, GlobalCounters, RuleCounters, ServiceKey, Target, map_names,
+    ACTIVE_GENERATION_MASK, ACTIVE_HAS_PREFIX, GENERATIONS, GlobalCounters, RuleCounters,
+    ServiceKey, Target, map_names,
 };
 
 use crate::ruleset::Ruleset;
@@ -29,8 +36,17 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 /// `BPF_F_NO_PREALLOC`: required by LPM tries.
 const BPF_F_NO_PREALLOC: u32 = 1;
 
-/// Smallest size of the per-rule counter array.
-const MIN_RULE_CAPACITY: u32 = 1024;
+/// Smallest size of the per-rule counter map.
+pub const MIN_RULE_CAPACITY: u32 = 16 * 1024;
+
+/// Every map of the classifier, by name.
+pub const MAP_NAMES: [&str; 5] = [
+    map_names::ACTIVE,
+    map_names::EXACT,
+    map_names::PREFIX,
+    map_names::RULE_STATS,
+    map_names::GLOBAL_STATS,
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -47,44 +63,267 @@ pub enum DatapathError {
         #[source]
         source: MapError,
     },
+    #[error("cannot read the possible CPUs (/sys/devices/system/cpu/possible)")]
+    Cpus(#[source] std::io::Error),
     #[error("the eBPF object has no {0}; it does not belong to this fwmark build")]
     Missing(&'static str),
-    #[error("the ruleset has {rules} rules but the counter map holds {capacity}")]
-    Capacity { rules: usize, capacity: u32 },
+    #[error("counter slot {slot} is outside the counter map ({capacity} slots)")]
+    SlotOutOfRange { slot: u32, capacity: u32 },
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
     move |source| DatapathError::Map { map, source }
 }
 
-/// A loaded classifier and its maps.
+/// Size of the per-rule counter map for a config with `rules` rules:
+/// at least [`MIN_RULE_CAPACITY`] and twice the rules, so a config can grow
+/// and change without reloading.
+pub fn rule_capacity(rules: usize) -> u32 {
+    u32::try_from(rules.saturating_mul(2))
+        .unwrap_or(u32::MAX)
+        .max(MIN_RULE_CAPACITY)
+        .checked_next_power_of_two()
+        .unwrap_or(u32::MAX)
+}
+
+/// The classifier's maps, owned by this process (from a load or from pins).
+pub struct Maps {
+    active: Array<MapData, u32>,
+    exact: ArrayOfMaps<MapData, MapData>,
+    prefix: ArrayOfMaps<MapData, MapData>,
+    rule_stats: PerCpuArray<MapData, RuleCounters>,
+    global_stats: PerCpuArray<MapData, GlobalCounters>,
+}
+
+impl Maps {
+    fn typed<T: TryFrom<Map, Error = MapError>>(
+        name: &'static str,
+        map: Option<Map>,
+    ) -> Result<T, DatapathError> {
+        T::try_from(map.ok_or(DatapathError::Missing(name))?).map_err(map_err(name))
+    }
+
+    /// Takes the maps out of a loaded object (after the program is loaded).
+    fn from_ebpf(ebpf: &mut Ebpf) -> Result<Maps, DatapathError> {
+        Ok(Maps {
+            active: Maps::typed(map_names::ACTIVE, ebpf.take_map(map_names::ACTIVE))?,
+            exact: Maps::typed(map_names::EXACT, ebpf.take_map(map_names::EXACT))?,
+            prefix: Maps::typed(map_names::PREFIX, ebpf.take_map(map_names::PREFIX))?,
+            rule_stats: Maps::typed(map_names::RULE_STATS, ebpf.take_map(map_names::RULE_STATS))?,
+            global_stats: Maps::typed(
+                map_names::GLOBAL_STATS,
+                ebpf.take_map(map_names::GLOBAL_STATS),
+            )?,
+        })
+    }
+
+    /// Opens the maps pinned in `dir` (by `Datapath::load` with a pin dir).
+    pub fn from_pins(dir: &Path) -> Result<Maps, DatapathError> {
+        fn open(dir: &Path, name: &'static str) -> Result<Option<Map>, DatapathError> {
+            let data = MapData::from_pin(dir.join(name)).map_err(map_err(name))?;
+            Map::from_map_data(data).map(Some).map_err(map_err(name))
+        }
+        Ok(Maps {
+            active: Maps::typed(map_names::ACTIVE, open(dir, map_names::ACTIVE)?)?,
+            exact: Maps::typed(map_names::EXACT, open(dir, map_names::EXACT)?)?,
+            prefix: Maps::typed(map_names::PREFIX, open(dir, map_names::PREFIX)?)?,
+            rule_stats: Maps::typed(map_names::RULE_STATS, open(dir, map_names::RULE_STATS)?)?,
+            global_stats: Maps::typed(
+                map_names::GLOBAL_STATS,
+                open(dir, map_names::GLOBAL_STATS)?,
+            )?,
+        })
+    }
+
+    /// Room in the per-rule counter map.
+    pub fn rule_capacity(&self) -> u32 {
+        self.rule_stats.len()
+    }
+
+    /// The `ACTIVE` word: slot and flags.
+    fn active_word(&self) -> Result<u32, DatapathError> {
+        self.active.get(&0, 0).map_err(map_err(map_names::ACTIVE))
+    }
+
+    /// The generation slot in use (0 before anything was published).
+    pub fn active_slot(&self) -> Result<u32, DatapathError> {
+        Ok(self.active_word()? & ACTIVE_GENERATION_MASK)
+    }
+
+    /// Whether a generation has ever been published into these maps.
+    pub fn is_published(&self) -> Result<bool, DatapathError> {
+        let slot = self.active_slot()?;
+        Ok(self.exact.get(&slot, 0).is_ok())
+    }
+
+    /// Builds the ruleset's maps and makes them the live generation; `slots`
+    /// gives the counter slot of each rule (`Target::rule` indexes it).
+    /// Counter slots of rules new to the live config are zeroed first.
+    /// Returns the slot of the generation now in use.
+    pub fn publish(
+        &mut self,
+        ruleset: &Ruleset,
+        slots: &[u32],
+        fresh_slots: &[u32],
+    ) -> Result<u32, DatapathError> {
+        assert_eq!(slots.len(), ruleset.rules.len(), "one slot per rule");
+        let capacity = self.rule_capacity();
+        if let Some(&slot) = slots.iter().chain(fresh_slots).find(|&&s| s >= capacity) {
+            return Err(DatapathError::SlotOutOfRange { slot, capacity });
+        }
+        let current = self.active_slot()?;
+        let next = if self.is_published()? {
+            (current + 1) % GENERATIONS
+        } else {
+            current
+        };
+
+        // 1. Fill the new inner maps while nothing can see them.
+        let target = |t: &Target| Target {
+            rule: slots[t.rule as usize],
+            ..*t
+        };
+        let exact_len = u32::try_from(ruleset.exact.len().max(1)).unwrap_or(u32::MAX);
+        let mut exact: HashMap<MapData, ServiceKey, Target> =
+            HashMap::create(exact_len, 0).map_err(map_err("exact entries"))?;
+        for (key, t) in &ruleset.exact {
+            exact
+                .insert(key, target(t), 0)
+                .map_err(map_err("exact entries"))?;
+        }
+        let prefix_len = u32::try_from(ruleset.prefix.len().max(1)).unwrap_or(u32::MAX);
+        let mut prefix: LpmTrie<MapData, ServiceKey, Target> =
+            LpmTrie::create(prefix_len, BPF_F_NO_PREALLOC).map_err(map_err("prefix entries"))?;
+        for entry in &ruleset.prefix {
+            prefix
+                .insert(
+                    &Key::new(entry.prefix_len, entry.key),
+                    target(&entry.target),
+                    0,
+                )
+                .map_err(map_err("prefix entries"))?;
+        }
+        self.zero_rule_slots(fresh_slots)?;
+
+        // 2. Place them in the unused slot; 3. switch with one word.
+        self.exact
+            .set(next, exact.map(), 0)
+            .map_err(map_err(map_names::EXACT))?;
+        self.prefix
+            .set(next, prefix.map(), 0)
+            .map_err(map_err(map_names::PREFIX))?;
+        let flags = if ruleset.prefix.is_empty() {
+            0
+        } else {
+            ACTIVE_HAS_PREFIX
+        };
+        self.active
+            .set(0, next | flags, 0)
+            .map_err(map_err(map_names::ACTIVE))?;
+
+        if next != current {
+            // 4. Wait for programs that read the old ACTIVE word: this
+            // map-in-map update returns after an RCU grace period.
+            self.exact
+                .set(next, exact.map(), 0)
+                .map_err(map_err(map_names::EXACT))?;
+            // 5. Release the old generation's memory: nothing reads it now.
+            let empty_exact: HashMap<MapData, ServiceKey, Target> =
+                HashMap::create(1, 0).map_err(map_err("exact entries"))?;
+            let empty_prefix: LpmTrie<MapData, ServiceKey, Target> =
+                LpmTrie::create(1, BPF_F_NO_PREALLOC).map_err(map_err("prefix entries"))?;
+            self.exact
+                .set(current, empty_exact.map(), 0)
+                .map_err(map_err(map_names::EXACT))?;
+            self.prefix
+                .set(current, empty_prefix.map(), 0)
+                .map_err(map_err(map_names::PREFIX))?;
+        }
+        Ok(next)
+    }
+
+    /// Sets the given counter slots to zero on every CPU.
+    fn zero_rule_slots(&mut self, slots: &[u32]) -> Result<(), DatapathError> {
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Cpus(e))?;
+        for &slot in slots {
+            let zeros = PerCpuValues::try_from(vec![RuleCounters::default(); cpus])
+                .map_err(DatapathError::Cpus)?;
+            self.rule_stats
+                .set(slot, zeros, 0)
+                .map_err(map_err(map_names::RULE_STATS))?;
+        }
+        Ok(())
+    }
+
+    /// Global counters, summed over CPUs.
+    pub fn global_counters(&self) -> Result<GlobalCounters, DatapathError> {
+        let per_cpu = self
+            .global_stats
+            .get(&0, 0)
+            .map_err(map_err(map_names::GLOBAL_STATS))?;
+        Ok(per_cpu
+            .iter()
+            .fold(GlobalCounters::default(), |a, c| GlobalCounters {
+                seen: a.seen + c.seen,
+                marked: a.marked + c.marked,
+                no_match: a.no_match + c.no_match,
+                non_ip: a.non_ip + c.non_ip,
+                later_fragment: a.later_fragment + c.later_fragment,
+                malformed: a.malformed + c.malformed,
+            }))
+    }
+
+    /// Counters of the given slots, summed over CPUs, in slot order given.
+    pub fn rule_counters(&self, slots: &[u32]) -> Result<Vec<RuleCounters>, DatapathError> {
+        slots
+            .iter()
+            .map(|&slot| {
+                let values = self
+                    .rule_stats
+                    .get(&slot, 0)
+                    .map_err(map_err(map_names::RULE_STATS))?;
+                Ok(values
+                    .iter()
+                    .fold(RuleCounters::default(), |acc, c| RuleCounters {
+                        packets: acc.packets + c.packets,
+                        bytes: acc.bytes + c.bytes,
+                    }))
+            })
+            .collect()
+    }
+}
+
+/// A loaded classifier program and its maps.
 pub struct Datapath {
     ebpf: Ebpf,
-    rule_capacity: u32,
-    active: Option<u32>,
+    pub maps: Maps,
 }
 
 impl Datapath {
     /// Loads the classifier into the kernel (not attached anywhere yet),
-    /// with room for `rules` per-rule counters.
-    pub fn load(rules: usize) -> Result<Datapath, DatapathError> {
-        let rule_capacity = u32::try_from(rules)
-            .unwrap_or(u32::MAX)
-            .max(MIN_RULE_CAPACITY)
-            .next_power_of_two();
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(map_names::RULE_STATS, rule_capacity)
-            .load(EBPF_OBJECT)?;
+    /// with a per-rule counter map of `rule_capacity` slots. With `pin_dir`
+    /// the maps are pinned there, or, when pins exist already, reused: the
+    /// program then works on the live maps.
+    pub fn load(rule_capacity: u32, pin_dir: Option<&Path>) -> Result<Datapath, DatapathError> {
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(map_names::RULE_STATS, rule_capacity);
+        let pins: Vec<(&str, std::path::PathBuf)> = pin_dir
+            .map(|dir| MAP_NAMES.iter().map(|n| (*n, dir.join(n))).collect())
+            .unwrap_or_default();
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         let program: &mut SchedClassifier = ebpf
             .program_mut(fwmark_common::PROGRAM_NAME)
             .ok_or(DatapathError::Missing("classifier program"))?
             .try_into()?;
         program.load()?;
-        Ok(Datapath {
-            ebpf,
-            rule_capacity,
-            active: None,
-        })
+        let maps = Maps::from_ebpf(&mut ebpf)?;
+        Ok(Datapath { ebpf, maps })
     }
 
     /// The classifier program (for attaching and `BPF_PROG_TEST_RUN`).
@@ -105,138 +344,10 @@ impl Datapath {
             .try_into()?)
     }
 
-    /// Room in the per-rule counter map.
-    pub fn rule_capacity(&self) -> u32 {
-        self.rule_capacity
-    }
-
-    /// The generation the classifier uses, once something was published.
-    pub fn active_generation(&self) -> Option<u32> {
-        self.active
-    }
-
-    /// Builds the ruleset's maps and makes them the live generation.
-    /// Returns the generation index now in use.
-    pub fn publish(&mut self, ruleset: &Ruleset) -> Result<u32, DatapathError> {
-        if ruleset.rules.len() > self.rule_capacity as usize {
-            return Err(DatapathError::Capacity {
-                rules: ruleset.rules.len(),
-                capacity: self.rule_capacity,
-            });
-        }
-        let next = self.active.map_or(0, |g| (g + 1) % GENERATIONS);
-
-        // Fill the new inner maps completely while nothing can see them.
-        let exact_len = u32::try_from(ruleset.exact.len().max(1)).unwrap_or(u32::MAX);
-        let mut exact: HashMap<MapData, ServiceKey, Target> =
-            HashMap::create(exact_len, 0).map_err(map_err("exact entries"))?;
-        for (key, target) in &ruleset.exact {
-            exact
-                .insert(key, target, 0)
-                .map_err(map_err("exact entries"))?;
-        }
-        let prefix_len = u32::try_from(ruleset.prefix.len().max(1)).unwrap_or(u32::MAX);
-        let mut prefix: LpmTrie<MapData, ServiceKey, Target> =
-            LpmTrie::create(prefix_len, BPF_F_NO_PREALLOC).map_err(map_err("prefix entries"))?;
-        for entry in &ruleset.prefix {
-            prefix
-                .insert(&Key::new(entry.prefix_len, entry.key), entry.target, 0)
-                .map_err(map_err("prefix entries"))?;
-        }
-
-        // Place them in the unused generation slot, then switch to it.
-        self.outer(map_names::EXACT)?
-            .set(next, exact.map(), 0)
-            .map_err(map_err(map_names::EXACT))?;
-        self.outer(map_names::PREFIX)?
-            .set(next, prefix.map(), 0)
-            .map_err(map_err(map_names::PREFIX))?;
-        let mut active: Array<&mut MapData, u32> = Array::try_from(
-            self.ebpf
-                .map_mut(map_names::ACTIVE)
-                .ok_or(DatapathError::Missing(map_names::ACTIVE))?,
-        )
-        .map_err(map_err(map_names::ACTIVE))?;
-        let flags = if ruleset.prefix.is_empty() {
-            0
-        } else {
-            ACTIVE_HAS_PREFIX
-        };
-        active
-            .set(0, next | flags, 0)
-            .map_err(map_err(map_names::ACTIVE))?;
-        self.active = Some(next);
-        Ok(next)
-    }
-
-    fn outer(
-        &mut self,
-        name: &'static str,
-    ) -> Result<ArrayOfMaps<&mut MapData, MapData>, DatapathError> {
-        ArrayOfMaps::try_from(
-            self.ebpf
-                .map_mut(name)
-                .ok_or(DatapathError::Missing(name))?,
-        )
-        .map_err(map_err(name))
-    }
-
-    /// Global counters, summed over CPUs.
-    pub fn global_counters(&self) -> Result<GlobalCounters, DatapathError> {
-        let map: PerCpuArray<&MapData, GlobalCounters> = PerCpuArray::try_from(
-            self.ebpf
-                .map(map_names::GLOBAL_STATS)
-                .ok_or(DatapathError::Missing(map_names::GLOBAL_STATS))?,
-        )
-        .map_err(map_err(map_names::GLOBAL_STATS))?;
-        let per_cpu = map.get(&0, 0).map_err(map_err(map_names::GLOBAL_STATS))?;
-        Ok(per_cpu
-            .iter()
-            .fold(GlobalCounters::default(), |a, c| GlobalCounters {
-                seen: a.seen + c.seen,
-                marked: a.marked + c.marked,
-                no_match: a.no_match + c.no_match,
-                non_ip: a.non_ip + c.non_ip,
-                later_fragment: a.later_fragment + c.later_fragment,
-                malformed: a.malformed + c.malformed,
-            }))
-    }
-
-    /// Counters of rules `0..rules`, summed over CPUs.
-    pub fn rule_counters(&self, rules: usize) -> Result<Vec<RuleCounters>, DatapathError> {
-        let map: PerCpuArray<&MapData, RuleCounters> = PerCpuArray::try_from(
-            self.ebpf
-                .map(map_names::RULE_STATS)
-                .ok_or(DatapathError::Missing(map_names::RULE_STATS))?,
-        )
-        .map_err(map_err(map_names::RULE_STATS))?;
-        (0..rules.min(self.rule_capacity as usize))
-            .map(|i| {
-                let values = map
-                    .get(&(i as u32), 0)
-                    .map_err(map_err(map_names::RULE_STATS))?;
-                Ok(values
-                    .iter()
-                    .fold(RuleCounters::default(), |acc, c| RuleCounters {
-                        packets: acc.packets + c.packets,
-                        bytes: acc.bytes + c.bytes,
-                    }))
-            })
-            .collect()
-    }
-
-    /// Per-service totals: service index -> (packets, bytes).
-    pub fn service_counters(
-        &self,
-        ruleset: &Ruleset,
-    ) -> Result<BTreeMap<usize, RuleCounters>, DatapathError> {
-        let rules = self.rule_counters(ruleset.rules.len())?;
-        let mut out: BTreeMap<usize, RuleCounters> = BTreeMap::new();
-        for (rule, c) in ruleset.rules.iter().zip(rules) {
-            let e = out.entry(rule.service).or_default();
-            e.packets += c.packets;
-            e.bytes += c.bytes;
-        }
-        Ok(out)
+    /// Publishes `ruleset` with rule `i` counting in slot `i` (for a
+    /// classifier that only ever runs one ruleset: tests, benchmarks).
+    pub fn publish_simple(&mut self, ruleset: &Ruleset) -> Result<u32, DatapathError> {
+        let slots: Vec<u32> = (0..ruleset.rules.len() as u32).collect();
+        self.maps.publish(ruleset, &slots, &[])
     }
 }

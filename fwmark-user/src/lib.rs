@@ -1,11 +1,18 @@
 //! fwmark: sets `skb->mark` for LVS/IPVS services from a TC ingress eBPF
 //! classifier. The binary (`main.rs`) is a thin CLI over these modules.
 
+pub mod apply;
 pub mod attach;
 pub mod cli;
 pub mod config;
 pub mod datapath;
+pub mod detach;
+pub mod diff;
+pub mod live;
+pub mod metrics;
 pub mod preflight;
 pub mod ruleset;
 pub mod run;
+pub mod slots;
+pub mod state;
 pub mod status;

@@ -1,9 +1,10 @@
 use std::process::ExitCode;
 
-use clap::Parser as _;
+use clap::{CommandFactory as _, Parser as _};
 use fwmark::{
+    apply,
     cli::{Cli, Command},
-    run,
+    detach, live, run, status,
 };
 
 fn main() -> ExitCode {
@@ -17,7 +18,17 @@ fn main() -> ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(run::run(args))),
+        Command::Apply(args) => apply::apply(args),
+        Command::Status(args) => status::status(&args.iface, args.json),
+        Command::Detach(args) => detach::detach(&args.iface),
         Command::Check(args) => check(&args.config),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "fwmark", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .map_err(anyhow::Error::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -29,14 +40,14 @@ fn main() -> ExitCode {
 }
 
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
-    let (config, ruleset) = run::load_ruleset(path)?;
+    let loaded = live::Loaded::read(path)?;
     println!(
         "{}: OK: {} services, {} rules, {} exact + {} prefix entries",
-        config.source,
-        config.len(),
-        ruleset.rules.len(),
-        ruleset.exact.len(),
-        ruleset.prefix.len()
+        loaded.path,
+        loaded.config.len(),
+        loaded.ruleset.rules.len(),
+        loaded.ruleset.exact.len(),
+        loaded.ruleset.prefix.len()
     );
     Ok(())
 }

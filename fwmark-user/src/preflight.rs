@@ -97,11 +97,8 @@ const ETHERNET_LINK_TYPES: [u32; 2] = [1, 772];
 /// The interface exists and carries Ethernet frames; returns its index.
 pub fn check_interface(iface: &str) -> Result<u32, PreflightError> {
     let index = interface_index(iface)?;
-    let type_file = Path::new("/sys/class/net").join(iface).join("type");
-    // Without sysfs (unusual) the check is skipped rather than guessed.
-    if let Some(link_type) = std::fs::read_to_string(&type_file)
-        .ok()
-        .and_then(|t| t.trim().parse::<u32>().ok())
+    // Without an answer (unusual) the check is skipped rather than guessed.
+    if let Some(link_type) = link_type(iface)
         && !ETHERNET_LINK_TYPES.contains(&link_type)
     {
         return Err(PreflightError::NotEthernet {
@@ -110,6 +107,31 @@ pub fn check_interface(iface: &str) -> Result<u32, PreflightError> {
         });
     }
     Ok(index)
+}
+
+/// The `ARPHRD_*` link type of `iface` in this network namespace
+/// (`SIOCGIFHWADDR`; sysfs may show another namespace's devices).
+fn link_type(iface: &str) -> Option<u32> {
+    let name = iface.as_bytes();
+    // SAFETY: all-zero is a valid `ifreq`.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= req.ifr_name.len() {
+        return None;
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(name) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: plain socket creation; the descriptor is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `req` is a valid, NUL-terminated `ifreq` the kernel fills in.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) };
+    // SAFETY: `fd` is the socket opened above.
+    unsafe { libc::close(fd) };
+    // SAFETY: SIOCGIFHWADDR fills the `ifru_hwaddr` member.
+    (rc == 0).then(|| u32::from(unsafe { req.ifr_ifru.ifru_hwaddr.sa_family }))
 }
 
 /// True when `path` is a bpffs mount.

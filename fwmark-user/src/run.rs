@@ -1,72 +1,259 @@
-//! `fwmark run`: load, fill, attach, wait for a signal, detach.
+//! `fwmark run`: take over or create the interface's attachment, keep its
+//! config in line with the file (SIGHUP, file changes), serve metrics, and
+//! on SIGINT/SIGTERM detach (or, with `--keep`, leave marking in place).
 
-use anyhow::{Context as _, Result};
-use log::{info, warn};
+use std::{path::Path, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use log::{error, info, warn};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    attach::{self, AttachMode},
+    attach::{self, AttachMode, Attached},
     cli::RunArgs,
-    config::Config,
-    datapath::Datapath,
-    preflight,
-    ruleset::Ruleset,
-    status,
+    datapath::{self, Datapath, MAP_NAMES},
+    live::{self, ABI_VERSION, Loaded},
+    metrics, preflight,
+    state::{Lock, Paths, State},
+    status::Snapshot,
 };
 
-/// Validates a config and compiles it, logging its warnings.
-pub fn load_ruleset(path: &std::path::Path) -> Result<(Config, Ruleset)> {
-    let config = Config::load(path)?;
-    let ruleset = Ruleset::compile(&config)?;
-    for w in &ruleset.warnings {
-        warn!("{w}");
-    }
-    Ok((config, ruleset))
+/// How often the config file is checked for changes.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The daemon's hold on the interface.
+struct Live {
+    paths: Paths,
+    datapath: Datapath,
+    attached: Attached,
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
-    let (config, ruleset) = load_ruleset(&args.config)?;
+    let new = Loaded::read(&args.config)?;
     preflight::check_privileges()?;
     let kernel = preflight::check_kernel()?;
     preflight::check_interface(&args.iface)?;
     if preflight::ensure_bpffs()? {
         info!("mounted bpffs at {}", preflight::BPFFS);
     }
+    let paths = Paths::new(&args.iface);
+    let _daemon = Lock::daemon(&paths).context("another fwmark run manages this interface")?;
+    let requested = AttachMode::choose(args.attach, kernel)?;
 
-    let mut datapath = Datapath::load(ruleset.rules.len())?;
-    datapath.publish(&ruleset)?;
-    let mode = AttachMode::choose(args.attach, kernel)?;
-    let program = datapath.program_mut()?;
-    let attachment = attach::attach(program, &args.iface, mode)?;
-    let program_id = program.info().map(|i| i.id()).unwrap_or_default();
-    info!(
-        "attached to {} ingress via {} (kernel {kernel}, program id {program_id}): \
-         {} services, {} rules, {} exact + {} prefix entries from {}",
-        args.iface,
-        attachment.mode,
-        config.len(),
-        ruleset.rules.len(),
-        ruleset.exact.len(),
-        ruleset.prefix.len(),
-        config.source,
-    );
+    let mut live = {
+        let _apply = Lock::apply(&paths)?;
+        start(&paths, &args, requested, &new)?
+    };
+
+    let metrics_task = match &args.metrics {
+        Some(addr) => Some(metrics::serve(addr, paths.clone()).await?),
+        None => None,
+    };
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let which = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut watch = tokio::time::interval(WATCH_INTERVAL);
+    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_seen = file_stamp(&args.config);
+    let which = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading {}", args.config.display());
+                reload(&mut live, &args.config);
+                last_seen = file_stamp(&args.config);
+            }
+            _ = watch.tick(), if !args.no_watch => {
+                let stamp = file_stamp(&args.config);
+                if stamp != last_seen {
+                    last_seen = stamp;
+                    info!("{} changed: reloading", args.config.display());
+                    reload(&mut live, &args.config);
+                }
+            }
+        }
     };
-    info!("{which}: detaching from {}", args.iface);
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
 
+    let _apply = Lock::apply(&paths)?;
+    let state = live::load_state(&live.paths, Some(&live.datapath.maps))?
+        .context("the state file vanished")?;
+    let table = Snapshot::collect(&state, &live.datapath.maps, None)
+        .map(|s| s.table())
+        .unwrap_or_else(|e| format!("(counters unavailable: {e:#})\n"));
+    if args.keep {
+        info!(
+            "{which}: leaving marking in place on {} (--keep); `fwmark detach --iface {}` removes it",
+            args.iface, args.iface
+        );
+        live.attached.keep();
+    } else {
+        info!("{which}: detaching from {}", args.iface);
+        live.attached
+            .detach()
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("detaching from {} failed", args.iface))?;
+        live.paths
+            .remove()
+            .with_context(|| format!("removing {}", live.paths.pin_dir.display()))?;
+    }
+    print!("{table}");
+    Ok(())
+}
+
+/// Size, modification time and inode of the config file, to notice changes
+/// (an editor's rename counts too).
+fn file_stamp(path: &Path) -> Option<(u64, std::time::SystemTime, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.len(), m.modified().ok()?, m.ino()))
+}
+
+/// Takes over what a previous fwmark left on the interface, or attaches
+/// afresh; then makes `new` the live config.
+fn start(paths: &Paths, args: &RunArgs, requested: AttachMode, new: &Loaded) -> Result<Live> {
+    let pins_present = MAP_NAMES.iter().all(|n| paths.pin(n).exists());
+    // Recover an interrupted switch before reading the state.
+    let maps = if pins_present {
+        datapath::Maps::from_pins(&paths.pin_dir).ok()
+    } else {
+        None
+    };
+    let state = live::load_state(paths, maps.as_ref())?;
+    drop(maps);
+
+    let adoptable = match &state {
+        Some(s) if pins_present && s.abi == ABI_VERSION => true,
+        Some(s) if pins_present => bail!(
+            "{} holds pins of an incompatible fwmark (layout {}, this one uses {}): run \
+             `fwmark detach --iface {}` first (marking stops until this run attaches)",
+            paths.pin_dir.display(),
+            s.abi,
+            ABI_VERSION,
+            paths.iface
+        ),
+        _ => false,
+    };
+    if !adoptable && (state.is_some() || paths.pin_dir.exists()) {
+        warn!(
+            "removing an incomplete previous attachment's pins and state for {}",
+            paths.iface
+        );
+        if let Some(s) = &state {
+            let _ = attach::remove_left(&paths.iface, s.mode, &paths.pin("link"));
+        }
+        paths.remove()?;
+    }
+
+    if let (true, Some(mut state)) = (adoptable, state) {
+        if args.attach != crate::cli::AttachArg::Auto && state.mode != requested {
+            bail!(
+                "{} is attached with {} already; `fwmark detach --iface {}` first to change to {}",
+                paths.iface,
+                state.mode,
+                paths.iface,
+                requested
+            );
+        }
+        let mut datapath = Datapath::load(state.rule_capacity, Some(&paths.pin_dir))?;
+        let program = datapath.program_mut()?;
+        let attached = attach::adopt(
+            program,
+            &paths.iface,
+            state.mode,
+            &paths.pin("link"),
+            state.netlink,
+        )?;
+        state.program_id = program.info().map(|i| i.id()).unwrap_or_default();
+        state.netlink = attached.netlink();
+        state.save(paths)?;
+        info!(
+            "adopted the {} attachment on {} (generation {}, program id {} now)",
+            state.mode, paths.iface, state.generation, state.program_id
+        );
+        let mut live = Live {
+            paths: paths.clone(),
+            datapath,
+            attached,
+        };
+        if state.config_sha256 == new.sha256 {
+            info!("config {} unchanged", new.path);
+        } else {
+            switch_logged(&mut live, &mut state, new)?;
+        }
+        return Ok(live);
+    }
+
+    // Fresh: maps created and pinned, config published, then attached, so
+    // the first packet the program sees is already classified.
+    paths.create_dirs()?;
+    let capacity =
+        datapath::rule_capacity(args.max_rules.unwrap_or(0).max(new.ruleset.rules.len()));
+    let mut datapath = Datapath::load(capacity, Some(&paths.pin_dir))?;
+    let mut state = live::initial_state(&paths.iface, requested, capacity);
+    live::switch(paths, &mut datapath.maps, &mut state, new)?;
     let program = datapath.program_mut()?;
-    attach::detach(program, attachment)
-        .with_context(|| format!("detaching from {} failed", args.iface))?;
-    let rules = datapath.rule_counters(ruleset.rules.len())?;
-    let global = datapath.global_counters()?;
-    print!(
-        "{}",
-        status::counters_table(&config, &ruleset, &rules, &global)
+    let attached = attach::attach(program, &paths.iface, requested, &paths.pin("link"))?;
+    state.program_id = program.info().map(|i| i.id()).unwrap_or_default();
+    state.netlink = attached.netlink();
+    state.attached_at = live::now();
+    state.save(paths)?;
+    info!(
+        "attached to {} ingress via {} (program id {}): {} services, {} rules, {} exact + {} \
+         prefix entries from {} (generation {})",
+        paths.iface,
+        requested,
+        state.program_id,
+        new.config.len(),
+        new.ruleset.rules.len(),
+        new.ruleset.exact.len(),
+        new.ruleset.prefix.len(),
+        new.path,
+        state.generation
+    );
+    Ok(Live {
+        paths: paths.clone(),
+        datapath,
+        attached,
+    })
+}
+
+fn switch_logged(live: &mut Live, state: &mut State, new: &Loaded) -> Result<()> {
+    let diff = live::switch(&live.paths, &mut live.datapath.maps, state, new)?;
+    for line in &diff.lines {
+        info!("  {line}");
+    }
+    info!(
+        "config {} is live as generation {} ({})",
+        new.path,
+        state.generation,
+        diff.to_string().lines().last().unwrap_or_default()
     );
     Ok(())
+}
+
+/// Re-reads the config and switches to it; on any problem the running
+/// config stays and the reason is logged.
+fn reload(live: &mut Live, path: &Path) {
+    let result = (|| -> Result<()> {
+        let new = Loaded::read(path)?;
+        let _apply = Lock::apply(&live.paths)?;
+        let mut state = live::load_state(&live.paths, Some(&live.datapath.maps))?
+            .context("the state file vanished")?;
+        if state.config_sha256 == new.sha256 {
+            info!(
+                "config {} unchanged (generation {})",
+                new.path, state.generation
+            );
+            return Ok(());
+        }
+        switch_logged(live, &mut state, &new)
+    })();
+    if let Err(e) = result {
+        error!("reload failed, the running config stays: {e:#}");
+    }
 }

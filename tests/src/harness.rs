@@ -3,7 +3,11 @@
 
 use anyhow::{Context as _, Result};
 use aya::programs::{TestRun as _, TestRunOptions};
-use fwmark::{config::Config, datapath::Datapath, ruleset::Ruleset};
+use fwmark::{
+    config::Config,
+    datapath::{Datapath, rule_capacity},
+    ruleset::Ruleset,
+};
 use fwmark_common::{GlobalCounters, RuleCounters};
 
 /// `sizeof(struct __sk_buff)` on current kernels.
@@ -35,8 +39,8 @@ impl Harness {
     pub fn new(toml: &str) -> Result<Harness> {
         let config = Config::parse(toml, "test config")?;
         let ruleset = Ruleset::compile(&config)?;
-        let mut datapath = Datapath::load(ruleset.rules.len())?;
-        datapath.publish(&ruleset)?;
+        let mut datapath = Datapath::load(rule_capacity(ruleset.rules.len()), None)?;
+        datapath.publish_simple(&ruleset)?;
         Ok(Harness {
             datapath,
             config,
@@ -72,11 +76,12 @@ impl Harness {
 
     /// Global counters so far.
     pub fn global(&self) -> Result<GlobalCounters> {
-        Ok(self.datapath.global_counters()?)
+        Ok(self.datapath.maps.global_counters()?)
     }
 
     /// Per-rule counters so far.
     pub fn rules(&self) -> Result<Vec<RuleCounters>> {
-        Ok(self.datapath.rule_counters(self.ruleset.rules.len())?)
+        let slots: Vec<u32> = (0..self.ruleset.rules.len() as u32).collect();
+        Ok(self.datapath.maps.rule_counters(&slots)?)
     }
 }

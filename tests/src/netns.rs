@@ -56,10 +56,14 @@ impl Netns {
         run_cmd(Command::new("ip").arg("-n").arg(&self.name).args(args))
     }
 
-    /// A command that runs `program` inside the namespace (`ip netns exec`).
+    /// A command that runs `program` inside the namespace. It enters the
+    /// network namespace only (`nsenter --net`), unlike `ip netns exec`,
+    /// whose private /sys would hide the host's bpffs and so fwmark's pins.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).arg(program);
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.name))
+            .arg("--")
+            .arg(program);
         cmd
     }
 
@@ -81,21 +85,48 @@ impl Netns {
     }
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Ok(pids) = run_cmd(Command::new("ip").args(["netns", "pids", &self.name])) {
-            for pid in pids
-                .split_whitespace()
-                .filter_map(|p| p.parse::<i32>().ok())
-            {
+impl Netns {
+    /// SIGKILLs every process in the namespace and waits until they are gone.
+    pub fn kill_all(&self) {
+        for _ in 0..50 {
+            let pids: Vec<i32> = run_cmd(Command::new("ip").args(["netns", "pids", &self.name]))
+                .map(|p| {
+                    p.split_whitespace()
+                        .filter_map(|p| p.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+            if pids.is_empty() {
+                return;
+            }
+            for pid in pids {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),
                     nix::sys::signal::Signal::SIGKILL,
                 );
             }
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        self.kill_all();
         // Deleting the namespace also deletes the veth ends inside it.
         let _ = run_cmd(Command::new("ip").args(["netns", "del", &self.name]));
+    }
+}
+
+/// Removes fwmark's pins and state of `iface` (test interfaces only: their
+/// names are unique to the lab that made them). Call it once no process of
+/// the lab runs any more.
+pub fn remove_fwmark_state(iface: &str) {
+    for dir in [
+        std::path::Path::new("/sys/fs/bpf/fwmark").join(iface),
+        std::path::Path::new("/run/fwmark").join(iface),
+    ] {
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
 
@@ -109,7 +140,9 @@ pub const CLIENT_V6: &str = "2001:db8::100";
 pub const DIRECTOR_V6: &str = "2001:db8::1";
 
 /// A client namespace and a director namespace joined by a veth pair; the
-/// director holds the VIPs, the client routes them to the director.
+/// director holds the VIPs, the client routes them to the director. On drop
+/// it kills what runs in them, removes fwmark's pins and state of its
+/// interfaces, and deletes both namespaces.
 pub struct Lab {
     pub client: Netns,
     pub director: Netns,
@@ -117,6 +150,15 @@ pub struct Lab {
     pub client_if: String,
     /// The veth end in the director namespace (where fwmark attaches).
     pub director_if: String,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.director.kill_all();
+        self.client.kill_all();
+        remove_fwmark_state(&self.director_if);
+        remove_fwmark_state(&self.client_if);
+    }
 }
 
 impl Lab {

@@ -1,0 +1,70 @@
+//! `fwmark apply`: validate a config, show what changes, and switch the live
+//! classifier of an interface to it atomically, from any process.
+
+use anyhow::{Context as _, Result};
+
+use crate::{
+    cli::ApplyArgs,
+    datapath::Maps,
+    diff,
+    live::{self, Loaded},
+    preflight,
+    ruleset::Ruleset,
+    state::{Lock, Paths},
+};
+
+/// The error for an interface fwmark does not manage.
+pub fn not_attached(paths: &Paths) -> String {
+    format!(
+        "fwmark is not attached to {iface} (no pins in {}); start it with `fwmark run --iface {iface}`",
+        paths.pin_dir.display(),
+        iface = paths.iface
+    )
+}
+
+pub fn apply(args: ApplyArgs) -> Result<()> {
+    // An invalid config fails here, before anything is touched.
+    let new = Loaded::read(&args.config)?;
+    preflight::check_privileges()?;
+    preflight::interface_index(&args.iface)?;
+    let paths = Paths::new(&args.iface);
+    if !paths.pin_dir.exists() {
+        anyhow::bail!("{}", not_attached(&paths));
+    }
+    let _lock = Lock::apply(&paths)?;
+    let mut maps = Maps::from_pins(&paths.pin_dir).with_context(|| not_attached(&paths))?;
+    let mut state = live::load_state(&paths, Some(&maps))?.with_context(|| not_attached(&paths))?;
+
+    if args.dry_run {
+        let live = live::live_config(&state)?;
+        let empty = (
+            crate::config::Config {
+                source: String::new(),
+                services: Vec::new(),
+            },
+            Ruleset::default(),
+        );
+        let (c, r) = live.as_ref().unwrap_or(&empty);
+        let d = diff::diff((c, r), (&new.config, &new.ruleset));
+        println!("{d}");
+        println!(
+            "dry run: nothing changed; generation {} stays live on {}",
+            state.generation, args.iface
+        );
+        return Ok(());
+    }
+    if state.config_sha256 == new.sha256 {
+        println!(
+            "no change: {} is live already as generation {} on {}",
+            new.path, state.generation, args.iface
+        );
+        return Ok(());
+    }
+    let d = live::switch(&paths, &mut maps, &mut state, &new)?;
+    println!("{d}");
+    println!(
+        "applied {} to {}: generation {} is live",
+        new.path, args.iface, state.generation
+    );
+    Ok(())
+}

@@ -1,0 +1,185 @@
+//! Changing the live configuration of an interface: the one path that `run`
+//! (start and reloads) and `apply` share. The caller holds the apply lock.
+//!
+//! Crash safety: the new state is written to `state.pending.json` before the
+//! switch and renamed over `state.json` after it. Whoever finds a pending
+//! file later compares its slot with the `ACTIVE` map: the switch happened
+//! exactly when they agree (each switch moves to the other slot).
+
+use std::{
+    fs,
+    path::Path,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, Result};
+use log::warn;
+
+use crate::{
+    attach::AttachMode,
+    config::Config,
+    datapath::Maps,
+    diff::{self, Diff},
+    ruleset::Ruleset,
+    slots,
+    state::{Paths, STATE_VERSION, State, sha256_hex},
+};
+
+/// Version of the pinned maps' layout; adoption refuses other versions.
+pub const ABI_VERSION: u32 = 1;
+
+/// A config file read, validated and compiled.
+pub struct Loaded {
+    pub path: String,
+    pub text: String,
+    pub sha256: String,
+    pub config: Config,
+    pub ruleset: Ruleset,
+}
+
+impl Loaded {
+    /// Reads, validates and compiles `path`; warnings are logged.
+    pub fn read(path: &Path) -> Result<Loaded> {
+        let display = path.display().to_string();
+        let text = fs::read_to_string(path).map_err(|error| crate::config::LoadError::Read {
+            path: display.clone(),
+            error,
+        })?;
+        let loaded = Loaded::from_text(&display, text)?;
+        for w in &loaded.ruleset.warnings {
+            warn!("{w}");
+        }
+        Ok(loaded)
+    }
+
+    /// Validates and compiles config text that came from `path`.
+    pub fn from_text(path: &str, text: String) -> Result<Loaded> {
+        let config = Config::parse(&text, path)?;
+        let ruleset = Ruleset::compile(&config)?;
+        Ok(Loaded {
+            path: path.to_string(),
+            sha256: sha256_hex(&text),
+            text,
+            config,
+            ruleset,
+        })
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A fresh state for an interface nothing is published on yet.
+pub fn initial_state(iface: &str, mode: AttachMode, rule_capacity: u32) -> State {
+    State {
+        version: STATE_VERSION,
+        abi: ABI_VERSION,
+        iface: iface.to_string(),
+        mode,
+        netlink: None,
+        program_id: 0,
+        attached_at: now(),
+        generation: 0,
+        slot: 0,
+        rule_capacity,
+        config_path: String::new(),
+        config_sha256: String::new(),
+        config_text: String::new(),
+        slots: Vec::new(),
+    }
+}
+
+fn pending_file(paths: &Paths) -> std::path::PathBuf {
+    paths.run_dir.join("state.pending.json")
+}
+
+/// Reads the state, finishing or discarding an interrupted switch first.
+pub fn load_state(paths: &Paths, maps: Option<&Maps>) -> Result<Option<State>> {
+    let pending_path = pending_file(paths);
+    if let (Ok(text), Some(maps)) = (fs::read_to_string(&pending_path), maps) {
+        let pending: State = serde_json::from_str(&text)
+            .with_context(|| format!("reading {}", pending_path.display()))?;
+        if maps.active_slot()? == pending.slot && maps.is_published()? {
+            warn!(
+                "an interrupted change of {} had switched already: recording generation {}",
+                paths.iface, pending.generation
+            );
+            fs::rename(&pending_path, paths.state_file())?;
+        } else {
+            warn!(
+                "an interrupted change of {} had not switched: the live config stays",
+                paths.iface
+            );
+            fs::remove_file(&pending_path)?;
+        }
+    }
+    Ok(State::load(paths)?)
+}
+
+/// The live config of `state`, compiled (None before the first switch).
+pub fn live_config(state: &State) -> Result<Option<(Config, Ruleset)>> {
+    if state.generation == 0 {
+        return Ok(None);
+    }
+    let config = Config::parse(&state.config_text, &state.config_path)
+        .context("the recorded live config no longer parses")?;
+    let ruleset = Ruleset::compile(&config)?;
+    Ok(Some((config, ruleset)))
+}
+
+/// Switches the live config to `new`: diff, counter slots, generation
+/// switch, state. Nothing changes when it fails before the switch.
+pub fn switch(paths: &Paths, maps: &mut Maps, state: &mut State, new: &Loaded) -> Result<Diff> {
+    let empty_config = Config {
+        source: String::new(),
+        services: Vec::new(),
+    };
+    let empty_rules = Ruleset::default();
+    let live = live_config(state)?;
+    let (old_c, old_r) = live
+        .as_ref()
+        .map_or((&empty_config, &empty_rules), |(c, r)| (c, r));
+    let diff = diff::diff((old_c, old_r), (&new.config, &new.ruleset));
+
+    let plan = slots::assign(
+        &new.config,
+        &new.ruleset,
+        &state.slots,
+        maps.rule_capacity(),
+    )?;
+    let mut next = state.clone();
+    next.generation += 1;
+    next.slot = if maps.is_published()? {
+        (maps.active_slot()? + 1) % fwmark_common::GENERATIONS
+    } else {
+        maps.active_slot()?
+    };
+    next.config_path = new.path.clone();
+    next.config_sha256 = new.sha256.clone();
+    next.config_text = new.text.clone();
+    next.slots = plan.table;
+
+    write_pending(paths, &next)?;
+    let slot = maps.publish(&new.ruleset, &plan.slots, &plan.fresh)?;
+    debug_assert_eq!(slot, next.slot);
+    fs::rename(pending_file(paths), paths.state_file()).with_context(|| {
+        format!(
+            "recording the new state in {}",
+            paths.state_file().display()
+        )
+    })?;
+    *state = next;
+    Ok(diff)
+}
+
+fn write_pending(paths: &Paths, next: &State) -> Result<()> {
+    let tmp = paths.run_dir.join("state.pending.json.tmp");
+    fs::write(&tmp, serde_json::to_string_pretty(next)?)?;
+    fs::rename(&tmp, pending_file(paths))?;
+    Ok(())
+}

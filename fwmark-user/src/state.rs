@@ -1,0 +1,272 @@
+//! What outlives one fwmark process, per interface:
+//!
+//! - `/sys/fs/bpf/fwmark/<iface>/`: the pinned maps (`ACTIVE`, `EXACT`,
+//!   `PREFIX`, `RULE_STATS`, `GLOBAL_STATS`) and, with tcx, the pinned `link`;
+//! - `/run/fwmark/<iface>/state.json`: the live config (text, path, hash),
+//!   its generation number, the counter slot of every rule, and how the
+//!   program is attached;
+//! - `/run/fwmark/<iface>/apply.lock`: serializes every change of the live
+//!   config (`run`, `apply`, reloads, `detach`);
+//! - `/run/fwmark/<iface>/daemon.lock`: held by the one `fwmark run` that
+//!   manages the interface.
+//!
+//! Both directories are created with mode 0700: only root may use them.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{self, Write as _},
+    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::attach::AttachMode;
+
+/// Root of fwmark's pins on bpffs.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/fwmark";
+/// Root of fwmark's runtime state.
+pub const RUN_ROOT: &str = "/run/fwmark";
+/// Version of the state file's schema.
+pub const STATE_VERSION: u32 = 1;
+
+/// Where the pins and state of one interface live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Paths {
+    pub iface: String,
+    pub pin_dir: PathBuf,
+    pub run_dir: PathBuf,
+}
+
+impl Paths {
+    pub fn new(iface: &str) -> Paths {
+        Paths {
+            iface: iface.to_string(),
+            pin_dir: Path::new(PIN_ROOT).join(iface),
+            run_dir: Path::new(RUN_ROOT).join(iface),
+        }
+    }
+
+    /// Pin path of a map or of the `link`.
+    pub fn pin(&self, name: &str) -> PathBuf {
+        self.pin_dir.join(name)
+    }
+
+    pub fn state_file(&self) -> PathBuf {
+        self.run_dir.join("state.json")
+    }
+
+    /// Creates both directories (and their parents) with mode 0700.
+    pub fn create_dirs(&self) -> io::Result<()> {
+        for dir in [&self.pin_dir, &self.run_dir] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+            for d in [dir.parent().expect("has a parent"), dir.as_path()] {
+                fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the pins and the state (the locks stay: they may be held).
+    pub fn remove(&self) -> io::Result<()> {
+        match fs::remove_dir_all(&self.pin_dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        match fs::remove_file(self.state_file()) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The counter slot of one rule, keyed by what identifies the rule across
+/// configs: its service's name and its text.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleSlot {
+    pub service: String,
+    pub rule: String,
+    pub slot: u32,
+}
+
+/// The live configuration of one interface.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub version: u32,
+    /// Layout version of the pinned maps (`live::ABI_VERSION`).
+    pub abi: u32,
+    pub iface: String,
+    /// `tcx` or `netlink`.
+    pub mode: AttachMode,
+    /// Netlink filter priority and handle (netlink mode only).
+    pub netlink: Option<(u16, u32)>,
+    /// Kernel id of the attached program.
+    pub program_id: u32,
+    /// When the program was first attached (Unix seconds).
+    pub attached_at: u64,
+    /// Counts every switch of the live config, from 1 (0: none yet).
+    pub generation: u64,
+    /// The `ACTIVE` slot this generation lives in.
+    pub slot: u32,
+    /// Size of the per-rule counter map.
+    pub rule_capacity: u32,
+    /// Where the live config was read from.
+    pub config_path: String,
+    /// SHA-256 of `config_text`, hex.
+    pub config_sha256: String,
+    /// The live config itself, so `apply` can diff against it and `status`
+    /// can label counters even when the file has changed since.
+    pub config_text: String,
+    /// Counter slot of every rule of the live config, in rule order.
+    pub slots: Vec<RuleSlot>,
+}
+
+impl State {
+    /// Reads the state; `Ok(None)` when there is none.
+    pub fn load(paths: &Paths) -> io::Result<Option<State>> {
+        let text = match fs::read_to_string(paths.state_file()) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        serde_json::from_str(&text).map(Some).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", paths.state_file().display()),
+            )
+        })
+    }
+
+    /// Writes the state atomically (temporary file, fsync, rename).
+    pub fn save(&self, paths: &Paths) -> io::Result<()> {
+        let tmp = paths.run_dir.join("state.json.tmp");
+        let mut f = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(serde_json::to_string_pretty(self)?.as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, paths.state_file())
+    }
+}
+
+/// SHA-256 of `text`, hex.
+pub fn sha256_hex(text: &str) -> String {
+    use sha2::{Digest as _, Sha256};
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// An exclusive `flock` on a file in the run directory, released on drop.
+pub struct Lock {
+    _file: File,
+}
+
+/// Why a lock could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("{path}: {error}")]
+    Io { path: String, error: io::Error },
+    #[error("{what} for {iface} is held by process {holder}")]
+    Busy {
+        what: &'static str,
+        iface: String,
+        holder: String,
+    },
+}
+
+impl Lock {
+    fn open(paths: &Paths, name: &str) -> Result<(File, PathBuf), LockError> {
+        paths.create_dirs().map_err(|error| LockError::Io {
+            path: paths.run_dir.display().to_string(),
+            error,
+        })?;
+        let path = paths.run_dir.join(name);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|error| LockError::Io {
+                path: path.display().to_string(),
+                error,
+            })?;
+        Ok((file, path))
+    }
+
+    /// Waits for the apply lock: every change of the live config holds it.
+    pub fn apply(paths: &Paths) -> Result<Lock, LockError> {
+        let (file, path) = Lock::open(paths, "apply.lock")?;
+        // SAFETY: `file` is an open descriptor for the duration of the call.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) } != 0 {
+            return Err(LockError::Io {
+                path: path.display().to_string(),
+                error: io::Error::last_os_error(),
+            });
+        }
+        Ok(Lock { _file: file })
+    }
+
+    /// Takes the daemon lock without waiting, and records this process's
+    /// pid in it; fails when another `fwmark run` manages the interface.
+    pub fn daemon(paths: &Paths) -> Result<Lock, LockError> {
+        let (mut file, path) = Lock::open(paths, "daemon.lock")?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        // SAFETY: `fd` is an open descriptor for the duration of the call.
+        if unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let error = io::Error::last_os_error();
+            if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(LockError::Busy {
+                    what: "fwmark run",
+                    iface: paths.iface.clone(),
+                    holder: fs::read_to_string(&path)
+                        .map(|s| s.trim().to_string())
+                        .unwrap_or_else(|_| "?".into()),
+                });
+            }
+            return Err(LockError::Io {
+                path: path.display().to_string(),
+                error,
+            });
+        }
+        let record = |file: &mut File| -> io::Result<()> {
+            file.set_len(0)?;
+            file.write_all(std::process::id().to_string().as_bytes())
+        };
+        record(&mut file).map_err(|error| LockError::Io {
+            path: path.display().to_string(),
+            error,
+        })?;
+        Ok(Lock { _file: file })
+    }
+
+    /// Whether a `fwmark run` holds the daemon lock of the interface, and
+    /// its pid.
+    pub fn daemon_holder(paths: &Paths) -> Option<String> {
+        let path = paths.run_dir.join("daemon.lock");
+        let file = OpenOptions::new().read(true).write(true).open(&path).ok()?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        // SAFETY: `fd` is an open descriptor for the duration of the calls.
+        let free = unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        if free {
+            // SAFETY: as above; we took it only to test it.
+            unsafe { libc::flock(fd, libc::LOCK_UN) };
+            None
+        } else {
+            Some(
+                fs::read_to_string(&path)
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_else(|_| "?".into()),
+            )
+        }
+    }
+}
