@@ -147,14 +147,15 @@ impl Attached {
         }
     }
 
-    /// Removes the attachment (and the link's pin).
-    pub fn detach(self) -> Result<(), String> {
+    /// Removes the attachment (and the link's pin); returns once the kernel
+    /// no longer runs `program_id` on `iface`.
+    pub fn detach(self, iface: &str, program_id: u32) -> Result<(), String> {
         match self {
             Attached::Tcx(pinned) => {
                 // Without its pin, the link goes when its last fd closes.
                 let link = pinned.unpin().map_err(|e| e.to_string())?;
                 drop(link);
-                Ok(())
+                wait_tcx_gone(iface, program_id)
             }
             Attached::Netlink { link, .. } => {
                 aya::programs::links::Link::detach(link).map_err(|e| e.to_string())
@@ -304,11 +305,38 @@ fn delete_netlink_filter(iface: &str, priority: u16, handle: u32) -> Result<(), 
     Ok(())
 }
 
+/// The kernel releases a tcx link from a workqueue once its last reference
+/// is gone; wait (up to 5 s) until `program_id` is off `iface`'s ingress.
+fn wait_tcx_gone(iface: &str, program_id: u32) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let attached = match SchedClassifier::query_tcx(iface, TcAttachType::Ingress) {
+            Ok((_, programs)) => programs.iter().any(|p| p.id() == program_id),
+            // The interface is gone, and the link with it.
+            Err(_) => false,
+        };
+        if !attached {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "program {program_id} is still attached to {iface} 5 s after its link was released"
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// Removes an attachment left by a previous fwmark (`fwmark detach`).
-pub fn remove_left(iface: &str, mode: AttachMode, link_pin: &Path) -> Result<(), String> {
+pub fn remove_left(
+    iface: &str,
+    mode: AttachMode,
+    link_pin: &Path,
+    program_id: u32,
+) -> Result<(), String> {
     match mode {
         AttachMode::Tcx => match PinnedLink::from_pin(link_pin) {
-            Ok(pinned) => Attached::Tcx(pinned).detach(),
+            Ok(pinned) => Attached::Tcx(pinned).detach(iface, program_id),
             // Gone with its interface, or never pinned: nothing attached.
             Err(_) => Ok(()),
         },

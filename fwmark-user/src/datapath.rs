@@ -344,6 +344,17 @@ impl Datapath {
             .try_into()?)
     }
 
+    /// The program and the maps at once, to run the program while the maps
+    /// change (tests).
+    pub fn split(&mut self) -> Result<(&SchedClassifier, &mut Maps), DatapathError> {
+        let program = self
+            .ebpf
+            .program(fwmark_common::PROGRAM_NAME)
+            .ok_or(DatapathError::Missing("classifier program"))?
+            .try_into()?;
+        Ok((program, &mut self.maps))
+    }
+
     /// Publishes `ruleset` with rule `i` counting in slot `i` (for a
     /// classifier that only ever runs one ruleset: tests, benchmarks).
     pub fn publish_simple(&mut self, ruleset: &Ruleset) -> Result<u32, DatapathError> {

@@ -28,7 +28,8 @@ pub fn detach(iface: &str) -> Result<()> {
         }
         bail!("{}", not_attached(&paths));
     };
-    attach::remove_left(iface, state.mode, &paths.pin("link")).map_err(anyhow::Error::msg)?;
+    attach::remove_left(iface, state.mode, &paths.pin("link"), state.program_id)
+        .map_err(anyhow::Error::msg)?;
     paths.remove()?;
     println!(
         "detached fwmark from {iface} ({} attachment, program id {}, generation {})",

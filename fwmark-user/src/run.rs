@@ -94,7 +94,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     } else {
         info!("{which}: detaching from {}", args.iface);
         live.attached
-            .detach()
+            .detach(&args.iface, state.program_id)
             .map_err(anyhow::Error::msg)
             .with_context(|| format!("detaching from {} failed", args.iface))?;
         live.paths
@@ -144,7 +144,7 @@ fn start(paths: &Paths, args: &RunArgs, requested: AttachMode, new: &Loaded) -> 
             paths.iface
         );
         if let Some(s) = &state {
-            let _ = attach::remove_left(&paths.iface, s.mode, &paths.pin("link"));
+            let _ = attach::remove_left(&paths.iface, s.mode, &paths.pin("link"), s.program_id);
         }
         paths.remove()?;
     }
@@ -185,6 +185,7 @@ fn start(paths: &Paths, args: &RunArgs, requested: AttachMode, new: &Loaded) -> 
         } else {
             switch_logged(&mut live, &mut state, new)?;
         }
+        ready(&state);
         return Ok(live);
     }
 
@@ -215,11 +216,20 @@ fn start(paths: &Paths, args: &RunArgs, requested: AttachMode, new: &Loaded) -> 
         new.path,
         state.generation
     );
+    ready(&state);
     Ok(Live {
         paths: paths.clone(),
         datapath,
         attached,
     })
+}
+
+/// The line that says the daemon is up (tests and operators wait for it).
+fn ready(state: &State) {
+    info!(
+        "marking on {} ({} attachment, program id {}, generation {})",
+        state.iface, state.mode, state.program_id, state.generation
+    );
 }
 
 fn switch_logged(live: &mut Live, state: &mut State, new: &Loaded) -> Result<()> {

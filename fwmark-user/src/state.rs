@@ -58,7 +58,16 @@ impl Paths {
 
     /// Creates both directories (and their parents) with mode 0700.
     pub fn create_dirs(&self) -> io::Result<()> {
-        for dir in [&self.pin_dir, &self.run_dir] {
+        Paths::create_private(&[&self.pin_dir, &self.run_dir])
+    }
+
+    /// Creates the run directory (for the locks) with mode 0700.
+    pub fn create_run_dir(&self) -> io::Result<()> {
+        Paths::create_private(&[&self.run_dir])
+    }
+
+    fn create_private(dirs: &[&PathBuf]) -> io::Result<()> {
+        for dir in dirs {
             fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -184,7 +193,7 @@ pub enum LockError {
 
 impl Lock {
     fn open(paths: &Paths, name: &str) -> Result<(File, PathBuf), LockError> {
-        paths.create_dirs().map_err(|error| LockError::Io {
+        paths.create_run_dir().map_err(|error| LockError::Io {
             path: paths.run_dir.display().to_string(),
             error,
         })?;

@@ -49,7 +49,7 @@ pub struct Daemon {
 
 impl Daemon {
     /// Starts `fwmark ARGS...` ([`fwmark_bin`]) in `ns` and waits until it
-    /// logs that it is attached (or fails).
+    /// logs that it is marking (or fails).
     pub fn start(ns: &Netns, args: &[&str]) -> Result<Daemon> {
         Daemon::start_bin(&fwmark_bin(), ns, args)
     }
@@ -71,7 +71,7 @@ impl Daemon {
         let sink = Arc::clone(&stderr);
         let stderr_thread = std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let attached = line.contains("attached to");
+                let attached = line.contains("marking on ");
                 sink.lock().expect("stderr lock").push_str(&(line + "\n"));
                 if attached {
                     let _ = tx.send(());
@@ -108,6 +108,33 @@ impl Daemon {
     /// What it logged so far.
     pub fn stderr_so_far(&self) -> String {
         self.stderr.lock().expect("stderr lock").clone()
+    }
+
+    /// Sends `signal` to it.
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        kill(Pid::from_raw(self.child.id() as i32), signal)?;
+        Ok(())
+    }
+
+    /// Waits until its log contains `text`.
+    pub fn wait_for_log(&self, text: &str, timeout: Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if self.stderr_so_far().contains(text) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!(
+            "fwmark did not log {text:?} within {timeout:?}:\n{}",
+            self.stderr_so_far()
+        )
+    }
+
+    /// SIGKILLs it (no cleanup of its own) and reaps it.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Sends SIGTERM and waits (up to 20 s) for it to exit.

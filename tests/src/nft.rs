@@ -74,8 +74,18 @@ impl<'a> MarkCounters<'a> {
     /// Installs one counter per (probe, mark) for every mark any probe
     /// expects, plus 0, and one for any other mark.
     pub fn install(ns: &'a Netns, probes: &[Probe]) -> Result<MarkCounters<'a>> {
+        MarkCounters::install_with_marks(ns, probes, &[])
+    }
+
+    /// [`MarkCounters::install`], also counting `extra` marks separately.
+    pub fn install_with_marks(
+        ns: &'a Netns,
+        probes: &[Probe],
+        extra: &[u32],
+    ) -> Result<MarkCounters<'a>> {
         let mut marks: BTreeSet<u32> = probes.iter().map(|p| p.expect_mark).collect();
         marks.insert(0);
+        marks.extend(extra);
         let mut script = format!(
             "table inet {TABLE} {{\n  chain prerouting {{\n    \
              type filter hook prerouting priority mangle; policy accept;\n"

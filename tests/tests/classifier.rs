@@ -621,3 +621,81 @@ fn republishing_switches_prefix_lookups_on_and_off() {
     assert_marked(&h, &in_prefix, 2);
     assert_untouched(&h, &Frame::new("192.0.2.10", L4::Tcp(80)));
 }
+
+/// Config A: the exact entry marks 80. Config B: no exact entry, the prefix
+/// marks 81. A packet classified with A's prefix but B's exact map (a mix)
+/// would get mark 1, or none at all.
+const MIX_A: &str = r#"
+[[service]]
+name = "exact"
+vip = "192.0.2.10"
+proto = "tcp"
+ports = [80]
+mark = 80
+
+[[service]]
+name = "block"
+vip = "192.0.2.0/24"
+proto = "tcp"
+mark = 1
+"#;
+
+const MIX_B: &str = r#"
+[[service]]
+name = "block"
+vip = "192.0.2.0/24"
+proto = "tcp"
+mark = 81
+"#;
+
+#[test]
+fn readers_never_see_a_mixed_generation() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let Some(mut h) = harness("readers_never_see_a_mixed_generation", MIX_A) else {
+        return;
+    };
+    let a = h.ruleset.clone();
+    let b =
+        fwmark::ruleset::Ruleset::compile(&fwmark::config::Config::parse(MIX_B, "mix b").unwrap())
+            .unwrap();
+    let frame = Frame::new("192.0.2.10", L4::Tcp(80)).build();
+    let (program, maps) = h.datapath.split().unwrap();
+    let done = AtomicBool::new(false);
+    let (seen, switches) = std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            use aya::programs::{TestRun as _, TestRunOptions};
+            let mut seen = std::collections::BTreeMap::<u32, u64>::new();
+            while !done.load(Ordering::Relaxed) {
+                let mut ctx_out = [0u8; 192];
+                program
+                    .test_run(TestRunOptions {
+                        data_in: Some(&frame),
+                        ctx_in: Some(&[0u8; 192]),
+                        ctx_out: Some(&mut ctx_out),
+                        ..TestRunOptions::default()
+                    })
+                    .unwrap();
+                let mark = u32::from_ne_bytes(ctx_out[8..12].try_into().unwrap());
+                *seen.entry(mark).or_default() += 1;
+            }
+            seen
+        });
+        let mut switches = 0;
+        for i in 0..200 {
+            let rs = if i % 2 == 0 { &b } else { &a };
+            let slots: Vec<u32> = (0..rs.rules.len() as u32).collect();
+            maps.publish(rs, &slots, &[]).unwrap();
+            switches += 1;
+        }
+        done.store(true, Ordering::Relaxed);
+        (reader.join().unwrap(), switches)
+    });
+    assert_eq!(switches, 200);
+    let total: u64 = seen.values().sum();
+    assert!(total > 1000, "the reader ran only {total} times: {seen:?}");
+    assert!(
+        seen.keys().all(|m| *m == 80 || *m == 81),
+        "a packet saw a mix of generations: {seen:?}"
+    );
+    assert!(seen.contains_key(&80) && seen.contains_key(&81), "{seen:?}");
+}

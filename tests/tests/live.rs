@@ -1,0 +1,538 @@
+//! Live operation in the real kernel, between two namespaces: atomic applies
+//! under load, restarts (kill -9 and adoption), status and metrics, and bad
+//! input that must leave the live config alone.
+
+use std::{
+    path::PathBuf,
+    process::Output,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use fwmark_testlab::{
+    daemon::{Daemon, fwmark_bin},
+    example::probe,
+    kernel,
+    netns::{Lab, ingress_programs},
+    nft::{self, MarkCounters, Probe, ProbeProto},
+};
+
+const VIP: &str = "192.0.2.10";
+
+fn config(mark: u32) -> String {
+    format!(
+        "[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nproto = [\"tcp\", \"udp\"]\nports = [80, 443]\nmark = {mark}\n\n\
+         [[service]]\nname = \"dns\"\nvip = \"192.0.2.53\"\nproto = \"udp\"\nports = [53]\nmark = 53\n"
+    )
+}
+
+/// A directory for this test's config files, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(lab: &Lab) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("fwmark-{}", lab.director.name));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn write(&self, name: &str, text: &str) -> String {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn lab() -> Lab {
+    Lab::new(&[VIP.parse().unwrap(), "192.0.2.53".parse().unwrap()]).expect("create namespaces")
+}
+
+/// Runs `fwmark ARGS…` in the director namespace.
+fn fwmark(lab: &Lab, args: &[&str]) -> Output {
+    lab.director
+        .command(fwmark_bin())
+        .args(args)
+        .output()
+        .expect("run fwmark")
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "fwmark failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn status_json(lab: &Lab) -> serde_json::Value {
+    let out = ok(fwmark(
+        lab,
+        &["status", "--iface", &lab.director_if, "--json"],
+    ));
+    serde_json::from_str(&out).expect("status --json parses")
+}
+
+fn service_packets(status: &serde_json::Value, name: &str) -> u64 {
+    status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no service {name} in {status}"))["packets"]
+        .as_u64()
+        .unwrap()
+}
+
+fn send(lab: &Lab, p: &Probe) {
+    lab.client.run(|| nft::send(p)).unwrap().unwrap();
+}
+
+#[test]
+fn applies_under_load_never_leave_a_packet_unmarked() {
+    if !kernel::available("applies_under_load", &["ip", "nft", "nsenter"]) {
+        return;
+    }
+    let lab = lab();
+    let files = TempDir::new(&lab);
+    let a = files.write("a.toml", &config(80));
+    let b = files.write("b.toml", &config(81));
+    let probes = [
+        probe(VIP, ProbeProto::Udp, 80, 80, 0),
+        probe(VIP, ProbeProto::Udp, 443, 80, 0),
+    ];
+    let counters = MarkCounters::install_with_marks(&lab.director, &probes, &[81]).unwrap();
+    let daemon = Daemon::start(
+        &lab.director,
+        &[
+            "run",
+            "--iface",
+            &lab.director_if,
+            "--config",
+            &a,
+            "--no-watch",
+        ],
+    )
+    .unwrap();
+
+    let stop = AtomicBool::new(false);
+    let sent = std::thread::scope(|s| {
+        let sender = s.spawn(|| {
+            lab.client
+                .run(|| {
+                    let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                    let mut sent = [0u64; 2];
+                    while !stop.load(Ordering::Relaxed) {
+                        for (i, port) in [80u16, 443].into_iter().enumerate() {
+                            if sock.send_to(b"load", (VIP, port)).is_ok() {
+                                sent[i] += 1;
+                            }
+                        }
+                        // Bounded rate: about 20k datagrams per second.
+                        std::thread::sleep(Duration::from_micros(100));
+                    }
+                    sent
+                })
+                .unwrap()
+        });
+        for i in 0..100 {
+            let file = if i % 2 == 0 { &b } else { &a };
+            ok(fwmark(
+                &lab,
+                &["apply", "--iface", &lab.director_if, "--config", file],
+            ));
+        }
+        stop.store(true, Ordering::Relaxed);
+        sender.join().unwrap()
+    });
+
+    let seen = counters.read().unwrap();
+    for (port, (sent, o)) in [80, 443].iter().zip(sent.iter().zip(&seen)) {
+        assert!(*sent > 1000, "port {port}: only {sent} datagrams sent");
+        assert_eq!(
+            o.by_mark.get(&0),
+            Some(&0),
+            "port {port}: unmarked packets: {o:?}"
+        );
+        assert_eq!(o.other, 0, "port {port}: foreign marks: {o:?}");
+        assert!(
+            o.by_mark[&80] > 0 && o.by_mark[&81] > 0,
+            "port {port}: both configs should have marked traffic: {o:?}"
+        );
+    }
+    // The last apply (i = 99) was config A: mark 80 holds on both ports.
+    let status = status_json(&lab);
+    assert_eq!(status["config"]["generation"], 101);
+    let before = counters.read().unwrap();
+    for port in [80, 443] {
+        send(&lab, &probe(VIP, ProbeProto::Udp, port, 80, 5));
+        send(&lab, &probe(VIP, ProbeProto::Tcp, port, 80, 2));
+    }
+    let after = counters.read().unwrap();
+    for i in 0..2 {
+        assert_eq!(
+            after[i].by_mark[&80] - before[i].by_mark[&80],
+            5,
+            "{:?}",
+            after[i]
+        );
+    }
+    let finished = daemon.stop().unwrap();
+    assert!(finished.status.success(), "{}", finished.stderr);
+}
+
+#[test]
+fn restart_after_kill_keeps_marking_and_adopts_tcx() {
+    restart_after_kill("tcx");
+}
+
+#[test]
+fn restart_after_kill_keeps_marking_and_adopts_netlink() {
+    restart_after_kill("netlink");
+}
+
+fn restart_after_kill(mode: &str) {
+    let name = format!("restart_after_kill_{mode}");
+    if !kernel::available(&name, &["ip", "nft", "nsenter", "tc"]) {
+        return;
+    }
+    let lab = lab();
+    let files = TempDir::new(&lab);
+    let a = files.write("a.toml", &config(80));
+    let web = probe(VIP, ProbeProto::Tcp, 443, 80, 2);
+    let counters = MarkCounters::install(&lab.director, std::slice::from_ref(&web)).unwrap();
+    let args = [
+        "run",
+        "--iface",
+        &lab.director_if,
+        "--config",
+        &a,
+        "--attach",
+        mode,
+    ];
+    let first = Daemon::start(&lab.director, &args).unwrap();
+    send(&lab, &web);
+    first.kill();
+
+    // Pinned (tcx) or kernel-held (netlink): marking goes on without a daemon.
+    send(&lab, &web);
+    assert_eq!(counters.read().unwrap()[0].by_mark[&80], 4);
+    let status = status_json(&lab);
+    assert_eq!(status["attach"]["daemon_pid"], serde_json::Value::Null);
+    assert_eq!(service_packets(&status, "web"), 4);
+
+    let second = Daemon::start(&lab.director, &args).unwrap();
+    assert!(
+        second.stderr_so_far().contains("adopted"),
+        "{}",
+        second.stderr_so_far()
+    );
+    assert_eq!(
+        ingress_programs(&lab.director, &lab.director_if).unwrap(),
+        vec![format!("{mode}:fwmark")],
+        "exactly one attachment after the restart"
+    );
+    send(&lab, &web);
+    let seen = counters.read().unwrap();
+    assert_eq!(
+        (seen[0].by_mark[&80], seen[0].by_mark[&0]),
+        (6, 0),
+        "{seen:?}"
+    );
+    // Counters survived the restart.
+    assert_eq!(service_packets(&status_json(&lab), "web"), 6);
+
+    let finished = second.stop().unwrap();
+    assert!(finished.status.success(), "{}", finished.stderr);
+    assert!(
+        ingress_programs(&lab.director, &lab.director_if)
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn keep_then_detach() {
+    if !kernel::available("keep_then_detach", &["ip", "nft", "nsenter"]) {
+        return;
+    }
+    let lab = lab();
+    let files = TempDir::new(&lab);
+    let a = files.write("a.toml", &config(80));
+    let web = probe(VIP, ProbeProto::Tcp, 80, 80, 1);
+    let counters = MarkCounters::install(&lab.director, std::slice::from_ref(&web)).unwrap();
+    let daemon = Daemon::start(
+        &lab.director,
+        &["run", "--iface", &lab.director_if, "--config", &a, "--keep"],
+    )
+    .unwrap();
+    let finished = daemon.stop().unwrap();
+    assert!(finished.status.success(), "{}", finished.stderr);
+    assert!(finished.stderr.contains("--keep"), "{}", finished.stderr);
+    send(&lab, &web);
+    assert_eq!(counters.read().unwrap()[0].by_mark[&80], 1);
+
+    let out = ok(fwmark(&lab, &["detach", "--iface", &lab.director_if]));
+    assert!(out.contains("detached fwmark from"), "{out}");
+    assert!(
+        ingress_programs(&lab.director, &lab.director_if)
+            .unwrap()
+            .is_empty()
+    );
+    send(&lab, &web);
+    let seen = counters.read().unwrap();
+    assert_eq!(seen[0].by_mark[&0], 1, "{seen:?}");
+
+    // Nothing left: detach again is a clear error.
+    let out = fwmark(&lab, &["detach", "--iface", &lab.director_if]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("fwmark is not attached to"), "{err}");
+}
+
+#[test]
+fn status_and_metrics_count_what_was_sent() {
+    if !kernel::available("status_and_metrics", &["ip", "nft", "nsenter"]) {
+        return;
+    }
+    let lab = lab();
+    let files = TempDir::new(&lab);
+    let a = files.write("a.toml", &config(80));
+    let daemon = Daemon::start(
+        &lab.director,
+        &[
+            "run",
+            "--iface",
+            &lab.director_if,
+            "--config",
+            &a,
+            "--metrics",
+            "9469",
+        ],
+    )
+    .unwrap();
+    send(&lab, &probe(VIP, ProbeProto::Tcp, 80, 80, 3));
+    send(&lab, &probe(VIP, ProbeProto::Udp, 443, 80, 4));
+    send(&lab, &probe("192.0.2.53", ProbeProto::Udp, 53, 53, 2));
+    send(&lab, &probe(VIP, ProbeProto::Tcp, 22, 0, 1));
+
+    let status = status_json(&lab);
+    assert_eq!(status["schema"], 1);
+    assert_eq!(status["attach"]["mode"], "tcx");
+    assert!(
+        status["attach"]["daemon_pid"].as_u64().is_some(),
+        "{status}"
+    );
+    assert_eq!(status["config"]["generation"], 1);
+    assert_eq!(service_packets(&status, "web"), 7);
+    assert_eq!(service_packets(&status, "dns"), 2);
+    assert_eq!(status["global"]["marked"], 9);
+    let rules = status["services"][0]["rules"].as_array().unwrap();
+    let count = |m: &str| {
+        rules
+            .iter()
+            .find(|r| r["match"] == m)
+            .unwrap_or_else(|| panic!("no rule {m}"))["packets"]
+            .clone()
+    };
+    assert_eq!(count("192.0.2.10 tcp port 80"), 3);
+    assert_eq!(count("192.0.2.10 udp port 443"), 4);
+
+    let text = ok(fwmark(&lab, &["status", "--iface", &lab.director_if]));
+    assert!(text.contains("tcx attachment"), "{text}");
+
+    // The metrics endpoint listens on 127.0.0.1 of the director namespace.
+    let body = lab
+        .director
+        .run(|| {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect("127.0.0.1:9469")?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
+            let mut body = String::new();
+            s.read_to_string(&mut body)?;
+            Ok::<_, std::io::Error>(body)
+        })
+        .unwrap()
+        .unwrap();
+    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    let iface = &lab.director_if;
+    for line in [
+        format!(
+            "fwmark_service_packets_total{{iface=\"{iface}\",service=\"web\",mark=\"0x50\"}} 7"
+        ),
+        format!(
+            "fwmark_service_packets_total{{iface=\"{iface}\",service=\"dns\",mark=\"0x35\"}} 2"
+        ),
+        format!("fwmark_packets_total{{iface=\"{iface}\",result=\"marked\"}} 9"),
+        format!("fwmark_config_generation{{iface=\"{iface}\"}} 1"),
+    ] {
+        assert!(body.contains(&line), "missing {line} in\n{body}");
+    }
+
+    // Counters of a service that survives an apply keep counting.
+    let b = files.write("b.toml", &config(81));
+    ok(fwmark(
+        &lab,
+        &["apply", "--iface", &lab.director_if, "--config", &b],
+    ));
+    send(&lab, &probe(VIP, ProbeProto::Tcp, 80, 81, 1));
+    assert_eq!(service_packets(&status_json(&lab), "web"), 8);
+    daemon.stop().unwrap();
+}
+
+#[test]
+fn bad_input_leaves_the_live_config_alone() {
+    if !kernel::available("bad_input", &["ip", "nft", "nsenter", "setpriv"]) {
+        return;
+    }
+    let lab = lab();
+    let files = TempDir::new(&lab);
+    let live_file = files.write("live.toml", &config(80));
+    let web = probe(VIP, ProbeProto::Tcp, 80, 80, 1);
+    let counters = MarkCounters::install(&lab.director, std::slice::from_ref(&web)).unwrap();
+    let daemon = Daemon::start(
+        &lab.director,
+        &["run", "--iface", &lab.director_if, "--config", &live_file],
+    )
+    .unwrap();
+    let iface = lab.director_if.clone();
+
+    // An invalid config in apply: non-zero exit, file:line, nothing changes.
+    let bad = files.write(
+        "bad.toml",
+        "[[service]]\nvip = \"192.0.2.10\"\nproto = \"tcp\"\nmark = 0\n",
+    );
+    let out = fwmark(&lab, &["apply", "--iface", &iface, "--config", &bad]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml:4:8: service[1].mark"), "{err}");
+    send(&lab, &web);
+    assert_eq!(counters.read().unwrap()[0].by_mark[&80], 1);
+    assert_eq!(status_json(&lab)["config"]["generation"], 1);
+
+    // --dry-run shows the diff and changes nothing.
+    let b = files.write("b.toml", &config(81));
+    let out = ok(fwmark(
+        &lab,
+        &["apply", "--iface", &iface, "--config", &b, "--dry-run"],
+    ));
+    assert!(out.contains("~ service \"web\" mark 0x50 -> 0x51"), "{out}");
+    assert!(
+        out.contains("entries: 0 added, 0 removed, 4 re-marked, 1 unchanged"),
+        "{out}"
+    );
+    assert!(out.contains("dry run: nothing changed"), "{out}");
+    send(&lab, &web);
+    assert_eq!(counters.read().unwrap()[0].by_mark[&80], 2);
+
+    // An invalid file at SIGHUP: the daemon keeps the running config.
+    std::fs::write(&live_file, "this is not toml [").unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+    daemon
+        .wait_for_log(
+            "reload failed, the running config stays",
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    send(&lab, &web);
+    assert_eq!(counters.read().unwrap()[0].by_mark[&80], 3);
+    assert_eq!(status_json(&lab)["config"]["generation"], 1);
+
+    // A valid file again: the watcher picks it up without a signal.
+    std::fs::write(&live_file, config(82)).unwrap();
+    daemon
+        .wait_for_log("is live as generation 2", Duration::from_secs(10))
+        .unwrap();
+    let status = status_json(&lab);
+    assert_eq!(status["services"][0]["mark"], 82);
+
+    // Errors that name what is wrong.
+    let missing = fwmark(&lab, &["apply", "--iface", "nosuch0", "--config", &b]);
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("interface \"nosuch0\" does not exist"),
+        "{missing:?}"
+    );
+    let detach = fwmark(&lab, &["detach", "--iface", &iface]);
+    assert!(
+        String::from_utf8_lossy(&detach.stderr).contains("manages"),
+        "detach must refuse while run manages the interface: {detach:?}"
+    );
+    let unprivileged = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(fwmark_bin())
+        .args(["status", "--iface", &iface])
+        .output()
+        .unwrap();
+    assert_eq!(unprivileged.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&unprivileged.stderr).contains("fwmark needs root"),
+        "{unprivileged:?}"
+    );
+    daemon.stop().unwrap();
+}
+
+#[test]
+fn concurrent_applies_are_serialized() {
+    if !kernel::available("concurrent_applies", &["ip", "nsenter"]) {
+        return;
+    }
+    let lab = lab();
+    let files = TempDir::new(&lab);
+    let a = files.write("a.toml", &config(80));
+    let daemon = Daemon::start(
+        &lab.director,
+        &[
+            "run",
+            "--iface",
+            &lab.director_if,
+            "--config",
+            &a,
+            "--no-watch",
+        ],
+    )
+    .unwrap();
+    let configs: Vec<String> = (0..8)
+        .map(|i| files.write(&format!("c{i}.toml"), &config(100 + i)))
+        .collect();
+    let children: Vec<_> = configs
+        .iter()
+        .map(|c| {
+            lab.director
+                .command(fwmark_bin())
+                .args(["apply", "--iface", &lab.director_if, "--config", c])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut generations: Vec<u64> = children
+        .into_iter()
+        .map(|c| {
+            let out = ok(c.wait_with_output().unwrap());
+            out.lines()
+                .find_map(|l| l.split("generation ").nth(1))
+                .and_then(|g| g.split_whitespace().next())
+                .and_then(|g| g.parse().ok())
+                .unwrap_or_else(|| panic!("no generation in {out}"))
+        })
+        .collect();
+    generations.sort();
+    // Each apply switched once, one after the other.
+    assert_eq!(generations, (2..=9).collect::<Vec<u64>>());
+    assert_eq!(status_json(&lab)["config"]["generation"], 9);
+    daemon.stop().unwrap();
+}
