@@ -16,6 +16,11 @@
 //!
 //! IP fragments at a non-zero offset carry no L4 header: they are looked up
 //! with "all ports" only (like iptables, whose port matches never match them).
+//!
+//! Debug logging (aya-log) is compiled in but gated by `AYA_LOG_LEVEL`, a
+//! read-only global the loader sets before loading (off unless
+//! `--log-level` says otherwise); the verifier then removes the disabled
+//! branches, so with logging off the hot path has no logging code at all.
 // The classifier is built for the BPF target (by fwmark-user/build.rs);
 // host builds of this crate exist only so clippy checks it with the rest.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
@@ -28,6 +33,7 @@ use aya_ebpf::{
     macros::{btf_map, classifier},
     programs::TcContext,
 };
+use aya_log_ebpf::{debug, trace};
 use fwmark_common::{
     ACTIVE_GENERATION_MASK, ACTIVE_HAS_PREFIX, ALL_PORTS, GENERATIONS, GlobalCounters,
     LPM_LOOKUP_PREFIX_LEN, RuleCounters, ServiceKey, Target,
@@ -78,8 +84,27 @@ pub fn fwmark(ctx: TcContext) -> i32 {
                 Some(target) => {
                     mark(&ctx, &target, &pkt);
                     global.marked += 1;
+                    debug!(
+                        &ctx,
+                        "marked: family {} proto {} port {} rule {} mark {:x}/{:x}",
+                        pkt.key.family,
+                        pkt.key.proto,
+                        u16::from_be_bytes(pkt.key.port),
+                        target.rule,
+                        target.mark,
+                        target.mask
+                    );
                 }
-                None => global.no_match += 1,
+                None => {
+                    global.no_match += 1;
+                    trace!(
+                        &ctx,
+                        "no match: family {} proto {} port {}",
+                        pkt.key.family,
+                        pkt.key.proto,
+                        u16::from_be_bytes(pkt.key.port)
+                    );
+                }
             }
         }
     }

@@ -63,10 +63,39 @@ pub struct RunArgs {
     /// on 127.0.0.1).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
+    /// Kernel-side log records (aya-log) up to this level; `off` compiles
+    /// them out of the loaded program.
+    #[arg(long, value_enum, default_value_t = KernelLog::Off)]
+    pub log_level: KernelLog,
     /// Room for this many rules in the counter map (default: twice the
     /// config's, at least 16384); applies beyond it need a restart.
     #[arg(long, value_name = "N")]
     pub max_rules: Option<usize>,
+}
+
+/// `--log-level` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KernelLog {
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl KernelLog {
+    /// The aya-log level, `None` for off.
+    pub fn level(self) -> Option<aya_log::Level> {
+        match self {
+            KernelLog::Off => None,
+            KernelLog::Error => Some(aya_log::Level::Error),
+            KernelLog::Warn => Some(aya_log::Level::Warn),
+            KernelLog::Info => Some(aya_log::Level::Info),
+            KernelLog::Debug => Some(aya_log::Level::Debug),
+            KernelLog::Trace => Some(aya_log::Level::Trace),
+        }
+    }
 }
 
 /// `--attach` values.

@@ -63,6 +63,8 @@ pub enum DatapathError {
         #[source]
         source: MapError,
     },
+    #[error("starting the kernel log reader failed")]
+    Log(#[source] aya_log::Error),
     #[error("cannot read the possible CPUs (/sys/devices/system/cpu/possible)")]
     Cpus(#[source] std::io::Error),
     #[error("the eBPF object has no {0}; it does not belong to this fwmark build")]
@@ -296,20 +298,33 @@ impl Maps {
     }
 }
 
+/// Reads the classifier's aya-log records into the `log` crate.
+pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
 /// A loaded classifier program and its maps.
 pub struct Datapath {
     ebpf: Ebpf,
     pub maps: Maps,
+    /// Present when kernel-side logging is on.
+    pub logger: Option<KernelLogger>,
 }
 
 impl Datapath {
     /// Loads the classifier into the kernel (not attached anywhere yet),
     /// with a per-rule counter map of `rule_capacity` slots. With `pin_dir`
     /// the maps are pinned there, or, when pins exist already, reused: the
-    /// program then works on the live maps.
-    pub fn load(rule_capacity: u32, pin_dir: Option<&Path>) -> Result<Datapath, DatapathError> {
+    /// program then works on the live maps. `log_level`: kernel-side log
+    /// records up to that level (`None`: none, and no logging code runs).
+    pub fn load(
+        rule_capacity: u32,
+        pin_dir: Option<&Path>,
+        log_level: Option<aya_log::Level>,
+    ) -> Result<Datapath, DatapathError> {
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(map_names::RULE_STATS, rule_capacity);
+        // A read-only global: the verifier prunes the disabled log calls.
+        let level: u8 = log_level.map_or(0, |l| l as u8);
+        loader.override_global(aya_log::LEVEL, &level, true);
         let pins: Vec<(&str, std::path::PathBuf)> = pin_dir
             .map(|dir| MAP_NAMES.iter().map(|n| (*n, dir.join(n))).collect())
             .unwrap_or_default();
@@ -322,8 +337,12 @@ impl Datapath {
             .ok_or(DatapathError::Missing("classifier program"))?
             .try_into()?;
         program.load()?;
+        let logger = match log_level {
+            Some(_) => Some(aya_log::EbpfLogger::init(&mut ebpf).map_err(DatapathError::Log)?),
+            None => None,
+        };
         let maps = Maps::from_ebpf(&mut ebpf)?;
-        Ok(Datapath { ebpf, maps })
+        Ok(Datapath { ebpf, maps, logger })
     }
 
     /// The classifier program (for attaching and `BPF_PROG_TEST_RUN`).

@@ -8,10 +8,20 @@ use fwmark::{
 };
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_target(false)
-        .init();
     let cli = Cli::parse();
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    logger.format_target(false);
+    // Kernel-side records arrive through the `log` crate: let the level that
+    // --log-level asks for through, whatever RUST_LOG says.
+    if let Command::Run(args) = &cli.command {
+        match args.log_level.level() {
+            Some(aya_log::Level::Debug) => logger.filter_level(log::LevelFilter::Debug),
+            Some(aya_log::Level::Trace) => logger.filter_level(log::LevelFilter::Trace),
+            _ => &mut logger,
+        };
+    }
+    logger.init();
     let result = match cli.command {
         Command::Run(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -45,6 +45,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         start(&paths, &args, requested, &new)?
     };
 
+    let log_task = match live.datapath.logger.take() {
+        Some(logger) => Some(spawn_kernel_log(logger)?),
+        None => None,
+    };
     let metrics_task = match &args.metrics {
         Some(addr) => Some(metrics::serve(addr, paths.clone()).await?),
         None => None,
@@ -75,7 +79,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             }
         }
     };
-    if let Some(task) = metrics_task {
+    for task in [metrics_task, log_task].into_iter().flatten() {
         task.abort();
     }
 
@@ -103,6 +107,29 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     print!("{table}");
     Ok(())
+}
+
+/// Forwards the classifier's log records to the log output as they come.
+fn spawn_kernel_log(logger: datapath::KernelLogger) -> Result<tokio::task::JoinHandle<()>> {
+    use tokio::io::{Interest, unix::AsyncFd};
+    // SAFETY: the logger owns its ring buffer's fd, which stays open and the
+    // same for the logger's whole life, and the AsyncFd owns the logger.
+    let mut logger = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("watching the kernel log ring buffer: {e}"))?;
+    Ok(tokio::spawn(async move {
+        loop {
+            match logger.readable_mut().await {
+                Ok(mut guard) => {
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+                Err(e) => {
+                    warn!("kernel log reader stopped: {e}");
+                    return;
+                }
+            }
+        }
+    }))
 }
 
 /// Size, modification time and inode of the config file, to notice changes
@@ -159,7 +186,11 @@ fn start(paths: &Paths, args: &RunArgs, requested: AttachMode, new: &Loaded) -> 
                 requested
             );
         }
-        let mut datapath = Datapath::load(state.rule_capacity, Some(&paths.pin_dir))?;
+        let mut datapath = Datapath::load(
+            state.rule_capacity,
+            Some(&paths.pin_dir),
+            args.log_level.level(),
+        )?;
         let program = datapath.program_mut()?;
         let attached = attach::adopt(
             program,
@@ -194,7 +225,7 @@ fn start(paths: &Paths, args: &RunArgs, requested: AttachMode, new: &Loaded) -> 
     paths.create_dirs()?;
     let capacity =
         datapath::rule_capacity(args.max_rules.unwrap_or(0).max(new.ruleset.rules.len()));
-    let mut datapath = Datapath::load(capacity, Some(&paths.pin_dir))?;
+    let mut datapath = Datapath::load(capacity, Some(&paths.pin_dir), args.log_level.level())?;
     let mut state = live::initial_state(&paths.iface, requested, capacity);
     live::switch(paths, &mut datapath.maps, &mut state, new)?;
     let program = datapath.program_mut()?;

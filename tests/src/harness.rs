@@ -39,7 +39,7 @@ impl Harness {
     pub fn new(toml: &str) -> Result<Harness> {
         let config = Config::parse(toml, "test config")?;
         let ruleset = Ruleset::compile(&config)?;
-        let mut datapath = Datapath::load(rule_capacity(ruleset.rules.len()), None)?;
+        let mut datapath = Datapath::load(rule_capacity(ruleset.rules.len()), None, None)?;
         datapath.publish_simple(&ruleset)?;
         Ok(Harness {
             datapath,

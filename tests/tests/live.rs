@@ -228,6 +228,7 @@ fn restart_after_kill(mode: &str) {
     let status = status_json(&lab);
     assert_eq!(status["attach"]["daemon_pid"], serde_json::Value::Null);
     assert_eq!(service_packets(&status, "web"), 4);
+    let first_program = status["attach"]["program_id"].as_u64().unwrap();
 
     let second = Daemon::start(&lab.director, &args).unwrap();
     assert!(
@@ -247,8 +248,14 @@ fn restart_after_kill(mode: &str) {
         (6, 0),
         "{seen:?}"
     );
-    // Counters survived the restart.
-    assert_eq!(service_packets(&status_json(&lab), "web"), 6);
+    // Counters survived the restart; the new process's program runs now
+    // (tcx: replaced on the live link; netlink: a new filter took over).
+    let status = status_json(&lab);
+    assert_eq!(service_packets(&status, "web"), 6);
+    assert_ne!(
+        status["attach"]["program_id"].as_u64().unwrap(),
+        first_program
+    );
 
     let finished = second.stop().unwrap();
     assert!(finished.status.success(), "{}", finished.stderr);
@@ -534,5 +541,36 @@ fn concurrent_applies_are_serialized() {
     // Each apply switched once, one after the other.
     assert_eq!(generations, (2..=9).collect::<Vec<u64>>());
     assert_eq!(status_json(&lab)["config"]["generation"], 9);
+    daemon.stop().unwrap();
+}
+
+#[test]
+fn kernel_debug_log_reports_decisions() {
+    if !kernel::available("kernel_debug_log", &["ip", "nsenter"]) {
+        return;
+    }
+    let lab = lab();
+    let files = TempDir::new(&lab);
+    let a = files.write("a.toml", &config(80));
+    let daemon = Daemon::start(
+        &lab.director,
+        &[
+            "run",
+            "--iface",
+            &lab.director_if,
+            "--config",
+            &a,
+            "--log-level",
+            "debug",
+        ],
+    )
+    .unwrap();
+    send(&lab, &probe(VIP, ProbeProto::Tcp, 443, 80, 1));
+    daemon
+        .wait_for_log(
+            "marked: family 4 proto 6 port 443 rule 1 mark 50/ffffffff",
+            Duration::from_secs(10),
+        )
+        .unwrap();
     daemon.stop().unwrap();
 }
