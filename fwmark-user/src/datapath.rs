@@ -54,7 +54,7 @@ pub enum DatapathError {
     Load(#[from] aya::EbpfError),
     #[error(
         "the kernel refused the classifier (fwmark needs Linux >= 5.10 with BTF, \
-         CONFIG_DEBUG_INFO_BTF, and root or CAP_BPF + CAP_NET_ADMIN)"
+         CONFIG_DEBUG_INFO_BTF, and root or CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN)"
     )]
     Program(#[from] ProgramError),
     #[error("map {map}")]

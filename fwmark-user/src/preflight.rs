@@ -16,13 +16,14 @@ pub const MIN_KERNEL: KernelVersion = KernelVersion::new(5, 10, 0);
 /// Capability bits (`linux/capability.h`).
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PreflightError {
     #[error(
-        "fwmark needs root (or CAP_BPF and CAP_NET_ADMIN) to load and attach eBPF programs; \
-         run it with sudo"
+        "fwmark needs root (or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN) to load and attach eBPF \
+         programs; run it with sudo"
     )]
     NotPrivileged,
     #[error("cannot tell the kernel version: {0}")]
@@ -57,11 +58,14 @@ fn effective_caps() -> u64 {
         .unwrap_or(0)
 }
 
-/// Root, or the capabilities that loading and attaching need.
+/// Root, or the capabilities that loading and attaching need: CAP_BPF to
+/// load, CAP_PERFMON for the verifier to accept packet-pointer arithmetic
+/// (CAP_SYS_ADMIN implies both), CAP_NET_ADMIN to attach.
 pub fn check_privileges() -> Result<(), PreflightError> {
     let caps = effective_caps();
     let has = |cap: u32| caps & (1u64 << cap) != 0;
-    if (has(CAP_BPF) || has(CAP_SYS_ADMIN)) && has(CAP_NET_ADMIN) {
+    let load = has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON));
+    if load && has(CAP_NET_ADMIN) {
         Ok(())
     } else {
         Err(PreflightError::NotPrivileged)

@@ -221,8 +221,22 @@ fn start(paths: &Paths, args: &RunArgs, requested: AttachMode, new: &Loaded) -> 
     }
 
     // Fresh: maps created and pinned, config published, then attached, so
-    // the first packet the program sees is already classified.
+    // the first packet the program sees is already classified. A failure on
+    // the way removes what it created.
     paths.create_dirs()?;
+    let fresh = attach_fresh(paths, args, requested, new);
+    if fresh.is_err() {
+        let _ = paths.remove();
+    }
+    fresh
+}
+
+fn attach_fresh(
+    paths: &Paths,
+    args: &RunArgs,
+    requested: AttachMode,
+    new: &Loaded,
+) -> Result<Live> {
     let capacity =
         datapath::rule_capacity(args.max_rules.unwrap_or(0).max(new.ruleset.rules.len()));
     let mut datapath = Datapath::load(capacity, Some(&paths.pin_dir), args.log_level.level())?;

@@ -56,9 +56,15 @@ impl Daemon {
 
     /// [`Daemon::start`] with the binary given.
     pub fn start_bin(bin: &std::path::Path, ns: &Netns, args: &[&str]) -> Result<Daemon> {
-        let mut child = ns
-            .command(bin)
-            .args(args)
+        let mut cmd = ns.command(bin);
+        cmd.args(args);
+        Daemon::spawn(cmd)
+    }
+
+    /// Starts a prepared `fwmark run` command line (e.g. behind `setpriv`)
+    /// and waits until it logs that it is marking.
+    pub fn spawn(mut cmd: std::process::Command) -> Result<Daemon> {
+        let mut child = cmd
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -574,3 +574,28 @@ fn kernel_debug_log_reports_decisions() {
         .unwrap();
     daemon.stop().unwrap();
 }
+
+#[test]
+fn runs_with_only_the_documented_capabilities() {
+    if !kernel::available(
+        "runs_with_only_the_documented_capabilities",
+        &["ip", "nsenter", "setpriv"],
+    ) {
+        return;
+    }
+    let lab = lab();
+    let files = TempDir::new(&lab);
+    let a = files.write("a.toml", &config(80));
+    let web = probe(VIP, ProbeProto::Tcp, 80, 80, 1);
+    let counters = MarkCounters::install(&lab.director, std::slice::from_ref(&web)).unwrap();
+    // What contrib/fwmark.service grants, less CAP_SYS_ADMIN (bpffs is mounted).
+    let mut cmd = lab.director.command("setpriv");
+    cmd.args(["--bounding-set=-all,+bpf,+perfmon,+net_admin", "--"])
+        .arg(fwmark_bin())
+        .args(["run", "--iface", &lab.director_if, "--config", &a]);
+    let daemon = Daemon::spawn(cmd).unwrap();
+    send(&lab, &web);
+    assert_eq!(counters.read().unwrap()[0].by_mark[&80], 1);
+    let finished = daemon.stop().unwrap();
+    assert!(finished.status.success(), "{}", finished.stderr);
+}
