@@ -139,11 +139,7 @@ pub fn diff(old: Compiled<'_>, new: Compiled<'_>) -> Diff {
 mod tests {
     use super::*;
 
-    fn compile(text: &str) -> (Config, Ruleset) {
-        let c = Config::parse(text, "t").unwrap();
-        let r = Ruleset::compile(&c).unwrap();
-        (c, r)
-    }
+    use crate::ruleset::compile_text as compile;
 
     #[test]
     fn reports_services_rules_and_entries() {

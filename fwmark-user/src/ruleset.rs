@@ -261,6 +261,14 @@ fn describe(vip: &IpNet, proto: Proto, port: u16) -> String {
     }
 }
 
+/// Parses and compiles config text, for unit tests.
+#[cfg(test)]
+pub(crate) fn compile_text(text: &str) -> (Config, Ruleset) {
+    let config = Config::parse(text, "t").expect("valid test config");
+    let ruleset = Ruleset::compile(&config).expect("compilable test config");
+    (config, ruleset)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

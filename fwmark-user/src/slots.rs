@@ -99,11 +99,7 @@ pub fn assign(
 mod tests {
     use super::*;
 
-    fn compile(text: &str) -> (Config, Ruleset) {
-        let c = Config::parse(text, "t").unwrap();
-        let r = Ruleset::compile(&c).unwrap();
-        (c, r)
-    }
+    use crate::ruleset::compile_text as compile;
 
     const A: &str = "[[service]]\nname = \"web\"\nvip = \"192.0.2.10\"\nproto = \"tcp\"\nports = [80, 443]\nmark = 80\n";
     const B: &str = "[[service]]\nname = \"dns\"\nvip = \"192.0.2.53\"\nproto = \"udp\"\nports = [53]\nmark = 53\n\

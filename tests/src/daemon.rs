@@ -54,6 +54,14 @@ impl Daemon {
         Daemon::start_bin(&fwmark_bin(), ns, args)
     }
 
+    /// `fwmark run --iface <director side> --config CONFIG EXTRA...` in the
+    /// lab's director namespace.
+    pub fn run_on(lab: &crate::netns::Lab, config: &str, extra: &[&str]) -> Result<Daemon> {
+        let mut args = vec!["run", "--iface", &lab.director_if, "--config", config];
+        args.extend_from_slice(extra);
+        Daemon::start(&lab.director, &args)
+    }
+
     /// [`Daemon::start`] with the binary given.
     pub fn start_bin(bin: &std::path::Path, ns: &Netns, args: &[&str]) -> Result<Daemon> {
         let mut cmd = ns.command(bin);
@@ -181,6 +189,21 @@ impl Drop for Daemon {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Runs `fwmark ARGS...` as user nobody with no capabilities.
+pub fn fwmark_unprivileged(args: &[&str]) -> std::process::Output {
+    std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(fwmark_bin())
+        .args(args)
+        .output()
+        .expect("run setpriv")
 }
 
 /// Parses the `global: name=value ...` line `fwmark run` prints on exit.

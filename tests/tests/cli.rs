@@ -6,7 +6,11 @@ use std::{
     process::{Command, Output},
 };
 
-use fwmark_testlab::{daemon::fwmark_bin, kernel, netns::Netns};
+use fwmark_testlab::{
+    daemon::{fwmark_bin, fwmark_unprivileged},
+    kernel,
+    netns::Netns,
+};
 
 fn example_config() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fwmark.example.toml")
@@ -97,25 +101,32 @@ fn run_needs_an_interface_argument() {
     assert!(stderr(&out).contains("--iface"), "{}", stderr(&out));
 }
 
+/// `fwmark run --iface IFACE` with the example config in `ns` must fail with
+/// exit 1 and one line, which it returns.
+fn run_fails_in(ns: &Netns, iface: &str) -> String {
+    let out = ns
+        .command(fwmark_bin())
+        .args(["run", "--iface", iface, "--config"])
+        .arg(example_config())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    err
+}
+
 #[test]
 fn run_on_a_missing_interface_is_one_clear_line() {
     if !kernel::available("run_on_a_missing_interface", &["ip"]) {
         return;
     }
     let ns = Netns::create('m').unwrap();
-    let out = ns
-        .command(fwmark_bin())
-        .args(["run", "--iface", "nosuch0", "--config"])
-        .arg(example_config())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = stderr(&out);
+    let err = run_fails_in(&ns, "nosuch0");
     assert!(
         err.contains("interface \"nosuch0\" does not exist"),
         "{err}"
     );
-    assert_eq!(err.lines().count(), 1, "{err}");
 }
 
 #[test]
@@ -123,18 +134,14 @@ fn run_as_an_unprivileged_user_says_it_needs_root() {
     if !kernel::available("run_as_an_unprivileged_user", &["setpriv"]) {
         return;
     }
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-        ])
-        .arg(fwmark_bin())
-        .args(["run", "--iface", "lo", "--config"])
-        .arg(example_config())
-        .output()
-        .unwrap();
+    let example = example_config();
+    let out = fwmark_unprivileged(&[
+        "run",
+        "--iface",
+        "lo",
+        "--config",
+        example.to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(err.contains("fwmark needs root"), "{err}");
@@ -149,19 +156,11 @@ fn run_refuses_a_non_ethernet_interface() {
     let ns = Netns::create('t').unwrap();
     ns.ip(&["tuntap", "add", "dev", "tun0", "mode", "tun"])
         .unwrap();
-    let out = ns
-        .command(fwmark_bin())
-        .args(["run", "--iface", "tun0", "--config"])
-        .arg(example_config())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = stderr(&out);
+    let err = run_fails_in(&ns, "tun0");
     assert!(
         err.contains("\"tun0\" has link type 65534, not Ethernet"),
         "{err}"
     );
-    assert_eq!(err.lines().count(), 1, "{err}");
 }
 
 #[test]

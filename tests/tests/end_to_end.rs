@@ -30,19 +30,8 @@ fn example_config_marks_exactly_its_services(mode: &str) {
     let lab = Lab::new(&example::vips(&probes)).expect("create namespaces");
     let counters = MarkCounters::install(&lab.director, &probes).expect("install nft counters");
     let config = example::config_path();
-    let daemon = Daemon::start(
-        &lab.director,
-        &[
-            "run",
-            "--iface",
-            &lab.director_if,
-            "--config",
-            config.to_str().unwrap(),
-            "--attach",
-            mode,
-        ],
-    )
-    .expect("fwmark run attaches");
+    let daemon = Daemon::run_on(&lab, config.to_str().unwrap(), &["--attach", mode])
+        .expect("fwmark run attaches");
     assert_eq!(
         ingress_programs(&lab.director, &lab.director_if).unwrap(),
         vec![format!("{mode}:fwmark")],

@@ -10,7 +10,7 @@ use std::{
 };
 
 use fwmark_testlab::{
-    daemon::{Daemon, fwmark_bin},
+    daemon::{Daemon, fwmark_bin, fwmark_unprivileged},
     example::probe,
     kernel,
     netns::{Lab, ingress_programs},
@@ -47,6 +47,18 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// The common start of a live test: the kernel gate, a lab, a directory for
+/// configs, and config A (web under mark 80) written there.
+fn setup(name: &str, tools: &[&str]) -> Option<(Lab, TempDir, String)> {
+    if !kernel::available(name, tools) {
+        return None;
+    }
+    let lab = lab();
+    let files = TempDir::new(&lab);
+    let a = files.write("a.toml", &config(80));
+    Some((lab, files, a))
 }
 
 fn lab() -> Lab {
@@ -98,30 +110,16 @@ fn send(lab: &Lab, p: &Probe) {
 
 #[test]
 fn applies_under_load_never_leave_a_packet_unmarked() {
-    if !kernel::available("applies_under_load", &["ip", "nft", "nsenter"]) {
+    let Some((lab, files, a)) = setup("applies_under_load", &["ip", "nft", "nsenter"]) else {
         return;
-    }
-    let lab = lab();
-    let files = TempDir::new(&lab);
-    let a = files.write("a.toml", &config(80));
+    };
     let b = files.write("b.toml", &config(81));
     let probes = [
         probe(VIP, ProbeProto::Udp, 80, 80, 0),
         probe(VIP, ProbeProto::Udp, 443, 80, 0),
     ];
     let counters = MarkCounters::install_with_marks(&lab.director, &probes, &[81]).unwrap();
-    let daemon = Daemon::start(
-        &lab.director,
-        &[
-            "run",
-            "--iface",
-            &lab.director_if,
-            "--config",
-            &a,
-            "--no-watch",
-        ],
-    )
-    .unwrap();
+    let daemon = Daemon::run_on(&lab, &a, &["--no-watch"]).unwrap();
 
     let stop = AtomicBool::new(false);
     let sent = std::thread::scope(|s| {
@@ -201,24 +199,12 @@ fn restart_after_kill_keeps_marking_and_adopts_netlink() {
 
 fn restart_after_kill(mode: &str) {
     let name = format!("restart_after_kill_{mode}");
-    if !kernel::available(&name, &["ip", "nft", "nsenter", "tc"]) {
+    let Some((lab, _files, a)) = setup(&name, &["ip", "nft", "nsenter", "tc"]) else {
         return;
-    }
-    let lab = lab();
-    let files = TempDir::new(&lab);
-    let a = files.write("a.toml", &config(80));
+    };
     let web = probe(VIP, ProbeProto::Tcp, 443, 80, 2);
     let counters = MarkCounters::install(&lab.director, std::slice::from_ref(&web)).unwrap();
-    let args = [
-        "run",
-        "--iface",
-        &lab.director_if,
-        "--config",
-        &a,
-        "--attach",
-        mode,
-    ];
-    let first = Daemon::start(&lab.director, &args).unwrap();
+    let first = Daemon::run_on(&lab, &a, &["--attach", mode]).unwrap();
     send(&lab, &web);
     first.kill();
 
@@ -230,7 +216,7 @@ fn restart_after_kill(mode: &str) {
     assert_eq!(service_packets(&status, "web"), 4);
     let first_program = status["attach"]["program_id"].as_u64().unwrap();
 
-    let second = Daemon::start(&lab.director, &args).unwrap();
+    let second = Daemon::run_on(&lab, &a, &["--attach", mode]).unwrap();
     assert!(
         second.stderr_so_far().contains("adopted"),
         "{}",
@@ -268,19 +254,12 @@ fn restart_after_kill(mode: &str) {
 
 #[test]
 fn keep_then_detach() {
-    if !kernel::available("keep_then_detach", &["ip", "nft", "nsenter"]) {
+    let Some((lab, _files, a)) = setup("keep_then_detach", &["ip", "nft", "nsenter"]) else {
         return;
-    }
-    let lab = lab();
-    let files = TempDir::new(&lab);
-    let a = files.write("a.toml", &config(80));
+    };
     let web = probe(VIP, ProbeProto::Tcp, 80, 80, 1);
     let counters = MarkCounters::install(&lab.director, std::slice::from_ref(&web)).unwrap();
-    let daemon = Daemon::start(
-        &lab.director,
-        &["run", "--iface", &lab.director_if, "--config", &a, "--keep"],
-    )
-    .unwrap();
+    let daemon = Daemon::run_on(&lab, &a, &["--keep"]).unwrap();
     let finished = daemon.stop().unwrap();
     assert!(finished.status.success(), "{}", finished.stderr);
     assert!(finished.stderr.contains("--keep"), "{}", finished.stderr);
@@ -307,25 +286,10 @@ fn keep_then_detach() {
 
 #[test]
 fn status_and_metrics_count_what_was_sent() {
-    if !kernel::available("status_and_metrics", &["ip", "nft", "nsenter"]) {
+    let Some((lab, files, a)) = setup("status_and_metrics", &["ip", "nft", "nsenter"]) else {
         return;
-    }
-    let lab = lab();
-    let files = TempDir::new(&lab);
-    let a = files.write("a.toml", &config(80));
-    let daemon = Daemon::start(
-        &lab.director,
-        &[
-            "run",
-            "--iface",
-            &lab.director_if,
-            "--config",
-            &a,
-            "--metrics",
-            "9469",
-        ],
-    )
-    .unwrap();
+    };
+    let daemon = Daemon::run_on(&lab, &a, &["--metrics", "9469"]).unwrap();
     send(&lab, &probe(VIP, ProbeProto::Tcp, 80, 80, 3));
     send(&lab, &probe(VIP, ProbeProto::Udp, 443, 80, 4));
     send(&lab, &probe("192.0.2.53", ProbeProto::Udp, 53, 53, 2));
@@ -397,19 +361,13 @@ fn status_and_metrics_count_what_was_sent() {
 
 #[test]
 fn bad_input_leaves_the_live_config_alone() {
-    if !kernel::available("bad_input", &["ip", "nft", "nsenter", "setpriv"]) {
+    let Some((lab, files, live_file)) = setup("bad_input", &["ip", "nft", "nsenter", "setpriv"])
+    else {
         return;
-    }
-    let lab = lab();
-    let files = TempDir::new(&lab);
-    let live_file = files.write("live.toml", &config(80));
+    };
     let web = probe(VIP, ProbeProto::Tcp, 80, 80, 1);
     let counters = MarkCounters::install(&lab.director, std::slice::from_ref(&web)).unwrap();
-    let daemon = Daemon::start(
-        &lab.director,
-        &["run", "--iface", &lab.director_if, "--config", &live_file],
-    )
-    .unwrap();
+    let daemon = Daemon::run_on(&lab, &live_file, &[]).unwrap();
     let iface = lab.director_if.clone();
 
     // An invalid config in apply: non-zero exit, file:line, nothing changes.
@@ -472,17 +430,7 @@ fn bad_input_leaves_the_live_config_alone() {
         String::from_utf8_lossy(&detach.stderr).contains("manages"),
         "detach must refuse while run manages the interface: {detach:?}"
     );
-    let unprivileged = std::process::Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-        ])
-        .arg(fwmark_bin())
-        .args(["status", "--iface", &iface])
-        .output()
-        .unwrap();
+    let unprivileged = fwmark_unprivileged(&["status", "--iface", &iface]);
     assert_eq!(unprivileged.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&unprivileged.stderr).contains("fwmark needs root"),
@@ -493,24 +441,10 @@ fn bad_input_leaves_the_live_config_alone() {
 
 #[test]
 fn concurrent_applies_are_serialized() {
-    if !kernel::available("concurrent_applies", &["ip", "nsenter"]) {
+    let Some((lab, files, a)) = setup("concurrent_applies", &["ip", "nsenter"]) else {
         return;
-    }
-    let lab = lab();
-    let files = TempDir::new(&lab);
-    let a = files.write("a.toml", &config(80));
-    let daemon = Daemon::start(
-        &lab.director,
-        &[
-            "run",
-            "--iface",
-            &lab.director_if,
-            "--config",
-            &a,
-            "--no-watch",
-        ],
-    )
-    .unwrap();
+    };
+    let daemon = Daemon::run_on(&lab, &a, &["--no-watch"]).unwrap();
     let configs: Vec<String> = (0..8)
         .map(|i| files.write(&format!("c{i}.toml"), &config(100 + i)))
         .collect();
@@ -546,25 +480,10 @@ fn concurrent_applies_are_serialized() {
 
 #[test]
 fn kernel_debug_log_reports_decisions() {
-    if !kernel::available("kernel_debug_log", &["ip", "nsenter"]) {
+    let Some((lab, _files, a)) = setup("kernel_debug_log", &["ip", "nsenter"]) else {
         return;
-    }
-    let lab = lab();
-    let files = TempDir::new(&lab);
-    let a = files.write("a.toml", &config(80));
-    let daemon = Daemon::start(
-        &lab.director,
-        &[
-            "run",
-            "--iface",
-            &lab.director_if,
-            "--config",
-            &a,
-            "--log-level",
-            "debug",
-        ],
-    )
-    .unwrap();
+    };
+    let daemon = Daemon::run_on(&lab, &a, &["--log-level", "debug"]).unwrap();
     send(&lab, &probe(VIP, ProbeProto::Tcp, 443, 80, 1));
     daemon
         .wait_for_log(
@@ -577,15 +496,12 @@ fn kernel_debug_log_reports_decisions() {
 
 #[test]
 fn runs_with_only_the_documented_capabilities() {
-    if !kernel::available(
+    let Some((lab, _files, a)) = setup(
         "runs_with_only_the_documented_capabilities",
         &["ip", "nsenter", "setpriv"],
-    ) {
+    ) else {
         return;
-    }
-    let lab = lab();
-    let files = TempDir::new(&lab);
-    let a = files.write("a.toml", &config(80));
+    };
     let web = probe(VIP, ProbeProto::Tcp, 80, 80, 1);
     let counters = MarkCounters::install(&lab.director, std::slice::from_ref(&web)).unwrap();
     // What contrib/fwmark.service grants, less CAP_SYS_ADMIN (bpffs is mounted).
