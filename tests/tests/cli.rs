@@ -170,3 +170,24 @@ fn run_rejects_an_unknown_attach_mode() {
     let err = stderr(&out);
     assert!(err.contains("possible values: auto, tcx, netlink"), "{err}");
 }
+
+#[test]
+fn completions_and_man_page_come_from_the_cli() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = fwmark(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {}", stderr(&out));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("apply") && text.contains("dry-run"),
+            "{shell}: {text}"
+        );
+    }
+    let out = fwmark(&["man"]);
+    assert!(out.status.success());
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH fwmark"),
+        "{page}"
+    );
+    assert!(page.contains("detach"), "{page}");
+}
