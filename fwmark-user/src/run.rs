@@ -29,6 +29,11 @@ struct Live {
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
+    // Handlers first: a signal that arrives while starting must not kill the
+    // process half-way (it is acted on once the start is complete).
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let new = Loaded::read(&args.config)?;
     preflight::check_privileges()?;
     let kernel = preflight::check_kernel()?;
@@ -54,9 +59,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
         None => None,
     };
 
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut watch = tokio::time::interval(WATCH_INTERVAL);
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_seen = file_stamp(&args.config);
