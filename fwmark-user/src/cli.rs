@@ -33,6 +33,13 @@ pub enum Command {
     Detach(DetachArgs),
     /// Validate a config without touching the kernel.
     Check(CheckArgs),
+    /// Turn `iptables-save`/`ip6tables-save` output (or iptables commands)
+    /// into an fwmark config that gives every packet the mark iptables gave
+    /// it; the config goes to stdout, the report to stderr.
+    Import(ImportArgs),
+    /// Print rules for iptables-restore or nft that do what a config does
+    /// (the rollback path).
+    Export(ExportArgs),
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -135,6 +142,41 @@ pub struct StatusArgs {
 pub struct DetachArgs {
     #[arg(long, short = 'i', value_name = "IFACE")]
     pub iface: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// The rules (`-` or nothing: standard input).
+    #[arg(value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// The interface fwmark will run on: rules with `-i IFACE` are kept,
+    /// rules for other interfaces are reported.
+    #[arg(long, short = 'i', value_name = "IFACE")]
+    pub iface: Option<String>,
+    /// Import what can be imported and report the rest (exit 0).
+    #[arg(long)]
+    pub skip_unsupported: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// Config file.
+    #[arg(long, short = 'c', value_name = "FILE", default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum)]
+    pub format: ExportFormat,
+}
+
+/// `--format` values of `export`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    /// iptables-restore input for the mangle table (IPv4 services).
+    Iptables,
+    /// ip6tables-restore input for the mangle table (IPv6 services).
+    Ip6tables,
+    /// An `nft -f` file.
+    Nft,
 }
 
 #[derive(Debug, clap::Args)]

@@ -490,11 +490,14 @@ impl Validator<'_> {
             None => default_mask,
         };
         let mark = match u32::try_from(*raw.mark.get_ref()) {
-            Ok(0) => {
+            // With a partial mask, 0 clears the masked bits: that is useful.
+            Ok(0) if mask == u32::MAX => {
                 self.error(
                     raw.mark.span(),
                     field("mark"),
-                    "mark 0 means \"no mark\" to IPVS; use 1..=0xffffffff".into(),
+                    "mark 0 means \"no mark\" to IPVS; use 1..=0xffffffff (0 is allowed only \
+                     with a mask, to clear those bits)"
+                        .into(),
                 );
                 0
             }
@@ -712,6 +715,14 @@ mark = 0x50
         let e =
             one_error("[[service]]\nvip = \"192.0.2.1\"\nproto = \"tcp\"\nmark = 0x100000000\n");
         assert!(e.message.contains("32-bit"), "{e}");
+    }
+
+    #[test]
+    fn mark_zero_clears_bits_under_a_mask() {
+        let c =
+            parse("[[service]]\nvip = \"192.0.2.1\"\nproto = \"tcp\"\nmark = 0\nmask = 0xff00\n")
+                .unwrap();
+        assert_eq!((c.services[0].mark, c.services[0].mask), (0, 0xff00));
     }
 
     #[test]

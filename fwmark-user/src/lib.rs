@@ -8,6 +8,8 @@ pub mod config;
 pub mod datapath;
 pub mod detach;
 pub mod diff;
+pub mod export;
+pub mod import;
 pub mod live;
 pub mod metrics;
 pub mod preflight;

@@ -4,7 +4,7 @@ use clap::{CommandFactory as _, Parser as _};
 use fwmark::{
     apply,
     cli::{Cli, Command},
-    detach, live, run, status,
+    detach, export, live, run, status,
 };
 
 fn main() -> ExitCode {
@@ -32,6 +32,8 @@ fn main() -> ExitCode {
         Command::Status(args) => status::status(&args.iface, args.json),
         Command::Detach(args) => detach::detach(&args.iface),
         Command::Check(args) => check(&args.config),
+        Command::Import(args) => import(args),
+        Command::Export(args) => export::export_command(&args.config, args.format),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "fwmark", &mut std::io::stdout());
             Ok(())
@@ -47,6 +49,42 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn import(args: fwmark::cli::ImportArgs) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use std::io::Read as _;
+    let (source, text) = match args.file.as_deref() {
+        None => ("standard input".to_string(), String::new()),
+        Some(p) if p.as_os_str() == "-" => ("standard input".to_string(), String::new()),
+        Some(p) => (
+            p.display().to_string(),
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        ),
+    };
+    let text = if source == "standard input" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading standard input")?;
+        s
+    } else {
+        text
+    };
+    let imported = fwmark::import::import(&text, args.iface.as_deref(), args.skip_unsupported)
+        .with_context(|| format!("importing {source}"))?;
+    print!("{}", imported.config_text);
+    for line in &imported.report {
+        eprintln!("fwmark import: {line}");
+    }
+    eprintln!(
+        "fwmark import: {} MARK rules from {source} -> {} services, {} exact + {} prefix entries",
+        imported.rules,
+        imported.config.len(),
+        imported.ruleset.exact.len(),
+        imported.ruleset.prefix.len()
+    );
+    Ok(())
 }
 
 fn check(path: &std::path::Path) -> anyhow::Result<()> {

@@ -246,6 +246,50 @@ impl Ruleset {
     pub fn entries(&self) -> usize {
         self.exact.len() + self.prefix.len()
     }
+
+    /// What the classifier does with a packet to `addr`, `proto`, `port`
+    /// (a later fragment: no port), by the same precedence, in userspace:
+    /// exact address and port, exact address all ports, then the longest
+    /// prefix with a port or all-ports entry (port first at equal length).
+    /// A reference for tests and for explaining decisions; linear in the
+    /// number of prefix entries.
+    pub fn classify(&self, addr: IpAddr, proto: u8, port: Option<u16>) -> Option<Target> {
+        let exact_key = |p: u16| service_key(addr, proto, p);
+        let find = |k: ServiceKey| self.exact.iter().find(|(e, _)| *e == k).map(|(_, t)| *t);
+        if let Some(p) = port
+            && let Some(t) = find(exact_key(p))
+        {
+            return Some(t);
+        }
+        if let Some(t) = find(exact_key(ALL_PORTS)) {
+            return Some(t);
+        }
+        let (family, bytes) = family_and_addr(addr);
+        let in_prefix = |e: &PrefixEntry, want_port: u16| {
+            let bits = e.prefix_len - KEY_HEADER_BITS;
+            let key_bytes = e.key.addr_bytes();
+            e.key.family == family
+                && e.key.proto == proto
+                && e.key.port == want_port.to_be_bytes()
+                && (0..bits as usize).all(|b| {
+                    let mask = 0x80u8 >> (b % 8);
+                    key_bytes[b / 8] & mask == bytes[b / 8] & mask
+                })
+        };
+        let best = |want_port: u16| {
+            self.prefix
+                .iter()
+                .filter(|e| in_prefix(e, want_port))
+                .max_by_key(|e| e.prefix_len)
+        };
+        let with_port = port.and_then(&best);
+        let all_ports = best(ALL_PORTS);
+        match (with_port, all_ports) {
+            (Some(p), Some(a)) if a.prefix_len > p.prefix_len => Some(a.target),
+            (Some(p), _) => Some(p.target),
+            (None, a) => a.map(|a| a.target),
+        }
+    }
 }
 
 fn describe(vip: &IpNet, proto: Proto, port: u16) -> String {

@@ -699,3 +699,44 @@ fn readers_never_see_a_mixed_generation() {
     );
     assert!(seen.contains_key(&80) && seen.contains_key(&81), "{seen:?}");
 }
+
+#[test]
+fn the_userspace_reference_agrees_with_the_kernel() {
+    let Some(h) = harness("the_userspace_reference_agrees_with_the_kernel", PRECEDENCE) else {
+        return;
+    };
+    let mut checked = 0;
+    for dst in [
+        "198.51.100.200",
+        "198.51.100.130",
+        "198.51.100.10",
+        "198.51.100.255",
+        "198.51.7.7",
+        "198.52.0.1",
+        "2001:db8:1:2::5",
+        "2001:db8:1:3::5",
+        "2001:db8:2::5",
+    ] {
+        for l4 in [
+            L4::Tcp(22),
+            L4::Tcp(80),
+            L4::Tcp(81),
+            L4::Tcp(443),
+            L4::Udp(80),
+        ] {
+            let frame = Frame::new(dst, l4);
+            let (proto, port) = match l4 {
+                L4::Tcp(p) => (6, p),
+                L4::Udp(p) => (17, p),
+                _ => unreachable!(),
+            };
+            let want = h
+                .ruleset
+                .classify(frame.dst, proto, Some(port))
+                .map_or(PRESET, |t| (PRESET & !t.mask) | (t.mark & t.mask));
+            assert_eq!(run(&h, &frame).mark, want, "{dst} {l4:?}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 45);
+}
