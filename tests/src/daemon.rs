@@ -45,6 +45,8 @@ pub struct Daemon {
     child: Child,
     stderr: Arc<Mutex<String>>,
     stderr_thread: Option<JoinHandle<()>>,
+    /// Drains stdout as it comes (the exit table can exceed a pipe buffer).
+    stdout_thread: Option<JoinHandle<String>>,
 }
 
 impl Daemon {
@@ -92,10 +94,17 @@ impl Daemon {
                 }
             }
         });
+        let mut out = child.stdout.take().expect("piped stdout");
+        let stdout_thread = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = out.read_to_string(&mut s);
+            s
+        });
         let mut daemon = Daemon {
             child,
             stderr,
             stderr_thread: Some(stderr_thread),
+            stdout_thread: Some(stdout_thread),
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
@@ -167,10 +176,11 @@ impl Daemon {
     }
 
     fn collect(&mut self, status: ExitStatus) -> Finished {
-        let mut stdout = String::new();
-        if let Some(mut out) = self.child.stdout.take() {
-            let _ = out.read_to_string(&mut stdout);
-        }
+        let stdout = self
+            .stdout_thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default();
         if let Some(t) = self.stderr_thread.take() {
             let _ = t.join();
         }

@@ -14,3 +14,4 @@ pub mod kernel;
 pub mod netns;
 pub mod nft;
 pub mod packets;
+pub mod recorder;

@@ -106,25 +106,7 @@ impl<'a> MarkCounters<'a> {
                 &format!("    {matcher} meta mark != {{ {set} }} counter comment \"p{i} other\"\n");
         }
         script += "  }\n}\n";
-        let mut child = ns
-            .command("nft")
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("spawning nft")?;
-        child
-            .stdin
-            .take()
-            .expect("piped stdin")
-            .write_all(script.as_bytes())?;
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "nft -f failed: {}\n{script}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        nft_script(ns, &script).with_context(|| script.clone())?;
         Ok(MarkCounters {
             ns,
             probes: probes.to_vec(),
@@ -170,6 +152,27 @@ impl<'a> MarkCounters<'a> {
     pub fn marks(&self) -> &BTreeSet<u32> {
         &self.marks
     }
+}
+
+/// Runs an `nft -f -` script in `ns`.
+pub fn nft_script(ns: &Netns, script: &str) -> Result<()> {
+    let mut child = ns
+        .command("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawning nft")?;
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(script.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("nft -f failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
 }
 
 /// Sends a probe's traffic; call it inside the client namespace

@@ -110,10 +110,31 @@ enum Node<'a> {
     Block(Vec<Node<'a>>),
 }
 
-enum Flow {
-    Continue,
-    Return,
-    Accept,
+/// The program in evaluation order: each rule with the index just past
+/// the chain (block) it sits in, where a RETURN continues.
+struct Flat<'a> {
+    rule: &'a Rule,
+    block_end: usize,
+}
+
+fn flatten<'a>(nodes: &[Node<'a>], out: &mut Vec<Flat<'a>>) {
+    let start = out.len();
+    for node in nodes {
+        match node {
+            Node::Rule(r) => out.push(Flat {
+                rule: r,
+                block_end: 0,
+            }),
+            Node::Block(inner) => flatten(inner, out),
+        }
+    }
+    let end = out.len();
+    // Rules of nested blocks already have their (smaller) end set.
+    for f in &mut out[start..end] {
+        if f.block_end == 0 {
+            f.block_end = end;
+        }
+    }
 }
 
 fn contains(outer: &IpNet, inner: &IpNet) -> bool {
@@ -137,38 +158,32 @@ fn matches_port(rule: &Rule, port: Option<u16>) -> bool {
     }
 }
 
-/// Folds the program for one point; `lines` collects the MARK rules applied.
-fn eval(
-    nodes: &[Node<'_>],
-    region: &Region,
-    port: Option<u16>,
-    acc: &mut Effect,
-    lines: &mut Vec<usize>,
-) -> Flow {
-    for node in nodes {
-        match node {
-            Node::Block(inner) => {
-                if let Flow::Accept = eval(inner, region, port, acc, lines) {
-                    return Flow::Accept;
-                }
+/// Folds the rules that match a region (`relevant`: indices into `flat`, in
+/// order) for one port (`None`: a later fragment, no port matches); returns
+/// the effect and the lines of the MARK rules applied.
+fn eval(flat: &[Flat<'_>], relevant: &[usize], port: Option<u16>) -> (Effect, Vec<usize>) {
+    let mut effect = Effect::default();
+    let mut lines = Vec::new();
+    let mut resume = 0;
+    for &i in relevant {
+        if i < resume {
+            continue;
+        }
+        let rule = flat[i].rule;
+        if !matches_port(rule, port) {
+            continue;
+        }
+        match rule.action {
+            Action::Mark { mask, value } => {
+                effect = effect.then(Effect { mask, value });
+                lines.push(rule.line);
             }
-            Node::Rule(rule) => {
-                if !(matches_region(rule, region) && matches_port(rule, port)) {
-                    continue;
-                }
-                match rule.action {
-                    Action::Mark { mask, value } => {
-                        *acc = acc.then(Effect { mask, value });
-                        lines.push(rule.line);
-                    }
-                    Action::Return => return Flow::Return,
-                    Action::Accept => return Flow::Accept,
-                    Action::Jump => {}
-                }
-            }
+            Action::Return => resume = flat[i].block_end,
+            Action::Accept => break,
+            Action::Jump => {}
         }
     }
-    Flow::Continue
+    (effect, lines)
 }
 
 /// Builds the program of one family from PREROUTING, following jumps.
@@ -217,15 +232,6 @@ fn build<'a>(
         }
     }
     nodes
-}
-
-fn all_rules<'a>(nodes: &'a [Node<'a>], out: &mut Vec<&'a Rule>) {
-    for n in nodes {
-        match n {
-            Node::Rule(r) => out.push(r),
-            Node::Block(b) => all_rules(b, out),
-        }
-    }
 }
 
 /// One fwmark entry the import needs.
@@ -279,32 +285,58 @@ pub fn import(
                 *ignored.entry(format!("mangle/{chain}")).or_default() += rules.len();
             }
         }
-        let mut rules = Vec::new();
-        all_rules(&program, &mut rules);
-        imported_rules += rules
+        let mut flat = Vec::new();
+        flatten(&program, &mut flat);
+        imported_rules += flat
             .iter()
-            .filter(|r| matches!(r.action, Action::Mark { .. }))
+            .filter(|f| matches!(f.rule.action, Action::Mark { .. }))
             .count();
         let whole: IpNet = match family {
             Family::V4 => "0.0.0.0/0".parse().expect("valid"),
             Family::V6 => "::/0".parse().expect("valid"),
         };
-        let prefixes: BTreeSet<IpNet> = rules.iter().map(|r| r.dst.unwrap_or(whole)).collect();
-        for prefix in prefixes {
+        // Rules by destination prefix, in program order.
+        let mut by_prefix: BTreeMap<IpNet, Vec<usize>> = BTreeMap::new();
+        for (i, f) in flat.iter().enumerate() {
+            by_prefix
+                .entry(f.rule.dst.unwrap_or(whole))
+                .or_default()
+                .push(i);
+        }
+        for (&prefix, own_rules) in &by_prefix {
+            // The rules of this prefix and of every prefix containing it.
+            let mut around: Vec<usize> = (0..=prefix.prefix_len())
+                .filter_map(|len| {
+                    let sup = IpNet::new(prefix.network(), len).ok()?.trunc();
+                    by_prefix.get(&sup)
+                })
+                .flatten()
+                .copied()
+                .collect();
+            around.sort_unstable();
+            around.dedup();
             for proto in PROTOS {
                 let region = Region { prefix, proto };
-                let relevant: Vec<&&Rule> = rules
+                // Without a rule of this very prefix and protocol, the region
+                // behaves as its parent region, and fwmark's fallback to the
+                // parent's entries gives exactly that: no entries needed.
+                let own = own_rules
                     .iter()
-                    .filter(|r| matches_region(r, &region))
+                    .any(|&i| flat[i].rule.proto.is_none_or(|p| p == proto));
+                let relevant: Vec<usize> = around
+                    .iter()
+                    .copied()
+                    .filter(|&i| matches_region(flat[i].rule, &region))
                     .collect();
-                if !relevant
-                    .iter()
-                    .any(|r| matches!(r.action, Action::Mark { .. }))
+                if !own
+                    || !relevant
+                        .iter()
+                        .any(|&i| matches!(flat[i].rule.action, Action::Mark { .. }))
                 {
                     continue;
                 }
                 region_entries(
-                    &program,
+                    &flat,
                     &region,
                     &relevant,
                     &comments,
@@ -354,23 +386,18 @@ pub fn import(
 
 /// The entries one region needs.
 fn region_entries(
-    program: &[Node<'_>],
+    flat: &[Flat<'_>],
     region: &Region,
-    relevant: &[&&Rule],
+    relevant: &[usize],
     comments: &BTreeMap<usize, String>,
     entries: &mut Vec<Entry>,
     inexpressible: &mut Vec<String>,
 ) {
-    let point = |port: Option<u16>| {
-        let mut effect = Effect::default();
-        let mut lines = Vec::new();
-        eval(program, region, port, &mut effect, &mut lines);
-        (effect, lines)
-    };
+    let point = |port: Option<u16>| eval(flat, relevant, port);
     // Port intervals on which every relevant rule's port match is constant.
     let mut bounds: BTreeSet<u32> = BTreeSet::from([1, 65536]);
-    for rule in relevant {
-        for r in rule.ports.iter().flatten() {
+    for &i in relevant {
+        for r in flat[i].rule.ports.iter().flatten() {
             bounds.insert(u32::from(r.lo));
             bounds.insert(u32::from(r.hi) + 1);
         }

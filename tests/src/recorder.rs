@@ -1,0 +1,201 @@
+//! Frames sent raw (AF_PACKET) from the client end of a lab, and the mark
+//! each one reached the director's prerouting with, recorded by nftables
+//! after the mangle table (priority -140) in sets keyed by destination,
+//! protocol, destination port and mark.
+
+use std::{collections::BTreeMap, io, net::IpAddr};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{
+    netns::{Lab, Netns, run_cmd},
+    nft::nft_script,
+    packets::{Frame, L4},
+};
+
+const TABLE: &str = "fwmarkrec";
+
+/// (destination, IP protocol, destination port).
+pub type Point = (IpAddr, u8, u16);
+
+/// The recording table in the director namespace.
+pub struct Recorder<'a> {
+    ns: &'a Netns,
+}
+
+impl<'a> Recorder<'a> {
+    pub fn install(ns: &'a Netns) -> Result<Recorder<'a>> {
+        let script = format!(
+            "table inet {TABLE} {{\n\
+               set seen4 {{ type ipv4_addr . inet_proto . inet_service . mark; flags dynamic; size 262144; }}\n\
+               set seen6 {{ type ipv6_addr . inet_proto . inet_service . mark; flags dynamic; size 262144; }}\n\
+               chain pre {{\n\
+                 type filter hook prerouting priority -140; policy accept;\n\
+                 meta l4proto {{ tcp, udp, sctp }} meta nfproto ipv4 add @seen4 {{ ip daddr . meta l4proto . th dport . meta mark }}\n\
+                 meta l4proto {{ tcp, udp, sctp }} meta nfproto ipv6 add @seen6 {{ ip6 daddr . meta l4proto . th dport . meta mark }}\n\
+               }}\n\
+             }}\n"
+        );
+        nft_script(ns, &script)?;
+        Ok(Recorder { ns })
+    }
+
+    /// Forgets what was recorded.
+    pub fn clear(&self) -> Result<()> {
+        for set in ["seen4", "seen6"] {
+            run_cmd(
+                self.ns
+                    .command("nft")
+                    .args(["flush", "set", "inet", TABLE, set]),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// What arrived: point -> marks seen with it.
+    pub fn read(&self) -> Result<BTreeMap<Point, Vec<u32>>> {
+        let mut out: BTreeMap<Point, Vec<u32>> = BTreeMap::new();
+        for set in ["seen4", "seen6"] {
+            let json = run_cmd(
+                self.ns
+                    .command("nft")
+                    .args(["-j", "list", "set", "inet", TABLE, set]),
+            )?;
+            let doc: serde_json::Value = serde_json::from_str(&json).context("nft -j output")?;
+            let elements = doc["nftables"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i.get("set"))
+                .flat_map(|s| s["elem"].as_array().cloned().unwrap_or_default());
+            for e in elements {
+                // Either {"concat": [...]} or {"elem": {"val": {"concat": [...]}}}.
+                let concat = e
+                    .get("concat")
+                    .or_else(|| e.pointer("/elem/val/concat"))
+                    .and_then(|c| c.as_array())
+                    .with_context(|| format!("unexpected set element {e}"))?;
+                let [addr, proto, port, mark] = concat.as_slice() else {
+                    bail!("unexpected set element {e}");
+                };
+                let addr: IpAddr = addr.as_str().context("address")?.parse()?;
+                let proto = match proto {
+                    serde_json::Value::String(s) => match s.as_str() {
+                        "tcp" => 6,
+                        "udp" => 17,
+                        "sctp" => 132,
+                        other => other.parse().context("protocol")?,
+                    },
+                    v => v.as_u64().context("protocol")? as u8,
+                };
+                let port = match port {
+                    serde_json::Value::String(s) => s.parse().context("port")?,
+                    v => v.as_u64().context("port")? as u16,
+                };
+                let mark = match mark {
+                    serde_json::Value::String(s) => {
+                        let s = s.trim_start_matches("0x");
+                        u32::from_str_radix(s, 16).context("mark")?
+                    }
+                    v => v.as_u64().context("mark")? as u32,
+                };
+                out.entry((addr, proto, port)).or_default().push(mark);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The MAC address of `dev` in `ns`.
+pub fn mac_of(ns: &Netns, dev: &str) -> Result<[u8; 6]> {
+    let json = ns.ip(&["-j", "link", "show", "dev", dev])?;
+    let doc: serde_json::Value = serde_json::from_str(&json)?;
+    let text = doc[0]["address"].as_str().context("no address")?;
+    let bytes: Vec<u8> = text
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()?;
+    bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("bad MAC {text}"))
+}
+
+/// The frame for a point: a TCP SYN, a UDP datagram or an SCTP packet.
+pub fn frame_for(point: &Point, dst_mac: [u8; 6]) -> Vec<u8> {
+    let (dst, proto, port) = *point;
+    let l4 = match proto {
+        6 => L4::Tcp(port),
+        17 => L4::Udp(port),
+        132 => L4::Sctp(port),
+        other => L4::Other(other),
+    };
+    let mut frame = Frame::new(&dst.to_string(), l4).build();
+    frame[..6].copy_from_slice(&dst_mac);
+    frame
+}
+
+/// Sends `frames` out of `dev` in `ns` with an AF_PACKET socket.
+pub fn inject(ns: &Netns, dev: &str, frames: &[Vec<u8>]) -> Result<()> {
+    ns.run(|| send_raw(dev, frames))??;
+    Ok(())
+}
+
+fn send_raw(dev: &str, frames: &[Vec<u8>]) -> io::Result<()> {
+    let name = std::ffi::CString::new(dev)?;
+    // SAFETY: `name` is a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: plain socket creation; closed below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: all-zero is a valid sockaddr_ll; the fields are filled below.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_ifindex = index as i32;
+    addr.sll_halen = 6;
+    let mut result = Ok(());
+    for frame in frames {
+        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+        // SAFETY: `frame` and `addr` are valid for the lengths given.
+        let n = unsafe {
+            libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if n < 0 {
+            result = Err(io::Error::last_os_error());
+            break;
+        }
+    }
+    // SAFETY: `fd` is the socket opened above.
+    unsafe { libc::close(fd) };
+    result
+}
+
+/// Sends one frame per point from the client and returns what the director
+/// recorded (cleared first). Frames are paced to stay within the veth queue.
+pub fn send_and_record(
+    lab: &Lab,
+    recorder: &Recorder<'_>,
+    points: &[Point],
+) -> Result<BTreeMap<Point, Vec<u32>>> {
+    recorder.clear()?;
+    let mac = mac_of(&lab.director, &lab.director_if)?;
+    let frames: Vec<Vec<u8>> = points.iter().map(|p| frame_for(p, mac)).collect();
+    for chunk in frames.chunks(256) {
+        inject(&lab.client, &lab.client_if, chunk)?;
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // Let the director's softirq drain the veth queue.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    recorder.read()
+}
