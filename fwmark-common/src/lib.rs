@@ -23,6 +23,8 @@ pub mod map_names {
 
 /// Name of the classifier program in the eBPF object.
 pub const PROGRAM_NAME: &str = "fwmark";
+/// Name of the benchmark floor program (returns at once; never attached).
+pub const FLOOR_PROGRAM_NAME: &str = "fwmark_floor";
 
 /// Number of configuration generations the classifier can switch between.
 pub const GENERATIONS: u32 = 2;

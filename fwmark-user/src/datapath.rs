@@ -33,6 +33,62 @@ use crate::ruleset::Ruleset;
 /// The classifier object, built by `build.rs` from `fwmark-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fwmark"));
 
+/// `BPF_MAP_UPDATE_BATCH` (`enum bpf_cmd`, Linux >= 5.6).
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Inserts `keys[i] -> values[i]` with `BPF_MAP_UPDATE_BATCH`, many entries
+/// per syscall. Returns how many were inserted before an error, with it.
+fn update_batch<K, V>(
+    map: &MapData,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), (usize, std::io::Error)> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    const CHUNK: usize = 16 * 1024;
+    let fd = map.fd().as_fd().as_raw_fd();
+    let mut done = 0;
+    while done < keys.len() {
+        let n = (keys.len() - done).min(CHUNK);
+        let mut attr = BatchAttr {
+            keys: keys[done..].as_ptr() as u64,
+            values: values[done..].as_ptr() as u64,
+            count: n as u32,
+            map_fd: fd as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` is a valid `bpf_attr.batch` whose key and value
+        // pointers cover `n` elements of the map's key and value sizes (the
+        // caller's slices, typed like the map); the kernel only reads them.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err((done + attr.count as usize, std::io::Error::last_os_error()));
+        }
+        done += n;
+    }
+    Ok(())
+}
+
 /// `BPF_F_NO_PREALLOC`: required by LPM tries.
 const BPF_F_NO_PREALLOC: u32 = 1;
 
@@ -152,6 +208,20 @@ impl Maps {
         Ok(self.active_word()? & ACTIVE_GENERATION_MASK)
     }
 
+    /// Handles on the live generation's inner maps (exact hash, prefix
+    /// trie), e.g. to measure their memory.
+    pub fn live_inner_maps(&self) -> Result<(MapData, MapData), DatapathError> {
+        let slot = self.active_slot()?;
+        Ok((
+            self.exact
+                .get(&slot, 0)
+                .map_err(map_err(map_names::EXACT))?,
+            self.prefix
+                .get(&slot, 0)
+                .map_err(map_err(map_names::PREFIX))?,
+        ))
+    }
+
     /// Whether a generation has ever been published into these maps.
     pub fn is_published(&self) -> Result<bool, DatapathError> {
         let slot = self.active_slot()?;
@@ -188,10 +258,15 @@ impl Maps {
         let exact_len = u32::try_from(ruleset.exact.len().max(1)).unwrap_or(u32::MAX);
         let mut exact: HashMap<MapData, ServiceKey, Target> =
             HashMap::create(exact_len, 0).map_err(map_err("exact entries"))?;
-        for (key, t) in &ruleset.exact {
-            exact
-                .insert(key, target(t), 0)
-                .map_err(map_err("exact entries"))?;
+        let keys: Vec<ServiceKey> = ruleset.exact.iter().map(|(k, _)| *k).collect();
+        let values: Vec<Target> = ruleset.exact.iter().map(|(_, t)| target(t)).collect();
+        // Many entries per syscall; one by one where batches are refused.
+        if let Err((done, _)) = update_batch(exact.map(), &keys, &values) {
+            for (key, value) in keys.iter().zip(&values).skip(done) {
+                exact
+                    .insert(key, value, 0)
+                    .map_err(map_err("exact entries"))?;
+            }
         }
         let prefix_len = u32::try_from(ruleset.prefix.len().max(1)).unwrap_or(u32::MAX);
         let mut prefix: LpmTrie<MapData, ServiceKey, Target> =
@@ -352,6 +427,19 @@ impl Datapath {
             .program(fwmark_common::PROGRAM_NAME)
             .ok_or(DatapathError::Missing("classifier program"))?
             .try_into()?)
+    }
+
+    /// The benchmark floor program (an empty classifier), loaded on first use.
+    pub fn floor_program(&mut self) -> Result<&SchedClassifier, DatapathError> {
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(fwmark_common::FLOOR_PROGRAM_NAME)
+            .ok_or(DatapathError::Missing("floor program"))?
+            .try_into()?;
+        if program.fd().is_err() {
+            program.load()?;
+        }
+        Ok(program)
     }
 
     /// Mutable access to the classifier program.

@@ -9,7 +9,10 @@ use std::{
 
 use fwmark_common::{LPM_LOOKUP_PREFIX_LEN, ServiceKey};
 
-use crate::{config::Config, ruleset::Ruleset};
+use crate::{
+    config::{Config, Service},
+    ruleset::{Rule, Ruleset},
+};
 
 /// A config and its compiled ruleset.
 pub type Compiled<'a> = (&'a Config, &'a Ruleset);
@@ -56,69 +59,110 @@ fn mark_text(mark: u32, mask: u32) -> String {
 
 /// (lpm prefix length or exact, key) -> (mark, mask).
 fn entries(rs: &Ruleset) -> HashMap<(u32, ServiceKey), (u32, u32)> {
-    rs.exact
-        .iter()
-        .map(|(k, t)| ((LPM_LOOKUP_PREFIX_LEN, *k), (t.mark, t.mask)))
-        .chain(
-            rs.prefix
-                .iter()
-                .map(|e| ((e.prefix_len, e.key), (e.target.mark, e.target.mask))),
-        )
-        .collect()
+    let mut out = HashMap::with_capacity(rs.exact.len() + rs.prefix.len());
+    out.extend(
+        rs.exact
+            .iter()
+            .map(|(k, t)| ((LPM_LOOKUP_PREFIX_LEN, *k), (t.mark, t.mask))),
+    );
+    out.extend(
+        rs.prefix
+            .iter()
+            .map(|e| ((e.prefix_len, e.key), (e.target.mark, e.target.mask))),
+    );
+    out
 }
 
-/// Per service name: (mark, mask, rule texts).
-fn services(c: &Config, rs: &Ruleset) -> BTreeMap<String, (u32, u32, BTreeSet<String>)> {
-    let mut out: BTreeMap<String, (u32, u32, BTreeSet<String>)> = c
-        .services
-        .iter()
-        .map(|s| (s.name.clone(), (s.mark, s.mask, BTreeSet::new())))
-        .collect();
-    for rule in &rs.rules {
-        let name = &c.services[rule.service].name;
-        if let Some(e) = out.get_mut(name) {
-            e.2.insert(rule.to_string());
-        }
+/// Rules per service index, in one pass.
+fn by_service(rs: &Ruleset, services: usize) -> Vec<Vec<&Rule>> {
+    let mut out = vec![Vec::new(); services];
+    for r in &rs.rules {
+        out[r.service].push(r);
     }
     out
+}
+
+/// Rule texts, as a set.
+fn texts(rules: &[&Rule]) -> BTreeSet<String> {
+    rules.iter().map(|r| r.to_string()).collect()
+}
+
+/// At most this many rules are listed in one line of the diff.
+const LISTED: usize = 8;
+
+/// "a, b, c" or "a, b, ... (+N more)".
+fn listing(rules: &[&Rule]) -> String {
+    let mut shown: Vec<String> = rules.iter().take(LISTED).map(|r| r.to_string()).collect();
+    if rules.len() > LISTED {
+        shown.push(format!("... (+{} more)", rules.len() - LISTED));
+    }
+    shown.join(", ")
+}
+
+/// Same matches and mark (the file line may differ).
+fn same_service(a: &Service, b: &Service) -> bool {
+    (&a.vips, &a.protos, &a.ports, a.mark, a.mask) == (&b.vips, &b.protos, &b.ports, b.mark, b.mask)
 }
 
 /// The changes that turn `old` into `new`.
 pub fn diff(old: Compiled<'_>, new: Compiled<'_>) -> Diff {
     let mut d = Diff::default();
-    let (old_s, new_s) = (services(old.0, old.1), services(new.0, new.1));
-    for (name, (mark, mask, rules)) in &new_s {
-        match old_s.get(name) {
+    let index = |c: &Config| -> BTreeMap<String, usize> {
+        c.services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.clone(), i))
+            .collect()
+    };
+    let (old_i, new_i) = (index(old.0), index(new.0));
+    let old_rules = by_service(old.1, old.0.services.len());
+    let new_rules = by_service(new.1, new.0.services.len());
+    for (name, &ni) in &new_i {
+        let ns = &new.0.services[ni];
+        match old_i.get(name) {
             None => {
                 d.lines.push(format!(
                     "+ service {name:?} mark {}: {}",
-                    mark_text(*mark, *mask),
-                    rules.iter().cloned().collect::<Vec<_>>().join(", ")
+                    mark_text(ns.mark, ns.mask),
+                    listing(&new_rules[ni])
                 ));
             }
-            Some((old_mark, old_mask, old_rules)) => {
-                if (old_mark, old_mask) != (mark, mask) {
+            Some(&oi) => {
+                let os = &old.0.services[oi];
+                if same_service(os, ns) {
+                    continue;
+                }
+                if (os.mark, os.mask) != (ns.mark, ns.mask) {
                     d.lines.push(format!(
                         "~ service {name:?} mark {} -> {}",
-                        mark_text(*old_mark, *old_mask),
-                        mark_text(*mark, *mask)
+                        mark_text(os.mark, os.mask),
+                        mark_text(ns.mark, ns.mask)
                     ));
                 }
-                for r in rules.difference(old_rules) {
-                    d.lines.push(format!("+ service {name:?}: {r}"));
-                }
-                for r in old_rules.difference(rules) {
-                    d.lines.push(format!("- service {name:?}: {r}"));
+                let (was, now) = (texts(&old_rules[oi]), texts(&new_rules[ni]));
+                let added: Vec<&String> = now.difference(&was).collect();
+                let removed: Vec<&String> = was.difference(&now).collect();
+                for (sign, list) in [("+", added), ("-", removed)] {
+                    for r in list.iter().take(LISTED) {
+                        d.lines.push(format!("{sign} service {name:?}: {r}"));
+                    }
+                    if list.len() > LISTED {
+                        d.lines.push(format!(
+                            "{sign} service {name:?}: ... (+{} more rules)",
+                            list.len() - LISTED
+                        ));
+                    }
                 }
             }
         }
     }
-    for (name, (mark, mask, rules)) in &old_s {
-        if !new_s.contains_key(name) {
+    for (name, &oi) in &old_i {
+        if !new_i.contains_key(name) {
+            let os = &old.0.services[oi];
             d.lines.push(format!(
                 "- service {name:?} mark {}: {}",
-                mark_text(*mark, *mask),
-                rules.iter().cloned().collect::<Vec<_>>().join(", ")
+                mark_text(os.mark, os.mask),
+                listing(&old_rules[oi])
             ));
         }
     }

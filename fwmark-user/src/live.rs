@@ -91,6 +91,7 @@ pub fn initial_state(iface: &str, mode: AttachMode, rule_capacity: u32) -> State
         config_sha256: String::new(),
         config_text: String::new(),
         slots: Vec::new(),
+        slot_high_water: 0,
     }
 }
 
@@ -147,8 +148,8 @@ pub fn switch(paths: &Paths, maps: &mut Maps, state: &mut State, new: &Loaded) -
     let diff = diff::diff((old_c, old_r), (&new.config, &new.ruleset));
 
     let plan = slots::assign(
-        &new.config,
-        &new.ruleset,
+        (&new.config, &new.ruleset),
+        live.as_ref().map(|(c, r)| (c, r)),
         &state.slots,
         maps.rule_capacity(),
     )?;
@@ -162,10 +163,24 @@ pub fn switch(paths: &Paths, maps: &mut Maps, state: &mut State, new: &Loaded) -
     next.config_path = new.path.clone();
     next.config_sha256 = new.sha256.clone();
     next.config_text = new.text.clone();
-    next.slots = plan.table;
+    next.slot_high_water = plan
+        .slots
+        .iter()
+        .map(|s| s + 1)
+        .max()
+        .unwrap_or(0)
+        .max(state.slot_high_water);
+    // Fresh slots above the high-water mark were never used: already zero.
+    let dirty: Vec<u32> = plan
+        .fresh
+        .iter()
+        .copied()
+        .filter(|s| *s < state.slot_high_water)
+        .collect();
+    next.slots = plan.slots.clone();
 
     write_pending(paths, &next)?;
-    let slot = maps.publish(&new.ruleset, &plan.slots, &plan.fresh)?;
+    let slot = maps.publish(&new.ruleset, &plan.slots, &dirty)?;
     debug_assert_eq!(slot, next.slot);
     fs::rename(pending_file(paths), paths.state_file()).with_context(|| {
         format!(

@@ -23,7 +23,7 @@ use crate::config::{Config, PortRange, Proto};
 pub const MAX_ENTRIES: usize = 1 << 22;
 
 /// One counter slot: a (service, vip, protocol, port item) of the config.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Rule {
     /// Index of the service in the config.
     pub service: usize,
@@ -31,6 +31,13 @@ pub struct Rule {
     pub proto: Proto,
     /// `None`: every port.
     pub ports: Option<PortRange>,
+}
+
+impl Rule {
+    /// What the rule matches, without its service: comparable across configs.
+    pub fn matches(&self) -> (IpNet, Proto, Option<PortRange>) {
+        (self.vip, self.proto, self.ports)
+    }
 }
 
 impl fmt::Display for Rule {

@@ -7,17 +7,21 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use crate::{config::Config, ruleset::Ruleset, state::RuleSlot};
+use ipnet::IpNet;
+
+use crate::{
+    config::{Config, PortRange, Proto},
+    ruleset::Ruleset,
+};
 
 /// Slots for a ruleset about to be published.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlotPlan {
     /// Slot of each rule, in rule order.
     pub slots: Vec<u32>,
-    /// Slots new to the live config (to be zeroed before publishing).
+    /// Slots new to the live config (to be zeroed before publishing, when
+    /// they were used before).
     pub fresh: Vec<u32>,
-    /// The table to record in the state.
-    pub table: Vec<RuleSlot>,
 }
 
 /// Too many rules for the counter map.
@@ -31,53 +35,59 @@ pub struct OutOfSlots {
     pub capacity: u32,
 }
 
-/// (service name, rule text): what identifies a rule across configs.
-pub fn identities(config: &Config, ruleset: &Ruleset) -> Vec<(String, String)> {
+/// What identifies a rule across configs: its service's name and its match.
+type Identity<'a> = (&'a str, (IpNet, Proto, Option<PortRange>));
+
+fn identities<'a>(config: &'a Config, ruleset: &Ruleset) -> Vec<Identity<'a>> {
     ruleset
         .rules
         .iter()
-        .map(|r| (config.services[r.service].name.clone(), r.to_string()))
+        .map(|r| (config.services[r.service].name.as_str(), r.matches()))
         .collect()
 }
 
-/// Assigns slots to `ruleset`'s rules given the live table `previous`.
+/// Assigns slots to `new`'s rules given the live config and its slots.
 pub fn assign(
-    config: &Config,
-    ruleset: &Ruleset,
-    previous: &[RuleSlot],
+    new: (&Config, &Ruleset),
+    live: Option<(&Config, &Ruleset)>,
+    live_slots: &[u32],
     capacity: u32,
 ) -> Result<SlotPlan, OutOfSlots> {
     let out_of_slots = OutOfSlots {
-        rules: ruleset.rules.len(),
+        rules: new.1.rules.len(),
         capacity,
     };
-    if ruleset.rules.len() > capacity as usize {
+    if new.1.rules.len() > capacity as usize {
         return Err(out_of_slots);
     }
-    let live: HashMap<(&str, &str), u32> = previous
-        .iter()
-        .map(|s| ((s.service.as_str(), s.rule.as_str()), s.slot))
-        .collect();
-    let ids = identities(config, ruleset);
+    let live_ids = live.map(|(c, r)| identities(c, r)).unwrap_or_default();
+    let live_map: HashMap<Identity<'_>, u32> = if live_ids.len() == live_slots.len() {
+        live_ids
+            .into_iter()
+            .zip(live_slots.iter().copied())
+            .collect()
+    } else {
+        HashMap::new()
+    };
+    let ids = identities(new.0, new.1);
     let kept: BTreeSet<u32> = ids
         .iter()
-        .filter_map(|(s, r)| live.get(&(s.as_str(), r.as_str())).copied())
+        .filter_map(|id| live_map.get(id).copied())
         .collect();
-    let live_slots: BTreeSet<u32> = previous.iter().map(|s| s.slot).collect();
+    let live_set: BTreeSet<u32> = live_map.values().copied().collect();
     // Never-live slots first; slots of rules removed by this very change only
     // when nothing else is left (a packet still in flight in the old
     // generation could count once more in them).
     let mut free = (0..capacity)
-        .filter(|s| !live_slots.contains(s))
-        .chain(live_slots.iter().copied().filter(|s| !kept.contains(s)));
+        .filter(|s| !live_set.contains(s))
+        .chain(live_set.iter().copied().filter(|s| !kept.contains(s)));
 
     let mut plan = SlotPlan {
         slots: Vec::with_capacity(ids.len()),
         fresh: Vec::new(),
-        table: Vec::with_capacity(ids.len()),
     };
-    for (service, rule) in ids {
-        let slot = match live.get(&(service.as_str(), rule.as_str())) {
+    for id in &ids {
+        let slot = match live_map.get(id) {
             Some(&slot) => slot,
             None => {
                 let slot = free.next().ok_or(out_of_slots.clone())?;
@@ -86,11 +96,6 @@ pub fn assign(
             }
         };
         plan.slots.push(slot);
-        plan.table.push(RuleSlot {
-            service,
-            rule,
-            slot,
-        });
     }
     Ok(plan)
 }
@@ -108,18 +113,17 @@ mod tests {
     #[test]
     fn first_assignment_is_dense_and_fresh() {
         let (c, r) = compile(A);
-        let p = assign(&c, &r, &[], 8).unwrap();
+        let p = assign((&c, &r), None, &[], 8).unwrap();
         assert_eq!(p.slots, vec![0, 1]);
         assert_eq!(p.fresh, vec![0, 1]);
-        assert_eq!(p.table[1].rule, "192.0.2.10 tcp port 443");
     }
 
     #[test]
     fn surviving_rules_keep_their_slots_new_ones_avoid_live_slots() {
         let (ca, ra) = compile(A);
-        let a = assign(&ca, &ra, &[], 8).unwrap();
+        let a = assign((&ca, &ra), None, &[], 8).unwrap();
         let (cb, rb) = compile(B);
-        let b = assign(&cb, &rb, &a.table, 8).unwrap();
+        let b = assign((&cb, &rb), Some((&ca, &ra)), &a.slots, 8).unwrap();
         // dns:53 new, web:443 kept (same service name and rule text, even
         // with a new mark), web:8443 new. Port 80's slot 0 is not reused.
         assert_eq!(b.slots, vec![2, 1, 3]);
@@ -129,11 +133,11 @@ mod tests {
     #[test]
     fn freed_slots_are_reused_only_when_nothing_else_is_left() {
         let (ca, ra) = compile(A);
-        let a = assign(&ca, &ra, &[], 4).unwrap();
+        let a = assign((&ca, &ra), None, &[], 4).unwrap();
         let (cb, rb) = compile(B);
-        let b = assign(&cb, &rb, &a.table, 4).unwrap();
+        let b = assign((&cb, &rb), Some((&ca, &ra)), &a.slots, 4).unwrap();
         assert_eq!(b.slots, vec![2, 1, 3]);
-        let b = assign(&cb, &rb, &a.table, 3).unwrap();
+        let b = assign((&cb, &rb), Some((&ca, &ra)), &a.slots, 3).unwrap();
         assert_eq!(b.slots, vec![2, 1, 0]);
     }
 
@@ -141,7 +145,7 @@ mod tests {
     fn too_many_rules_is_an_error() {
         let (c, r) = compile(B);
         assert_eq!(
-            assign(&c, &r, &[], 2),
+            assign((&c, &r), None, &[], 2),
             Err(OutOfSlots {
                 rules: 3,
                 capacity: 2

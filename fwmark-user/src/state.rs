@@ -92,15 +92,6 @@ impl Paths {
     }
 }
 
-/// The counter slot of one rule, keyed by what identifies the rule across
-/// configs: its service's name and its text.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RuleSlot {
-    pub service: String,
-    pub rule: String,
-    pub slot: u32,
-}
-
 /// The live configuration of one interface.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
@@ -129,8 +120,13 @@ pub struct State {
     /// The live config itself, so `apply` can diff against it and `status`
     /// can label counters even when the file has changed since.
     pub config_text: String,
-    /// Counter slot of every rule of the live config, in rule order.
-    pub slots: Vec<RuleSlot>,
+    /// Counter slot of every rule of the live config, in the order the
+    /// config compiles its rules.
+    pub slots: Vec<u32>,
+    /// Slots at or above this were never assigned: still zero since the
+    /// counter map was created, so they need no zeroing when first used.
+    #[serde(default)]
+    pub slot_high_water: u32,
 }
 
 impl State {

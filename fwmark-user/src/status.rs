@@ -67,8 +67,7 @@ impl Snapshot {
         let global = maps.global_counters()?;
         let mut services = Vec::new();
         if let Some((config, ruleset)) = live::live_config(state)? {
-            let slots: Vec<u32> = state.slots.iter().map(|s| s.slot).collect();
-            let counts = maps.rule_counters(&slots)?;
+            let counts = maps.rule_counters(&state.slots)?;
             for (si, service) in config.services.iter().enumerate() {
                 let rules: Vec<RuleCount> = ruleset
                     .rules

@@ -7,6 +7,7 @@
 //! Everything a lab creates carries a unique name and is removed on drop, also
 //! when a test fails.
 
+pub mod bench;
 pub mod daemon;
 pub mod example;
 pub mod harness;

@@ -136,49 +136,89 @@ pub fn frame_for(point: &Point, dst_mac: [u8; 6]) -> Vec<u8> {
 
 /// Sends `frames` out of `dev` in `ns` with an AF_PACKET socket.
 pub fn inject(ns: &Netns, dev: &str, frames: &[Vec<u8>]) -> Result<()> {
-    ns.run(|| send_raw(dev, frames))??;
+    ns.run(|| RawSocket::open(dev)?.send(frames))??;
     Ok(())
 }
 
-fn send_raw(dev: &str, frames: &[Vec<u8>]) -> io::Result<()> {
-    let name = std::ffi::CString::new(dev)?;
-    // SAFETY: `name` is a valid NUL-terminated string.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if index == 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: plain socket creation; closed below.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: all-zero is a valid sockaddr_ll; the fields are filled below.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_ifindex = index as i32;
-    addr.sll_halen = 6;
-    let mut result = Ok(());
-    for frame in frames {
-        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
-        // SAFETY: `frame` and `addr` are valid for the lengths given.
-        let n = unsafe {
-            libc::sendto(
-                fd,
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&addr as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        if n < 0 {
-            result = Err(io::Error::last_os_error());
-            break;
+/// An AF_PACKET socket bound to one interface (of the calling thread's
+/// network namespace).
+pub struct RawSocket {
+    fd: std::os::fd::OwnedFd,
+    index: i32,
+}
+
+impl RawSocket {
+    pub fn open(dev: &str) -> io::Result<RawSocket> {
+        use std::os::fd::FromRawFd as _;
+        let name = std::ffi::CString::new(dev)?;
+        // SAFETY: `name` is a valid NUL-terminated string.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if index == 0 {
+            return Err(io::Error::last_os_error());
         }
+        // SAFETY: plain socket creation.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(RawSocket {
+            // SAFETY: `fd` was just returned by socket() and is owned here.
+            fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
+            index: index as i32,
+        })
     }
-    // SAFETY: `fd` is the socket opened above.
-    unsafe { libc::close(fd) };
-    result
+
+    /// Sends each frame as it is (its first 6 bytes are the destination),
+    /// up to 64 per `sendmmsg` call.
+    pub fn send(&self, frames: &[Vec<u8>]) -> io::Result<()> {
+        use std::os::fd::AsRawFd as _;
+        for batch in frames.chunks(64) {
+            // SAFETY: all-zero sockaddr_ll/iovec/mmsghdr values are valid;
+            // every pointer set below points into `addrs`, `iovs` or
+            // `batch`, which outlive the sendmmsg call.
+            let mut addrs: Vec<libc::sockaddr_ll> =
+                vec![unsafe { std::mem::zeroed() }; batch.len()];
+            let mut iovs: Vec<libc::iovec> = Vec::with_capacity(batch.len());
+            for (addr, frame) in addrs.iter_mut().zip(batch) {
+                addr.sll_family = libc::AF_PACKET as u16;
+                addr.sll_ifindex = self.index;
+                addr.sll_halen = 6;
+                addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+                iovs.push(libc::iovec {
+                    iov_base: frame.as_ptr() as *mut libc::c_void,
+                    iov_len: frame.len(),
+                });
+            }
+            let mut msgs: Vec<libc::mmsghdr> = (0..batch.len())
+                .map(|i| {
+                    // SAFETY: as above.
+                    let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                    m.msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_ll).cast();
+                    m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+                    m.msg_hdr.msg_iov = &mut iovs[i];
+                    m.msg_hdr.msg_iovlen = 1;
+                    m
+                })
+                .collect();
+            let mut done = 0;
+            while done < msgs.len() {
+                // SAFETY: `msgs[done..]` are valid mmsghdrs (see above).
+                let n = unsafe {
+                    libc::sendmmsg(
+                        self.fd.as_raw_fd(),
+                        msgs[done..].as_mut_ptr(),
+                        (msgs.len() - done) as u32,
+                        0,
+                    )
+                };
+                if n < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                done += n as usize;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Sends one frame per point from the client and returns what the director

@@ -44,6 +44,13 @@ enum Task {
     /// Build, then show fwmark marking real traffic between two throwaway
     /// network namespaces, with the example config.
     Demo,
+    /// Measure fwmark beside its floor, iptables and nftables (release
+    /// build, as root) and write docs/benchmarks.md and docs/benchmarks.png.
+    Bench {
+        /// Small sizes, a few seconds (what the test suite runs).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -67,6 +74,19 @@ fn main() -> Result<()> {
             }
             let bin = util::build_fwmark(false)?;
             util::test(&bin, &args)
+        }
+        Task::Bench { quick } => {
+            setup::setup()?;
+            let fwmark = util::build_fwmark(true)?;
+            let bench = util::build_bench()?;
+            let mut cmd = util::as_root(&bench);
+            cmd.arg("--fwmark").arg(&fwmark);
+            if quick {
+                cmd.arg("--quick");
+            } else {
+                cmd.arg("--out").arg(util::root().join("docs"));
+            }
+            util::exec(cmd)
         }
         Task::Demo => {
             setup::setup()?;

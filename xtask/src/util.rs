@@ -97,6 +97,19 @@ pub fn build_demo() -> Result<PathBuf> {
     Ok(root().join("target/debug/fwmark-demo"))
 }
 
+/// Builds the benchmark (release); returns its path.
+pub fn build_bench() -> Result<PathBuf> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "fwmark-testlab",
+        "--bin",
+        "fwmark-bench",
+    ]))?;
+    Ok(root().join("target/release/fwmark-bench"))
+}
+
 /// `cargo fmt --check` and `cargo clippy -D warnings` over the workspace.
 pub fn lint() -> Result<()> {
     run(cargo().args(["fmt", "--all", "--check"]))

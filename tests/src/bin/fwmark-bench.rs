@@ -1,0 +1,45 @@
+//! `cargo xtask bench`: see `fwmark_testlab::bench`. Usage (as root):
+//! fwmark-bench --fwmark FWMARK_BIN [--quick] [--out DIR]
+//! Prints the tables; with --out writes DIR/benchmarks.md and
+//! DIR/benchmarks.png.
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result, bail};
+use fwmark_testlab::bench::{self, Options};
+
+fn main() -> Result<()> {
+    let mut quick = false;
+    let mut out: Option<PathBuf> = None;
+    let mut fwmark: Option<PathBuf> = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--out" => out = args.next().map(Into::into),
+            "--fwmark" => fwmark = args.next().map(Into::into),
+            other => bail!(
+                "unknown argument {other:?}; usage: fwmark-bench --fwmark BIN [--quick] [--out DIR]"
+            ),
+        }
+    }
+    let fwmark = fwmark.context("--fwmark BIN is required (the fwmark binary to time)")?;
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "the benchmark loads eBPF programs and creates namespaces: run it as root (`cargo xtask bench`)"
+        );
+    }
+    let opts = Options { quick };
+    let report = bench::run(opts, &fwmark)?;
+    println!("{}", report.markdown);
+    if let Some(dir) = out {
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("benchmarks.md"), &report.markdown)?;
+        std::fs::write(dir.join("benchmarks.png"), &report.png)?;
+        eprintln!(
+            "wrote {0}/benchmarks.md and {0}/benchmarks.png",
+            dir.display()
+        );
+    }
+    Ok(())
+}
