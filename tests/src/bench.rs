@@ -411,18 +411,38 @@ fn blast(dev: &str, frames: &[Vec<u8>], secs: f64) -> std::io::Result<u64> {
     Ok(sent)
 }
 
-/// One marker's measured rates (packets per second the director's IP layer
-/// received, one per repetition).
+/// One marker's measured rates: packets per second the director's IP layer
+/// received with the marker, and without it for the same frames just before
+/// (a paired baseline), one pair per repetition.
 #[derive(Clone, Debug)]
 pub struct E2ePoint {
     pub marker: Marker,
     pub pps: Vec<f64>,
+    pub base_pps: Vec<f64>,
+}
+
+impl E2ePoint {
+    /// Added ns per packet per repetition: 1e9/rate - 1e9/baseline rate.
+    pub fn added_ns(&self) -> Vec<f64> {
+        self.pps
+            .iter()
+            .zip(&self.base_pps)
+            .map(|(v, b)| 1e9 / v - 1e9 / b)
+            .collect()
+    }
 }
 
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
     s[s.len() / 2]
+}
+
+fn spread(v: &[f64]) -> (f64, f64) {
+    (
+        v.iter().copied().fold(f64::INFINITY, f64::min),
+        v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    )
 }
 
 /// What a marker leaves behind while it is measured.
@@ -513,77 +533,97 @@ fn pipe_into(cmd: &mut std::process::Command, input: &str) -> Result<std::time::
 }
 
 /// Section 2: packets per second through the receive path per marker,
-/// variants interleaved within each repetition.
+/// each measured right after a baseline with the same frames; markers are
+/// interleaved within each repetition.
 pub fn end_to_end(opts: Options) -> Result<Vec<E2ePoint>> {
     let lab = crate::netns::Lab::new(&[])?;
     let mac = crate::recorder::mac_of(&lab.director, &lab.director_if)?;
     let (reps, secs) = if opts.quick { (1, 0.2) } else { (5, 1.0) };
-    let markers = markers(opts);
-    let mut pps = vec![Vec::new(); markers.len()];
+    let markers: Vec<Marker> = markers(opts)
+        .into_iter()
+        .filter(|m| *m != Marker::None)
+        .collect();
+    let mut points: Vec<E2ePoint> = markers
+        .iter()
+        .map(|m| E2ePoint {
+            marker: m.clone(),
+            pps: Vec::new(),
+            base_pps: Vec::new(),
+        })
+        .collect();
+    let rate = |frames: &[Vec<u8>]| -> Result<f64> {
+        let before = in_receives(&lab.director)?;
+        let started = Instant::now();
+        let client_if = lab.client_if.clone();
+        lab.client.run(|| blast(&client_if, frames, secs))??;
+        let elapsed = started.elapsed().as_secs_f64();
+        Ok((in_receives(&lab.director)? - before) as f64 / elapsed)
+    };
     for _ in 0..reps {
-        for (i, m) in markers.iter().enumerate() {
-            let frames: Vec<Vec<u8>> = targets(m)
+        for point in &mut points {
+            let frames: Vec<Vec<u8>> = targets(&point.marker)
                 .into_iter()
                 .map(|t| crate::recorder::frame_for(&(nth_addr(false, t), 6, 80), mac))
                 .collect();
-            let installed = install(&lab, m)?;
-            let before = in_receives(&lab.director)?;
-            let started = Instant::now();
-            let client_if = lab.client_if.clone();
-            lab.client.run(|| blast(&client_if, &frames, secs))??;
-            let elapsed = started.elapsed().as_secs_f64();
-            let received = in_receives(&lab.director)? - before;
+            point.base_pps.push(rate(&frames)?);
+            let installed = install(&lab, &point.marker)?;
+            let measured = rate(&frames);
             uninstall(&lab, installed)?;
-            pps[i].push(received as f64 / elapsed);
+            point.pps.push(measured?);
         }
     }
-    Ok(markers
-        .into_iter()
-        .zip(pps)
-        .map(|(marker, pps)| E2ePoint { marker, pps })
-        .collect())
+    Ok(points)
 }
 
 /// The end-to-end table.
 pub fn end_to_end_table(points: &[E2ePoint]) -> Table {
-    let base = points
-        .iter()
-        .find(|p| p.marker == Marker::None)
-        .map(|p| median(&p.pps))
-        .unwrap_or(f64::NAN);
+    let all_base: Vec<f64> = points.iter().flat_map(|p| p.base_pps.clone()).collect();
+    let mut rows = Vec::new();
+    if !all_base.is_empty() {
+        let (lo, hi) = spread(&all_base);
+        rows.push(vec![
+            "no marker (all baselines)".into(),
+            format!("{:.0}", median(&all_base)),
+            format!("{lo:.0}-{hi:.0}"),
+            "0".into(),
+            "-".into(),
+        ]);
+    }
+    for p in points {
+        let added = p.added_ns();
+        let (lo, hi) = spread(&p.pps);
+        let (alo, ahi) = spread(&added);
+        rows.push(vec![
+            p.marker.label(),
+            format!("{:.0}", median(&p.pps)),
+            format!("{lo:.0}-{hi:.0}"),
+            format!("{:.1}", median(&added)),
+            format!("{alo:.1} to {ahi:.1}"),
+        ]);
+    }
     Table {
         title: "2. End to end through the receive path".into(),
-        note: "A client namespace sends TCP SYNs with AF_PACKET from a thread pinned to CPU 0 \
-               over veth to a director namespace, whose softirq on the same CPU runs TC ingress, \
-               netfilter prerouting and routing; the director does not forward, so every packet \
-               is dropped after routing, identically for every variant. Rate = packets the \
-               director's IP layer received per second; added ns = 1e9/rate - 1e9/rate(no \
-               marker). iptables traffic matches its LAST rule (worst case); nftables and \
-               fwmark traffic is spread over 64 services. Variants are interleaved within each \
-               repetition; median and spread (min-max) over the repetitions."
+        note: "A client namespace sends TCP SYNs with AF_PACKET (sendmmsg) from a thread \
+               pinned to CPU 0 over veth to a director namespace, whose softirq on the same \
+               CPU runs TC ingress, netfilter prerouting and routing; the director does not \
+               forward, so every packet is dropped after routing, identically for every \
+               variant. Rate = packets the director's IP layer received per second. Each \
+               measurement of a marker follows a baseline with the same frames and no marker; \
+               added ns = 1e9/rate - 1e9/baseline, median and range over the repetitions. \
+               iptables traffic matches its LAST rule (worst case); nftables and fwmark \
+               traffic is spread over 64 services. Markers are interleaved within each \
+               repetition. Differences of a few tens of ns are within the noise of this VM."
             .into(),
         columns: [
             "marker",
             "packets/s (median)",
-            "spread",
-            "added ns per packet",
+            "range",
+            "added ns per packet (median)",
+            "added ns range",
         ]
         .map(String::from)
         .to_vec(),
-        rows: points
-            .iter()
-            .map(|p| {
-                let m = median(&p.pps);
-                let lo = p.pps.iter().copied().fold(f64::INFINITY, f64::min);
-                let hi = p.pps.iter().copied().fold(0.0, f64::max);
-                vec![
-                    p.marker.label(),
-                    format!("{m:.0}"),
-                    format!("{lo:.0}-{hi:.0}"),
-                    format!("{:.1}", 1e9 / m - 1e9 / base),
-                ]
-            })
-            .collect(),
+        rows,
     }
 }
 
@@ -591,16 +631,11 @@ pub fn end_to_end_table(points: &[E2ePoint]) -> Table {
 pub fn added_ns_series(
     points: &[E2ePoint],
 ) -> std::collections::BTreeMap<&'static str, Vec<(usize, f64)>> {
-    let base = points
-        .iter()
-        .find(|p| p.marker == Marker::None)
-        .map(|p| median(&p.pps))
-        .unwrap_or(f64::NAN);
     let mut out: std::collections::BTreeMap<&'static str, Vec<(usize, f64)>> = Default::default();
-    for p in points.iter().filter(|p| p.marker != Marker::None) {
+    for p in points {
         out.entry(p.marker.family())
             .or_default()
-            .push((p.marker.size(), 1e9 / median(&p.pps) - 1e9 / base));
+            .push((p.marker.size(), median(&p.added_ns())));
     }
     out
 }
