@@ -431,6 +431,11 @@ impl Datapath {
 
     /// The benchmark floor program (an empty classifier), loaded on first use.
     pub fn floor_program(&mut self) -> Result<&SchedClassifier, DatapathError> {
+        Ok(self.floor_program_mut()?)
+    }
+
+    /// [`Datapath::floor_program`], mutable (to attach it).
+    pub fn floor_program_mut(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
         let program: &mut SchedClassifier = self
             .ebpf
             .program_mut(fwmark_common::FLOOR_PROGRAM_NAME)
