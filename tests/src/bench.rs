@@ -1047,7 +1047,7 @@ pub fn plot(
             let color = Palette99::pick(i).to_rgba();
             let pts: Vec<(usize, f64)> = points
                 .iter()
-                .map(|(n, v)| (*n.max(&1), v.max(0.0)))
+                .map(|(n, v)| (*n.max(&1), v.max(1.0)))
                 .collect();
             chart
                 .draw_series(LineSeries::new(pts.clone(), color.stroke_width(3)))?
