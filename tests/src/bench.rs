@@ -803,15 +803,17 @@ const MISSES: &str = "
   time reading and validating the 17 MB TOML file, the rest computing the
   diff and counter slots, writing the state, inserting the entries (batched,
   `BPF_MAP_UPDATE_BATCH`) and five RCU grace periods of the generation swap.
-  It beats `iptables-restore` by about 5-10x, not by the 10x asked everywhere;
-  `nft -f` of the same number of map elements is in the same range as fwmark.
+  It is about 10x faster than `iptables-restore` from 100k entries up (see the
+  table; at small sizes process start-up and the grace periods dominate), and
+  faster than `nft -f` of the same number of map elements.
 - **End to end, fwmark against the nftables map.** fwmark's added cost is
   the TC ingress hook itself (the \"empty TC program\" row: the skb set-up
-  around any TC program) plus the classifier; the nftables map's is one rule
-  in a netfilter base chain. Half of the map's cost is close to or below what
-  the empty TC program alone costs on this VM, so no marker at TC ingress can
-  meet that ratio here. TC ingress is still the only hook early enough: XDP
-  runs before the skb exists and cannot set skb->mark.
+  around any TC program), the classifier, and in the real receive path the
+  cache misses of a large table; the nftables map's is one rule in a
+  netfilter base chain. On this VM that puts fwmark at roughly 0.6-0.9 of the
+  map, not 0.5; the cuts listed for the classifier above would narrow it. TC
+  ingress is still the only hook early enough: XDP runs before the skb exists
+  and cannot set skb->mark.
 - **End to end, flatness.** The 1-service case sends to one destination,
   the larger ones to 64, so it runs a slightly different path; from 1,000 to
   1,000,000 services the figures stay within each other's ranges.
