@@ -462,7 +462,7 @@ fn install(lab: &crate::netns::Lab, marker: &Marker) -> Result<Installed> {
     Ok(match marker {
         Marker::None => Installed::Nothing,
         Marker::Iptables(n) => {
-            pipe_into(
+            crate::netns::pipe_into(
                 lab.director.command("iptables-restore").arg("--noflush"),
                 &iptables_rules(*n),
             )?;
@@ -516,28 +516,6 @@ fn uninstall(lab: &crate::netns::Lab, installed: Installed) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Feeds `input` to a command's stdin.
-fn pipe_into(cmd: &mut std::process::Command, input: &str) -> Result<std::time::Duration> {
-    use std::io::Write as _;
-    let started = Instant::now();
-    let mut child = cmd
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .with_context(|| format!("spawning {cmd:?}"))?;
-    child
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(input.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        anyhow::bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(started.elapsed())
 }
 
 /// Section 2: packets per second through the receive path per marker,
@@ -711,7 +689,7 @@ pub fn apply_times(opts: Options, fwmark_bin: &std::path::Path) -> Result<Table>
     )?;
     let mut rows = Vec::new();
     for &n in sizes {
-        let ipt = pipe_into(
+        let ipt = crate::netns::pipe_into(
             lab.director.command("iptables-restore").arg("--noflush"),
             &iptables_rules(n),
         )?;
@@ -720,7 +698,8 @@ pub fn apply_times(opts: Options, fwmark_bin: &std::path::Path) -> Result<Table>
                 .command("iptables")
                 .args(["-t", "mangle", "-F"]),
         )?;
-        let nft = pipe_into(lab.director.command("nft").args(["-f", "-"]), &nft_map(n))?;
+        let nft =
+            crate::netns::pipe_into(lab.director.command("nft").args(["-f", "-"]), &nft_map(n))?;
         crate::netns::run_cmd(lab.director.command("nft").args([
             "delete",
             "table",

@@ -36,6 +36,32 @@ pub fn run_cmd(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Runs `cmd` with `input` on its stdin, failing with its stderr when it
+/// fails; returns how long it took.
+pub fn pipe_into(cmd: &mut Command, input: &str) -> Result<std::time::Duration> {
+    use std::io::Write as _;
+    let started = std::time::Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(started.elapsed())
+}
+
 /// A network namespace owned by the test.
 pub struct Netns {
     pub name: String,

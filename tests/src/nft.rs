@@ -4,9 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    io::Write as _,
     net::IpAddr,
-    process::Stdio,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -156,22 +154,7 @@ impl<'a> MarkCounters<'a> {
 
 /// Runs an `nft -f -` script in `ns`.
 pub fn nft_script(ns: &Netns, script: &str) -> Result<()> {
-    let mut child = ns
-        .command("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("spawning nft")?;
-    child
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(script.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!("nft -f failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    crate::netns::pipe_into(ns.command("nft").args(["-f", "-"]), script)?;
     Ok(())
 }
 

@@ -15,7 +15,7 @@ use fwmark::import::parse::{self, Family};
 use fwmark_testlab::{
     daemon::{Daemon, fwmark_bin},
     kernel,
-    netns::{Lab, run_cmd},
+    netns::{Lab, pipe_into, run_cmd},
     nft::nft_script,
     recorder::{Point, Recorder, send_and_record},
 };
@@ -114,30 +114,9 @@ fn split_families(text: &str) -> (String, String) {
 }
 
 fn restore(lab: &Lab, tool: &str, text: &str) {
-    use std::io::Write as _;
-    if !text.contains("-A ") {
-        return;
+    if text.contains("-A ") {
+        pipe_into(lab.director.command(tool).arg("--noflush"), text).unwrap();
     }
-    let mut child = lab
-        .director
-        .command(tool)
-        .arg("--noflush")
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{tool} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn flush_iptables(lab: &Lab) {
