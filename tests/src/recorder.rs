@@ -222,7 +222,9 @@ impl RawSocket {
 }
 
 /// Sends one frame per point from the client and returns what the director
-/// recorded (cleared first). Frames are paced to stay within the veth queue.
+/// recorded (cleared first). Frames are paced to stay within the veth
+/// queue; points that still went missing (a full backlog drops frames) are
+/// sent again, up to three times.
 pub fn send_and_record(
     lab: &Lab,
     recorder: &Recorder<'_>,
@@ -230,12 +232,21 @@ pub fn send_and_record(
 ) -> Result<BTreeMap<Point, Vec<u32>>> {
     recorder.clear()?;
     let mac = mac_of(&lab.director, &lab.director_if)?;
-    let frames: Vec<Vec<u8>> = points.iter().map(|p| frame_for(p, mac)).collect();
-    for chunk in frames.chunks(256) {
-        inject(&lab.client, &lab.client_if, chunk)?;
-        std::thread::sleep(std::time::Duration::from_millis(1));
+    let mut missing: Vec<Point> = points.to_vec();
+    let mut seen = BTreeMap::new();
+    for _ in 0..4 {
+        let frames: Vec<Vec<u8>> = missing.iter().map(|p| frame_for(p, mac)).collect();
+        for chunk in frames.chunks(256) {
+            inject(&lab.client, &lab.client_if, chunk)?;
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // Let the director's softirq drain the veth queue.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        seen = recorder.read()?;
+        missing.retain(|p| !seen.contains_key(p));
+        if missing.is_empty() {
+            break;
+        }
     }
-    // Let the director's softirq drain the veth queue.
-    std::thread::sleep(std::time::Duration::from_millis(100));
-    recorder.read()
+    Ok(seen)
 }
