@@ -27,7 +27,7 @@ pub fn apply(args: ApplyArgs) -> Result<()> {
     let new = Loaded::read(&args.config)?;
     preflight::check_privileges()?;
     preflight::interface_index(&args.iface)?;
-    let paths = Paths::new(&args.iface);
+    let paths = Paths::new(&args.iface)?;
     if !paths.pin_dir.exists() {
         anyhow::bail!("{}", not_attached(&paths));
     }

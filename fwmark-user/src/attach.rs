@@ -295,11 +295,14 @@ fn delete_netlink_filter(iface: &str, priority: u16, handle: u32) -> Result<(), 
             handle,
             why: format!("cannot run tc (install iproute2): {e}"),
         })?;
-    if !out.status.success() {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Already gone (deleted by hand, or by a run that failed): nothing to do.
+    let gone = stderr.contains("not found") || stderr.contains("No such file");
+    if !out.status.success() && !gone {
         return Err(AttachError::OldFilter {
             priority,
             handle,
-            why: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            why: stderr.trim().to_string(),
         });
     }
     Ok(())

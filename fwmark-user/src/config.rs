@@ -429,6 +429,15 @@ impl Validator<'_> {
                 );
                 String::new()
             }
+            Some(n) if n.get_ref().chars().any(char::is_control) => {
+                self.error(
+                    n.span(),
+                    field("name"),
+                    "name contains control characters (such as a newline); use printable text"
+                        .into(),
+                );
+                String::new()
+            }
             Some(n) => n.get_ref().clone(),
             None => format!("service{}", index + 1),
         };
@@ -761,6 +770,14 @@ mark = 0x50
         assert!(e.message.contains("no [[service]]"), "{e}");
         let e = one_error("[[service]]\nvip = []\nproto = \"tcp\"\nmark = 1\n");
         assert!(e.message.contains("empty"), "{e}");
+    }
+
+    #[test]
+    fn rejects_control_characters_in_names() {
+        let e = one_error(
+            "[[service]]\nname = \"a\\nb\"\nvip = \"192.0.2.1\"\nproto = \"tcp\"\nmark = 1\n",
+        );
+        assert!(e.message.contains("control characters"), "{e}");
     }
 
     #[test]

@@ -51,7 +51,8 @@ struct BatchAttr {
 }
 
 /// Inserts `keys[i] -> values[i]` with `BPF_MAP_UPDATE_BATCH`, many entries
-/// per syscall. Returns how many were inserted before an error, with it.
+/// per syscall. On an error, returns where the failed chunk starts (all
+/// before it were inserted), with the error.
 fn update_batch<K, V>(
     map: &MapData,
     keys: &[K],
@@ -82,7 +83,9 @@ fn update_batch<K, V>(
             )
         };
         if rc != 0 {
-            return Err((done + attr.count as usize, std::io::Error::last_os_error()));
+            // The kernel reports a partial count only once it started; redo
+            // the whole chunk one by one (inserting again is harmless).
+            return Err((done, std::io::Error::last_os_error()));
         }
         done += n;
     }
@@ -299,24 +302,39 @@ impl Maps {
             .map_err(map_err(map_names::ACTIVE))?;
 
         if next != current {
-            // 4. Wait for programs that read the old ACTIVE word: this
-            // map-in-map update returns after an RCU grace period.
-            self.exact
-                .set(next, exact.map(), 0)
-                .map_err(map_err(map_names::EXACT))?;
-            // 5. Release the old generation's memory: nothing reads it now.
-            let empty_exact: HashMap<MapData, ServiceKey, Target> =
-                HashMap::create(1, 0).map_err(map_err("exact entries"))?;
-            let empty_prefix: LpmTrie<MapData, ServiceKey, Target> =
-                LpmTrie::create(1, BPF_F_NO_PREALLOC).map_err(map_err("prefix entries"))?;
-            self.exact
-                .set(current, empty_exact.map(), 0)
-                .map_err(map_err(map_names::EXACT))?;
-            self.prefix
-                .set(current, empty_prefix.map(), 0)
-                .map_err(map_err(map_names::PREFIX))?;
+            // The new generation is live from here on: what follows only
+            // frees the old one, so a failure is a warning, not an error.
+            if let Err(e) = self.release(current, exact.map()) {
+                log::warn!(
+                    "the new config is live, but freeing the previous generation failed \
+                     (it is freed at the next change): {e}"
+                );
+            }
         }
         Ok(next)
+    }
+
+    /// Waits until no program reads generation `old` any more, then
+    /// replaces its maps by empty ones so their memory goes.
+    fn release(&mut self, old: u32, live_exact: &MapData) -> Result<(), DatapathError> {
+        let live = (old + 1) % GENERATIONS;
+        // 4. Wait for programs that read the old ACTIVE word: this
+        // map-in-map update returns after an RCU grace period.
+        self.exact
+            .set(live, live_exact, 0)
+            .map_err(map_err(map_names::EXACT))?;
+        // 5. Release the old generation's memory: nothing reads it now.
+        let empty_exact: HashMap<MapData, ServiceKey, Target> =
+            HashMap::create(1, 0).map_err(map_err("exact entries"))?;
+        let empty_prefix: LpmTrie<MapData, ServiceKey, Target> =
+            LpmTrie::create(1, BPF_F_NO_PREALLOC).map_err(map_err("prefix entries"))?;
+        self.exact
+            .set(old, empty_exact.map(), 0)
+            .map_err(map_err(map_names::EXACT))?;
+        self.prefix
+            .set(old, empty_prefix.map(), 0)
+            .map_err(map_err(map_names::PREFIX))?;
+        Ok(())
     }
 
     /// Sets the given counter slots to zero on every CPU.

@@ -11,7 +11,7 @@ use crate::{
 
 pub fn detach(iface: &str) -> Result<()> {
     preflight::check_privileges()?;
-    let paths = Paths::new(iface);
+    let paths = Paths::new(iface)?;
     if let Some(pid) = Lock::daemon_holder(&paths) {
         bail!(
             "fwmark run (pid {pid}) manages {iface}; stop it instead (SIGTERM, or \
@@ -19,6 +19,10 @@ pub fn detach(iface: &str) -> Result<()> {
         );
     }
     let _lock = Lock::apply(&paths)?;
+    // A `run` may have started between the check above and the lock.
+    if let Some(pid) = Lock::daemon_holder(&paths) {
+        bail!("fwmark run (pid {pid}) manages {iface} now; stop it instead");
+    }
     let state = live::load_state(&paths, None)?;
     let Some(state) = state else {
         if paths.pin_dir.exists() {

@@ -41,7 +41,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if preflight::ensure_bpffs()? {
         info!("mounted bpffs at {}", preflight::BPFFS);
     }
-    let paths = Paths::new(&args.iface);
+    let paths = Paths::new(&args.iface)?;
     let _daemon = Lock::daemon(&paths).context("another fwmark run manages this interface")?;
     let requested = AttachMode::choose(args.attach, kernel)?;
 
@@ -50,13 +50,28 @@ pub async fn run(args: RunArgs) -> Result<()> {
         start(&paths, &args, requested, &new)?
     };
 
-    let log_task = match live.datapath.logger.take() {
-        Some(logger) => Some(spawn_kernel_log(logger)?),
-        None => None,
+    // Marking is in place: a failure to start the extras leaves it there
+    // (as --keep would) rather than removing it on the way out.
+    let extras = async {
+        let log_task = match live.datapath.logger.take() {
+            Some(logger) => Some(spawn_kernel_log(logger)?),
+            None => None,
+        };
+        let metrics_task = match &args.metrics {
+            Some(addr) => Some(metrics::serve(addr, paths.clone()).await?),
+            None => None,
+        };
+        Ok::<_, anyhow::Error>((log_task, metrics_task))
     };
-    let metrics_task = match &args.metrics {
-        Some(addr) => Some(metrics::serve(addr, paths.clone()).await?),
-        None => None,
+    let (log_task, metrics_task) = match extras.await {
+        Ok(tasks) => tasks,
+        Err(e) => {
+            live.attached.keep();
+            return Err(e.context(format!(
+                "marking stays in place on {}; `fwmark detach --iface {}` removes it",
+                args.iface, args.iface
+            )));
+        }
     };
 
     let mut watch = tokio::time::interval(WATCH_INTERVAL);
@@ -68,8 +83,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
             _ = int.recv() => break "SIGINT",
             _ = hup.recv() => {
                 info!("SIGHUP: reloading {}", args.config.display());
-                reload(&mut live, &args.config);
                 last_seen = file_stamp(&args.config);
+                reload(&mut live, &args.config);
             }
             _ = watch.tick(), if !args.no_watch => {
                 let stamp = file_stamp(&args.config);
@@ -203,20 +218,29 @@ fn start(paths: &Paths, args: &RunArgs, requested: AttachMode, new: &Loaded) -> 
         )?;
         state.program_id = program.info().map(|i| i.id()).unwrap_or_default();
         state.netlink = attached.netlink();
-        state.save(paths)?;
-        info!(
-            "adopted the {} attachment on {} (generation {}, program id {} now)",
-            state.mode, paths.iface, state.generation, state.program_id
-        );
         let mut live = Live {
             paths: paths.clone(),
             datapath,
             attached,
         };
-        if state.config_sha256 == new.sha256 {
-            info!("config {} unchanged", new.path);
-        } else {
-            switch_logged(&mut live, &mut state, new)?;
+        // From here on the new program marks: an error must not take the
+        // attachment (and so the marking) away with it.
+        let finish = |live: &mut Live, state: &mut State| -> Result<()> {
+            state.save(paths)?;
+            info!(
+                "adopted the {} attachment on {} (generation {}, program id {} now)",
+                state.mode, paths.iface, state.generation, state.program_id
+            );
+            if state.config_sha256 == new.sha256 {
+                info!("config {} unchanged", new.path);
+            } else {
+                switch_logged(live, state, new)?;
+            }
+            Ok(())
+        };
+        if let Err(e) = finish(&mut live, &mut state) {
+            live.attached.keep();
+            return Err(e);
         }
         ready(&state);
         return Ok(live);

@@ -27,8 +27,9 @@ pub struct SlotPlan {
 /// Too many rules for the counter map.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "the config has {rules} rules but the live classifier counts at most {capacity}; \
-     restart `fwmark run` with --max-rules {rules} or more (nothing was changed)"
+    "the config has {rules} rules but the live counter map holds {capacity} (nothing was \
+     changed); its size is fixed while the interface is attached: run `fwmark detach` and \
+     `fwmark run --max-rules {rules}` or more (marking stops in between), or use fewer rules"
 )]
 pub struct OutOfSlots {
     pub rules: usize,

@@ -38,13 +38,32 @@ pub struct Paths {
     pub run_dir: PathBuf,
 }
 
+/// An interface name the kernel would not accept (`dev_valid_name`); it
+/// is also a path component of the pin and run directories.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{0:?} is not an interface name (1-15 bytes, not \".\" or \"..\", no '/', ':' or white space)"
+)]
+pub struct InvalidIface(pub String);
+
 impl Paths {
-    pub fn new(iface: &str) -> Paths {
-        Paths {
+    /// The directories of `iface`, once its name is a valid interface name.
+    pub fn new(iface: &str) -> Result<Paths, InvalidIface> {
+        let valid = !iface.is_empty()
+            && iface.len() < 16
+            && iface != "."
+            && iface != ".."
+            && !iface
+                .chars()
+                .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
+        if !valid {
+            return Err(InvalidIface(iface.to_string()));
+        }
+        Ok(Paths {
             iface: iface.to_string(),
             pin_dir: Path::new(PIN_ROOT).join(iface),
             run_dir: Path::new(RUN_ROOT).join(iface),
-        }
+        })
     }
 
     /// Pin path of a map or of the `link`.
@@ -160,6 +179,27 @@ impl State {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn interface_names_are_checked_before_they_become_paths() {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "eth0:1",
+            "a b",
+            "0123456789abcdef",
+        ] {
+            assert!(super::Paths::new(bad).is_err(), "{bad:?}");
+        }
+        let p = super::Paths::new("eth0").unwrap();
+        assert_eq!(p.pin_dir, std::path::Path::new("/sys/fs/bpf/fwmark/eth0"));
+    }
+}
+
 /// SHA-256 of `text`, hex.
 pub fn sha256_hex(text: &str) -> String {
     use sha2::{Digest as _, Sha256};
@@ -226,8 +266,16 @@ impl Lock {
     pub fn daemon(paths: &Paths) -> Result<Lock, LockError> {
         let (mut file, path) = Lock::open(paths, "daemon.lock")?;
         let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
-        // SAFETY: `fd` is an open descriptor for the duration of the call.
-        if unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        // `status` and `detach` probe this lock for an instant: retry a few
+        // times before concluding that another run holds it.
+        let mut attempts = 0;
+        // SAFETY: `fd` is an open descriptor for the duration of the calls.
+        while unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } != 0 && attempts < 10 {
+            attempts += 1;
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // SAFETY: as above.
+        if attempts == 10 && unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let error = io::Error::last_os_error();
             if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
                 return Err(LockError::Busy {

@@ -266,7 +266,7 @@ fn escape(s: &str) -> String {
 pub fn status(iface: &str, json: bool) -> Result<()> {
     use anyhow::Context as _;
     crate::preflight::check_privileges()?;
-    let paths = crate::state::Paths::new(iface);
+    let paths = crate::state::Paths::new(iface)?;
     let not_attached = || crate::apply::not_attached(&paths);
     if !paths.pin_dir.exists() {
         anyhow::bail!("{}", not_attached());
