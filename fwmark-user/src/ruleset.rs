@@ -261,8 +261,21 @@ impl Ruleset {
     /// A reference for tests and for explaining decisions; linear in the
     /// number of prefix entries.
     pub fn classify(&self, addr: IpAddr, proto: u8, port: Option<u16>) -> Option<Target> {
+        let exact: std::collections::HashMap<ServiceKey, Target> =
+            self.exact.iter().copied().collect();
+        self.classify_with(&exact, addr, proto, port)
+    }
+
+    /// [`Ruleset::classify`] with the exact entries already indexed.
+    pub fn classify_with(
+        &self,
+        exact: &HashMap<ServiceKey, Target>,
+        addr: IpAddr,
+        proto: u8,
+        port: Option<u16>,
+    ) -> Option<Target> {
         let exact_key = |p: u16| service_key(addr, proto, p);
-        let find = |k: ServiceKey| self.exact.iter().find(|(e, _)| *e == k).map(|(_, t)| *t);
+        let find = |k: ServiceKey| exact.get(&k).copied();
         if let Some(p) = port
             && let Some(t) = find(exact_key(p))
         {

@@ -208,6 +208,7 @@ fn build<'a>(
                     reason: format!(
                         "a conditional jump to {target}: only unconditional jumps to user chains are followed"
                     ),
+                    chain: None,
                 });
                 continue;
             }
@@ -215,6 +216,7 @@ fn build<'a>(
                 unsupported.push(Unsupported {
                     line: rule.line,
                     reason: format!("the jump to {target} loops"),
+                    chain: None,
                 });
                 continue;
             }
@@ -269,6 +271,10 @@ pub fn import(
         .collect();
     let mut ignored = parsed.ignored.clone();
     let mut inexpressible = Vec::new();
+    let mut checks: Vec<Check> = Vec::new();
+    // Mangle chains PREROUTING reaches, in either family.
+    let mut reached: HashSet<String> = HashSet::from(["PREROUTING".to_string()]);
+    let mut all_prefixes: HashSet<IpNet> = HashSet::new();
 
     for family in [Family::V4, Family::V6] {
         let mut used = HashSet::new();
@@ -285,6 +291,7 @@ pub fn import(
                 *ignored.entry(format!("mangle/{chain}")).or_default() += rules.len();
             }
         }
+        reached.extend(used);
         let mut flat = Vec::new();
         flatten(&program, &mut flat);
         imported_rules += flat
@@ -303,6 +310,7 @@ pub fn import(
                 .or_default()
                 .push(i);
         }
+        all_prefixes.extend(by_prefix.keys().copied());
         for (&prefix, own_rules) in &by_prefix {
             // The rules of this prefix and of every prefix containing it.
             let mut around: Vec<usize> = (0..=prefix.prefix_len())
@@ -342,11 +350,22 @@ pub fn import(
                     &comments,
                     &mut entries,
                     &mut inexpressible,
+                    &mut checks,
                 );
             }
         }
     }
 
+    // Rules PREROUTING never reaches do not matter (e.g. libvirt's CHECKSUM
+    // rules in mangle POSTROUTING): they are among the ignored ones.
+    unsupported.retain(|u| {
+        let keep = u.chain.as_ref().is_none_or(|c| reached.contains(c));
+        if !keep {
+            let chain = u.chain.clone().unwrap_or_default();
+            *ignored.entry(format!("mangle/{chain}")).or_default() += 1;
+        }
+        keep
+    });
     if !ignored.is_empty() {
         let parts: Vec<String> = ignored.iter().map(|(k, n)| format!("{k} {n}")).collect();
         report.push(format!(
@@ -375,6 +394,10 @@ pub fn import(
     let config = Config::parse(&config_text, "imported config")
         .map_err(|e| ImportError::Invalid(e.to_string()))?;
     let ruleset = Ruleset::compile(&config).map_err(|e| ImportError::Invalid(e.to_string()))?;
+    let mismatches = verify(&checks, &all_prefixes, &ruleset);
+    if !mismatches.is_empty() {
+        return Err(ImportError::Inexpressible(mismatches.join("\n")));
+    }
     Ok(Imported {
         config_text,
         config,
@@ -392,6 +415,7 @@ fn region_entries(
     comments: &BTreeMap<usize, String>,
     entries: &mut Vec<Entry>,
     inexpressible: &mut Vec<String>,
+    checks: &mut Vec<Check>,
 ) {
     let point = |port: Option<u16>| eval(flat, relevant, port);
     // Port intervals on which every relevant rule's port match is constant.
@@ -452,6 +476,14 @@ fn region_entries(
             first_line: lines.iter().copied().min().unwrap_or(usize::MAX),
         });
     };
+    checks.push(Check {
+        region: *region,
+        default: (default, default_lines.clone()),
+        intervals: intervals
+            .iter()
+            .map(|(lo, _, e, l)| (*lo, *e, l.clone()))
+            .collect(),
+    });
     if !default.is_identity() {
         add(None, default, &default_lines);
     }
@@ -460,6 +492,92 @@ fn region_entries(
             add(Some(PortRange { lo, hi }), effect, &lines);
         }
     }
+}
+
+/// What iptables does in one region, to check the config against.
+struct Check {
+    region: Region,
+    default: (Effect, Vec<usize>),
+    /// (first port of the interval, effect, MARK rule lines).
+    intervals: Vec<(u16, Effect, Vec<usize>)>,
+}
+
+/// An address whose longest rule prefix is `prefix` (none when longer
+/// prefixes cover every candidate).
+fn representative(prefix: &IpNet, all: &HashSet<IpNet>) -> Option<std::net::IpAddr> {
+    use std::net::IpAddr;
+    let step = |a: IpAddr, d: i64| -> Option<IpAddr> {
+        match a {
+            IpAddr::V4(v) => u32::try_from(i64::from(u32::from(v)) + d)
+                .ok()
+                .map(|x| IpAddr::V4(x.into())),
+            IpAddr::V6(v) => u128::from(v)
+                .checked_add_signed(i128::from(d))
+                .map(|x| IpAddr::V6(x.into())),
+        }
+    };
+    let candidates = [
+        Some(prefix.network()),
+        step(prefix.network(), 1),
+        Some(prefix.broadcast()),
+        step(prefix.broadcast(), -1),
+    ];
+    candidates.into_iter().flatten().find(|c| {
+        prefix.contains(c)
+            && (prefix.prefix_len() + 1..=prefix.max_prefix_len()).all(|len| {
+                IpNet::new(*c, len)
+                    .map(|n| !all.contains(&n.trunc()))
+                    .unwrap_or(true)
+            })
+    })
+}
+
+/// Checks that the config gives every region, protocol and port interval
+/// (and later fragments) the effect iptables gives it; fwmark has no entry
+/// meaning "leave the mark alone", so a region iptables leaves alone under a
+/// wider marking rule (RETURN/ACCEPT exceptions) cannot be expressed.
+fn verify(checks: &[Check], all: &HashSet<IpNet>, ruleset: &Ruleset) -> Vec<String> {
+    let exact: std::collections::HashMap<fwmark_common::ServiceKey, fwmark_common::Target> =
+        ruleset.exact.iter().copied().collect();
+    let lookup = |addr, proto: Proto, port: Option<u16>| {
+        ruleset.classify_with(&exact, addr, proto.number(), port)
+    };
+    let mut out = Vec::new();
+    for c in checks {
+        let Some(addr) = representative(&c.region.prefix, all) else {
+            continue;
+        };
+        let points = std::iter::once((None, &c.default.0, &c.default.1))
+            .chain(c.intervals.iter().map(|(lo, e, l)| (Some(*lo), e, l)));
+        for (port, want, lines) in points {
+            let got = lookup(addr, c.region.proto, port).map(|t| (t.mark, t.mask));
+            let want_pair = (!want.is_identity()).then_some((want.value, want.mask));
+            if got != want_pair {
+                let place = match port {
+                    Some(p) => format!("{addr} {} port {p}", c.region.proto),
+                    None => format!("{addr} {} (later fragments)", c.region.proto),
+                };
+                let lines = lines
+                    .iter()
+                    .map(|l| l.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                out.push(match want_pair {
+                    None => format!(
+                        "{place}: iptables leaves the mark alone here (a RETURN or ACCEPT cuts \
+                         the rules), but fwmark has no \"leave it\" entry and would apply a wider \
+                         match's mark {:#x}; fwmark cannot express this rule set",
+                        got.map_or(0, |g| g.0)
+                    ),
+                    Some((v, m)) => format!(
+                        "{place}: iptables gives {v:#x}/{m:#x} (rules on lines {lines}), the \
+                         imported config {got:x?}; fwmark cannot express this rule set"
+                    ),
+                });
+            }
+        }
+    }
+    out
 }
 
 /// One `[[service]]` block being assembled.
@@ -711,6 +829,20 @@ mod tests {
     }
 
     #[test]
+    fn exceptions_under_a_wider_mark_are_refused() {
+        for text in [
+            "*mangle\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -d 192.0.2.10/32 -j RETURN\n\
+             -A PREROUTING -d 192.0.2.0/24 -p tcp -j MARK --set-mark 1\nCOMMIT\n",
+            "*mangle\n-A PREROUTING -p tcp --dport 22 -j ACCEPT\n\
+             -A PREROUTING -d 192.0.2.10/32 -p tcp -j MARK --set-mark 1\nCOMMIT\n",
+        ] {
+            let err = import(text, None, false).unwrap_err().to_string();
+            assert!(err.contains("iptables leaves the mark alone here"), "{err}");
+            assert!(err.contains("192.0.2."), "{err}");
+        }
+    }
+
+    #[test]
     fn unsupported_rules_fail_unless_skipped() {
         let text = "*mangle\n-A PREROUTING -s 10.0.0.1 -j MARK --set-mark 1\n\
                     -A PREROUTING -d 192.0.2.1 -p tcp -j MARK --set-mark 2\nCOMMIT\n*nat\n-A POSTROUTING -j MASQUERADE\nCOMMIT\n";
@@ -725,6 +857,19 @@ mod tests {
         );
         assert!(
             i.report.iter().any(|l| l.starts_with("skipped line 2")),
+            "{:?}",
+            i.report
+        );
+    }
+
+    #[test]
+    fn unsupported_rules_outside_the_prerouting_path_are_only_ignored() {
+        let i = entries_of(
+            "*mangle\n-A POSTROUTING -o virbr0 -p udp --dport 68 -j CHECKSUM --checksum-fill\n\
+             -A PREROUTING -d 192.0.2.1 -p tcp -j MARK --set-mark 2\nCOMMIT\n",
+        );
+        assert!(
+            i.report.iter().any(|l| l.contains("mangle/POSTROUTING 1")),
             "{:?}",
             i.report
         );

@@ -54,6 +54,9 @@ pub struct Rule {
 pub struct Unsupported {
     pub line: usize,
     pub reason: String,
+    /// The mangle chain it belongs to, when known: it matters only if
+    /// PREROUTING reaches that chain.
+    pub chain: Option<String>,
 }
 
 /// The parsed input.
@@ -209,6 +212,7 @@ pub fn parse(text: &str, iface: Option<&str>) -> Parsed {
                 out.unsupported.push(Unsupported {
                     line,
                     reason: format!("cannot split the line into words: {e}"),
+                    chain: None,
                 });
                 continue;
             }
@@ -242,6 +246,7 @@ pub fn parse(text: &str, iface: Option<&str>) -> Parsed {
                         out.unsupported.push(Unsupported {
                             line,
                             reason: "-t without a table name".into(),
+                            chain: None,
                         });
                         continue;
                     };
@@ -259,6 +264,7 @@ pub fn parse(text: &str, iface: Option<&str>) -> Parsed {
                         out.unsupported.push(Unsupported {
                             line,
                             reason: format!("unknown table {t:?}{hint}; the rule is not imported"),
+                            chain: None,
                         });
                         continue;
                     }
@@ -289,7 +295,11 @@ fn parse_rule_words(
     out: &mut Parsed,
 ) {
     let unsupported = |out: &mut Parsed, reason: String| {
-        out.unsupported.push(Unsupported { line, reason });
+        out.unsupported.push(Unsupported {
+            line,
+            reason,
+            chain: None,
+        });
     };
     let Some(op) = words.first() else { return };
     let (chain, rest, insert_at) = match op.as_str() {
@@ -320,6 +330,14 @@ fn parse_rule_words(
         *out.ignored.entry(format!("{table}/{chain}")).or_default() += 1;
         return;
     }
+    let chain_name = chain.clone();
+    let unsupported = |out: &mut Parsed, reason: String| {
+        out.unsupported.push(Unsupported {
+            line,
+            reason,
+            chain: Some(chain_name.clone()),
+        });
+    };
 
     let mut rule = Rule {
         line,
