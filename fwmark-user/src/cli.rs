@@ -75,7 +75,8 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = KernelLog::Off)]
     pub log_level: KernelLog,
     /// Room for this many rules in the counter map (default: twice the
-    /// config's, at least 16384); applies beyond it need a restart.
+    /// config's, at least 16384). It is fixed while the interface stays
+    /// attached: growing it takes `fwmark detach` and a new run.
     #[arg(long, value_name = "N")]
     pub max_rules: Option<usize>,
 }
