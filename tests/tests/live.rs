@@ -515,3 +515,36 @@ fn runs_with_only_the_documented_capabilities() {
     let finished = daemon.stop().unwrap();
     assert!(finished.status.success(), "{}", finished.stderr);
 }
+
+#[test]
+fn a_bad_metrics_address_fails_but_leaves_marking_in_place() {
+    let Some((lab, _files, a)) = setup("bad_metrics_address", &["ip", "nft", "nsenter"]) else {
+        return;
+    };
+    let web = probe(VIP, ProbeProto::Tcp, 80, 80, 1);
+    let counters = MarkCounters::install(&lab.director, std::slice::from_ref(&web)).unwrap();
+    let out = fwmark(
+        &lab,
+        &[
+            "run",
+            "--iface",
+            &lab.director_if,
+            "--config",
+            &a,
+            "--metrics",
+            "192.0.2.254:9469",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--metrics: cannot listen on 192.0.2.254:9469"),
+        "{err}"
+    );
+    assert!(err.contains("marking stays in place"), "{err}");
+    send(&lab, &web);
+    assert_eq!(counters.read().unwrap()[0].by_mark[&80], 1);
+    ok(fwmark(&lab, &["detach", "--iface", &lab.director_if]));
+    send(&lab, &web);
+    assert_eq!(counters.read().unwrap()[0].by_mark[&0], 1);
+}
