@@ -68,18 +68,17 @@ impl Snapshot {
         let mut services = Vec::new();
         if let Some((config, ruleset)) = live::live_config(state)? {
             let counts = maps.rule_counters(&state.slots)?;
-            for (si, service) in config.services.iter().enumerate() {
-                let rules: Vec<RuleCount> = ruleset
-                    .rules
-                    .iter()
-                    .zip(&counts)
-                    .filter(|(r, _)| r.service == si)
-                    .map(|(r, c)| RuleCount {
-                        matches: r.to_string(),
-                        packets: c.packets,
-                        bytes: c.bytes,
-                    })
-                    .collect();
+            // Rules per service in one pass (not one scan of every rule per
+            // service: that is quadratic for large configs, on every scrape).
+            let mut per_service: Vec<Vec<RuleCount>> = vec![Vec::new(); config.services.len()];
+            for (r, c) in ruleset.rules.iter().zip(&counts) {
+                per_service[r.service].push(RuleCount {
+                    matches: r.to_string(),
+                    packets: c.packets,
+                    bytes: c.bytes,
+                });
+            }
+            for (service, rules) in config.services.iter().zip(per_service) {
                 services.push(ServiceCounters {
                     name: service.name.clone(),
                     mark: service.mark,
