@@ -816,9 +816,12 @@ fn sh(cmd: &str, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
-/// "met" or "MISSED", with the figure.
-fn verdict(ok: bool, figure: String) -> String {
-    format!("{} ({figure})", if ok { "met" } else { "**MISSED**" })
+/// One line of the Targets list: what, "met" or "MISSED", and the figure.
+fn target(what: impl std::fmt::Display, ok: bool, figure: String) -> String {
+    format!(
+        "{what}: {} ({figure})",
+        if ok { "met" } else { "**MISSED**" }
+    )
 }
 
 /// Runs every section and renders the report.
@@ -855,37 +858,37 @@ pub fn run(opts: Options, fwmark_bin: &std::path::Path) -> Result<Report> {
     let last = classifier.last();
     let mut targets = Vec::new();
     if let (Some(f), Some(l)) = (first, last) {
-        targets.push(format!(
-            "Classifier, IPv4 hit at {} services, at most 30 ns above the empty program: {}",
-            l.services,
-            verdict(
-                l.v4_hit - l.floor <= 30.0,
-                format!("{:.1} ns", l.v4_hit - l.floor)
-            )
+        targets.push(target(
+            format!(
+                "Classifier, IPv4 hit at {} services, at most 30 ns above the empty program",
+                l.services
+            ),
+            l.v4_hit - l.floor <= 30.0,
+            format!("{:.1} ns", l.v4_hit - l.floor),
         ));
-        targets.push(format!(
-            "Classifier, IPv6 hit at {} services, at most 45 ns above the empty program: {}",
-            l.services,
-            verdict(
-                l.v6_hit - l.floor <= 45.0,
-                format!("{:.1} ns", l.v6_hit - l.floor)
-            )
+        targets.push(target(
+            format!(
+                "Classifier, IPv6 hit at {} services, at most 45 ns above the empty program",
+                l.services
+            ),
+            l.v6_hit - l.floor <= 45.0,
+            format!("{:.1} ns", l.v6_hit - l.floor),
         ));
-        targets.push(format!(
-            "Classifier at {} services at most 1.25x its cost at 1 service: {}",
-            l.services,
-            verdict(
-                l.v4_hit <= 1.25 * f.v4_hit,
-                format!("{:.2}x", l.v4_hit / f.v4_hit)
-            )
+        targets.push(target(
+            format!(
+                "Classifier at {} services at most 1.25x its cost at 1 service",
+                l.services
+            ),
+            l.v4_hit <= 1.25 * f.v4_hit,
+            format!("{:.2}x", l.v4_hit / f.v4_hit),
         ));
-        targets.push(format!(
-            "Memory at most 128 bytes per entry at {} entries: {}",
-            l.services * 2,
-            verdict(
-                l.bytes_per_entry <= 128.0,
-                format!("{:.0} bytes", l.bytes_per_entry)
-            )
+        targets.push(target(
+            format!(
+                "Memory at most 128 bytes per entry at {} entries",
+                l.services * 2
+            ),
+            l.bytes_per_entry <= 128.0,
+            format!("{:.0} bytes", l.bytes_per_entry),
         ));
     }
     let at = |family: &str, n: usize| {
@@ -894,12 +897,10 @@ pub fn run(opts: Options, fwmark_bin: &std::path::Path) -> Result<Report> {
             .and_then(|s| s.iter().find(|(k, _)| *k == n).map(|(_, v)| *v))
     };
     if let (Some(fw), Some(ipt)) = (at("fwmark", 1_000), at("iptables", 1_000)) {
-        targets.push(format!(
-            "End to end, fwmark's added cost at most 1/50 of iptables with 1,000 rules: {}",
-            verdict(
-                fw <= ipt / 50.0,
-                format!("fwmark {fw:.1} ns, iptables {ipt:.1} ns")
-            )
+        targets.push(target(
+            "End to end, fwmark's added cost at most 1/50 of iptables with 1,000 rules",
+            fw <= ipt / 50.0,
+            format!("fwmark {fw:.1} ns, iptables {ipt:.1} ns"),
         ));
     }
     let hook = e2e
@@ -914,24 +915,22 @@ pub fn run(opts: Options, fwmark_bin: &std::path::Path) -> Result<Report> {
     }
     if let (Some(fw), Some(nft)) = (series.get("fwmark"), series.get("nftables map")) {
         for ((n, f), (_, m)) in fw.iter().zip(nft) {
-            targets.push(format!(
-                "End to end at {n} services, fwmark at most 1/2 of the nftables map: {}",
-                verdict(
-                    *f <= m / 2.0,
-                    format!("fwmark {f:.1} ns, nftables {m:.1} ns")
-                )
+            targets.push(target(
+                format!("End to end at {n} services, fwmark at most 1/2 of the nftables map"),
+                *f <= m / 2.0,
+                format!("fwmark {f:.1} ns, nftables {m:.1} ns"),
             ));
         }
         let lo = fw.iter().map(|(_, v)| *v).fold(f64::INFINITY, f64::min);
         let hi = fw.iter().map(|(_, v)| *v).fold(f64::NEG_INFINITY, f64::max);
-        targets.push(format!(
-            "End to end, fwmark flat from {} to {} services: {}",
-            fw.first().map_or(0, |p| p.0),
-            fw.last().map_or(0, |p| p.0),
-            verdict(
-                hi - lo <= 10.0_f64.max(0.25 * hi.abs()),
-                format!("{lo:.1} to {hi:.1} ns")
-            )
+        targets.push(target(
+            format!(
+                "End to end, fwmark flat from {} to {} services",
+                fw.first().map_or(0, |p| p.0),
+                fw.last().map_or(0, |p| p.0)
+            ),
+            hi - lo <= 10.0_f64.max(0.25 * hi.abs()),
+            format!("{lo:.1} to {hi:.1} ns"),
         ));
     }
     for row in &apply.rows {
@@ -944,15 +943,17 @@ pub fn run(opts: Options, fwmark_bin: &std::path::Path) -> Result<Report> {
             _ => None,
         };
         if let Some(limit) = limit {
-            targets.push(format!(
-                "Apply of {n} entries within {limit} s: {}",
-                verdict(fw <= limit, format!("{fw:.3} s"))
+            targets.push(target(
+                format!("Apply of {n} entries within {limit} s"),
+                fw <= limit,
+                format!("{fw:.3} s"),
             ));
         }
         if n >= 100_000 {
-            targets.push(format!(
-                "Apply of {n} entries at least 10x faster than iptables-restore: {}",
-                verdict(ipt >= 10.0 * fw, format!("{:.1}x", ipt / fw))
+            targets.push(target(
+                format!("Apply of {n} entries at least 10x faster than iptables-restore"),
+                ipt >= 10.0 * fw,
+                format!("{:.1}x", ipt / fw),
             ));
         }
     }
