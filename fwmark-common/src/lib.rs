@@ -117,6 +117,18 @@ pub struct Target {
     pub prefix_len: u32,
 }
 
+/// How the classifier declares the inner maps' value: a [`Target`]'s bytes.
+///
+/// Userspace creates the inner maps of each generation without BTF, and the
+/// kernel accepts one into the outer map only if it looks like the template
+/// the program was loaded with. Kernels before 6.2 (Debian 12's 6.1) also
+/// compare `timer_off`, which is -ENOENT for a template whose BTF value type
+/// is a struct but -EINVAL both for a BTF-less map and for an array value
+/// type: with `Target` itself as the value, every generation switch fails
+/// there with EINVAL. The bytes are laid out exactly as `Target`; the
+/// classifier reads them as one.
+pub type TargetBytes = [u8; size_of::<Target>()];
+
 /// Per-rule counters, like `iptables -L -v` shows per rule. Bytes count from
 /// the IP header on, as iptables counts them.
 #[repr(C)]

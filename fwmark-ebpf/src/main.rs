@@ -36,7 +36,7 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, trace};
 use fwmark_common::{
     ACTIVE_GENERATION_MASK, ACTIVE_HAS_PREFIX, ALL_PORTS, GENERATIONS, GlobalCounters,
-    LPM_LOOKUP_PREFIX_LEN, RuleCounters, ServiceKey, Target,
+    LPM_LOOKUP_PREFIX_LEN, RuleCounters, ServiceKey, Target, TargetBytes,
 };
 use parse::{Packet, Parsed};
 
@@ -47,13 +47,14 @@ static ACTIVE: Array<u32, 1> = Array::new();
 
 /// Exact-address entries, one inner hash map per generation (inner maps are
 /// created and filled by userspace and never modified once published).
+/// Values are `Target`s declared as bytes (see `TargetBytes`: kernel 6.1).
 #[btf_map]
-static EXACT: ArrayOfMaps<HashMap<ServiceKey, Target, 1>, { GENERATIONS as usize }> =
+static EXACT: ArrayOfMaps<HashMap<ServiceKey, TargetBytes, 1>, { GENERATIONS as usize }> =
     ArrayOfMaps::new();
 
 /// Prefix entries, one inner LPM trie per generation; empty slot = no prefixes.
 #[btf_map]
-static PREFIX: ArrayOfMaps<LpmTrie<ServiceKey, Target, 1>, { GENERATIONS as usize }> =
+static PREFIX: ArrayOfMaps<LpmTrie<ServiceKey, TargetBytes, 1>, { GENERATIONS as usize }> =
     ArrayOfMaps::new();
 
 /// Per-rule counters; userspace sizes this map at load time.
@@ -145,13 +146,11 @@ fn lookup(pkt: &Packet) -> Option<Target> {
         if !pkt.later_fragment
             && let Some(target) = exact.get_ptr(&key)
         {
-            // SAFETY: published inner maps are never modified, so the entry is stable.
-            return Some(unsafe { *target });
+            return Some(read_target(target));
         }
         key.port = ALL_PORTS.to_be_bytes();
         if let Some(target) = exact.get_ptr(&key) {
-            // SAFETY: as above.
-            return Some(unsafe { *target });
+            return Some(read_target(target));
         }
     }
 
@@ -163,15 +162,26 @@ fn lookup(pkt: &Packet) -> Option<Target> {
     let with_port = if pkt.later_fragment {
         None
     } else {
-        prefix.get(&lpm_key).copied()
+        prefix.get(&lpm_key).map(|t| read_target(t))
     };
     lpm_key.data.port = ALL_PORTS.to_be_bytes();
-    let all_ports = prefix.get(&lpm_key).copied();
+    let all_ports = prefix.get(&lpm_key).map(|t| read_target(t));
     match (with_port, all_ports) {
         (Some(p), Some(a)) if a.prefix_len > p.prefix_len => Some(a),
         (Some(p), _) => Some(p),
         (None, a) => a,
     }
+}
+
+/// The `Target` stored in an inner map's value.
+#[inline(always)]
+fn read_target(value: *const TargetBytes) -> Target {
+    // SAFETY: `value` points at a live map value (published inner maps are
+    // never modified, so it is stable) that userspace wrote as a `Target`'s
+    // bytes; map values sit at 4-byte-aligned addresses (hash: 8-aligned;
+    // LPM trie: after a 4-aligned header and the 20-byte key), enough for
+    // `Target` (align 4, asserted in fwmark-common).
+    unsafe { *value.cast::<Target>() }
 }
 
 #[cfg(target_arch = "bpf")]
