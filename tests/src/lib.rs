@@ -2,7 +2,9 @@
 //! - [`packets`]: frames built from etherparse headers;
 //! - [`harness`]: the classifier run through `BPF_PROG_TEST_RUN`;
 //! - [`netns`], [`nft`], [`daemon`]: network namespaces joined by veth, nftables
-//!   mark counters on the director, and `fwmark run` as a child process.
+//!   mark counters on the director, and `fwmark run` as a child process;
+//! - [`vm`]: the IPVS scenario `cargo xtask vm-test` runs inside a guest
+//!   booted from Debian's kernel (binary `fwmark-vm-guest`).
 //!
 //! Everything a lab creates carries a unique name and is removed on drop, also
 //! when a test fails.
@@ -16,3 +18,4 @@ pub mod netns;
 pub mod nft;
 pub mod packets;
 pub mod recorder;
+pub mod vm;

@@ -2,6 +2,7 @@
 
 mod setup;
 mod util;
+mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -41,6 +42,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// fwmark with real IPVS: boot Debian's distribution kernel (6.1) in
+    /// qemu from a cached busybox initramfs and run the IPVS scenario there
+    /// (tests/src/vm.rs). Part of `test`.
+    VmTest,
     /// Build, then show fwmark marking real traffic between two throwaway
     /// network namespaces, with the example config.
     Demo,
@@ -51,6 +56,29 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+}
+
+/// The VM test as one test of `cargo xtask test`: a machine that cannot
+/// run it skips it loudly (a failure with FWMARK_REQUIRE_KERNEL_TESTS=1).
+fn vm_test_counted(bin: &std::path::Path, tally: &mut util::Tally) -> Result<()> {
+    let guest = util::build_vm_guest()?;
+    match vm::vm_test(bin, &guest) {
+        Ok(()) => tally.passed += 1,
+        Err(e) if e.downcast_ref::<vm::Unavailable>().is_some() => {
+            eprintln!("xtask: SKIPPED the VM test (real IPVS): {e}");
+            if std::env::var("FWMARK_REQUIRE_KERNEL_TESTS").is_ok_and(|v| v == "1") {
+                eprintln!("xtask: FWMARK_REQUIRE_KERNEL_TESTS=1: a skipped VM test is a failure");
+                tally.failed += 1;
+            } else {
+                tally.skipped += 1;
+            }
+        }
+        Err(e) => {
+            eprintln!("xtask: the VM test failed: {e:#}");
+            tally.failed += 1;
+        }
+    }
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -73,7 +101,18 @@ fn main() -> Result<()> {
                 util::lint()?;
             }
             let bin = util::build_fwmark(false)?;
-            util::test(&bin, &args)
+            let (mut tally, cargo_ok) = util::test(&bin, &args)?;
+            // The VM test runs with the whole suite, not with a filter.
+            if args.is_empty() {
+                vm_test_counted(&bin, &mut tally)?;
+            }
+            util::report(&tally, cargo_ok)
+        }
+        Task::VmTest => {
+            setup::setup()?;
+            let bin = util::build_fwmark(false)?;
+            let guest = util::build_vm_guest()?;
+            vm::vm_test(&bin, &guest)
         }
         Task::Bench { quick } => {
             setup::setup()?;

@@ -97,6 +97,19 @@ pub fn build_demo() -> Result<PathBuf> {
     Ok(root().join("target/debug/fwmark-demo"))
 }
 
+/// Builds the VM test's guest scenario (`tests/src/bin/fwmark-vm-guest.rs`);
+/// returns its path.
+pub fn build_vm_guest() -> Result<PathBuf> {
+    run(cargo().args([
+        "build",
+        "--package",
+        "fwmark-testlab",
+        "--bin",
+        "fwmark-vm-guest",
+    ]))?;
+    Ok(root().join("target/debug/fwmark-vm-guest"))
+}
+
 /// Builds the benchmark (release); returns its path.
 pub fn build_bench() -> Result<PathBuf> {
     run(cargo().args([
@@ -128,12 +141,13 @@ pub fn lint() -> Result<()> {
 /// Printed by a skipped kernel test (`fwmark_testlab::kernel::SKIP_MARKER`).
 const SKIP_MARKER: &str = "SKIPPED kernel test";
 
-/// Totals over every `test result:` line of a `cargo test` run.
+/// Totals over every `test result:` line of a `cargo test` run, plus the
+/// checks xtask runs itself (the VM test).
 #[derive(Debug, Default, PartialEq, Eq)]
-struct Tally {
-    passed: u64,
-    failed: u64,
-    skipped: u64,
+pub struct Tally {
+    pub passed: u64,
+    pub failed: u64,
+    pub skipped: u64,
 }
 
 impl Tally {
@@ -159,8 +173,9 @@ impl Tally {
 }
 
 /// Every test of the workspace; test binaries run under sudo when not root.
-/// Ends with one line `fwmark tests: N passed, N failed, N skipped`.
-pub fn test(bin: &Path, args: &[String]) -> Result<()> {
+/// Returns the tally (skipped kernel tests counted as skipped, not passed)
+/// and whether `cargo test` succeeded.
+pub fn test(bin: &Path, args: &[String]) -> Result<(Tally, bool)> {
     use std::{
         io::{BufRead as _, BufReader, Write as _},
         process::Stdio,
@@ -208,16 +223,24 @@ pub fn test(bin: &Path, args: &[String]) -> Result<()> {
     }
     let status = child.wait()?;
     let _ = err_thread.join();
-    let t = tally.lock().expect("tally");
+    let mut t = std::mem::take(&mut *tally.lock().expect("tally"));
     // Skipped kernel tests return early and count as passed in libtest.
+    t.passed = t.passed.saturating_sub(t.skipped);
+    Ok((t, status.success()))
+}
+
+/// Prints the last line of `cargo xtask test`,
+/// `fwmark tests: N passed, N failed, N skipped`, and fails when anything did.
+pub fn report(t: &Tally, cargo_ok: bool) -> Result<()> {
     println!(
         "fwmark tests: {} passed, {} failed, {} skipped",
-        t.passed.saturating_sub(t.skipped),
-        t.failed,
-        t.skipped
+        t.passed, t.failed, t.skipped
     );
-    if !status.success() {
-        bail!("cargo test failed: {status}");
+    if !cargo_ok {
+        bail!("cargo test failed");
+    }
+    if t.failed > 0 {
+        bail!("{} tests failed", t.failed);
     }
     Ok(())
 }

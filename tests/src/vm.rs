@@ -1,0 +1,942 @@
+//! The IPVS scenario that `cargo xtask vm-test` runs inside a guest booted
+//! from Debian's distribution kernel (6.1, with IPVS as modules), where the
+//! guest's own network namespace is the director.
+//!
+//! ```text
+//!  client ns                 director (guest root ns)             rs1 / rs2 ns
+//!  10.0.1.11-40/24   vmc0 --- vmd0  fwmark here, VIPs on lo, IPVS   vmr1 --- eth0 10.0.2.2 / 10.0.3.2
+//!  fd00:1::11-40/64          10.0.1.1, fd00:1::1              vmr2 --- eth0 fd00:2::2 / fd00:3::2
+//! ```
+//!
+//! IPVS serves only fwmark services (NAT forwarding, `-m`), made with
+//! `ipvsadm` to match `fwmark.example.toml`; the real servers answer every
+//! TCP connection and UDP datagram with their own name, so a probe knows
+//! where IPVS sent it. Every step checks the answer and IPVS's own counters.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io::{Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket},
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Where the guest image puts the tools (the xtask copies them there).
+pub const IP: &str = "/usr/sbin/ip";
+pub const IPVSADM: &str = "/usr/sbin/ipvsadm";
+pub const TC: &str = "/usr/sbin/tc";
+
+/// The director's client-facing interface, where fwmark attaches.
+const IFACE: &str = "vmd0";
+/// How long a probe waits for a connection or an answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The services of `fwmark.example.toml` that the scenario relies on; checked
+/// against the file first, so a changed example fails loudly here.
+const WEB_VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+const FTP_VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 21);
+const DNS_VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 53);
+const WEB6_VIP: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
+/// The mark that `fwmark apply` moves HTTPS to, served by rs2 alone.
+const MOVED_MARK: u32 = 90;
+
+/// An IPVS fwmark service: its mark and whether it is the IPv6 one.
+pub type Fwm = (u32, bool);
+
+/// Splits an `ipvsadm -L -n` service line `FWM  80 [IPv6] rest...`.
+fn fwm_line<'a>(words: &'a [&'a str]) -> Result<Option<(Fwm, &'a [&'a str])>> {
+    let ["FWM", mark, rest @ ..] = words else {
+        return Ok(None);
+    };
+    let mark: u32 = mark.parse().with_context(|| format!("mark in {words:?}"))?;
+    Ok(Some(match rest {
+        ["IPv6", rest @ ..] => ((mark, true), rest),
+        rest => ((mark, false), rest),
+    }))
+}
+
+/// Live connections per fwmark service and real server, from `ipvsadm -L
+/// -n` (`-> addr:port Masq weight ActiveConn InActConn`): the kernel's own
+/// per-destination counters, current at every call. Connections stay
+/// counted (TIME_WAIT, UDP timeout) far longer than the scenario runs.
+pub fn parse_ipvs_conns(text: &str) -> Result<BTreeMap<Fwm, BTreeMap<String, u64>>> {
+    let mut out: BTreeMap<Fwm, BTreeMap<String, u64>> = BTreeMap::new();
+    let mut current = None;
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if let Some((key, _)) = fwm_line(&words)? {
+            out.entry(key).or_default();
+            current = Some(key);
+            continue;
+        }
+        match words.as_slice() {
+            ["->", "RemoteAddress:Port", ..] => {}
+            // A real server of the current fwmark service (other services'
+            // are skipped).
+            ["->", server, _forward, _weight, active, inactive] => {
+                let Some(key) = current else { continue };
+                let n = |w: &str| {
+                    w.parse::<u64>()
+                        .with_context(|| format!("counts in {line:?}"))
+                };
+                let total = n(active)? + n(inactive)?;
+                out.get_mut(&key)
+                    .expect("current service")
+                    .insert((*server).to_string(), total);
+            }
+            [_proto, ..] if !line.starts_with(' ') => current = None,
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Total connections each fwmark service has scheduled, from `ipvsadm -L -n
+/// --stats --exact`. On 6.1 these are refreshed by IPVS's rate estimator
+/// every 2 s, so they lag; the scenario checks them once, at the end.
+pub fn parse_ipvs_stats(text: &str) -> Result<BTreeMap<Fwm, u64>> {
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if let Some((key, rest)) = fwm_line(&words)? {
+            let conns = rest
+                .first()
+                .and_then(|w| w.parse().ok())
+                .with_context(|| format!("conns in {line:?}"))?;
+            out.insert(key, conns);
+        }
+    }
+    Ok(out)
+}
+
+/// Runs a command, failing with its stderr when it fails; returns stdout.
+fn sh(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot start {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "`{program} {}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    sh(IP, args).map(drop)
+}
+
+fn ip_in(ns: &str, args: &[&str]) -> Result<()> {
+    let mut all = vec!["-n", ns];
+    all.extend_from_slice(args);
+    ip(&all)
+}
+
+/// `ip -n NS -batch -` with `commands` on stdin.
+fn ip_batch(ns: &str, commands: &str) -> Result<()> {
+    let mut child = Command::new(IP)
+        .args(["-n", ns, "-batch", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start ip -batch")?;
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(commands.as_bytes())?;
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "`ip -n {ns} -batch -` failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+fn ipvsadm(args: &[&str]) -> Result<()> {
+    sh(IPVSADM, args).map(drop)
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns` (sockets it
+/// creates belong to that namespace for their whole life).
+fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let path = format!("/run/netns/{ns}");
+    let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+    std::thread::spawn(move || -> Result<T> {
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("thread in namespace {ns} panicked"))?
+}
+
+/// A probe's outcome: which real server answered (and what it said), or why
+/// nothing did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    Server(String),
+    Refused,
+    TimedOut,
+    Other(String),
+}
+
+impl Answer {
+    fn server(&self) -> Option<&str> {
+        match self {
+            Answer::Server(s) => s.split_whitespace().next(),
+            _ => None,
+        }
+    }
+}
+
+fn io_answer(e: std::io::Error) -> Answer {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => Answer::Refused,
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => Answer::TimedOut,
+        _ => Answer::Other(e.to_string()),
+    }
+}
+
+/// One TCP connection from `src` to `dst` in the client namespace; the
+/// answer is the first line the server sends.
+fn tcp_probe(src: IpAddr, dst: SocketAddr) -> Result<Answer> {
+    in_ns("vmclient", move || {
+        let attempt = || -> std::io::Result<String> {
+            let sock = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+            sock.bind(&SocketAddr::new(src, 0).into())?;
+            sock.connect_timeout(&dst.into(), PROBE_TIMEOUT)?;
+            sock.set_read_timeout(Some(PROBE_TIMEOUT))?;
+            let mut stream: std::net::TcpStream = sock.into();
+            let mut buf = String::new();
+            stream.read_to_string(&mut buf)?;
+            Ok(buf.trim().to_string())
+        };
+        match attempt() {
+            Ok(s) if s.is_empty() => Answer::Other("connection closed without an answer".into()),
+            Ok(s) => Answer::Server(s),
+            Err(e) => io_answer(e),
+        }
+    })
+}
+
+/// One UDP datagram of `len` bytes from `src` to `dst`, and its answer.
+fn udp_probe(src: IpAddr, dst: SocketAddr, len: usize) -> Result<Answer> {
+    in_ns("vmclient", move || {
+        let attempt = || -> std::io::Result<String> {
+            let sock = UdpSocket::bind(SocketAddr::new(src, 0))?;
+            sock.connect(dst)?;
+            sock.set_read_timeout(Some(PROBE_TIMEOUT))?;
+            sock.send(&vec![b'x'; len])?;
+            let mut buf = [0u8; 256];
+            let n = sock.recv(&mut buf)?;
+            Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+        };
+        match attempt() {
+            Ok(s) => Answer::Server(s),
+            Err(e) => io_answer(e),
+        }
+    })
+}
+
+/// Starts the real server `name` in namespace `name`: every TCP port in
+/// `tcp_ports` (IPv4 and IPv6) answers `name`, UDP port 53 answers
+/// `name <bytes received>`.
+fn start_server(name: &'static str, tcp_ports: &[u16]) -> Result<()> {
+    let ports = tcp_ports.to_vec();
+    let (listeners, udp) = in_ns(name, move || -> Result<_> {
+        let mut listeners = Vec::new();
+        for port in ports {
+            // [::] takes IPv4 too (bindv6only is 0 by default).
+            listeners.push(
+                TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))
+                    .with_context(|| format!("{name}: listening on tcp port {port}"))?,
+            );
+        }
+        let udp = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 53))
+            .with_context(|| format!("{name}: binding udp port 53"))?;
+        Ok((listeners, udp))
+    })??;
+    for listener in listeners {
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().map_while(Result::ok) {
+                let _ = writeln!(stream, "{name}");
+            }
+        });
+    }
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, peer)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(format!("{name} {n}").as_bytes(), peer);
+        }
+    });
+    Ok(())
+}
+
+/// The namespaces, links, addresses, routes, VIPs and IPVS services.
+fn build_topology() -> Result<()> {
+    for ns in ["vmclient", "rs1", "rs2"] {
+        ip(&["netns", "add", ns])?;
+        ip_in(ns, &["link", "set", "lo", "up"])?;
+    }
+    ip(&["link", "set", "lo", "up"])?;
+    // client <-> director
+    ip(&[
+        "link", "add", IFACE, "type", "veth", "peer", "name", "vmc0", "netns", "vmclient",
+    ])?;
+    ip(&["addr", "add", "10.0.1.1/24", "dev", IFACE])?;
+    ip(&["addr", "add", "fd00:1::1/64", "dev", IFACE, "nodad"])?;
+    ip(&["link", "set", IFACE, "up"])?;
+    // 60 client addresses in one `ip -batch` (every exec is slow under TCG).
+    let batch: String = (11u8..=40)
+        .map(|host| {
+            format!(
+                "addr add {}/24 dev vmc0\naddr add {}/64 dev vmc0 nodad\n",
+                client_v4(host),
+                client_v6(host)
+            )
+        })
+        .collect();
+    ip_batch("vmclient", &batch)?;
+    ip_in("vmclient", &["link", "set", "vmc0", "up"])?;
+    ip_in("vmclient", &["route", "add", "default", "via", "10.0.1.1"])?;
+    ip_in(
+        "vmclient",
+        &["-6", "route", "add", "default", "via", "fd00:1::1"],
+    )?;
+    // director <-> real servers
+    for (n, rs) in [(2, "rs1"), (3, "rs2")] {
+        let dev = format!("vmr{}", n - 1);
+        ip(&[
+            "link", "add", &dev, "type", "veth", "peer", "name", "eth0", "netns", rs,
+        ])?;
+        ip(&["addr", "add", &format!("10.0.{n}.1/24"), "dev", &dev])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("fd00:{n}::1/64"),
+            "dev",
+            &dev,
+            "nodad",
+        ])?;
+        ip(&["link", "set", &dev, "up"])?;
+        ip_in(
+            rs,
+            &["addr", "add", &format!("10.0.{n}.2/24"), "dev", "eth0"],
+        )?;
+        ip_in(
+            rs,
+            &[
+                "addr",
+                "add",
+                &format!("fd00:{n}::2/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+        )?;
+        ip_in(rs, &["link", "set", "eth0", "up"])?;
+        ip_in(
+            rs,
+            &["route", "add", "default", "via", &format!("10.0.{n}.1")],
+        )?;
+        ip_in(
+            rs,
+            &[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("fd00:{n}::1"),
+            ],
+        )?;
+    }
+    // The director holds the VIPs and forwards (IPVS NAT).
+    for vip in ["192.0.2.10/32", "192.0.2.21/32", "192.0.2.53/32"] {
+        ip(&["addr", "add", vip, "dev", "lo"])?;
+    }
+    ip(&["addr", "add", "2001:db8::10/128", "dev", "lo"])?;
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+    std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")?;
+
+    // IPVS: fwmark services only, NAT to both real servers (rs2 only for
+    // the mark that `apply` moves HTTPS to).
+    ipvsadm(&["-C"])?;
+    for (mark, persist) in [("80", true), ("21", true), ("53", false)] {
+        let mut args = vec!["-A", "-f", mark, "-s", "rr"];
+        if persist {
+            args.extend(["-p", "300"]);
+        }
+        ipvsadm(&args)?;
+        for rs in ["10.0.2.2", "10.0.3.2"] {
+            ipvsadm(&["-a", "-f", mark, "-r", rs, "-m"])?;
+        }
+    }
+    ipvsadm(&["-A", "-f", "86", "-6", "-s", "rr"])?;
+    for rs in ["fd00:2::2", "fd00:3::2"] {
+        ipvsadm(&["-a", "-f", "86", "-6", "-r", rs, "-m"])?;
+    }
+    let moved = MOVED_MARK.to_string();
+    ipvsadm(&["-A", "-f", &moved, "-s", "rr"])?;
+    ipvsadm(&["-a", "-f", &moved, "-r", "10.0.3.2", "-m"])?;
+    Ok(())
+}
+
+/// Live connections per fwmark service (all real servers).
+fn ipvs_conns() -> Result<BTreeMap<Fwm, u64>> {
+    Ok(parse_ipvs_conns(&sh(IPVSADM, &["-L", "-n"])?)?
+        .into_iter()
+        .map(|(key, servers)| (key, servers.values().sum()))
+        .collect())
+}
+
+fn client_v4(host: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 0, 1, host))
+}
+
+fn client_v6(host: u8) -> IpAddr {
+    IpAddr::V6(Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, u16::from(host)))
+}
+
+fn v4(addr: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(addr), port)
+}
+
+fn v6(addr: Ipv6Addr, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(addr), port)
+}
+
+/// What one probe should reach: the IPVS service (mark, v6) it must go
+/// through, or nothing.
+struct Probe {
+    what: &'static str,
+    udp_len: Option<usize>,
+    src: IpAddr,
+    dst: SocketAddr,
+    via: Option<Fwm>,
+}
+
+impl Probe {
+    fn tcp(what: &'static str, src: IpAddr, dst: SocketAddr, via: Option<Fwm>) -> Self {
+        Probe {
+            what,
+            udp_len: None,
+            src,
+            dst,
+            via,
+        }
+    }
+
+    fn send(&self) -> Result<Answer> {
+        match self.udp_len {
+            Some(len) => udp_probe(self.src, self.dst, len),
+            None => tcp_probe(self.src, self.dst),
+        }
+    }
+}
+
+/// The probes of "every service reaches a real server": web 80/443, FTP 21
+/// and both ends of the passive range, DNS over UDP, IPv6 web; and ports
+/// just outside the FTP range, which nothing may take.
+fn service_probes(first_host: u8) -> Vec<Probe> {
+    let h = first_host;
+    vec![
+        Probe::tcp(
+            "tcp 192.0.2.10:80",
+            client_v4(h),
+            v4(WEB_VIP, 80),
+            Some((80, false)),
+        ),
+        Probe::tcp(
+            "tcp 192.0.2.10:443",
+            client_v4(h),
+            v4(WEB_VIP, 443),
+            Some((80, false)),
+        ),
+        Probe::tcp(
+            "tcp 192.0.2.21:21",
+            client_v4(h + 1),
+            v4(FTP_VIP, 21),
+            Some((21, false)),
+        ),
+        Probe::tcp(
+            "tcp 192.0.2.21:10000",
+            client_v4(h + 1),
+            v4(FTP_VIP, 10000),
+            Some((21, false)),
+        ),
+        Probe::tcp(
+            "tcp 192.0.2.21:20000",
+            client_v4(h + 1),
+            v4(FTP_VIP, 20000),
+            Some((21, false)),
+        ),
+        Probe::tcp(
+            "tcp 192.0.2.21:9999 (outside the range)",
+            client_v4(h + 1),
+            v4(FTP_VIP, 9999),
+            None,
+        ),
+        Probe::tcp(
+            "tcp 192.0.2.21:20001 (outside the range)",
+            client_v4(h + 1),
+            v4(FTP_VIP, 20001),
+            None,
+        ),
+        Probe {
+            what: "udp 192.0.2.53:53",
+            udp_len: Some(32),
+            src: client_v4(h + 2),
+            dst: v4(DNS_VIP, 53),
+            via: Some((53, false)),
+        },
+        Probe::tcp(
+            "tcp [2001:db8::10]:80",
+            client_v6(h),
+            v6(WEB6_VIP, 80),
+            Some((86, true)),
+        ),
+        Probe::tcp(
+            "tcp [2001:db8::10]:443",
+            client_v6(h),
+            v6(WEB6_VIP, 443),
+            Some((86, true)),
+        ),
+    ]
+}
+
+/// Connections the scenario has sent through each fwmark service so far;
+/// IPVS's own counters must always agree.
+#[derive(Default)]
+struct Ledger(BTreeMap<Fwm, u64>);
+
+impl Ledger {
+    /// Checks IPVS's live connection counts against the ledger.
+    fn check_live(&self) -> Result<()> {
+        for (key, n) in ipvs_conns()? {
+            let want = self.0.get(&key).copied().unwrap_or(0);
+            ensure!(
+                n == want,
+                "IPVS FWM {}{} holds {n} connections, the scenario made {want} through it",
+                key.0,
+                if key.1 { " IPv6" } else { "" }
+            );
+        }
+        Ok(())
+    }
+
+    /// Sends every probe; each must be answered by a real server through
+    /// its IPVS service, or, without one, refused; then IPVS's connection
+    /// counts must equal the ledger's exactly.
+    fn probe(&mut self, probes: &[Probe]) -> Result<()> {
+        for p in probes {
+            let answer = p.send()?;
+            match (p.via, &answer) {
+                (Some(svc), Answer::Server(s)) => {
+                    println!("vm: ok: {} -> FWM {} -> {s}", p.what, svc.0);
+                    *self.0.entry(svc).or_default() += 1;
+                }
+                (None, Answer::Refused | Answer::TimedOut) => {
+                    println!("vm: ok: {} not taken by IPVS ({answer:?})", p.what);
+                }
+                (Some(svc), _) => {
+                    bail!(
+                        "{} should reach a real server via FWM {}, got {answer:?}",
+                        p.what,
+                        svc.0
+                    )
+                }
+                (None, _) => bail!(
+                    "{} should not reach any real server, got {answer:?}",
+                    p.what
+                ),
+            }
+        }
+        self.check_live()?;
+        println!(
+            "vm: ok: IPVS connection counts equal the probes': {:?}",
+            self.0
+        );
+        Ok(())
+    }
+
+    /// One connection through `svc` that the caller made and checked.
+    fn add(&mut self, svc: Fwm) {
+        *self.0.entry(svc).or_default() += 1;
+    }
+
+    /// IPVS's statistics (refreshed every 2 s on 6.1) must come to the same
+    /// totals: every connection the scenario made, and nothing else.
+    fn check_stats(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(8);
+        loop {
+            let stats = parse_ipvs_stats(&sh(IPVSADM, &["-L", "-n", "--stats", "--exact"])?)?;
+            let want: BTreeMap<Fwm, u64> = stats
+                .keys()
+                .map(|k| (*k, self.0.get(k).copied().unwrap_or(0)))
+                .collect();
+            if stats == want {
+                println!("vm: ok: ipvsadm --stats totals equal the scenario's: {want:?}");
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "ipvsadm --stats totals {stats:?}, the scenario made {want:?}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+/// `fwmark run` as a child of the scenario.
+struct Fwmark {
+    bin: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Fwmark {
+    fn start(bin: &Path, config: &Path) -> Result<Fwmark> {
+        let log = PathBuf::from("/tmp/fwmark-run.log");
+        let child = Command::new(bin)
+            .args(["run", "--iface", IFACE, "--keep", "--no-watch", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(File::create(&log)?)
+            .spawn()
+            .context("starting fwmark run")?;
+        let mut me = Fwmark {
+            bin: bin.to_path_buf(),
+            child: Some(child),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = me.log_text();
+            if let Some(line) = text.lines().find(|l| l.contains("marking on ")) {
+                println!("vm: fwmark: {}", line.trim());
+                return Ok(me);
+            }
+            if let Some(status) = me.child.as_mut().expect("child").try_wait()? {
+                bail!("fwmark run exited ({status}) before marking:\n{text}");
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "fwmark run not ready after 60 s:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn cmd(&self, args: &[&str]) -> Result<String> {
+        sh(self.bin.to_str().context("fwmark path")?, args)
+    }
+
+    /// SIGTERM, as systemd stops it; with `--keep` marking stays.
+    fn stop(&mut self) -> Result<()> {
+        let mut child = self.child.take().context("fwmark already stopped")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        let status = child.wait()?;
+        ensure!(
+            status.success(),
+            "fwmark run exited with {status}:\n{}",
+            self.log_text()
+        );
+        Ok(())
+    }
+}
+
+impl Drop for Fwmark {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Checks the example config still has the services this scenario's IPVS
+/// setup assumes, and returns a copy that moves HTTPS on the web VIP to
+/// [`MOVED_MARK`].
+fn example_and_moved(example: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(example)
+        .with_context(|| format!("reading {}", example.display()))?;
+    let mut doc: toml::Table = text.parse().context("parsing the example config")?;
+    let services = doc
+        .get_mut("service")
+        .and_then(|s| s.as_array_mut())
+        .context("example config has no [[service]]")?;
+    let expect = [
+        ("web", "192.0.2.10", "tcp", "[80, 443]", 80),
+        ("ftp", "192.0.2.21", "tcp", "[21, \"10000-20000\"]", 21),
+        ("dns", "192.0.2.53", "udp", "[53]", 53),
+        ("web6", "2001:db8::10", "tcp", "[80, 443]", 86),
+    ];
+    for (name, vip, proto, ports, mark) in expect {
+        let svc = services
+            .iter()
+            .filter_map(|s| s.as_table())
+            .find(|s| s.get("name").and_then(|n| n.as_str()) == Some(name))
+            .with_context(|| {
+                format!("example config lost service {name:?}; update tests/src/vm.rs")
+            })?;
+        let got = (
+            svc.get("vip").and_then(|v| v.as_str()),
+            svc.get("proto").and_then(|v| v.as_str()),
+            svc.get("ports").map(|v| v.to_string()),
+            svc.get("mark").and_then(|v| v.as_integer()),
+        );
+        ensure!(
+            got == (Some(vip), Some(proto), Some(ports.to_string()), Some(mark)),
+            "example service {name:?} changed ({got:?}); update tests/src/vm.rs"
+        );
+    }
+    for svc in services.iter_mut().filter_map(|s| s.as_table_mut()) {
+        if svc.get("name").and_then(|n| n.as_str()) == Some("web") {
+            svc.insert(
+                "ports".into(),
+                toml::Value::Array(vec![toml::Value::Integer(80)]),
+            );
+        }
+    }
+    let mut tls = toml::Table::new();
+    tls.insert("name".into(), "web-tls".into());
+    tls.insert("vip".into(), "192.0.2.10".into());
+    tls.insert("proto".into(), "tcp".into());
+    tls.insert(
+        "ports".into(),
+        toml::Value::Array(vec![toml::Value::Integer(443)]),
+    );
+    tls.insert("mark".into(), toml::Value::Integer(i64::from(MOVED_MARK)));
+    services.push(toml::Value::Table(tls));
+    Ok(toml::to_string(&doc)?)
+}
+
+fn status_json(fwmark: &Fwmark) -> Result<serde_json::Value> {
+    let text = fwmark.cmd(&["status", "--iface", IFACE, "--json"])?;
+    serde_json::from_str(&text).context("parsing fwmark status --json")
+}
+
+/// The whole scenario; any failed check is an error.
+pub fn scenario(fwmark_bin: &Path, example: &Path) -> Result<()> {
+    let started = Instant::now();
+    let moved = example_and_moved(example)?;
+    let moved_path = PathBuf::from("/tmp/fwmark-moved.toml");
+    std::fs::write(&moved_path, moved)?;
+
+    build_topology()?;
+    let tcp_ports = [21, 80, 443, 9999, 10000, 20000, 20001];
+    start_server("rs1", &tcp_ports)?;
+    start_server("rs2", &tcp_ports)?;
+    println!(
+        "vm: topology and IPVS ready ({:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
+
+    // 1. Without fwmark IPVS takes nothing: the director itself refuses.
+    println!("vm: step 1: without fwmark");
+    let mut ledger = Ledger::default();
+    let unmarked: Vec<Probe> = service_probes(11)
+        .into_iter()
+        .map(|p| Probe { via: None, ..p })
+        .collect();
+    ledger.probe(&unmarked)?;
+
+    // 2. With fwmark every service is reached through its FWM service.
+    println!("vm: step 2: fwmark run");
+    let mut daemon = Fwmark::start(fwmark_bin, example)?;
+    let log = daemon.log_text();
+    ensure!(
+        log.contains("via netlink clsact"),
+        "on this kernel fwmark must attach through netlink (clsact + cls_bpf):\n{log}"
+    );
+    let status = status_json(&daemon)?;
+    ensure!(
+        status["attach"]["mode"] == "netlink",
+        "status mode: {}",
+        status["attach"]
+    );
+    println!(
+        "vm: ok: attached through netlink; status says {}",
+        status["attach"]["mode"]
+    );
+    ledger.probe(&service_probes(12))?;
+
+    // 3. Persistence across the bundle: each client's 80 and 443 land on
+    // the same real server; over several clients both servers are used.
+    println!("vm: step 3: persistence");
+    let mut used = BTreeMap::new();
+    for host in 20..28 {
+        let a = tcp_probe(client_v4(host), v4(WEB_VIP, 80))?;
+        let b = tcp_probe(client_v4(host), v4(WEB_VIP, 443))?;
+        let (Some(sa), Some(sb)) = (a.server(), b.server()) else {
+            bail!("client 10.0.1.{host}: web probes not answered: {a:?} {b:?}");
+        };
+        ensure!(
+            sa == sb,
+            "client 10.0.1.{host}: port 80 went to {sa}, port 443 to {sb}"
+        );
+        ledger.add((80, false));
+        ledger.add((80, false));
+        *used.entry(sa.to_string()).or_insert(0) += 1;
+    }
+    ledger.check_live()?;
+    ensure!(
+        used.len() == 2,
+        "persistence test used only {used:?}; rr over 8 clients must use both"
+    );
+    println!("vm: ok: 8 clients, 80 and 443 on the same server each; per server {used:?}");
+
+    // 4. A fragmented datagram: only its first fragment carries the port
+    // and is marked; reassembly keeps that mark, so IPVS schedules it.
+    println!("vm: step 4: fragmented UDP");
+    let later_fragments = |d: &Fwmark| -> Result<u64> {
+        status_json(d)?["global"]["later_fragment"]
+            .as_u64()
+            .context("status global.later_fragment")
+    };
+    let frags_before = later_fragments(&daemon)?;
+    let answer = udp_probe(client_v4(30), v4(DNS_VIP, 53), 4000)?;
+    let Answer::Server(text) = &answer else {
+        bail!("4000-byte datagram to 192.0.2.53:53 not answered: {answer:?}");
+    };
+    ensure!(
+        text.ends_with(" 4000"),
+        "server got {text:?}, not the whole 4000 bytes"
+    );
+    ledger.add((53, false));
+    ledger.check_live()?;
+    let frags = later_fragments(&daemon)? - frags_before;
+    ensure!(
+        frags >= 2,
+        "fwmark saw {frags} later fragments; the datagram was not fragmented"
+    );
+    println!("vm: ok: 4000 bytes in 1 + {frags} fragments, reassembled, via FWM 53 to {text}");
+
+    // 5. `fwmark apply` moves HTTPS to another mark; IPVS follows.
+    println!("vm: step 5: apply moves 443 to mark {MOVED_MARK}");
+    let out = daemon.cmd(&[
+        "apply",
+        "--iface",
+        IFACE,
+        "--config",
+        moved_path.to_str().expect("utf-8"),
+    ])?;
+    for line in out.lines() {
+        println!("vm: apply: {line}");
+    }
+    for host in 31..35 {
+        let a = tcp_probe(client_v4(host), v4(WEB_VIP, 443))?;
+        ensure!(
+            a.server() == Some("rs2"),
+            "443 after apply should reach rs2 via FWM {MOVED_MARK}: {a:?}"
+        );
+        ledger.add((MOVED_MARK, false));
+    }
+    let a = tcp_probe(client_v4(35), v4(WEB_VIP, 80))?;
+    ensure!(a.server().is_some(), "80 after apply not answered: {a:?}");
+    ledger.add((80, false));
+    ledger.check_live()?;
+    let status = status_json(&daemon)?;
+    ensure!(
+        status["config"]["generation"] == 2,
+        "generation after apply: {}",
+        status["config"]
+    );
+    println!(
+        "vm: ok: new 443 connections went to FWM {MOVED_MARK} (4 on rs2), 80 stayed on FWM 80; generation 2"
+    );
+
+    // 6. Stop with --keep: marking stays; `fwmark detach` removes it.
+    println!("vm: step 6: stop (--keep), then detach");
+    daemon.stop()?;
+    let kept = tcp_probe(client_v4(36), v4(WEB_VIP, 80))?;
+    ensure!(
+        kept.server().is_some(),
+        "marking should outlive a --keep run: {kept:?}"
+    );
+    ledger.add((80, false));
+    ledger.check_live()?;
+    let filters = sh(TC, &["filter", "show", "dev", IFACE, "ingress"])?;
+    ensure!(
+        filters.contains("bpf"),
+        "no bpf filter left by --keep:\n{filters}"
+    );
+    println!("vm: ok: after SIGTERM with --keep, marking continues");
+    daemon.cmd(&["detach", "--iface", IFACE])?;
+    let filters = sh(TC, &["filter", "show", "dev", IFACE, "ingress"])?;
+    ensure!(
+        !filters.contains("bpf"),
+        "bpf filter still there after detach:\n{filters}"
+    );
+    let gone = tcp_probe(client_v4(37), v4(WEB_VIP, 80))?;
+    ensure!(
+        matches!(gone, Answer::Refused | Answer::TimedOut),
+        "after detach 80 must no longer reach IPVS: {gone:?}"
+    );
+    ledger.check_live()?;
+    println!("vm: ok: detach removed the filter; traffic unmarked, IPVS idle");
+
+    ledger.check_stats()?;
+    println!(
+        "vm: scenario passed in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ipvsadm_lists() {
+        let list = "IP Virtual Server version 1.2.1 (size=4096)
+Prot LocalAddress:Port Scheduler Flags
+  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn
+FWM  21 rr persistent 300
+  -> 10.0.2.2:0                   Masq    1      1          2
+  -> 10.0.3.2:0                   Masq    1      0          1
+FWM  86 IPv6 rr
+  -> [fd00:2::2]:0                Masq    1      0          2
+TCP  192.0.2.1:80 rr
+  -> 10.0.2.2:80                  Masq    1      7          0
+FWM  90 rr
+";
+        let conns = parse_ipvs_conns(list).unwrap();
+        assert_eq!(conns.len(), 3);
+        assert_eq!(conns[&(21, false)]["10.0.2.2:0"], 3);
+        assert_eq!(conns[&(21, false)]["10.0.3.2:0"], 1);
+        assert_eq!(conns[&(86, true)]["[fd00:2::2]:0"], 2);
+        assert!(conns[&(90, false)].is_empty());
+
+        let stats = "Prot LocalAddress:Port               Conns   InPkts  OutPkts  InBytes OutBytes
+  -> RemoteAddress:Port
+FWM  21                                  3       18       12     1080      720
+  -> 10.0.2.2:0                          2       12        8      720      480
+FWM  86 IPv6                             2       10        8      800      640
+TCP  192.0.2.1:80                        7        1        1        1        1
+";
+        let stats = parse_ipvs_stats(stats).unwrap();
+        assert_eq!(stats, BTreeMap::from([((21, false), 3), ((86, true), 2)]));
+    }
+}
