@@ -12,6 +12,7 @@ pub mod export;
 pub mod import;
 pub mod live;
 pub mod metrics;
+pub mod model;
 pub mod preflight;
 pub mod ruleset;
 pub mod run;
