@@ -8,6 +8,7 @@ pub mod config;
 pub mod datapath;
 pub mod detach;
 pub mod diff;
+pub mod explain;
 pub mod export;
 pub mod import;
 pub mod live;
