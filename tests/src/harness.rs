@@ -85,3 +85,37 @@ impl Harness {
         Ok(self.datapath.maps.rule_counters(&slots)?)
     }
 }
+
+/// `EINVAL`, what `BPF_PROG_TEST_RUN` answers for a frame it refuses.
+pub const EINVAL: i32 = libc::EINVAL;
+
+impl Harness {
+    /// Like [`Harness::run`], but a frame `BPF_PROG_TEST_RUN` refuses comes
+    /// back as `Ok(Err(errno))` instead of an error.
+    pub fn try_run(&self, frame: &[u8], mark: u32) -> Result<std::result::Result<Verdict, i32>> {
+        let mut ctx_in = [0u8; SKB_CTX_LEN];
+        ctx_in[SKB_MARK_OFFSET..SKB_MARK_OFFSET + 4].copy_from_slice(&mark.to_ne_bytes());
+        let mut ctx_out = [0u8; SKB_CTX_LEN];
+        let result = self.datapath.program()?.test_run(TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(&ctx_in),
+            ctx_out: Some(&mut ctx_out),
+            ..TestRunOptions::default()
+        });
+        match result {
+            Ok(r) => Ok(Ok(Verdict {
+                ret: r.return_value as i32,
+                mark: u32::from_ne_bytes(
+                    ctx_out[SKB_MARK_OFFSET..SKB_MARK_OFFSET + 4]
+                        .try_into()
+                        .expect("4 bytes"),
+                ),
+            })),
+            Err(aya::programs::ProgramError::SyscallError(e)) => match e.io_error.raw_os_error() {
+                Some(errno) => Ok(Err(errno)),
+                None => Err(e.into()),
+            },
+            Err(e) => Err(e.into()),
+        }
+    }
+}
