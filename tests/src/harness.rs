@@ -1,7 +1,7 @@
 //! The classifier run through `BPF_PROG_TEST_RUN`: load it, publish a config,
 //! feed it frames and read back the mark from the `__sk_buff` context.
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use aya::programs::{TestRun as _, TestRunOptions};
 use fwmark::{
     config::Config,
@@ -50,27 +50,12 @@ impl Harness {
 
     /// Runs the classifier once on `frame`, with `skb->mark` preset to `mark`.
     pub fn run(&self, frame: &[u8], mark: u32) -> Result<Verdict> {
-        let mut ctx_in = [0u8; SKB_CTX_LEN];
-        ctx_in[SKB_MARK_OFFSET..SKB_MARK_OFFSET + 4].copy_from_slice(&mark.to_ne_bytes());
-        let mut ctx_out = [0u8; SKB_CTX_LEN];
-        let result = self
-            .datapath
-            .program()?
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                ctx_in: Some(&ctx_in),
-                ctx_out: Some(&mut ctx_out),
-                ..TestRunOptions::default()
-            })
-            .with_context(|| format!("BPF_PROG_TEST_RUN of a {}-byte frame", frame.len()))?;
-        let mark_out = u32::from_ne_bytes(
-            ctx_out[SKB_MARK_OFFSET..SKB_MARK_OFFSET + 4]
-                .try_into()
-                .expect("4 bytes"),
-        );
-        Ok(Verdict {
-            ret: result.return_value as i32,
-            mark: mark_out,
+        self.try_run(frame, mark)?.map_err(|errno| {
+            anyhow::anyhow!(
+                "BPF_PROG_TEST_RUN of a {}-byte frame: {}",
+                frame.len(),
+                std::io::Error::from_raw_os_error(errno)
+            )
         })
     }
 

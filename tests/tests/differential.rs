@@ -136,7 +136,7 @@ mark = 9
 
 /// Other shapes: default routes (/0), a partial top-level mask, overlapping
 /// ranges with the same mark (the first owns the overlap), mark 0 under a
-/// partial mask, tiny prefixes.
+/// partial mask, hosts written as /32 and /128, tiny prefixes.
 const RICH_B: &str = r#"
 mask = 0x0000ffff
 
@@ -180,6 +180,13 @@ vip = "2001:db8::10"
 proto = ["udp", "sctp"]
 ports = [53, 9899]
 mark = 0x31
+
+[[service]]
+name = "host-prefixes"
+vip = ["203.0.113.9/32", "2001:db8:5::9/128"]
+proto = "sctp"
+ports = [36412]
+mark = 0x51
 
 [[service]]
 name = "net31"
