@@ -1,6 +1,8 @@
 //! Header parsers, one small inline function per header, in the style of
 //! Cilium's `bpf/lib/`: direct packet access, one bounds check per header,
-//! fixed loop bounds.
+//! fixed loop bounds. Every header walked must be whole (IPv4 options, IPv6
+//! extension headers, the fixed TCP/UDP/SCTP header): a truncated one makes
+//! the packet malformed.
 
 use core::ptr::read_unaligned;
 
@@ -13,6 +15,9 @@ const VLAN_HLEN: usize = 4;
 const IPV4_MIN_HLEN: usize = 20;
 const IPV6_HLEN: usize = 40;
 const IPV6_FRAG_HLEN: usize = 8;
+const TCP_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+const SCTP_HLEN: usize = 12;
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -57,6 +62,15 @@ fn header<const N: usize>(data: usize, end: usize, off: usize) -> Option<*const 
     Some(start as *const [u8; N])
 }
 
+/// Whether `len` bytes at `off` are inside the packet: the check for a
+/// header whose length is only known at run time (IPv4 options, IPv6
+/// extension headers). A truncated header is malformed even where its
+/// contents are not needed.
+#[inline(always)]
+fn fits(data: usize, end: usize, off: usize, len: usize) -> bool {
+    data + off + len <= end
+}
+
 #[inline(always)]
 fn be16(hi: u8, lo: u8) -> u16 {
     u16::from_be_bytes([hi, lo])
@@ -97,7 +111,7 @@ fn ipv4(data: usize, end: usize, off: usize, key: &mut ServiceKey) -> Option<(u8
         )
     };
     let ihl = usize::from(ver_ihl & 0x0f) * 4;
-    if ver_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN {
+    if ver_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN || !fits(data, end, off, ihl) {
         return None;
     }
     key.family = FAMILY_IPV4;
@@ -136,8 +150,12 @@ fn ipv6(data: usize, end: usize, off: usize, key: &mut ServiceKey) -> Option<(u8
                 let ext = header::<2>(data, end, off)?;
                 // SAFETY: bounds checked by `header`.
                 let (nh, len) = unsafe { ((*ext)[0], (*ext)[1]) };
+                let len = (usize::from(len) + 1) * 8;
+                if !fits(data, end, off, len) {
+                    return None;
+                }
                 next = nh;
-                off += (usize::from(len) + 1) * 8;
+                off += len;
             }
             NEXTHDR_FRAGMENT => {
                 let frag = header::<IPV6_FRAG_HLEN>(data, end, off)?;
@@ -159,12 +177,24 @@ fn ipv6(data: usize, end: usize, off: usize, key: &mut ServiceKey) -> Option<(u8
     }
 }
 
-/// Destination port of TCP, UDP and SCTP (bytes 2..4 in all three).
+/// Destination port (bytes 2..4) of a transport header of `N` bytes, which
+/// must be whole: iptables' port matches do not match a truncated one.
 #[inline(always)]
-fn dest_port(data: usize, end: usize, off: usize) -> Option<[u8; 2]> {
-    let l4 = header::<4>(data, end, off)?;
+fn port_of<const N: usize>(data: usize, end: usize, off: usize) -> Option<[u8; 2]> {
+    let l4 = header::<N>(data, end, off)?;
     // SAFETY: bounds checked by `header`.
     Some(unsafe { [(*l4)[2], (*l4)[3]] })
+}
+
+/// Destination port of TCP (20-byte header), UDP (8) and SCTP (12-byte
+/// common header).
+#[inline(always)]
+fn dest_port(data: usize, end: usize, off: usize, proto: u8) -> Option<[u8; 2]> {
+    match proto {
+        IPPROTO_TCP => port_of::<TCP_HLEN>(data, end, off),
+        IPPROTO_UDP => port_of::<UDP_HLEN>(data, end, off),
+        _ => port_of::<SCTP_HLEN>(data, end, off),
+    }
 }
 
 /// Parses the packet in `[data, data_end)`.
@@ -189,7 +219,7 @@ pub fn packet(data: usize, data_end: usize) -> Parsed {
     };
     key.proto = proto;
     if !later_fragment && matches!(proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
-        match dest_port(data, data_end, l4) {
+        match dest_port(data, data_end, l4, proto) {
             Some(port) => key.port = port,
             None => return Parsed::Malformed,
         }

@@ -40,6 +40,11 @@ pub enum Command {
     /// Print rules for iptables-restore or nft that do what a config does
     /// (the rollback path).
     Export(ExportArgs),
+    /// Explain what the classifier does with one packet under a config:
+    /// how it parses, the lookup key, the matching entry and its service,
+    /// the mark; or why nothing matches. Uses the userspace model of the
+    /// classifier: no kernel, no root.
+    Explain(ExplainArgs),
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -185,4 +190,44 @@ pub struct CheckArgs {
     /// Config file.
     #[arg(long, short = 'c', value_name = "FILE", default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  fwmark explain --config fwmark.toml tcp 192.0.2.10:443\n  \
+fwmark explain --config fwmark.toml udp '[2001:db8::10]:53' --mark 0x4000\n  \
+fwmark explain --config fwmark.toml --later-fragment tcp 192.0.2.10\n  \
+fwmark explain --config fwmark.toml --hex 020000000002020000000001080045..."
+)]
+pub struct ExplainArgs {
+    /// Config file.
+    #[arg(long, short = 'c', value_name = "FILE", default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// The packet: PROTO DESTINATION (`tcp 192.0.2.10:443`, `udp
+    /// [2001:db8::10]:53`, `icmp 192.0.2.10`, `proto 47 192.0.2.10`), or the
+    /// hex bytes of an Ethernet frame.
+    #[arg(value_name = "PACKET", num_args = 0..)]
+    pub packet: Vec<String>,
+    /// The packet as the hex bytes of an Ethernet frame.
+    #[arg(long, value_name = "HEX")]
+    pub hex: Option<String>,
+    /// The mark the packet already has (decimal or 0x hex).
+    #[arg(long, value_name = "MARK", default_value = "0", value_parser = parse_u32)]
+    pub mark: u32,
+    /// Describe a fragment at a non-zero offset (no transport header, no port).
+    #[arg(long)]
+    pub later_fragment: bool,
+    /// Put the described packet behind an 802.1Q tag with this VLAN id
+    /// (repeat for QinQ).
+    #[arg(long, value_name = "ID")]
+    pub vlan: Vec<u16>,
+}
+
+/// A u32 in decimal or `0x` hex.
+fn parse_u32(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u32::from_str_radix(h, 16),
+        None => s.parse::<u32>(),
+    };
+    parsed.map_err(|_| format!("{s:?} is not a 32-bit mark (decimal or 0x hex)"))
 }

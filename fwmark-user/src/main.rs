@@ -4,7 +4,7 @@ use clap::{CommandFactory as _, Parser as _};
 use fwmark::{
     apply,
     cli::{Cli, Command},
-    detach, export, live, run, status,
+    detach, explain, export, live, run, status,
 };
 
 fn main() -> ExitCode {
@@ -34,6 +34,13 @@ fn main() -> ExitCode {
         Command::Check(args) => check(&args.config),
         Command::Import(args) => import(args),
         Command::Export(args) => export::export_command(&args.config, args.format),
+        Command::Explain(args) => explain::Input::from_args(
+            &args.packet,
+            args.hex.as_deref(),
+            args.later_fragment,
+            &args.vlan,
+        )
+        .and_then(|input| explain::explain_command(&args.config, &input, args.mark)),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "fwmark", &mut std::io::stdout());
             Ok(())

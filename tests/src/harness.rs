@@ -1,7 +1,7 @@
 //! The classifier run through `BPF_PROG_TEST_RUN`: load it, publish a config,
 //! feed it frames and read back the mark from the `__sk_buff` context.
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use aya::programs::{TestRun as _, TestRunOptions};
 use fwmark::{
     config::Config,
@@ -50,27 +50,12 @@ impl Harness {
 
     /// Runs the classifier once on `frame`, with `skb->mark` preset to `mark`.
     pub fn run(&self, frame: &[u8], mark: u32) -> Result<Verdict> {
-        let mut ctx_in = [0u8; SKB_CTX_LEN];
-        ctx_in[SKB_MARK_OFFSET..SKB_MARK_OFFSET + 4].copy_from_slice(&mark.to_ne_bytes());
-        let mut ctx_out = [0u8; SKB_CTX_LEN];
-        let result = self
-            .datapath
-            .program()?
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                ctx_in: Some(&ctx_in),
-                ctx_out: Some(&mut ctx_out),
-                ..TestRunOptions::default()
-            })
-            .with_context(|| format!("BPF_PROG_TEST_RUN of a {}-byte frame", frame.len()))?;
-        let mark_out = u32::from_ne_bytes(
-            ctx_out[SKB_MARK_OFFSET..SKB_MARK_OFFSET + 4]
-                .try_into()
-                .expect("4 bytes"),
-        );
-        Ok(Verdict {
-            ret: result.return_value as i32,
-            mark: mark_out,
+        self.try_run(frame, mark)?.map_err(|errno| {
+            anyhow::anyhow!(
+                "BPF_PROG_TEST_RUN of a {}-byte frame: {}",
+                frame.len(),
+                std::io::Error::from_raw_os_error(errno)
+            )
         })
     }
 
@@ -83,5 +68,39 @@ impl Harness {
     pub fn rules(&self) -> Result<Vec<RuleCounters>> {
         let slots: Vec<u32> = (0..self.ruleset.rules.len() as u32).collect();
         Ok(self.datapath.maps.rule_counters(&slots)?)
+    }
+}
+
+/// `EINVAL`, what `BPF_PROG_TEST_RUN` answers for a frame it refuses.
+pub const EINVAL: i32 = libc::EINVAL;
+
+impl Harness {
+    /// Like [`Harness::run`], but a frame `BPF_PROG_TEST_RUN` refuses comes
+    /// back as `Ok(Err(errno))` instead of an error.
+    pub fn try_run(&self, frame: &[u8], mark: u32) -> Result<std::result::Result<Verdict, i32>> {
+        let mut ctx_in = [0u8; SKB_CTX_LEN];
+        ctx_in[SKB_MARK_OFFSET..SKB_MARK_OFFSET + 4].copy_from_slice(&mark.to_ne_bytes());
+        let mut ctx_out = [0u8; SKB_CTX_LEN];
+        let result = self.datapath.program()?.test_run(TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(&ctx_in),
+            ctx_out: Some(&mut ctx_out),
+            ..TestRunOptions::default()
+        });
+        match result {
+            Ok(r) => Ok(Ok(Verdict {
+                ret: r.return_value as i32,
+                mark: u32::from_ne_bytes(
+                    ctx_out[SKB_MARK_OFFSET..SKB_MARK_OFFSET + 4]
+                        .try_into()
+                        .expect("4 bytes"),
+                ),
+            })),
+            Err(aya::programs::ProgramError::SyscallError(e)) => match e.io_error.raw_os_error() {
+                Some(errno) => Ok(Err(errno)),
+                None => Err(e.into()),
+            },
+            Err(e) => Err(e.into()),
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Test lab for fwmark, shared by the integration tests and `cargo xtask demo`:
 //! - [`packets`]: frames built from etherparse headers;
 //! - [`harness`]: the classifier run through `BPF_PROG_TEST_RUN`;
+//! - [`framegen`]: the differential test's seeded frame generator;
 //! - [`netns`], [`nft`], [`daemon`]: network namespaces joined by veth, nftables
 //!   mark counters on the director, and `fwmark run` as a child process;
 //! - [`vm`]: the IPVS scenario `cargo xtask vm-test` runs inside a guest
@@ -12,6 +13,7 @@
 pub mod bench;
 pub mod daemon;
 pub mod example;
+pub mod framegen;
 pub mod harness;
 pub mod kernel;
 pub mod netns;

@@ -293,8 +293,9 @@ fn later_fragments_never_match_by_port() {
     assert_eq!(after.no_match - before.no_match, 2);
 }
 
-/// Every truncation of a frame: marked exactly when the destination port is
-/// inside the data, never dropped, malformed counted otherwise.
+/// Every truncation of a frame: marked exactly when the whole transport
+/// header (TCP 20 bytes, UDP 8, SCTP 12) is inside the data, never dropped,
+/// malformed counted otherwise.
 ///
 /// BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header, and
 /// untagged IPv4/IPv6 frames shorter than the fixed IP header (it reads the
@@ -307,12 +308,18 @@ fn check_truncations(h: &Harness, frame: &Frame, l4_offset: usize, mark: u32) {
     } else {
         14
     };
+    let l4_len = match frame.l4 {
+        L4::Tcp(_) => 20,
+        L4::Udp(_) => 8,
+        L4::Sctp(_) => 12,
+        L4::Other(_) => 0,
+    };
     for len in first..=full.len() {
         let before = h.global().unwrap();
         let v = h.run(&full[..len], PRESET).unwrap();
         let after = h.global().unwrap();
         assert_eq!(v.ret, TC_ACT_UNSPEC, "len {len}");
-        if len >= l4_offset + 4 {
+        if len >= l4_offset + l4_len {
             assert_eq!(v.mark, mark, "len {len} of {frame:?}");
         } else {
             assert_eq!(v.mark, PRESET, "len {len} of {frame:?}");
@@ -379,6 +386,49 @@ fn truncated_headers_at_every_length() {
         18 + 40 + 16 + 8,
         53,
     );
+}
+
+/// Headers the classifier does not need all of must still be whole: IPv4
+/// options of a later fragment, an IPv6 extension header before a protocol
+/// without ports (what ip_rcv and ip6tables' header walk would refuse).
+#[test]
+fn truncated_options_and_extension_headers_are_malformed() {
+    let Some(h) = harness("truncated_options_and_extension_headers", CONFIG) else {
+        return;
+    };
+    // A later fragment to an every-port service is marked when whole...
+    let later = Frame::new("192.0.2.77", L4::Tcp(80))
+        .vlans(&[0x8100])
+        .ipv4_options(&[1; 12])
+        .ipv4_fragment(185, false);
+    let bytes = later.build();
+    assert_eq!(h.run(&bytes, PRESET).unwrap().mark, 77);
+    // ...and malformed when its options are cut, whatever follows them.
+    let l3 = l3_offset(1);
+    for len in [l3 + 20, l3 + 31] {
+        let before = h.global().unwrap();
+        let v = h.run(&bytes[..len], PRESET).unwrap();
+        assert_eq!((v.ret, v.mark), (TC_ACT_UNSPEC, PRESET), "len {len}");
+        let after = h.global().unwrap();
+        assert_eq!(after.malformed, before.malformed + 1, "len {len}");
+        assert_eq!(after.later_fragment, before.later_fragment, "len {len}");
+    }
+    // IPv6 hop-by-hop header (16 bytes) cut short before ICMPv6.
+    let icmp = Frame::new("2001:db8::77", L4::Other(58)).ipv6_ext(&[Ext::HopByHop]);
+    let bytes = icmp.build();
+    let whole = h.global().unwrap();
+    h.run(&bytes, PRESET).unwrap();
+    assert_eq!(h.global().unwrap().no_match, whole.no_match + 1);
+    for len in [14 + 40 + 2, 14 + 40 + 15] {
+        let before = h.global().unwrap();
+        let v = h.run(&bytes[..len], PRESET).unwrap();
+        assert_eq!((v.ret, v.mark), (TC_ACT_UNSPEC, PRESET), "len {len}");
+        assert_eq!(
+            h.global().unwrap().malformed,
+            before.malformed + 1,
+            "len {len}"
+        );
+    }
 }
 
 const PRECEDENCE: &str = r#"

@@ -1,0 +1,503 @@
+//! `fwmark explain`: what the classifier does with one packet under a
+//! config, from the reference model ([`crate::model`]): how the frame
+//! parses, the lookup key, the stage and entry that match (with the service
+//! and its line in the config) and the mark computation, or why nothing
+//! matches. No kernel, no privileges.
+//!
+//! The packet is either described (`tcp 192.0.2.10:443`,
+//! `udp [2001:db8::10]:53`, `sctp 192.0.2.90:2905`, `icmp 192.0.2.10`,
+//! `proto 47 192.0.2.10`), in which case a frame is built for it, or given
+//! as the hex bytes of an Ethernet frame.
+
+use std::{fmt::Write as _, net::IpAddr, path::Path};
+
+use anyhow::{Context as _, Result, bail};
+use etherparse::{
+    EtherType, Ethernet2Header, IpFragOffset, IpNumber, Ipv4Header, Ipv6FlowLabel,
+    Ipv6FragmentHeader, Ipv6Header, SingleVlanHeader, TcpHeader, UdpHeader, VlanId,
+};
+use fwmark_common::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
+
+use crate::{
+    config::Config,
+    live::Loaded,
+    model::{Model, Outcome, Parse, Stage, apply_mark, proto_name, transport_header_len},
+};
+
+/// A packet described on the command line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Description {
+    pub proto: u8,
+    pub dst: IpAddr,
+    pub port: Option<u16>,
+    /// A fragment at a non-zero offset (no transport header).
+    pub later_fragment: bool,
+    /// VLAN ids, outermost first (802.1Q tags).
+    pub vlans: Vec<u16>,
+}
+
+/// How `explain` was asked about a packet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Input {
+    Described(Description),
+    Hex(Vec<u8>),
+}
+
+/// `tcp`, `udp`, `sctp`, `icmp`, `ipv6-icmp` or a protocol number.
+fn parse_proto(word: &str) -> Result<u8> {
+    Ok(match word.to_ascii_lowercase().as_str() {
+        "tcp" => IPPROTO_TCP,
+        "udp" => IPPROTO_UDP,
+        "sctp" => IPPROTO_SCTP,
+        "icmp" => 1,
+        "ipv6-icmp" | "icmpv6" | "icmp6" => 58,
+        other => other.parse::<u8>().map_err(|_| {
+            anyhow::anyhow!(
+                "{word:?} is not a protocol: use tcp, udp, sctp, icmp, ipv6-icmp or a number 0-255"
+            )
+        })?,
+    })
+}
+
+/// `192.0.2.10`, `192.0.2.10:443`, `2001:db8::10`, `[2001:db8::10]:443`.
+fn parse_destination(text: &str) -> Result<(IpAddr, Option<u16>)> {
+    let port = |p: &str| {
+        p.parse::<u16>()
+            .with_context(|| format!("{p:?} in {text:?} is not a port number (0-65535)"))
+    };
+    if let Some(rest) = text.strip_prefix('[') {
+        let Some((addr, after)) = rest.split_once(']') else {
+            bail!("{text:?}: an IPv6 address in brackets needs the closing `]`");
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .with_context(|| format!("{addr:?} is not an IPv6 address"))?;
+        return match after {
+            "" => Ok((addr, None)),
+            _ => match after.strip_prefix(':') {
+                Some(p) => Ok((addr, Some(port(p)?))),
+                None => bail!("{text:?}: write the port as [ADDRESS]:PORT"),
+            },
+        };
+    }
+    if let Ok(addr) = text.parse::<IpAddr>() {
+        return Ok((addr, None));
+    }
+    match text.rsplit_once(':') {
+        Some((addr, p)) if !addr.contains(':') => {
+            let addr: IpAddr = addr
+                .parse()
+                .with_context(|| format!("{addr:?} is not an IP address"))?;
+            Ok((addr, Some(port(p)?)))
+        }
+        _ => bail!(
+            "{text:?} is not an address: write 192.0.2.10:443, or [2001:db8::10]:443 for IPv6"
+        ),
+    }
+}
+
+/// Hex digits of a frame, with optional spaces, colons or a `0x` prefix.
+pub fn parse_hex(text: &str) -> Result<Vec<u8>> {
+    let text = text.trim();
+    let text = text.strip_prefix("0x").unwrap_or(text);
+    let digits: String = text
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != ':' && *c != '-')
+        .collect();
+    if let Some(bad) = digits.chars().find(|c| !c.is_ascii_hexdigit()) {
+        bail!("{bad:?} is not a hex digit; give the frame as hex bytes (0011aabb...)");
+    }
+    if !digits.len().is_multiple_of(2) {
+        bail!(
+            "{} hex digits is an odd number: every byte takes two",
+            digits.len()
+        );
+    }
+    Ok((0..digits.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).expect("checked hex digits"))
+        .collect())
+}
+
+/// True when `text` looks like a hex frame rather than a description: only
+/// hex digits (and separators), at least an Ethernet header's worth.
+fn looks_like_hex(text: &str) -> bool {
+    let digits: Vec<char> = text
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != ':')
+        .collect();
+    digits.len() >= 28 && digits.iter().all(|c| c.is_ascii_hexdigit())
+}
+
+impl Input {
+    /// The packet from the command line's words: a description (`tcp
+    /// 192.0.2.10:443`, also as one word) or hex bytes (`--hex`, or
+    /// recognised by their form).
+    pub fn from_args(
+        words: &[String],
+        hex: Option<&str>,
+        later_fragment: bool,
+        vlans: &[u16],
+    ) -> Result<Input> {
+        let joined = words.join(" ");
+        if let Some(h) = hex {
+            if !words.is_empty() {
+                bail!("give either --hex FRAME or a packet description, not both");
+            }
+            return Ok(Input::Hex(parse_hex(h)?));
+        }
+        if looks_like_hex(&joined) {
+            if later_fragment || !vlans.is_empty() {
+                bail!("--later-fragment and --vlan describe a packet; a hex frame says it all");
+            }
+            return Ok(Input::Hex(parse_hex(&joined)?));
+        }
+        let mut parts = joined.split_whitespace();
+        let usage = "describe the packet as PROTO DESTINATION, e.g. `tcp 192.0.2.10:443`, \
+                     `udp [2001:db8::10]:53` or `proto 47 192.0.2.10`, or give --hex FRAME";
+        let Some(first) = parts.next() else {
+            bail!("no packet: {usage}");
+        };
+        let proto = if first.eq_ignore_ascii_case("proto") {
+            let Some(n) = parts.next() else {
+                bail!("`proto` needs a number: {usage}");
+            };
+            parse_proto(n)?
+        } else {
+            parse_proto(first)?
+        };
+        let Some(dest) = parts.next() else {
+            bail!("no destination: {usage}");
+        };
+        if let Some(extra) = parts.next() {
+            bail!("unexpected {extra:?} after the destination: {usage}");
+        }
+        let (dst, port) = parse_destination(dest)?;
+        let has_ports = transport_header_len(proto).is_some();
+        match (has_ports, port, later_fragment) {
+            (true, None, false) => bail!(
+                "{} needs a destination port ({dest}:PORT, or [ADDRESS]:PORT for IPv6), \
+                 unless it is a --later-fragment",
+                proto_name(proto)
+            ),
+            (true, Some(_), true) => {
+                bail!("a later fragment carries no port: drop the port or --later-fragment")
+            }
+            (false, Some(_), _) => {
+                bail!("{} has no ports: give the address alone", proto_name(proto))
+            }
+            _ => {}
+        }
+        if vlans.len() > 3 {
+            bail!("at most 3 --vlan tags (the classifier parses 2; a third is not IP)");
+        }
+        if let Some(v) = vlans.iter().find(|v| **v > 4094) {
+            bail!("VLAN id {v} is out of range (0-4094)");
+        }
+        Ok(Input::Described(Description {
+            proto,
+            dst,
+            port,
+            later_fragment,
+            vlans: vlans.to_vec(),
+        }))
+    }
+
+    /// The frame's bytes.
+    pub fn frame(&self) -> Vec<u8> {
+        match self {
+            Input::Hex(bytes) => bytes.clone(),
+            Input::Described(d) => d.frame(),
+        }
+    }
+}
+
+impl Description {
+    /// An Ethernet frame for the description: 802.1Q tags, a 20-byte IPv4 or
+    /// 40-byte IPv6 header (plus a fragment header for an IPv6 later
+    /// fragment), the transport header and 16 bytes of payload.
+    pub fn frame(&self) -> Vec<u8> {
+        const LATER_OFFSET: u16 = 185; // 1480 bytes: the second fragment of a 1500-byte MTU
+        let l3_type = match self.dst {
+            IpAddr::V4(_) => EtherType::IPV4,
+            IpAddr::V6(_) => EtherType::IPV6,
+        };
+        let mut out = Vec::new();
+        let ether_type = if self.vlans.is_empty() {
+            l3_type
+        } else {
+            EtherType::VLAN_TAGGED_FRAME
+        };
+        out.extend_from_slice(
+            &Ethernet2Header {
+                source: [0x02, 0, 0, 0, 0, 1],
+                destination: [0x02, 0, 0, 0, 0, 2],
+                ether_type,
+            }
+            .to_bytes(),
+        );
+        for (i, vid) in self.vlans.iter().enumerate() {
+            let inner = if i + 1 < self.vlans.len() {
+                EtherType::VLAN_TAGGED_FRAME
+            } else {
+                l3_type
+            };
+            out.extend_from_slice(
+                &SingleVlanHeader {
+                    pcp: Default::default(),
+                    drop_eligible_indicator: false,
+                    vlan_id: VlanId::try_new(*vid).expect("checked VLAN id"),
+                    ether_type: inner,
+                }
+                .to_bytes(),
+            );
+        }
+        let payload = [0x5au8; 16];
+        let l4: Vec<u8> = match (self.later_fragment, self.proto, self.port) {
+            (true, _, _) => vec![0xab; 8],
+            (false, IPPROTO_TCP, Some(port)) => {
+                let mut h = TcpHeader::new(40000, port, 1, 64240);
+                h.syn = true;
+                h.to_bytes().to_vec()
+            }
+            (false, IPPROTO_UDP, Some(port)) => UdpHeader {
+                source_port: 40000,
+                destination_port: port,
+                length: (UdpHeader::LEN + payload.len()) as u16,
+                checksum: 0,
+            }
+            .to_bytes()
+            .to_vec(),
+            (false, IPPROTO_SCTP, Some(port)) => {
+                let mut h = Vec::with_capacity(12);
+                h.extend_from_slice(&40000u16.to_be_bytes());
+                h.extend_from_slice(&port.to_be_bytes());
+                h.extend_from_slice(&[0; 8]); // verification tag, checksum
+                h
+            }
+            _ => vec![0; 8],
+        };
+        let body_len = l4.len() + payload.len();
+        match self.dst {
+            IpAddr::V4(dst) => {
+                let mut ip = Ipv4Header::new(
+                    body_len as u16,
+                    64,
+                    IpNumber(self.proto),
+                    [203, 0, 113, 7],
+                    dst.octets(),
+                )
+                .expect("a small payload fits");
+                if self.later_fragment {
+                    ip.dont_fragment = false;
+                    ip.fragment_offset =
+                        IpFragOffset::try_new(LATER_OFFSET).expect("13-bit offset");
+                }
+                ip.header_checksum = ip.calc_header_checksum();
+                out.extend_from_slice(&ip.to_bytes());
+            }
+            IpAddr::V6(dst) => {
+                let frag = self.later_fragment.then(|| {
+                    Ipv6FragmentHeader {
+                        next_header: IpNumber(self.proto),
+                        fragment_offset: IpFragOffset::try_new(LATER_OFFSET)
+                            .expect("13-bit offset"),
+                        more_fragments: false,
+                        identification: 0xfeed,
+                    }
+                    .to_bytes()
+                });
+                let ip = Ipv6Header {
+                    traffic_class: 0,
+                    flow_label: Ipv6FlowLabel::ZERO,
+                    payload_length: (body_len + frag.map_or(0, |f| f.len())) as u16,
+                    next_header: if frag.is_some() {
+                        IpNumber::IPV6_FRAGMENTATION_HEADER
+                    } else {
+                        IpNumber(self.proto)
+                    },
+                    hop_limit: 64,
+                    source: [
+                        0x20, 0x01, 0x0d, 0xb8, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7,
+                    ],
+                    destination: dst.octets(),
+                };
+                out.extend_from_slice(&ip.to_bytes());
+                if let Some(f) = frag {
+                    out.extend_from_slice(&f);
+                }
+            }
+        }
+        out.extend(l4);
+        out.extend_from_slice(&payload);
+        out
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// The explanation of `frame` arriving with `mark` under `config`, as text.
+pub fn explain(config: &Config, frame: &[u8], mark: u32) -> String {
+    let model = Model::new(config);
+    let decision = model.classify(frame, mark);
+    let mut out = String::new();
+    let w = &mut out;
+    let _ = writeln!(w, "frame: {} bytes: {}", frame.len(), hex(frame));
+    let _ = writeln!(w, "parse:");
+    for layer in &decision.parsed.layers {
+        let _ = writeln!(w, "  {layer}");
+    }
+    let service_line = |i: usize| {
+        let s = &config.services[i];
+        format!("service {:?} ({} line {})", s.name, config.source, s.line)
+    };
+    match &decision.parsed.result {
+        Parse::Malformed(why) => {
+            let _ = writeln!(w, "  malformed: {why}");
+            let _ = writeln!(
+                w,
+                "result: not looked up; malformed frames are never marked; mark stays {mark:#x}"
+            );
+            let _ = writeln!(w, "counters: seen, malformed");
+        }
+        Parse::NonIp {
+            ethertype,
+            third_tag,
+        } => {
+            if *third_tag {
+                let _ = writeln!(
+                    w,
+                    "  a third VLAN tag ({ethertype:#06x}): the classifier parses two"
+                );
+            } else {
+                let _ = writeln!(w, "  ethertype {ethertype:#06x} is neither IPv4 nor IPv6");
+            }
+            let _ = writeln!(w, "result: not IP, not looked up; mark stays {mark:#x}");
+            let _ = writeln!(w, "counters: seen, non_ip");
+        }
+        Parse::Ip(key) => {
+            let _ = writeln!(w, "lookup key: {key}");
+            if key.later_fragment {
+                let _ = writeln!(
+                    w,
+                    "  a later fragment has no transport header: only every-port entries can match"
+                );
+            }
+            let later = if key.later_fragment {
+                ", later_fragment"
+            } else {
+                ""
+            };
+            match decision.outcome {
+                Outcome::Marked(hit) => {
+                    let rule = &model.rules[hit.rule];
+                    let _ = writeln!(w, "match: stage {}", hit.stage);
+                    let _ = writeln!(
+                        w,
+                        "  {}: {rule} (rule {})",
+                        service_line(hit.service),
+                        hit.rule
+                    );
+                    let _ = writeln!(
+                        w,
+                        "mark: ({mark:#x} & !{mask:#x}) | ({value:#x} & {mask:#x}) = {new:#x}",
+                        mask = hit.mask,
+                        value = hit.mark,
+                        new = apply_mark(mark, hit.mark, hit.mask)
+                    );
+                    let others = shadowed(&model, key.dst, key.proto, key.port, hit.rule);
+                    if !others.is_empty() {
+                        let _ = writeln!(w, "also matching, lower precedence:");
+                        for (i, stage) in others {
+                            let _ = writeln!(
+                                w,
+                                "  stage {stage}: {}: {}",
+                                service_line(model.rules[i].service),
+                                model.rules[i]
+                            );
+                        }
+                    }
+                    let _ = writeln!(w, "counters: seen, marked{later}");
+                }
+                _ => {
+                    let _ = writeln!(
+                        w,
+                        "no match: no entry covers this key; mark stays {mark:#x}"
+                    );
+                    for (i, why) in near_misses(&model, key.dst, key.proto, key.port) {
+                        let _ = writeln!(
+                            w,
+                            "  not {}: {} ({why})",
+                            service_line(model.rules[i].service),
+                            model.rules[i]
+                        );
+                    }
+                    let _ = writeln!(w, "counters: seen, no_match{later}");
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Other rules that match the key, best first, without `winner`.
+fn shadowed(
+    model: &Model,
+    dst: IpAddr,
+    proto: u8,
+    port: Option<u16>,
+    winner: usize,
+) -> Vec<(usize, Stage)> {
+    let mut all: Vec<(usize, Stage, u8)> = model
+        .rules
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != winner)
+        .filter_map(|(i, r)| {
+            Model::rule_stage(r, dst, proto, port).map(|s| (i, s, 128 - r.vip.prefix_len()))
+        })
+        .collect();
+    all.sort_by_key(|&(i, s, shorter)| {
+        let exact = matches!(s, Stage::ExactPort | Stage::ExactAllPorts);
+        let all_ports = matches!(s, Stage::ExactAllPorts | Stage::PrefixAllPorts);
+        (!exact, shorter, all_ports, i)
+    });
+    all.into_iter().take(8).map(|(i, s, _)| (i, s)).collect()
+}
+
+/// Rules for the packet's address that do not match it, and why (at most 8).
+fn near_misses(model: &Model, dst: IpAddr, proto: u8, port: Option<u16>) -> Vec<(usize, String)> {
+    model
+        .rules
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.vip.contains(&dst))
+        .filter_map(|(i, r)| {
+            let why = if r.proto != proto {
+                format!("the packet is {}", proto_name(proto))
+            } else {
+                match (r.ports, port) {
+                    (Some(range), Some(p)) => format!("port {p} is not in {range}"),
+                    (Some(_), None) if transport_header_len(proto).is_some() => {
+                        "a later fragment has no port; only every-port entries match it".into()
+                    }
+                    _ => return None,
+                }
+            };
+            Some((i, why))
+        })
+        .take(8)
+        .collect()
+}
+
+/// `fwmark explain`: reads the config and prints the explanation.
+pub fn explain_command(config: &Path, input: &Input, mark: u32) -> Result<()> {
+    let loaded = Loaded::read(config)?;
+    print!("{}", explain(&loaded.config, &input.frame(), mark));
+    Ok(())
+}

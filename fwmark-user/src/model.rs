@@ -1,0 +1,1194 @@
+//! A reference model of the classifier, in plain Rust, written from the
+//! specification (README "How it works") rather than from the BPF code, so a
+//! differential test can hold the two against each other and `fwmark
+//! explain` can say why a packet gets the mark it gets.
+//!
+//! What it models, per frame:
+//! - parsing: Ethernet, up to two 802.1Q/802.1ad tags (a third tag is not
+//!   IP), IPv4 with any header length, IPv6 with hop-by-hop, routing,
+//!   destination-options and fragment headers (at most
+//!   [`MAX_IPV6_EXT_HEADERS`]), then the TCP, UDP or SCTP destination port.
+//!   Every header the parser walks must be wholly inside the frame (a
+//!   truncated header is malformed, never marked), and for TCP, UDP and SCTP
+//!   that includes the whole fixed transport header, as iptables' port
+//!   matches require;
+//! - fragments: a fragment at a non-zero offset has no transport header and
+//!   is looked up without a port, so only every-port services match it;
+//! - the lookup, straight from the config (not from the compiled map
+//!   entries): exact address and port, exact address every port, then the
+//!   longest prefix, a port entry before an every-port entry at equal
+//!   length; among equals the first rule in config order owns the entry;
+//! - the mark, `(old & !mask) | (value & mask)`, and which global counter
+//!   the frame adds to.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use fwmark_common::{GlobalCounters, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
+use ipnet::IpNet;
+
+use crate::config::{Config, PortRange};
+
+/// Ethernet header length.
+pub const ETH_HLEN: usize = 14;
+/// One 802.1Q/802.1ad tag.
+pub const VLAN_HLEN: usize = 4;
+/// Tags parsed before the L3 header; one more is "not IP".
+pub const MAX_VLAN_TAGS: usize = 2;
+/// IPv6 extension headers walked; a longer chain is malformed.
+pub const MAX_IPV6_EXT_HEADERS: usize = 8;
+
+const ETHERTYPE_IPV4: u16 = 0x0800;
+const ETHERTYPE_IPV6: u16 = 0x86dd;
+const TPID_8021Q: u16 = 0x8100;
+const TPID_8021AD: u16 = 0x88a8;
+
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DEST_OPTIONS: u8 = 60;
+
+/// Length of the fixed transport header the port is read from, for the
+/// protocols that have ports: TCP 20, UDP 8, SCTP 12 (the common header).
+pub fn transport_header_len(proto: u8) -> Option<usize> {
+    match proto {
+        IPPROTO_TCP => Some(20),
+        IPPROTO_UDP => Some(8),
+        IPPROTO_SCTP => Some(12),
+        _ => None,
+    }
+}
+
+/// A protocol's name for messages: `tcp`, `udp`, `sctp`, or its number.
+pub fn proto_name(proto: u8) -> String {
+    match proto {
+        IPPROTO_TCP => "tcp".into(),
+        IPPROTO_UDP => "udp".into(),
+        IPPROTO_SCTP => "sctp".into(),
+        1 => "icmp (1)".into(),
+        58 => "ipv6-icmp (58)".into(),
+        n => format!("protocol {n}"),
+    }
+}
+
+/// One header as the parser read it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Layer {
+    Ethernet {
+        ethertype: u16,
+    },
+    Vlan {
+        tpid: u16,
+        vid: u16,
+        ethertype: u16,
+    },
+    Ipv4 {
+        offset: usize,
+        header_len: usize,
+        dst: Ipv4Addr,
+        proto: u8,
+        /// Fragment offset in 8-byte units.
+        fragment_offset: u16,
+        more_fragments: bool,
+    },
+    Ipv6 {
+        offset: usize,
+        dst: Ipv6Addr,
+        next: u8,
+    },
+    /// Hop-by-hop, routing or destination options.
+    Ipv6Ext {
+        offset: usize,
+        kind: u8,
+        len: usize,
+        next: u8,
+    },
+    Ipv6Fragment {
+        offset: usize,
+        /// Fragment offset in 8-byte units.
+        fragment_offset: u16,
+        more_fragments: bool,
+        next: u8,
+    },
+    Transport {
+        offset: usize,
+        proto: u8,
+        port: u16,
+    },
+}
+
+fn ipv6_ext_name(kind: u8) -> &'static str {
+    match kind {
+        IPV6_HOP_BY_HOP => "hop-by-hop options",
+        IPV6_ROUTING => "routing",
+        IPV6_FRAGMENT => "fragment",
+        _ => "destination options",
+    }
+}
+
+impl fmt::Display for Layer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Layer::Ethernet { ethertype } => write!(f, "Ethernet, ethertype {ethertype:#06x}"),
+            Layer::Vlan {
+                tpid,
+                vid,
+                ethertype,
+            } => write!(
+                f,
+                "VLAN tag {tpid:#06x} ({}), id {vid}, ethertype {ethertype:#06x}",
+                if *tpid == TPID_8021AD {
+                    "802.1ad"
+                } else {
+                    "802.1Q"
+                }
+            ),
+            Layer::Ipv4 {
+                offset,
+                header_len,
+                dst,
+                proto,
+                fragment_offset,
+                more_fragments,
+            } => {
+                write!(
+                    f,
+                    "IPv4 at byte {offset}, header {header_len} bytes, dst {dst}, {}",
+                    proto_name(*proto)
+                )?;
+                if *fragment_offset != 0 || *more_fragments {
+                    write!(
+                        f,
+                        ", fragment offset {} bytes{}",
+                        u32::from(*fragment_offset) * 8,
+                        if *more_fragments {
+                            ", more fragments"
+                        } else {
+                            ""
+                        }
+                    )?;
+                }
+                Ok(())
+            }
+            Layer::Ipv6 { offset, dst, next } => {
+                write!(f, "IPv6 at byte {offset}, dst {dst}, next header {next}")
+            }
+            Layer::Ipv6Ext {
+                offset,
+                kind,
+                len,
+                next,
+            } => write!(
+                f,
+                "IPv6 {} header at byte {offset}, {len} bytes, next header {next}",
+                ipv6_ext_name(*kind)
+            ),
+            Layer::Ipv6Fragment {
+                offset,
+                fragment_offset,
+                more_fragments,
+                next,
+            } => write!(
+                f,
+                "IPv6 fragment header at byte {offset}, fragment offset {} bytes{}, next header {next}",
+                u32::from(*fragment_offset) * 8,
+                if *more_fragments {
+                    ", more fragments"
+                } else {
+                    ""
+                }
+            ),
+            Layer::Transport {
+                offset,
+                proto,
+                port,
+            } => write!(
+                f,
+                "{} at byte {offset}, destination port {port}",
+                proto_name(*proto).to_uppercase()
+            ),
+        }
+    }
+}
+
+/// Why a frame is malformed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Malformed {
+    /// `header` starts at `offset` and needs `need` bytes; the frame ends first.
+    Truncated {
+        header: &'static str,
+        offset: usize,
+        need: usize,
+        len: usize,
+    },
+    /// The IP version nibble does not match the ethertype.
+    BadVersion { offset: usize, version: u8 },
+    /// IPv4 header length below 20 bytes.
+    BadIhl { offset: usize, ihl: u8 },
+    /// More IPv6 extension headers than the classifier walks.
+    TooManyExtHeaders { offset: usize },
+}
+
+impl fmt::Display for Malformed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Malformed::Truncated {
+                header,
+                offset,
+                need,
+                len,
+            } => write!(
+                f,
+                "truncated {header}: it needs bytes {offset}..{} but the frame has {len}",
+                offset + need
+            ),
+            Malformed::BadVersion { offset, version } => {
+                write!(
+                    f,
+                    "IP version {version} at byte {offset} does not match the ethertype"
+                )
+            }
+            Malformed::BadIhl { offset, ihl } => write!(
+                f,
+                "IPv4 header length {ihl} (x4 = {} bytes) at byte {offset} is below 20 bytes",
+                u32::from(*ihl) * 4
+            ),
+            Malformed::TooManyExtHeaders { offset } => write!(
+                f,
+                "more than {MAX_IPV6_EXT_HEADERS} IPv6 extension headers (the next one at byte {offset})"
+            ),
+        }
+    }
+}
+
+/// What the classifier looks a packet up by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Key {
+    pub dst: IpAddr,
+    pub proto: u8,
+    /// Destination port; `None` for later fragments and protocols without ports.
+    pub port: Option<u16>,
+    /// A fragment at a non-zero offset.
+    pub later_fragment: bool,
+    /// Where the IP header starts (bytes are counted from there).
+    pub l3_offset: usize,
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let family = if self.dst.is_ipv4() { "IPv4" } else { "IPv6" };
+        write!(f, "{family} {} {}", self.dst, proto_name(self.proto))?;
+        match self.port {
+            Some(p) => write!(f, " port {p}"),
+            None if self.later_fragment => write!(f, " (later fragment: no port)"),
+            None => write!(f, " (no ports)"),
+        }
+    }
+}
+
+/// What parsing a frame gave.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Parse {
+    Ip(Key),
+    /// Neither IPv4 nor IPv6: the ethertype after the tags, and whether it
+    /// is a third VLAN tag.
+    NonIp {
+        ethertype: u16,
+        third_tag: bool,
+    },
+    Malformed(Malformed),
+}
+
+/// A parse with the headers read on the way.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Parsed {
+    pub layers: Vec<Layer>,
+    pub result: Parse,
+}
+
+fn be16(frame: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([frame[at], frame[at + 1]])
+}
+
+/// The `need` bytes at `offset`, or the truncation.
+fn bytes<'a>(
+    frame: &'a [u8],
+    header: &'static str,
+    offset: usize,
+    need: usize,
+) -> Result<&'a [u8], Malformed> {
+    frame
+        .get(offset..offset + need)
+        .ok_or(Malformed::Truncated {
+            header,
+            offset,
+            need,
+            len: frame.len(),
+        })
+}
+
+/// Ethernet: the ethertype.
+fn ethernet(frame: &[u8]) -> Result<u16, Malformed> {
+    let h = bytes(frame, "Ethernet header", 0, ETH_HLEN)?;
+    Ok(be16(h, 12))
+}
+
+/// One VLAN tag at `offset`: (VLAN id, inner ethertype).
+fn vlan(frame: &[u8], offset: usize) -> Result<(u16, u16), Malformed> {
+    let h = bytes(frame, "VLAN tag", offset, VLAN_HLEN)?;
+    Ok((be16(h, 0) & 0x0fff, be16(h, 2)))
+}
+
+/// IPv4 at `offset`: the whole header, options included, must be present.
+fn ipv4(frame: &[u8], offset: usize) -> Result<Layer, Malformed> {
+    let h = bytes(frame, "IPv4 header", offset, 20)?;
+    let version = h[0] >> 4;
+    if version != 4 {
+        return Err(Malformed::BadVersion { offset, version });
+    }
+    let ihl = h[0] & 0x0f;
+    if ihl < 5 {
+        return Err(Malformed::BadIhl { offset, ihl });
+    }
+    let header_len = usize::from(ihl) * 4;
+    bytes(frame, "IPv4 options", offset, header_len)?;
+    let flags_fragment = be16(h, 6);
+    Ok(Layer::Ipv4 {
+        offset,
+        header_len,
+        dst: Ipv4Addr::new(h[16], h[17], h[18], h[19]),
+        proto: h[9],
+        fragment_offset: flags_fragment & 0x1fff,
+        more_fragments: flags_fragment & 0x2000 != 0,
+    })
+}
+
+/// The fixed IPv6 header at `offset`.
+fn ipv6(frame: &[u8], offset: usize) -> Result<Layer, Malformed> {
+    let h = bytes(frame, "IPv6 header", offset, 40)?;
+    let version = h[0] >> 4;
+    if version != 6 {
+        return Err(Malformed::BadVersion { offset, version });
+    }
+    let mut dst = [0u8; 16];
+    dst.copy_from_slice(&h[24..40]);
+    Ok(Layer::Ipv6 {
+        offset,
+        dst: Ipv6Addr::from(dst),
+        next: h[6],
+    })
+}
+
+/// A hop-by-hop, routing or destination-options header: (next, length in
+/// bytes, which is 8 * (1 + its length field)); all of it must be present.
+fn ipv6_options(frame: &[u8], offset: usize, kind: u8) -> Result<Layer, Malformed> {
+    let h = bytes(frame, "IPv6 extension header", offset, 2)?;
+    let len = (usize::from(h[1]) + 1) * 8;
+    let next = h[0];
+    bytes(frame, "IPv6 extension header", offset, len)?;
+    Ok(Layer::Ipv6Ext {
+        offset,
+        kind,
+        len,
+        next,
+    })
+}
+
+/// The 8-byte IPv6 fragment header.
+fn ipv6_fragment(frame: &[u8], offset: usize) -> Result<Layer, Malformed> {
+    let h = bytes(frame, "IPv6 fragment header", offset, 8)?;
+    let offset_flags = be16(h, 2);
+    Ok(Layer::Ipv6Fragment {
+        offset,
+        fragment_offset: offset_flags >> 3,
+        more_fragments: offset_flags & 1 != 0,
+        next: h[0],
+    })
+}
+
+/// The destination port of a TCP, UDP or SCTP header at `offset`.
+fn transport(frame: &[u8], offset: usize, proto: u8) -> Result<Option<Layer>, Malformed> {
+    let Some(len) = transport_header_len(proto) else {
+        return Ok(None);
+    };
+    let name = match proto {
+        IPPROTO_TCP => "TCP header",
+        IPPROTO_UDP => "UDP header",
+        _ => "SCTP common header",
+    };
+    let h = bytes(frame, name, offset, len)?;
+    Ok(Some(Layer::Transport {
+        offset,
+        proto,
+        port: be16(h, 2),
+    }))
+}
+
+/// Parses a frame as the classifier does.
+pub fn parse(frame: &[u8]) -> Parsed {
+    let mut layers = Vec::new();
+    let result = parse_into(frame, &mut layers).unwrap_or_else(Parse::Malformed);
+    Parsed { layers, result }
+}
+
+fn parse_into(frame: &[u8], layers: &mut Vec<Layer>) -> Result<Parse, Malformed> {
+    let mut ethertype = ethernet(frame)?;
+    layers.push(Layer::Ethernet { ethertype });
+    let mut offset = ETH_HLEN;
+    let is_tag = |t: u16| t == TPID_8021Q || t == TPID_8021AD;
+    for _ in 0..MAX_VLAN_TAGS {
+        if !is_tag(ethertype) {
+            break;
+        }
+        let tpid = ethertype;
+        let (vid, inner) = vlan(frame, offset)?;
+        layers.push(Layer::Vlan {
+            tpid,
+            vid,
+            ethertype: inner,
+        });
+        ethertype = inner;
+        offset += VLAN_HLEN;
+    }
+    let l3_offset = offset;
+    let (dst, proto, l4_offset, later_fragment) = match ethertype {
+        ETHERTYPE_IPV4 => {
+            let layer = ipv4(frame, offset)?;
+            let Layer::Ipv4 {
+                header_len,
+                dst,
+                proto,
+                fragment_offset,
+                ..
+            } = layer
+            else {
+                unreachable!("ipv4() returns an IPv4 layer");
+            };
+            layers.push(layer);
+            (
+                IpAddr::V4(dst),
+                proto,
+                offset + header_len,
+                fragment_offset != 0,
+            )
+        }
+        ETHERTYPE_IPV6 => {
+            let layer = ipv6(frame, offset)?;
+            let Layer::Ipv6 { dst, next, .. } = layer else {
+                unreachable!("ipv6() returns an IPv6 layer");
+            };
+            layers.push(layer);
+            let (proto, l4_offset, later) = ipv6_chain(frame, offset + 40, next, layers)?;
+            (IpAddr::V6(dst), proto, l4_offset, later)
+        }
+        other => {
+            return Ok(Parse::NonIp {
+                ethertype: other,
+                third_tag: is_tag(other),
+            });
+        }
+    };
+    let port = if later_fragment {
+        None
+    } else {
+        match transport(frame, l4_offset, proto)? {
+            Some(layer @ Layer::Transport { port, .. }) => {
+                layers.push(layer);
+                Some(port)
+            }
+            _ => None,
+        }
+    };
+    Ok(Parse::Ip(Key {
+        dst,
+        proto,
+        port,
+        later_fragment,
+        l3_offset,
+    }))
+}
+
+/// Walks the IPv6 extension headers from `offset`, `next` being the first
+/// one's type: (upper-layer protocol, its offset, later fragment).
+fn ipv6_chain(
+    frame: &[u8],
+    mut offset: usize,
+    mut next: u8,
+    layers: &mut Vec<Layer>,
+) -> Result<(u8, usize, bool), Malformed> {
+    let mut walked = 0;
+    loop {
+        let is_ext = matches!(
+            next,
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTIONS | IPV6_FRAGMENT
+        );
+        if !is_ext {
+            return Ok((next, offset, false));
+        }
+        if walked == MAX_IPV6_EXT_HEADERS {
+            return Err(Malformed::TooManyExtHeaders { offset });
+        }
+        walked += 1;
+        if next == IPV6_FRAGMENT {
+            let layer = ipv6_fragment(frame, offset)?;
+            let Layer::Ipv6Fragment {
+                fragment_offset,
+                next: after,
+                ..
+            } = layer
+            else {
+                unreachable!("ipv6_fragment() returns a fragment layer");
+            };
+            layers.push(layer);
+            offset += 8;
+            if fragment_offset != 0 {
+                // What follows is payload: its protocol is the fragment's next header.
+                return Ok((after, offset, true));
+            }
+            next = after;
+        } else {
+            let layer = ipv6_options(frame, offset, next)?;
+            let Layer::Ipv6Ext {
+                len, next: after, ..
+            } = layer
+            else {
+                unreachable!("ipv6_options() returns an extension layer");
+            };
+            layers.push(layer);
+            offset += len;
+            next = after;
+        }
+    }
+}
+
+/// Which lookup stage found the entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stage {
+    /// 1. exact address, exact port.
+    ExactPort,
+    /// 2. exact address, every port.
+    ExactAllPorts,
+    /// 3. a prefix with a port entry.
+    PrefixPort,
+    /// 3. a prefix with an every-port entry.
+    PrefixAllPorts,
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Stage::ExactPort => "1 (exact address, exact port)",
+            Stage::ExactAllPorts => "2 (exact address, every port)",
+            Stage::PrefixPort => "3 (longest prefix, port entry)",
+            Stage::PrefixAllPorts => "3 (longest prefix, every-port entry)",
+        })
+    }
+}
+
+/// One rule of the config: a (service, vip, protocol, port item), numbered
+/// in config order as the counter slots are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelRule {
+    pub service: usize,
+    pub vip: IpNet,
+    pub proto: u8,
+    /// `None`: every port.
+    pub ports: Option<PortRange>,
+    pub mark: u32,
+    pub mask: u32,
+}
+
+impl ModelRule {
+    fn is_exact(&self) -> bool {
+        self.vip.prefix_len() == self.vip.max_prefix_len()
+    }
+}
+
+impl fmt::Display for ModelRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_exact() {
+            write!(f, "{}", self.vip.addr())?;
+        } else {
+            write!(f, "{}", self.vip)?;
+        }
+        write!(f, " {}", proto_name(self.proto))?;
+        match self.ports {
+            Some(p) => write!(f, " port {p}"),
+            None => write!(f, " every port"),
+        }
+    }
+}
+
+/// The entry a packet matched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hit {
+    /// Index of the rule (the counter slot of a freshly published config).
+    pub rule: usize,
+    pub service: usize,
+    pub stage: Stage,
+    pub mark: u32,
+    pub mask: u32,
+}
+
+/// `(old & !mask) | (value & mask)`: the bits of `mask` come from `value`,
+/// the others stay as they were.
+pub fn apply_mark(old: u32, value: u32, mask: u32) -> u32 {
+    (old & !mask) | (value & mask)
+}
+
+/// Where a frame is counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Marked(Hit),
+    NoMatch,
+    NonIp,
+    Malformed,
+}
+
+/// What the classifier does with one frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub parsed: Parsed,
+    pub outcome: Outcome,
+    /// The mark the frame came with.
+    pub old_mark: u32,
+    /// The mark it leaves with.
+    pub mark: u32,
+}
+
+impl Decision {
+    /// A fragment at a non-zero offset (counted in `later_fragment` besides
+    /// `marked` or `no_match`).
+    pub fn later_fragment(&self) -> bool {
+        matches!(
+            self.parsed.result,
+            Parse::Ip(Key {
+                later_fragment: true,
+                ..
+            })
+        )
+    }
+
+    /// Adds this frame to the global counters, as the classifier does.
+    pub fn count(&self, c: &mut GlobalCounters) {
+        c.seen += 1;
+        match self.outcome {
+            Outcome::Marked(_) => c.marked += 1,
+            Outcome::NoMatch => c.no_match += 1,
+            Outcome::NonIp => c.non_ip += 1,
+            Outcome::Malformed => c.malformed += 1,
+        }
+        if self.later_fragment() {
+            c.later_fragment += 1;
+        }
+    }
+}
+
+/// The classifier's behaviour for one config.
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub rules: Vec<ModelRule>,
+}
+
+impl Model {
+    /// The model of `config`: one rule per (service, vip, protocol, port
+    /// item), in config order.
+    pub fn new(config: &Config) -> Model {
+        let mut rules = Vec::new();
+        for (si, s) in config.services.iter().enumerate() {
+            for vip in &s.vips {
+                for proto in &s.protos {
+                    let items: Vec<Option<PortRange>> = match &s.ports {
+                        Some(ps) => ps.iter().map(|p| Some(*p)).collect(),
+                        None => vec![None],
+                    };
+                    for ports in items {
+                        rules.push(ModelRule {
+                            service: si,
+                            vip: *vip,
+                            proto: proto.number(),
+                            ports,
+                            mark: s.mark,
+                            mask: s.mask,
+                        });
+                    }
+                }
+            }
+        }
+        Model { rules }
+    }
+
+    /// The stage at which `rule` would match (dst, proto, port), if it does.
+    pub fn rule_stage(
+        rule: &ModelRule,
+        dst: IpAddr,
+        proto: u8,
+        port: Option<u16>,
+    ) -> Option<Stage> {
+        if rule.proto != proto || !rule.vip.contains(&dst) {
+            return None;
+        }
+        let by_port = match rule.ports {
+            None => false,
+            Some(r) => match port {
+                Some(p) if r.lo <= p && p <= r.hi => true,
+                _ => return None,
+            },
+        };
+        Some(match (rule.is_exact(), by_port) {
+            (true, true) => Stage::ExactPort,
+            (true, false) => Stage::ExactAllPorts,
+            (false, true) => Stage::PrefixPort,
+            (false, false) => Stage::PrefixAllPorts,
+        })
+    }
+
+    /// The entry (dst, proto, port) matches, by fwmark's precedence; `port`
+    /// is `None` for later fragments and protocols without ports.
+    pub fn lookup(&self, dst: IpAddr, proto: u8, port: Option<u16>) -> Option<Hit> {
+        // Lower ranks win: exact address before any prefix; among prefixes
+        // the longer one; at equal length the port entry. Among equal ranks
+        // the first rule in config order owns the entry.
+        let rank = |rule: &ModelRule, stage: Stage| match stage {
+            Stage::ExactPort => (0, 0, 0),
+            Stage::ExactAllPorts => (0, 0, 1),
+            Stage::PrefixPort => (1, 128 - rule.vip.prefix_len(), 0),
+            Stage::PrefixAllPorts => (1, 128 - rule.vip.prefix_len(), 1),
+        };
+        let mut best: Option<((u8, u8, u8), usize, Stage)> = None;
+        for (i, rule) in self.rules.iter().enumerate() {
+            let Some(stage) = Self::rule_stage(rule, dst, proto, port) else {
+                continue;
+            };
+            let r = rank(rule, stage);
+            if best.is_none_or(|(b, _, _)| r < b) {
+                best = Some((r, i, stage));
+            }
+        }
+        best.map(|(_, i, stage)| {
+            let rule = &self.rules[i];
+            Hit {
+                rule: i,
+                service: rule.service,
+                stage,
+                mark: rule.mark,
+                mask: rule.mask,
+            }
+        })
+    }
+
+    /// What the classifier does with `frame` arriving with `mark`.
+    pub fn classify(&self, frame: &[u8], mark: u32) -> Decision {
+        let parsed = parse(frame);
+        let outcome = match &parsed.result {
+            Parse::NonIp { .. } => Outcome::NonIp,
+            Parse::Malformed(_) => Outcome::Malformed,
+            Parse::Ip(key) => match self.lookup(key.dst, key.proto, key.port) {
+                Some(hit) => Outcome::Marked(hit),
+                None => Outcome::NoMatch,
+            },
+        };
+        let new_mark = match outcome {
+            Outcome::Marked(hit) => apply_mark(mark, hit.mark, hit.mask),
+            _ => mark,
+        };
+        Decision {
+            parsed,
+            outcome,
+            old_mark: mark,
+            mark: new_mark,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::ruleset::Ruleset;
+
+    /// Frames assembled byte by byte, independently of any packet library.
+    fn eth(ethertype: u16) -> Vec<u8> {
+        let mut f = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1];
+        f.extend_from_slice(&ethertype.to_be_bytes());
+        f
+    }
+
+    fn ipv4(dst: [u8; 4], proto: u8, options: usize, fragment: u16) -> Vec<u8> {
+        let ihl = 5 + options / 4;
+        let mut h = vec![0x40 | ihl as u8, 0, 0, 0, 0, 0];
+        h.extend_from_slice(&fragment.to_be_bytes());
+        h.extend_from_slice(&[64, proto, 0, 0, 203, 0, 113, 7]);
+        h.extend_from_slice(&dst);
+        h.extend(std::iter::repeat_n(1u8, options)); // NOP options
+        h
+    }
+
+    fn ipv6(dst: &str, next: u8) -> Vec<u8> {
+        let mut h = vec![0x60, 0, 0, 0, 0, 0, next, 64];
+        h.extend_from_slice(&[
+            0x20, 0x01, 0x0d, 0xb8, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7,
+        ]);
+        h.extend_from_slice(&dst.parse::<Ipv6Addr>().unwrap().octets());
+        h
+    }
+
+    fn l4(proto: u8, port: u16) -> Vec<u8> {
+        let mut h = vec![0x9c, 0x40];
+        h.extend_from_slice(&port.to_be_bytes());
+        h.resize(transport_header_len(proto).unwrap_or(8), 0);
+        h
+    }
+
+    fn tcp4(dst: [u8; 4], port: u16) -> Vec<u8> {
+        [eth(0x0800), ipv4(dst, 6, 0, 0), l4(6, port)].concat()
+    }
+
+    const CONFIG: &str = r#"
+[[service]]
+name = "web"
+vip = ["192.0.2.10", "2001:db8::10"]
+proto = "tcp"
+ports = [80, 443]
+mark = 80
+
+[[service]]
+name = "allports"
+vip = ["192.0.2.77", "2001:db8::77"]
+proto = ["tcp", "udp"]
+mark = 77
+
+[[service]]
+name = "net24-all"
+vip = "198.51.100.0/24"
+proto = "tcp"
+mark = 1
+
+[[service]]
+name = "net24-80"
+vip = "198.51.100.0/24"
+proto = "tcp"
+ports = [80]
+mark = 2
+
+[[service]]
+name = "net25-all"
+vip = "198.51.100.128/25"
+proto = "tcp"
+mark = 3
+
+[[service]]
+name = "host-all"
+vip = "198.51.100.200"
+proto = "tcp"
+mark = 4
+
+[[service]]
+name = "host-443"
+vip = "198.51.100.200"
+proto = "tcp"
+ports = [443]
+mark = 5
+
+[[service]]
+name = "net16-22"
+vip = "198.51.0.0/16"
+proto = "tcp"
+ports = [22]
+mark = 6
+
+[[service]]
+name = "bit"
+vip = "192.0.2.1"
+proto = "tcp"
+ports = [80]
+mark = 0x4000
+mask = 0x4000
+
+[[service]]
+name = "same-a"
+vip = "192.0.2.30"
+proto = "udp"
+ports = ["100-200"]
+mark = 9
+
+[[service]]
+name = "same-b"
+vip = "192.0.2.30"
+proto = "udp"
+ports = ["150-250"]
+mark = 9
+"#;
+
+    fn model() -> (Config, Model) {
+        let config = Config::parse(CONFIG, "t.toml").unwrap();
+        let model = Model::new(&config);
+        (config, model)
+    }
+
+    fn mark_of(m: &Model, frame: &[u8]) -> Option<u32> {
+        match m.classify(frame, 0xdead_0000).outcome {
+            Outcome::Marked(hit) => Some(hit.mark),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn precedence_exact_port_exact_all_longest_prefix_port_first() {
+        let (_, m) = model();
+        let cases: [([u8; 4], u16, Option<u32>); 10] = [
+            ([198, 51, 100, 200], 443, Some(5)), // exact address, exact port
+            ([198, 51, 100, 200], 80, Some(4)),  // exact address, every port beats prefixes
+            ([198, 51, 100, 130], 80, Some(3)),  // /25 every port beats /24 port 80
+            ([198, 51, 100, 10], 80, Some(2)),   // /24: port entry before every-port
+            ([198, 51, 100, 10], 81, Some(1)),
+            ([198, 51, 100, 255], 22, Some(3)), // /25 beats /16 port 22
+            ([198, 51, 7, 7], 22, Some(6)),
+            ([198, 51, 7, 7], 23, None),
+            ([198, 52, 0, 1], 22, None),
+            ([192, 0, 2, 10], 8080, None),
+        ];
+        for (dst, port, want) in cases {
+            assert_eq!(mark_of(&m, &tcp4(dst, port)), want, "{dst:?}:{port}");
+        }
+        let hit = m
+            .lookup("198.51.100.130".parse().unwrap(), 6, Some(80))
+            .unwrap();
+        assert_eq!(hit.stage, Stage::PrefixAllPorts);
+        let hit = m
+            .lookup("198.51.100.200".parse().unwrap(), 6, Some(443))
+            .unwrap();
+        assert_eq!(hit.stage, Stage::ExactPort);
+    }
+
+    #[test]
+    fn the_first_rule_owns_a_shared_entry() {
+        let (config, m) = model();
+        let hit = m
+            .lookup("192.0.2.30".parse().unwrap(), 17, Some(170))
+            .unwrap();
+        assert_eq!(config.services[hit.service].name, "same-a");
+        let hit = m
+            .lookup("192.0.2.30".parse().unwrap(), 17, Some(220))
+            .unwrap();
+        assert_eq!(config.services[hit.service].name, "same-b");
+    }
+
+    #[test]
+    fn mark_keeps_the_bits_outside_the_mask() {
+        assert_eq!(apply_mark(0x1234, 0x4000, 0x4000), 0x5234);
+        assert_eq!(apply_mark(0xffff_ffff, 0x0100, 0xff00), 0xffff_01ff);
+        assert_eq!(apply_mark(0xdead_beef, 0x50, u32::MAX), 0x50);
+        let (_, m) = model();
+        let d = m.classify(&tcp4([192, 0, 2, 1], 80), 0x1234);
+        assert_eq!(d.mark, 0x5234);
+        let d = m.classify(&tcp4([192, 0, 2, 99], 80), 0x1234);
+        assert_eq!((d.outcome, d.mark), (Outcome::NoMatch, 0x1234));
+    }
+
+    #[test]
+    fn vlan_tags_two_are_parsed_a_third_is_not_ip() {
+        let (_, m) = model();
+        let body = [ipv4([192, 0, 2, 10], 6, 0, 0), l4(6, 443)].concat();
+        let tagged = |tpids: &[u16]| {
+            let mut f = eth(tpids.first().copied().unwrap_or(0x0800));
+            for (i, _) in tpids.iter().enumerate() {
+                f.extend_from_slice(&[0, 100 + i as u8]);
+                f.extend_from_slice(&tpids.get(i + 1).copied().unwrap_or(0x0800).to_be_bytes());
+            }
+            [f, body.clone()].concat()
+        };
+        assert_eq!(mark_of(&m, &tagged(&[0x8100])), Some(80));
+        assert_eq!(mark_of(&m, &tagged(&[0x88a8, 0x8100])), Some(80));
+        let d = m.classify(&tagged(&[0x88a8, 0x8100, 0x8100]), 0);
+        assert_eq!(d.outcome, Outcome::NonIp);
+        assert_eq!(
+            d.parsed.result,
+            Parse::NonIp {
+                ethertype: 0x8100,
+                third_tag: true
+            }
+        );
+        assert_eq!(
+            m.classify(&eth(0x0806)[..13], 0).outcome,
+            Outcome::Malformed
+        );
+        let arp = [eth(0x0806), vec![0; 28]].concat();
+        assert_eq!(m.classify(&arp, 0).outcome, Outcome::NonIp);
+    }
+
+    #[test]
+    fn truncation_anywhere_in_a_header_is_malformed() {
+        let (_, m) = model();
+        // IPv4 with 8 bytes of options, TCP: the port needs the whole TCP header.
+        let full = [eth(0x0800), ipv4([192, 0, 2, 10], 6, 8, 0), l4(6, 80)].concat();
+        let l4_at = 14 + 28;
+        for len in 0..=full.len() {
+            let d = m.classify(&full[..len], 7);
+            if len >= l4_at + 20 {
+                assert_eq!(d.mark, 80, "len {len}");
+            } else {
+                assert_eq!((d.outcome, d.mark), (Outcome::Malformed, 7), "len {len}");
+            }
+        }
+        // A later fragment needs no transport header, but its IPv4 options
+        // must be there.
+        let later = [eth(0x0800), ipv4([192, 0, 2, 77], 6, 12, 0x2000 | 185)].concat();
+        assert_eq!(mark_of(&m, &later), Some(77));
+        assert_eq!(
+            m.classify(&later[..later.len() - 1], 0).outcome,
+            Outcome::Malformed
+        );
+        // UDP needs 8 bytes, SCTP 12.
+        let udp = [eth(0x0800), ipv4([192, 0, 2, 77], 17, 0, 0), l4(17, 53)].concat();
+        assert_eq!(udp.len(), 14 + 20 + 8);
+        assert_eq!(mark_of(&m, &udp), Some(77));
+        assert_eq!(
+            m.classify(&udp[..udp.len() - 1], 0).outcome,
+            Outcome::Malformed
+        );
+        // A protocol without ports needs nothing after the IP header.
+        let icmp = [eth(0x0800), ipv4([192, 0, 2, 77], 1, 0, 0)].concat();
+        assert_eq!(m.classify(&icmp, 0).outcome, Outcome::NoMatch);
+    }
+
+    #[test]
+    fn bad_version_and_header_length_are_malformed() {
+        let (_, m) = model();
+        let good = tcp4([192, 0, 2, 10], 80);
+        for (byte, want) in [
+            (0x45u8, None),
+            (0x44, Some(4)),
+            (0x40, Some(0)),
+            (0x65, Some(6)),
+        ] {
+            let mut f = good.clone();
+            f[14] = byte;
+            let d = m.classify(&f, 0);
+            match want {
+                None => assert_eq!(d.mark, 80),
+                Some(_) => assert_eq!(d.outcome, Outcome::Malformed, "{byte:#x}"),
+            }
+        }
+        let v6_with_v4_version = [eth(0x86dd), ipv6("2001:db8::10", 6)]
+            .concat()
+            .iter()
+            .enumerate()
+            .map(|(i, b)| if i == 14 { 0x45 } else { *b })
+            .collect::<Vec<u8>>();
+        assert_eq!(
+            m.classify(&v6_with_v4_version, 0).parsed.result,
+            Parse::Malformed(Malformed::BadVersion {
+                offset: 14,
+                version: 4
+            })
+        );
+    }
+
+    fn ext(next: u8, len_field: u8) -> Vec<u8> {
+        let mut h = vec![next, len_field];
+        h.resize((usize::from(len_field) + 1) * 8, 0);
+        h
+    }
+
+    #[test]
+    fn ipv6_extension_chains_up_to_eight() {
+        let (_, m) = model();
+        let chain = |n: usize| {
+            let mut f = [eth(0x86dd), ipv6("2001:db8::10", 60)].concat();
+            for i in 0..n {
+                f.extend(ext(if i + 1 == n { 6 } else { 60 }, 1));
+            }
+            f.extend(l4(6, 443));
+            f
+        };
+        assert_eq!(mark_of(&m, &chain(1)), Some(80));
+        assert_eq!(mark_of(&m, &chain(8)), Some(80));
+        assert!(matches!(
+            m.classify(&chain(9), 0).parsed.result,
+            Parse::Malformed(Malformed::TooManyExtHeaders { .. })
+        ));
+        // A truncated extension header before a protocol without ports.
+        let mut f = [eth(0x86dd), ipv6("2001:db8::10", 0)].concat();
+        f.extend(&ext(58, 2)[..20]);
+        assert_eq!(m.classify(&f, 0).outcome, Outcome::Malformed);
+    }
+
+    #[test]
+    fn later_fragments_match_only_every_port_entries() {
+        let (_, m) = model();
+        let frag = |dst: &str, offset: u16, next: u8| {
+            let mut f = [eth(0x86dd), ipv6(dst, 44)].concat();
+            f.extend_from_slice(&[next, 0]);
+            f.extend_from_slice(&((offset << 3) | 1).to_be_bytes());
+            f.extend_from_slice(&[0, 0, 0xfe, 0xed]);
+            f.extend(l4(next, 443));
+            f
+        };
+        assert_eq!(mark_of(&m, &frag("2001:db8::10", 0, 6)), Some(80));
+        let d = m.classify(&frag("2001:db8::10", 185, 6), 0);
+        assert_eq!(d.outcome, Outcome::NoMatch);
+        assert!(d.later_fragment());
+        assert_eq!(mark_of(&m, &frag("2001:db8::77", 185, 6)), Some(77));
+        let v4 = [eth(0x0800), ipv4([198, 51, 100, 10], 6, 0, 185)].concat();
+        assert_eq!(mark_of(&m, &v4), Some(1));
+        let mut c = GlobalCounters::default();
+        m.classify(&v4, 0).count(&mut c);
+        assert_eq!((c.seen, c.marked, c.later_fragment), (1, 1, 1));
+    }
+
+    /// The model's config-level lookup against the compiled entries'
+    /// lookup (`Ruleset::classify`), on keys around every rule's edges: two
+    /// independent readings of the precedence and ownership rules.
+    #[test]
+    fn the_model_and_the_compiled_lookup_agree() {
+        let (config, m) = model();
+        let ruleset = Ruleset::compile(&config).unwrap();
+        let exact: HashMap<_, _> = ruleset.exact.iter().copied().collect();
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut addrs: Vec<IpAddr> = Vec::new();
+        for r in &m.rules {
+            let (first, last) = (r.vip.network(), r.vip.broadcast());
+            addrs.extend([first, last]);
+            match (first, last) {
+                (IpAddr::V4(a), IpAddr::V4(b)) => {
+                    addrs.push(Ipv4Addr::from(u32::from(a).wrapping_sub(1)).into());
+                    addrs.push(Ipv4Addr::from(u32::from(b).wrapping_add(1)).into());
+                }
+                (IpAddr::V6(a), IpAddr::V6(b)) => {
+                    addrs.push(Ipv6Addr::from(u128::from(a).wrapping_sub(1)).into());
+                    addrs.push(Ipv6Addr::from(u128::from(b).wrapping_add(1)).into());
+                }
+                _ => unreachable!(),
+            }
+        }
+        let mut hits = 0;
+        for _ in 0..20_000 {
+            let mut dst = addrs[rng.usize(..addrs.len())];
+            if rng.bool() {
+                dst = match dst {
+                    IpAddr::V4(a) => Ipv4Addr::from(u32::from(a) ^ rng.u32(..256)).into(),
+                    IpAddr::V6(a) => Ipv6Addr::from(u128::from(a) ^ rng.u128(..256)).into(),
+                };
+            }
+            let proto = [6, 17, 132, 1][rng.usize(..4)];
+            let port = match rng.u32(..10) {
+                0 => None,
+                1..=6 => {
+                    Some([22, 79, 80, 81, 99, 100, 150, 200, 201, 250, 251, 443][rng.usize(..12)])
+                }
+                _ => Some(rng.u16(..)),
+            };
+            let modelled = m.lookup(dst, proto, port).map(|h| (h.mark, h.mask, h.rule));
+            let compiled = ruleset
+                .classify_with(&exact, dst, proto, port)
+                .map(|t| (t.mark, t.mask, t.rule as usize));
+            assert_eq!(modelled, compiled, "{dst} proto {proto} port {port:?}");
+            hits += usize::from(modelled.is_some());
+        }
+        assert!(hits > 1_000, "only {hits} hits: the keys miss the rules");
+    }
+}
