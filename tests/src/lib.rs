@@ -14,5 +14,6 @@ pub mod harness;
 pub mod kernel;
 pub mod netns;
 pub mod nft;
+pub mod ops;
 pub mod packets;
 pub mod recorder;

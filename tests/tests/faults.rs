@@ -1,0 +1,427 @@
+//! Faults and security in the real kernel, between two namespaces: a config
+//! too large for the maps, `apply` and the daemon killed in the middle of a
+//! change, the interface vanishing under `fwmark run`, bpffs missing, an
+//! unreadable config, other tc programs on the interface, other mark
+//! writers, and who may open fwmark's pins and state.
+//!
+//! Covered elsewhere: two `apply` runs racing are serialized by the apply
+//! lock (`concurrent_applies_are_serialized` in tests/live.rs: eight
+//! concurrent applies get eight consecutive generations); `kill -9` of an
+//! idle daemon and adoption (`restart_after_kill_*` in tests/live.rs).
+
+use std::{
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use fwmark_testlab::{
+    daemon::{Daemon, fwmark_bin},
+    example::probe,
+    kernel,
+    netns::{Lab, ingress_programs},
+    nft::{MarkCounters, Probe, ProbeProto},
+    ops::{TempDir, fwmark, ok, pending_exists, pin_dir, send, state_text, status_json},
+};
+use nix::sys::signal::Signal;
+
+const VIP: &str = "192.0.2.10";
+const DNS_VIP: &str = "192.0.2.53";
+/// A VIP only the large configs mark.
+const BULK_VIP: &str = "10.99.0.1";
+
+/// Web (TCP and UDP 80 and 443) under `mark`, DNS under 53.
+fn config(mark: u32) -> String {
+    format!(
+        "[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nproto = [\"tcp\", \"udp\"]\nports = [80, 443]\nmark = {mark}\n\n\
+         [[service]]\nname = \"dns\"\nvip = \"{DNS_VIP}\"\nproto = \"udp\"\nports = [53]\nmark = 53\n"
+    )
+}
+
+/// [`config`] plus a service of 8 VIPs with every TCP and UDP port under
+/// mark 99: about a million map entries, so a switch takes long enough to
+/// be interrupted in the middle.
+fn large_config(mark: u32) -> String {
+    let vips: Vec<String> = (0..8).map(|i| format!("\"10.99.{i}.1\"")).collect();
+    format!(
+        "{}\n[[service]]\nname = \"bulk\"\nvip = [{}]\nproto = [\"tcp\", \"udp\"]\nports = [\"1-65535\"]\nmark = 99\n",
+        config(mark),
+        vips.join(", ")
+    )
+}
+
+/// A config of `rules` rules (one per port of one VIP).
+fn config_with_rules(rules: u16) -> String {
+    let ports: Vec<String> = (1..=rules).map(|p| p.to_string()).collect();
+    format!(
+        "{}\n[[service]]\nname = \"many\"\nvip = \"{BULK_VIP}\"\nproto = \"udp\"\nports = [{}]\nmark = 99\n",
+        config(80),
+        ports.join(", ")
+    )
+}
+
+fn lab() -> Lab {
+    Lab::new(&[
+        VIP.parse().unwrap(),
+        DNS_VIP.parse().unwrap(),
+        BULK_VIP.parse().unwrap(),
+    ])
+    .expect("create namespaces")
+}
+
+/// The probes whose marks tell the configs apart: web TCP 80, web UDP 443
+/// and a bulk-only UDP port.
+fn telling_probes() -> Vec<Probe> {
+    vec![
+        probe(VIP, ProbeProto::Tcp, 80, 0, 1),
+        probe(VIP, ProbeProto::Udp, 443, 0, 1),
+        probe(BULK_VIP, ProbeProto::Udp, 5000, 0, 1),
+    ]
+}
+
+/// Counters for [`telling_probes`], with every mark the tests use.
+fn install_counters(lab: &Lab) -> MarkCounters<'_> {
+    MarkCounters::install_with_marks(&lab.director, &telling_probes(), &[80, 81, 82, 99])
+        .expect("install nft counters")
+}
+
+/// Sends one packet of each telling probe and returns the mark each arrived
+/// with.
+fn marks_now(lab: &Lab, counters: &MarkCounters<'_>) -> Vec<u32> {
+    let probes = telling_probes();
+    let mut marks = Vec::new();
+    for (i, p) in probes.iter().enumerate() {
+        let before = counters.read().unwrap()[i].clone();
+        send(lab, p);
+        let after = counters.read().unwrap()[i].clone();
+        assert_eq!(
+            after.other, before.other,
+            "{p}: an unexpected mark: {after:?}"
+        );
+        let mark = after
+            .by_mark
+            .iter()
+            .find(|(m, n)| before.by_mark.get(m) != Some(n))
+            .map(|(m, _)| *m)
+            .unwrap_or_else(|| panic!("{p}: the packet was not counted: {after:?}"));
+        marks.push(mark);
+    }
+    marks
+}
+
+/// What the telling probes get under [`config`] (`mark`) and under
+/// [`large_config`] (`mark`).
+fn small(mark: u32) -> Vec<u32> {
+    vec![mark, mark, 0]
+}
+
+fn large(mark: u32) -> Vec<u32> {
+    vec![mark, mark, 99]
+}
+
+/// Starts `fwmark apply` of `config` in the director namespace.
+fn spawn_apply(lab: &Lab, config: &str) -> Child {
+    lab.director
+        .command(fwmark_bin())
+        .args(["apply", "--iface", &lab.director_if, "--config", config])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn fwmark apply")
+}
+
+/// Waits until `cond` holds (polling every 100 µs), or panics after `timeout`.
+fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+fn signal(child: &Child, sig: Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
+}
+
+fn stderr_of(child: Child) -> String {
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The pinned `ACTIVE` word of the director's interface (generation slot
+/// and flags), read the way the classifier reads it.
+struct ActiveWord(aya::maps::Array<aya::maps::MapData, u32>);
+
+impl ActiveWord {
+    fn open(lab: &Lab) -> ActiveWord {
+        let data =
+            aya::maps::MapData::from_pin(pin_dir(lab).join(fwmark_common::map_names::ACTIVE))
+                .expect("open the pinned ACTIVE map");
+        ActiveWord(aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap())
+    }
+
+    fn get(&self) -> u32 {
+        self.0.get(&0, 0).unwrap()
+    }
+}
+
+#[test]
+fn a_config_larger_than_the_counter_map_changes_nothing() {
+    if !kernel::available("config_larger_than_capacity", &["ip", "nft", "nsenter"]) {
+        return;
+    }
+    let lab = lab();
+    let files = TempDir::new(&lab);
+    let a = files.write("a.toml", &config(80));
+    let counters = install_counters(&lab);
+    // The smallest counter map: 16384 rules (--max-rules below it rounds up).
+    let daemon = Daemon::run_on(&lab, &a, &["--no-watch", "--max-rules", "16"]).unwrap();
+    assert_eq!(marks_now(&lab, &counters), small(80));
+    let state_before = state_text(&lab).expect("state.json");
+
+    // 5 rules of web and DNS, and 16380 more.
+    let too_big = files.write("too-big.toml", &config_with_rules(16380));
+    let out = fwmark(
+        &lab,
+        &["apply", "--iface", &lab.director_if, "--config", &too_big],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "the config has 16385 rules but the live counter map holds 16384 (nothing was changed)"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("fwmark detach"), "{err}");
+    // Nothing changed: marks, generation, state, no pending change.
+    assert_eq!(marks_now(&lab, &counters), small(80));
+    assert_eq!(status_json(&lab)["config"]["generation"], 1);
+    assert_eq!(state_text(&lab).as_deref(), Some(state_before.as_str()));
+    assert!(!pending_exists(&lab));
+
+    // A config that fits still applies.
+    let fits = files.write("fits.toml", &config_with_rules(16000));
+    ok(fwmark(
+        &lab,
+        &["apply", "--iface", &lab.director_if, "--config", &fits],
+    ));
+    assert_eq!(status_json(&lab)["config"]["generation"], 2);
+    assert_eq!(marks_now(&lab, &counters), vec![80, 80, 99]);
+    let finished = daemon.stop().unwrap();
+    assert!(finished.status.success(), "{}", finished.stderr);
+}
+
+#[test]
+fn apply_killed_before_the_switch_leaves_the_old_config() {
+    if !kernel::available("apply_killed_before_the_switch", &["ip", "nft", "nsenter"]) {
+        return;
+    }
+    let lab = lab();
+    let files = TempDir::new(&lab);
+    let a = files.write("a.toml", &config(80));
+    let b = files.write("b.toml", &large_config(81));
+    let counters = install_counters(&lab);
+    let daemon = Daemon::run_on(&lab, &a, &["--no-watch"]).unwrap();
+    let active = ActiveWord::open(&lab);
+    let word = active.get();
+
+    // The pending state is written just before the new maps are filled:
+    // killing the apply then interrupts it while it fills them.
+    let apply = spawn_apply(&lab, &b);
+    wait_until("the pending state", Duration::from_secs(60), || {
+        pending_exists(&lab)
+    });
+    signal(&apply, Signal::SIGTERM);
+    let err = stderr_of(apply);
+    assert!(
+        pending_exists(&lab),
+        "the apply finished before it was killed: {err}"
+    );
+    assert_eq!(active.get(), word, "ACTIVE changed");
+
+    // Wholly the old config: marks, status (which leaves the files alone).
+    assert_eq!(marks_now(&lab, &counters), small(80));
+    assert_eq!(status_json(&lab)["config"]["generation"], 1);
+    assert!(pending_exists(&lab));
+
+    // The next apply discards the interrupted change and goes on from there.
+    let c = files.write("c.toml", &config(82));
+    let out = fwmark(
+        &lab,
+        &["apply", "--iface", &lab.director_if, "--config", &c],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let stdout = ok(out);
+    assert!(
+        err.contains("had not switched: the live config stays"),
+        "{err}"
+    );
+    assert!(stdout.contains("generation 2 is live"), "{stdout}");
+    assert!(!pending_exists(&lab));
+    assert_eq!(marks_now(&lab, &counters), small(82));
+    let finished = daemon.stop().unwrap();
+    assert!(finished.status.success(), "{}", finished.stderr);
+    assert!(
+        ingress_programs(&lab.director, &lab.director_if)
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn apply_killed_after_the_switch_is_recorded_by_the_next_change() {
+    if !kernel::available("apply_killed_after_the_switch", &["ip", "nft", "nsenter"]) {
+        return;
+    }
+    let lab = lab();
+    let files = TempDir::new(&lab);
+    let a = files.write("a.toml", &config(80));
+    let b = files.write("b.toml", &large_config(81));
+    let counters = install_counters(&lab);
+    let daemon = Daemon::run_on(&lab, &a, &["--no-watch"]).unwrap();
+    let active = ActiveWord::open(&lab);
+
+    // Between the switch of ACTIVE and the state's rename the old
+    // generation is released (a few RCU grace periods): kill the apply the
+    // moment ACTIVE changes. Should the apply win the race, its change is
+    // complete; apply it away and try again.
+    let mut generation = 1;
+    let mut interrupted = false;
+    for attempt in 0..5 {
+        let word = active.get();
+        let (config, marks) = if attempt % 2 == 0 {
+            (&b, large(81))
+        } else {
+            (&a, small(80))
+        };
+        let apply = spawn_apply(&lab, config);
+        wait_until("the switch", Duration::from_secs(60), || {
+            active.get() != word
+        });
+        signal(&apply, Signal::SIGKILL);
+        let _ = stderr_of(apply);
+        generation += 1;
+        // Wholly the new config, whether or not the state recorded it yet.
+        assert_eq!(marks_now(&lab, &counters), marks);
+        assert_eq!(status_json(&lab)["config"]["generation"], generation);
+        if pending_exists(&lab) {
+            eprintln!("interrupted between the switch and the state's rename at attempt {attempt}");
+            interrupted = true;
+            break;
+        }
+    }
+    assert!(
+        interrupted,
+        "the apply finished before it was killed in five attempts"
+    );
+
+    // The next apply records the switched generation, then switches on.
+    let c = files.write("c.toml", &config(82));
+    let out = fwmark(
+        &lab,
+        &["apply", "--iface", &lab.director_if, "--config", &c],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let stdout = ok(out);
+    assert!(
+        err.contains(&format!(
+            "had switched already: recording generation {generation}"
+        )),
+        "{err}"
+    );
+    assert!(
+        stdout.contains(&format!("generation {} is live", generation + 1)),
+        "{stdout}"
+    );
+    assert!(!pending_exists(&lab));
+    assert_eq!(marks_now(&lab, &counters), small(82));
+    let finished = daemon.stop().unwrap();
+    assert!(finished.status.success(), "{}", finished.stderr);
+}
+
+#[test]
+fn sigterm_during_a_reload_finishes_it_before_exiting() {
+    if !kernel::available("sigterm_during_a_reload", &["ip", "nft", "nsenter"]) {
+        return;
+    }
+    let lab = lab();
+    let files = TempDir::new(&lab);
+    let live = files.write("live.toml", &config(80));
+    let counters = install_counters(&lab);
+    let daemon = Daemon::run_on(&lab, &live, &["--no-watch", "--keep"]).unwrap();
+
+    files.write("live.toml", &large_config(81));
+    daemon.signal(Signal::SIGHUP).unwrap();
+    wait_until(
+        "the reload's pending state",
+        Duration::from_secs(60),
+        || pending_exists(&lab),
+    );
+    daemon.signal(Signal::SIGTERM).unwrap();
+    let finished = daemon.stop().unwrap();
+    assert!(finished.status.success(), "{}", finished.stderr);
+    let live_at = finished
+        .stderr
+        .find("is live as generation 2")
+        .unwrap_or_else(|| panic!("the reload did not finish:\n{}", finished.stderr));
+    let term_at = finished.stderr.find("SIGTERM: leaving marking in place");
+    assert!(term_at.is_some_and(|t| t > live_at), "{}", finished.stderr);
+
+    // --keep: the new config marks, recorded whole.
+    assert!(!pending_exists(&lab));
+    assert_eq!(status_json(&lab)["config"]["generation"], 2);
+    assert_eq!(marks_now(&lab, &counters), large(81));
+    ok(fwmark(&lab, &["detach", "--iface", &lab.director_if]));
+    assert_eq!(marks_now(&lab, &counters), vec![0, 0, 0]);
+}
+
+#[test]
+fn daemon_killed_during_a_reload_is_recovered_by_the_next_run() {
+    if !kernel::available("daemon_killed_during_a_reload", &["ip", "nft", "nsenter"]) {
+        return;
+    }
+    let lab = lab();
+    let files = TempDir::new(&lab);
+    let live = files.write("live.toml", &config(80));
+    let counters = install_counters(&lab);
+    let daemon = Daemon::run_on(&lab, &live, &["--no-watch"]).unwrap();
+    let active = ActiveWord::open(&lab);
+    let word = active.get();
+
+    files.write("live.toml", &large_config(81));
+    daemon.signal(Signal::SIGHUP).unwrap();
+    wait_until(
+        "the reload's pending state",
+        Duration::from_secs(60),
+        || pending_exists(&lab),
+    );
+    daemon.kill();
+    assert!(pending_exists(&lab), "the reload finished before the kill");
+    assert_eq!(active.get(), word, "ACTIVE changed");
+    // The pinned attachment marks on with the old config.
+    assert_eq!(marks_now(&lab, &counters), small(80));
+    assert_eq!(status_json(&lab)["config"]["generation"], 1);
+
+    // The next run adopts, discards the interrupted change, then applies
+    // the file as it is now.
+    let daemon = Daemon::run_on(&lab, &live, &["--no-watch"]).unwrap();
+    let log = daemon.stderr_so_far();
+    assert!(log.contains("had not switched"), "{log}");
+    assert!(log.contains("adopted"), "{log}");
+    daemon
+        .wait_for_log("is live as generation 2", Duration::from_secs(60))
+        .unwrap();
+    assert!(!pending_exists(&lab));
+    assert_eq!(marks_now(&lab, &counters), large(81));
+    assert_eq!(
+        ingress_programs(&lab.director, &lab.director_if).unwrap(),
+        vec!["tcx:fwmark".to_string()]
+    );
+    let finished = daemon.stop().unwrap();
+    assert!(finished.status.success(), "{}", finished.stderr);
+    assert!(
+        ingress_programs(&lab.director, &lab.director_if)
+            .unwrap()
+            .is_empty()
+    );
+}
