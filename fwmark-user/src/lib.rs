@@ -10,6 +10,7 @@ pub mod detach;
 pub mod diff;
 pub mod export;
 pub mod import;
+pub mod ingress;
 pub mod live;
 pub mod metrics;
 pub mod preflight;

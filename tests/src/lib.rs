@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod daemon;
 pub mod example;
+pub mod foreign;
 pub mod harness;
 pub mod kernel;
 pub mod netns;

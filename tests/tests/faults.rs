@@ -17,6 +17,7 @@ use std::{
 use fwmark_testlab::{
     daemon::{Daemon, fwmark_bin},
     example::probe,
+    foreign::{Foreign, Hook},
     kernel,
     netns::{Lab, ingress_programs},
     nft::{MarkCounters, Probe, ProbeProto},
@@ -424,4 +425,274 @@ fn daemon_killed_during_a_reload_is_recovered_by_the_next_run() {
             .unwrap()
             .is_empty()
     );
+}
+
+/// The web probe that must arrive with mark 80 under [`config`]`(80)`.
+fn web() -> Probe {
+    probe(VIP, ProbeProto::Tcp, 80, 80, 1)
+}
+
+/// Packets the web probe got, per mark (a counter table of its own).
+fn web_counters(lab: &Lab) -> MarkCounters<'_> {
+    MarkCounters::install_with_marks(&lab.director, &[web()], &[81]).unwrap()
+}
+
+/// The one mark the next web packet arrives with.
+fn web_mark(lab: &Lab, counters: &MarkCounters<'_>) -> u32 {
+    let before = counters.read().unwrap()[0].clone();
+    send(lab, &web());
+    let after = counters.read().unwrap()[0].clone();
+    assert_eq!(after.total(), before.total() + 1, "{after:?}");
+    assert_eq!(after.other, before.other, "{after:?}");
+    *after
+        .by_mark
+        .iter()
+        .find(|(m, n)| before.by_mark.get(m) != Some(n))
+        .unwrap()
+        .0
+}
+
+/// The recorded state (`state.json`) as JSON.
+fn state_json(lab: &Lab) -> serde_json::Value {
+    serde_json::from_str(&state_text(lab).expect("state.json")).unwrap()
+}
+
+#[test]
+fn interface_deleted_and_created_again_is_followed_tcx() {
+    interface_deleted_and_created_again("tcx");
+}
+
+#[test]
+fn interface_deleted_and_created_again_is_followed_netlink() {
+    interface_deleted_and_created_again("netlink");
+}
+
+fn interface_deleted_and_created_again(mode: &str) {
+    let name = format!("interface_deleted_and_created_again_{mode}");
+    if !kernel::available(&name, &["ip", "nft", "nsenter", "tc"]) {
+        return;
+    }
+    let lab = lab();
+    let files = TempDir::new(&lab);
+    let a = files.write("a.toml", &config(80));
+    let counters = web_counters(&lab);
+    let daemon = Daemon::run_on(&lab, &a, &["--attach", mode, "--no-watch"]).unwrap();
+    assert_eq!(web_mark(&lab, &counters), 80);
+    let program_id = status_json(&lab)["attach"]["program_id"].clone();
+
+    lab.delete_link().unwrap();
+    daemon
+        .wait_for_log("is gone (it had index", Duration::from_secs(10))
+        .unwrap();
+    // Pins and state stay, consistent: status reads them as before.
+    let status = status_json(&lab);
+    assert_eq!(status["config"]["generation"], 1);
+    assert_eq!(status["attach"]["program_id"], program_id);
+
+    lab.recreate_link().unwrap();
+    daemon
+        .wait_for_log("is back (index", Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(web_mark(&lab, &counters), 80);
+    assert_eq!(
+        ingress_programs(&lab.director, &lab.director_if).unwrap(),
+        vec![format!("{mode}:fwmark")],
+        "exactly one attachment on the new interface"
+    );
+    let status = status_json(&lab);
+    assert_eq!(status["attach"]["program_id"], program_id);
+    assert_eq!(status["config"]["generation"], 1);
+    // The counters went on: one packet before, one after.
+    assert_eq!(status["services"][0]["packets"], 2);
+    let state = state_json(&lab);
+    if mode == "netlink" {
+        assert_eq!(state["netlink"][0], 1, "{state}");
+    }
+    // Changes reach the new attachment.
+    let b = files.write("b.toml", &config(81));
+    ok(fwmark(
+        &lab,
+        &["apply", "--iface", &lab.director_if, "--config", &b],
+    ));
+    assert_eq!(web_mark(&lab, &counters), 81);
+
+    // One log line for the loss, one for the return.
+    let log = daemon.stderr_so_far();
+    assert_eq!(log.matches("is gone (it had index").count(), 1, "{log}");
+    assert_eq!(log.matches("is back (index").count(), 1, "{log}");
+    let finished = daemon.stop().unwrap();
+    assert!(finished.status.success(), "{}", finished.stderr);
+    assert!(
+        ingress_programs(&lab.director, &lab.director_if)
+            .unwrap()
+            .is_empty()
+    );
+    assert!(!pin_dir(&lab).exists());
+    assert_eq!(web_mark(&lab, &counters), 0);
+}
+
+#[test]
+fn a_kept_attachment_whose_interface_was_replaced_is_attached_afresh_tcx() {
+    kept_attachment_of_a_replaced_interface("tcx");
+}
+
+#[test]
+fn a_kept_attachment_whose_interface_was_replaced_is_attached_afresh_netlink() {
+    kept_attachment_of_a_replaced_interface("netlink");
+}
+
+fn kept_attachment_of_a_replaced_interface(mode: &str) {
+    let name = format!("kept_attachment_of_a_replaced_interface_{mode}");
+    if !kernel::available(&name, &["ip", "nft", "nsenter", "tc"]) {
+        return;
+    }
+    let lab = lab();
+    let files = TempDir::new(&lab);
+    let a = files.write("a.toml", &config(80));
+    let daemon = Daemon::run_on(&lab, &a, &["--attach", mode, "--keep"]).unwrap();
+    daemon.stop().unwrap();
+    lab.delete_link().unwrap();
+    lab.recreate_link().unwrap();
+    let counters = web_counters(&lab);
+    assert_eq!(
+        web_mark(&lab, &counters),
+        0,
+        "nothing marks the new interface"
+    );
+
+    let daemon = Daemon::run_on(&lab, &a, &["--attach", mode]).unwrap();
+    assert_eq!(web_mark(&lab, &counters), 80);
+    assert_eq!(
+        ingress_programs(&lab.director, &lab.director_if).unwrap(),
+        vec![format!("{mode}:fwmark")]
+    );
+    if mode == "tcx" {
+        let log = daemon.stderr_so_far();
+        assert!(log.contains("attaching afresh"), "{log}");
+    }
+    let finished = daemon.stop().unwrap();
+    assert!(finished.status.success(), "{}", finished.stderr);
+    assert!(
+        ingress_programs(&lab.director, &lab.director_if)
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn other_tc_programs_run_after_fwmark_and_see_its_mark_tcx() {
+    if !kernel::available("other_tc_programs_tcx", &["ip", "nft", "nsenter", "tc"]) {
+        return;
+    }
+    let lab = lab();
+    let files = TempDir::new(&lab);
+    let a = files.write("a.toml", &config(80));
+    let counters = web_counters(&lab);
+    let dev = &lab.director_if;
+    // Attached before fwmark: a tcx program and a tc filter at pref 1.
+    let tcx = Foreign::attach(&lab.director, dev, "other_tcx", Hook::Tcx).unwrap();
+    let filter = Foreign::attach(&lab.director, dev, "other_filter", Hook::Filter(1)).unwrap();
+
+    let daemon = Daemon::run_on(&lab, &a, &["--attach", "tcx"]).unwrap();
+    let log = daemon.stderr_so_far();
+    assert!(log.contains("after fwmark (they see its marks)"), "{log}");
+    assert!(log.contains("tc filter pref 1 bpf other_filter"), "{log}");
+    assert_eq!(
+        ingress_programs(&lab.director, dev).unwrap(),
+        vec!["tcx:fwmark", "tcx:other_tcx", "netlink:other_filter"]
+    );
+    for _ in 0..3 {
+        assert_eq!(web_mark(&lab, &counters), 80);
+    }
+    // Both still run, after fwmark: they saw the packets with its mark.
+    assert_eq!(tcx.seen(80), 3, "{:?}", tcx.counts());
+    assert_eq!(filter.seen(80), 3, "{:?}", filter.counts());
+
+    let finished = daemon.stop().unwrap();
+    assert!(finished.status.success(), "{}", finished.stderr);
+    // fwmark removed only its own attachment.
+    assert_eq!(
+        ingress_programs(&lab.director, dev).unwrap(),
+        vec!["tcx:other_tcx", "netlink:other_filter"]
+    );
+    // They go on without it (ARP and neighbour discovery count under 0
+    // too: only growth is certain there).
+    let before = (tcx.seen(0), filter.seen(0));
+    assert_eq!(web_mark(&lab, &counters), 0);
+    assert!(tcx.seen(0) > before.0 && filter.seen(0) > before.1);
+    assert_eq!((tcx.seen(80), filter.seen(80)), (3, 3));
+}
+
+#[test]
+fn netlink_takes_a_free_priority_and_other_programs_keep_running() {
+    if !kernel::available("other_tc_programs_netlink", &["ip", "nft", "nsenter", "tc"]) {
+        return;
+    }
+    let lab = lab();
+    let files = TempDir::new(&lab);
+    let a = files.write("a.toml", &config(80));
+    let counters = web_counters(&lab);
+    let dev = &lab.director_if;
+    let tcx = Foreign::attach(&lab.director, dev, "other_tcx", Hook::Tcx).unwrap();
+    let early = Foreign::attach(&lab.director, dev, "early", Hook::Filter(1)).unwrap();
+    let late = Foreign::attach(&lab.director, dev, "late", Hook::Filter(10)).unwrap();
+
+    let daemon = Daemon::run_on(&lab, &a, &["--attach", "netlink"]).unwrap();
+    let log = daemon.stderr_so_far();
+    assert!(
+        log.contains("tc filter pref 1 bpf early on")
+            && log.contains("before fwmark's filter (pref 2)"),
+        "{log}"
+    );
+    assert!(log.contains("tcx program(s) other_tcx (id"), "{log}");
+    assert_eq!(state_json(&lab)["netlink"][0], 2);
+    assert_eq!(
+        ingress_programs(&lab.director, dev).unwrap(),
+        vec![
+            "tcx:other_tcx",
+            "netlink:early",
+            "netlink:fwmark",
+            "netlink:late"
+        ]
+    );
+    for _ in 0..2 {
+        assert_eq!(web_mark(&lab, &counters), 80);
+    }
+    // The tcx program and pref 1 run before fwmark (they never see its
+    // mark), pref 10 after it.
+    for (other, name) in [(&tcx, "tcx"), (&early, "early")] {
+        let counts = other.counts().unwrap();
+        assert!(
+            counts.get(&0) >= Some(&2) && !counts.contains_key(&80),
+            "{name}: {counts:?}"
+        );
+    }
+    assert_eq!(late.seen(80), 2, "{:?}", late.counts());
+
+    // A restart adopts at the same priority, next to nobody else's.
+    daemon.kill();
+    let daemon = Daemon::run_on(&lab, &a, &["--attach", "netlink"]).unwrap();
+    assert_eq!(state_json(&lab)["netlink"][0], 2);
+    assert_eq!(
+        ingress_programs(&lab.director, dev).unwrap(),
+        vec![
+            "tcx:other_tcx",
+            "netlink:early",
+            "netlink:fwmark",
+            "netlink:late"
+        ]
+    );
+    assert_eq!(web_mark(&lab, &counters), 80);
+    assert_eq!(late.seen(80), 3);
+
+    let finished = daemon.stop().unwrap();
+    assert!(finished.status.success(), "{}", finished.stderr);
+    assert_eq!(
+        ingress_programs(&lab.director, dev).unwrap(),
+        vec!["tcx:other_tcx", "netlink:early", "netlink:late"]
+    );
+    let before = late.seen(0);
+    assert_eq!(web_mark(&lab, &counters), 0);
+    assert!(late.seen(0) > before);
+    assert_eq!(late.seen(80), 3);
 }
