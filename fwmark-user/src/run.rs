@@ -42,6 +42,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    // The file as it is before it is read: a change made while starting
+    // is noticed by the first check.
+    let mut last_seen = file_stamp(&args.config);
     let new = Loaded::read(&args.config)?;
     preflight::check_privileges()?;
     let kernel = preflight::check_kernel()?;
@@ -86,7 +89,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     let mut watch = tokio::time::interval(WATCH_INTERVAL);
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_seen = file_stamp(&args.config);
     let mut interface = tokio::time::interval(INTERFACE_INTERVAL);
     interface.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let which = loop {
@@ -103,8 +105,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 let stamp = file_stamp(&args.config);
                 if stamp != last_seen {
                     last_seen = stamp;
-                    info!("{} changed: reloading", args.config.display());
-                    reload(&mut live, &args.config);
+                    if stamp.is_none() {
+                        warn!(
+                            "config {} is gone: the running config stays; it is read again \
+                             when the file is back",
+                            args.config.display()
+                        );
+                    } else {
+                        info!("{} changed: reloading", args.config.display());
+                        reload(&mut live, &args.config);
+                    }
                 }
             }
         }
@@ -177,12 +187,21 @@ fn spawn_kernel_log(logger: datapath::KernelLogger) -> Result<tokio::task::JoinH
     }))
 }
 
-/// Size, modification time and inode of the config file, to notice changes
-/// (an editor's rename counts too).
-fn file_stamp(path: &Path) -> Option<(u64, std::time::SystemTime, u64)> {
+/// Size, modification and change times and inode of the config file, to
+/// notice changes: an editor's rename counts, and so does a change of mode
+/// or owner (ctime), which can make the file unreadable or readable again.
+/// None when it is gone.
+fn file_stamp(path: &Path) -> Option<(u64, i64, i64, i64, i64, u64)> {
     use std::os::unix::fs::MetadataExt as _;
     let m = std::fs::metadata(path).ok()?;
-    Some((m.len(), m.modified().ok()?, m.ino()))
+    Some((
+        m.len(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+        m.ino(),
+    ))
 }
 
 /// Takes over what a previous fwmark left on the interface, or attaches

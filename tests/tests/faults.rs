@@ -434,7 +434,7 @@ fn web() -> Probe {
 
 /// Packets the web probe got, per mark (a counter table of its own).
 fn web_counters(lab: &Lab) -> MarkCounters<'_> {
-    MarkCounters::install_with_marks(&lab.director, &[web()], &[81]).unwrap()
+    MarkCounters::install_with_marks(&lab.director, &[web()], &[81, 82]).unwrap()
 }
 
 /// The one mark the next web packet arrives with.
@@ -695,4 +695,88 @@ fn netlink_takes_a_free_priority_and_other_programs_keep_running() {
     assert_eq!(web_mark(&lab, &counters), 0);
     assert!(late.seen(0) > before);
     assert_eq!(late.seen(80), 3);
+}
+
+/// The capabilities of contrib/fwmark.service, less CAP_SYS_ADMIN: root
+/// without CAP_DAC_OVERRIDE, so file modes apply to it.
+const DOCUMENTED_CAPS: &str = "--bounding-set=-all,+bpf,+perfmon,+net_admin";
+
+#[test]
+fn an_unreadable_or_vanished_config_keeps_the_running_one() {
+    if !kernel::available(
+        "unreadable_or_vanished_config",
+        &["ip", "nft", "nsenter", "setpriv"],
+    ) {
+        return;
+    }
+    let lab = lab();
+    let files = TempDir::new(&lab);
+    let live = files.write("live.toml", &config(80));
+    let counters = web_counters(&lab);
+    let mut cmd = lab.director.command("setpriv");
+    cmd.args([DOCUMENTED_CAPS, "--"]).arg(fwmark_bin()).args([
+        "run",
+        "--iface",
+        &lab.director_if,
+        "--config",
+        &live,
+    ]);
+    let daemon = Daemon::spawn(cmd).unwrap();
+    let chmod = |mode: u32| {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&live, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let count = |text: &str| daemon.stderr_so_far().matches(text).count();
+    // Long enough for three checks of the file.
+    let settle = || std::thread::sleep(Duration::from_millis(3500));
+
+    // Unreadable: one line that says why and what to do, however long it
+    // stays so.
+    chmod(0o000);
+    daemon
+        .wait_for_log("Permission denied", Duration::from_secs(10))
+        .unwrap();
+    settle();
+    assert_eq!(count("reload failed, the running config stays"), 1);
+    assert_eq!(count("chown root FILE && chmod u+r FILE"), 1);
+    assert_eq!(web_mark(&lab, &counters), 80);
+    assert_eq!(status_json(&lab)["config"]["generation"], 1);
+
+    // Readable again, with a change: picked up.
+    files.write("live.toml", &config(81));
+    chmod(0o644);
+    daemon
+        .wait_for_log("is live as generation 2", Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(web_mark(&lab, &counters), 81);
+
+    // Replaced by a directory: one line.
+    std::fs::remove_file(&live).unwrap();
+    std::fs::create_dir(&live).unwrap();
+    daemon
+        .wait_for_log("it is a directory", Duration::from_secs(10))
+        .unwrap();
+    settle();
+    assert_eq!(count("reload failed, the running config stays"), 2);
+    assert_eq!(web_mark(&lab, &counters), 81);
+
+    // Gone: one line.
+    std::fs::remove_dir(&live).unwrap();
+    daemon
+        .wait_for_log("is gone: the running config stays", Duration::from_secs(10))
+        .unwrap();
+    settle();
+    assert_eq!(count("is gone: the running config stays"), 1);
+    assert_eq!(count("reload failed"), 2);
+    assert_eq!(web_mark(&lab, &counters), 81);
+    assert_eq!(status_json(&lab)["config"]["generation"], 2);
+
+    // Back: picked up.
+    files.write("live.toml", &config(82));
+    daemon
+        .wait_for_log("is live as generation 3", Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(web_mark(&lab, &counters), 82);
+    let finished = daemon.stop().unwrap();
+    assert!(finished.status.success(), "{}", finished.stderr);
 }
