@@ -780,3 +780,127 @@ fn an_unreadable_or_vanished_config_keeps_the_running_one() {
     let finished = daemon.stop().unwrap();
     assert!(finished.status.success(), "{}", finished.stderr);
 }
+
+/// `unshare` into a private mount namespace, unmount bpffs there (never in
+/// the test's own), then run `inner` in the director's network namespace.
+fn without_bpffs(lab: &Lab, inner: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "sh",
+        "-c",
+        "while mountpoint -q /sys/fs/bpf; do umount /sys/fs/bpf || exit 1; done; exec \"$@\"",
+        "sh",
+        "nsenter",
+        &format!("--net=/run/netns/{}", lab.director.name),
+        "--",
+    ])
+    .args(inner);
+    cmd
+}
+
+/// The file system type of `path` as `stat -f` names it.
+fn fs_type(path: &str) -> String {
+    let out = std::process::Command::new("stat")
+        .args(["-f", "-c", "%T", path])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn missing_bpffs_is_mounted_root_only() {
+    if !kernel::available(
+        "missing_bpffs_is_mounted",
+        &["ip", "nft", "nsenter", "unshare", "mountpoint"],
+    ) {
+        return;
+    }
+    let lab = lab();
+    let files = TempDir::new(&lab);
+    let a = files.write("a.toml", &config(80));
+    let counters = web_counters(&lab);
+    let bin = fwmark_bin();
+    let cmd = without_bpffs(
+        &lab,
+        &[
+            bin.to_str().unwrap(),
+            "run",
+            "--iface",
+            &lab.director_if,
+            "--config",
+            &a,
+        ],
+    );
+    let daemon = Daemon::spawn(cmd).unwrap();
+    let log = daemon.stderr_so_far();
+    assert!(log.contains("mounted bpffs at /sys/fs/bpf"), "{log}");
+    assert_eq!(web_mark(&lab, &counters), 80);
+    // Its own bpffs, root only, holding the pins; the test's is untouched.
+    let root = format!("/proc/{}/root/sys/fs/bpf", daemon.pid());
+    let mode = {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::metadata(&root).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!(mode, 0o700, "{root}");
+    assert!(
+        std::path::Path::new(&root)
+            .join("fwmark")
+            .join(&lab.director_if)
+            .join("ACTIVE")
+            .exists()
+    );
+    assert_eq!(fs_type("/sys/fs/bpf"), "bpf_fs");
+    assert!(!pin_dir(&lab).exists());
+    let finished = daemon.stop().unwrap();
+    assert!(finished.status.success(), "{}", finished.stderr);
+    assert_eq!(web_mark(&lab, &counters), 0);
+}
+
+#[test]
+fn bpffs_that_cannot_be_mounted_says_what_to_run() {
+    if !kernel::available(
+        "bpffs_cannot_be_mounted",
+        &["ip", "nsenter", "unshare", "mountpoint", "setpriv"],
+    ) {
+        return;
+    }
+    let lab = lab();
+    let files = TempDir::new(&lab);
+    let a = files.write("a.toml", &config(80));
+    let bin = fwmark_bin();
+    // Without CAP_SYS_ADMIN nothing may mount.
+    let out = without_bpffs(
+        &lab,
+        &[
+            "setpriv",
+            DOCUMENTED_CAPS,
+            "--",
+            bin.to_str().unwrap(),
+            "run",
+            "--iface",
+            &lab.director_if,
+            "--config",
+            &a,
+        ],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bpffs is not mounted at /sys/fs/bpf")
+            && err.contains("run `mount -t bpf -o mode=0700 bpf /sys/fs/bpf` as root"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(
+        ingress_programs(&lab.director, &lab.director_if)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(fs_type("/sys/fs/bpf"), "bpf_fs");
+}
