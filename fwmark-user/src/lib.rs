@@ -13,6 +13,7 @@ pub mod import;
 pub mod ingress;
 pub mod live;
 pub mod metrics;
+pub mod perms;
 pub mod preflight;
 pub mod ruleset;
 pub mod run;

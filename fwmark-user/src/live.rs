@@ -49,6 +49,9 @@ impl Loaded {
             path: display.clone(),
             error,
         })?;
+        for w in crate::perms::config_warnings(path) {
+            warn!("{w}");
+        }
         let loaded = Loaded::from_text(&display, text)?;
         for w in &loaded.ruleset.warnings {
             warn!("{w}");

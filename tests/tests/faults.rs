@@ -904,3 +904,54 @@ fn bpffs_that_cannot_be_mounted_says_what_to_run() {
     );
     assert_eq!(fs_type("/sys/fs/bpf"), "bpf_fs");
 }
+
+#[test]
+fn a_config_others_can_write_is_warned_about() {
+    if !kernel::available("config_others_can_write", &["ip", "nsenter"]) {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let lab = lab();
+    let files = TempDir::new(&lab);
+    let open = files.write("open.toml", &config(80));
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let theirs = files.write("theirs.toml", &config(81));
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    let fine = files.write("fine.toml", &config(82));
+    let every_user = format!("config {open} is writable by every user (mode 0666)");
+    let owned = format!("config {theirs} is owned by uid 65534, not root");
+
+    // check warns and still succeeds.
+    let out = fwmark(&lab, &["check", "--config", &open]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(
+        err.contains(&every_user) && err.contains("chmod go-w"),
+        "{err}"
+    );
+    // run warns at start, and runs.
+    let daemon = Daemon::run_on(&lab, &open, &["--no-watch"]).unwrap();
+    let log = daemon.stderr_so_far();
+    assert!(log.contains(&every_user), "{log}");
+    // apply warns, and applies.
+    let out = fwmark(
+        &lab,
+        &["apply", "--iface", &lab.director_if, "--config", &theirs],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(
+        err.contains(&owned) && err.contains("chown root:root"),
+        "{err}"
+    );
+    // A root-owned 0644 file in a root-owned 0755 directory: no warning.
+    let out = fwmark(
+        &lab,
+        &["apply", "--iface", &lab.director_if, "--config", &fine],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(!err.contains(&format!("config {fine}")), "{err}");
+    assert_eq!(status_json(&lab)["config"]["generation"], 3);
+    daemon.stop().unwrap();
+}
