@@ -12,6 +12,7 @@ pub mod export;
 pub mod import;
 pub mod ingress;
 pub mod live;
+pub mod markers;
 pub mod metrics;
 pub mod perms;
 pub mod preflight;

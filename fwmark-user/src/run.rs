@@ -14,7 +14,7 @@ use crate::{
     datapath::{self, Datapath, MAP_NAMES},
     ingress,
     live::{self, ABI_VERSION, Loaded},
-    metrics, preflight,
+    markers, metrics, preflight,
     state::{Lock, Paths, State},
     status::Snapshot,
 };
@@ -54,6 +54,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     let paths = Paths::new(&args.iface)?;
     let _daemon = Lock::daemon(&paths).context("another fwmark run manages this interface")?;
+    markers::warn_other_markers(&args.iface);
     let requested = AttachMode::choose(args.attach, kernel)?;
 
     let mut live = {

@@ -955,3 +955,125 @@ fn a_config_others_can_write_is_warned_about() {
     assert_eq!(status_json(&lab)["config"]["generation"], 3);
     daemon.stop().unwrap();
 }
+
+/// Other mark writers in the director namespace: iptables and ip6tables
+/// rules, nft chains on the path (and off it), keepalived's IPVS table.
+fn install_other_markers(lab: &Lab) {
+    fwmark_testlab::netns::pipe_into(
+        lab.director.command("iptables-restore").arg("--noflush"),
+        "*mangle\n:SUB - [0:0]\n\
+         -A PREROUTING -d 192.0.2.10/32 -p tcp -m tcp --dport 80 -j MARK --set-xmark 0x50/0xffffffff\n\
+         -A PREROUTING -p udp -j SUB\n\
+         -A SUB -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff\n\
+         -A OUTPUT -j MARK --set-xmark 0x2/0xffffffff\n\
+         COMMIT\n",
+    )
+    .unwrap();
+    fwmark_testlab::netns::pipe_into(
+        lab.director.command("ip6tables-restore").arg("--noflush"),
+        "*mangle\n-A PREROUTING -j MARK --set-xmark 0x5/0xff\nCOMMIT\n",
+    )
+    .unwrap();
+    let dev = &lab.director_if;
+    fwmark_testlab::nft::nft_script(
+        &lab.director,
+        &format!(
+            "table inet other {{\n\
+               chain pre {{\n\
+                 type filter hook prerouting priority -150; policy accept;\n\
+                 ip daddr 192.0.2.10 meta mark set 0x51\n\
+                 meta l4proto udp jump sub\n\
+                 meta mark vmap {{ 0x1 : jump sub2 }}\n\
+               }}\n\
+               chain sub {{\n ct mark set 0x1\n }}\n\
+               chain sub2 {{\n meta mark set ct mark\n }}\n\
+               chain out {{\n type filter hook output priority 0;\n meta mark set 0x9\n }}\n\
+             }}\n\
+             table netdev ing {{\n\
+               chain c {{\n type filter hook ingress device \"{dev}\" priority 0;\n meta mark set 0x7\n }}\n\
+             }}\n\
+             table netdev lo_only {{\n\
+               chain c {{\n type filter hook ingress device \"lo\" priority 0;\n meta mark set 0x8\n }}\n\
+             }}\n\
+             table ip keepalived_ipvs {{\n\
+               map tcp_map {{\n type ipv4_addr . inet_service : mark\n elements = {{ 192.0.2.10 . 80 : 0x50 }}\n }}\n\
+               chain in {{\n\
+                 type filter hook input priority -1; policy accept;\n\
+                 meta l4proto tcp meta mark set ip daddr . tcp dport map @tcp_map counter return\n\
+               }}\n\
+             }}\n"
+        ),
+    )
+    .unwrap();
+}
+
+#[test]
+fn other_mark_writers_are_named_at_run_and_apply() {
+    if !kernel::available(
+        "other_mark_writers",
+        &["ip", "nft", "nsenter", "iptables", "ip6tables"],
+    ) {
+        return;
+    }
+    let lab = lab();
+    let files = TempDir::new(&lab);
+    let a = files.write("a.toml", &config(80));
+    // Counting marks is not writing them: this table must not be named.
+    let _counters = web_counters(&lab);
+    install_other_markers(&lab);
+    let expected = [
+        "8 other rule(s) write marks on".to_string(),
+        "iptables mangle PREROUTING: -A PREROUTING -d 192.0.2.10/32 -p tcp -m tcp --dport 80 -j MARK --set-xmark 0x50/0xffffffff".to_string(),
+        "iptables mangle SUB (reached from PREROUTING): -A SUB -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff".to_string(),
+        "ip6tables mangle PREROUTING: -A PREROUTING -j MARK --set-xmark 0x5/0xff".to_string(),
+        "nft table inet other chain pre (hook prerouting, priority -150): ip daddr 192.0.2.10 meta mark set 0x00000051".to_string(),
+        "nft table inet other chain sub (reached from chain pre): ct mark set 0x00000001".to_string(),
+        "nft table inet other chain sub2 (reached from chain pre): meta mark set ct mark".to_string(),
+        "nft table netdev ing chain c (hook ingress, priority 0): meta mark set 0x00000007".to_string(),
+        "nft table ip keepalived_ipvs chain in (hook input, priority -1; keepalived's nftables_ipvs table".to_string(),
+    ];
+    let absent = [
+        "-A OUTPUT",
+        "0x00000009",
+        "0x00000008",
+        "fwmarktest",
+        "table ip mangle",
+    ];
+    let check = |log: &str| {
+        for line in &expected {
+            assert!(log.contains(line.as_str()), "missing {line:?} in\n{log}");
+        }
+        for text in absent {
+            assert!(!log.contains(text), "{text:?} named in\n{log}");
+        }
+    };
+
+    let daemon = Daemon::run_on(&lab, &a, &["--no-watch"]).unwrap();
+    check(&daemon.stderr_so_far());
+    let b = files.write("b.toml", &config(81));
+    let out = fwmark(
+        &lab,
+        &["apply", "--iface", &lab.director_if, "--config", &b],
+    );
+    check(&String::from_utf8_lossy(&out.stderr));
+    ok(out);
+    let finished = daemon.stop().unwrap();
+    assert!(finished.status.success(), "{}", finished.stderr);
+
+    // Without iptables and nft on the PATH: nothing to say, no error.
+    let mut cmd = lab.director.command("/usr/bin/env");
+    cmd.arg("PATH=/nonexistent").arg(fwmark_bin()).args([
+        "run",
+        "--iface",
+        &lab.director_if,
+        "--config",
+        &a,
+        "--attach",
+        "tcx",
+    ]);
+    let daemon = Daemon::spawn(cmd).unwrap();
+    let log = daemon.stderr_so_far();
+    assert!(!log.contains("write marks"), "{log}");
+    let finished = daemon.stop().unwrap();
+    assert!(finished.status.success(), "{}", finished.stderr);
+}
