@@ -250,8 +250,16 @@ pub fn switch(paths: &Paths, maps: &mut Maps, state: &mut State, new: &Loaded) -
 }
 
 fn write_pending(paths: &Paths, next: &State) -> Result<()> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
     let tmp = paths.run_dir.join(format!("{PENDING_FILE}.tmp"));
-    fs::write(&tmp, serde_json::to_string_pretty(next)?)?;
+    // Root only, like state.json (it becomes state.json).
+    fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?
+        .write_all(serde_json::to_string_pretty(next)?.as_bytes())?;
     fs::rename(&tmp, pending_file(paths))?;
     Ok(())
 }

@@ -906,6 +906,148 @@ fn bpffs_that_cannot_be_mounted_says_what_to_run() {
 }
 
 #[test]
+fn pins_and_state_are_root_only() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    if !kernel::available(
+        "pins_and_state_are_root_only",
+        &["ip", "nsenter", "setpriv"],
+    ) {
+        return;
+    }
+    let lab = lab();
+    let files = TempDir::new(&lab);
+    let a = files.write("a.toml", &config(80));
+    let daemon = Daemon::run_on(&lab, &a, &["--no-watch"]).unwrap();
+    // A switch by apply writes the state too.
+    let b = files.write("b.toml", &config(81));
+    ok(fwmark(
+        &lab,
+        &["apply", "--iface", &lab.director_if, "--config", &b],
+    ));
+    let pins = pin_dir(&lab);
+    let run = fwmark_testlab::ops::run_dir(&lab);
+    for dir in [
+        pins.clone(),
+        pins.parent().unwrap().to_path_buf(),
+        run.clone(),
+        run.parent().unwrap().to_path_buf(),
+    ] {
+        let meta = std::fs::metadata(&dir).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.permissions().mode() & 0o7777),
+            (0, 0o700),
+            "{}",
+            dir.display()
+        );
+    }
+    let mut entries: Vec<std::path::PathBuf> = Vec::new();
+    for dir in [&pins, &run] {
+        entries.extend(std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()));
+    }
+    for name in [
+        "ACTIVE",
+        "EXACT",
+        "PREFIX",
+        "RULE_STATS",
+        "GLOBAL_STATS",
+        "link",
+    ] {
+        assert!(entries.contains(&pins.join(name)), "{name} is not pinned");
+    }
+    for name in ["state.json", "apply.lock", "daemon.lock"] {
+        assert!(entries.contains(&run.join(name)), "no {name}");
+    }
+    for entry in &entries {
+        let meta = std::fs::metadata(entry).unwrap();
+        assert_eq!(meta.uid(), 0, "{}", entry.display());
+        assert_eq!(
+            meta.permissions().mode() & 0o077,
+            0,
+            "{} is open to group or others",
+            entry.display()
+        );
+    }
+
+    // An unprivileged user opens none of it.
+    let nobody = |args: &[&str]| {
+        std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--",
+            ])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for path in [
+        pins.join("ACTIVE"),
+        pins.join("RULE_STATS"),
+        run.join("state.json"),
+    ] {
+        let out = nobody(&["cat", path.to_str().unwrap()]);
+        assert!(!out.status.success(), "{} was readable", path.display());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("Permission denied"), "{err}");
+    }
+    for dir in [&pins, &run] {
+        let out = nobody(&["ls", dir.to_str().unwrap()]);
+        assert!(!out.status.success(), "{} was listable", dir.display());
+    }
+    let out = nobody(&[
+        "sh",
+        "-c",
+        &format!("echo x >> {}", run.join("apply.lock").display()),
+    ]);
+    assert!(!out.status.success(), "apply.lock was writable");
+    let finished = daemon.stop().unwrap();
+    assert!(finished.status.success(), "{}", finished.stderr);
+}
+
+#[test]
+fn metrics_on_a_bare_port_listen_on_loopback_only() {
+    if !kernel::available("metrics_on_loopback_only", &["ip", "nsenter"]) {
+        return;
+    }
+    let lab = lab();
+    let files = TempDir::new(&lab);
+    let a = files.write("a.toml", &config(80));
+    let daemon = Daemon::run_on(&lab, &a, &["--metrics", "9470"]).unwrap();
+    daemon
+        .wait_for_log(
+            "serving metrics at http://127.0.0.1:9470/metrics",
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    let get = |ns: &fwmark_testlab::netns::Netns, addr: &str| {
+        let addr: std::net::SocketAddr = addr.parse().unwrap();
+        ns.run(move || {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
+            let mut body = String::new();
+            s.read_to_string(&mut body)?;
+            Ok::<_, std::io::Error>(body)
+        })
+        .unwrap()
+    };
+    let body = get(&lab.director, "127.0.0.1:9470").unwrap();
+    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    // The director's own address, from inside and from the client: refused.
+    let director = format!("{}:9470", fwmark_testlab::netns::DIRECTOR_V4);
+    for ns in [&lab.director, &lab.client] {
+        let err = get(ns, &director).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    }
+    let v6 = format!("[{}]:9470", fwmark_testlab::netns::DIRECTOR_V6);
+    let err = get(&lab.client, &v6).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    daemon.stop().unwrap();
+}
+
+#[test]
 fn a_config_others_can_write_is_warned_about() {
     if !kernel::available("config_others_can_write", &["ip", "nsenter"]) {
         return;
