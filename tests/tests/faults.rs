@@ -427,6 +427,46 @@ fn daemon_killed_during_a_reload_is_recovered_by_the_next_run() {
     );
 }
 
+#[test]
+fn an_apply_and_a_reload_racing_are_serialized() {
+    // Extends tests/live.rs's concurrent applies: the daemon's own reload
+    // takes the same lock as `apply`.
+    if !kernel::available("apply_and_reload_racing", &["ip", "nft", "nsenter"]) {
+        return;
+    }
+    let lab = lab();
+    let files = TempDir::new(&lab);
+    let live = files.write("live.toml", &config(80));
+    let b = files.write("b.toml", &large_config(81));
+    let counters = install_counters(&lab);
+    let daemon = Daemon::run_on(&lab, &live, &["--no-watch"]).unwrap();
+
+    // The apply holds the lock while it fills the maps; a reload asked for
+    // then waits for it and switches after it.
+    let apply = spawn_apply(&lab, &b);
+    wait_until("the apply's pending state", Duration::from_secs(60), || {
+        pending_exists(&lab)
+    });
+    files.write("live.toml", &config(82));
+    daemon.signal(Signal::SIGHUP).unwrap();
+    let out = apply.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("generation 2 is live"), "{stdout}");
+    daemon
+        .wait_for_log("is live as generation 3", Duration::from_secs(60))
+        .unwrap();
+    // The reload's diff starts from the apply's config: it ran after it.
+    let log = daemon.stderr_so_far();
+    assert!(log.contains("- service \"bulk\""), "{log}");
+    assert_eq!(marks_now(&lab, &counters), small(82));
+    let status = status_json(&lab);
+    assert_eq!(status["config"]["generation"], 3);
+    assert!(!pending_exists(&lab));
+    let finished = daemon.stop().unwrap();
+    assert!(finished.status.success(), "{}", finished.stderr);
+}
+
 /// The web probe that must arrive with mark 80 under [`config`]`(80)`.
 fn web() -> Probe {
     probe(VIP, ProbeProto::Tcp, 80, 80, 1)
