@@ -83,12 +83,16 @@ fn start_chains(table: &str) -> &'static [&'static str] {
     }
 }
 
+/// A rule of an iptables-save dump: its line, and its target (`-j`/`-g`).
+type SavedRule = (String, Option<String>);
+/// The chains of one table, by name.
+type Chains = BTreeMap<String, Vec<SavedRule>>;
+
 /// The `MARK`/`CONNMARK` rules on the path in `iptables-save` output.
 /// Returns them and the tables the dump held.
 pub fn iptables_findings(tool: &str, text: &str) -> (Vec<Finding>, BTreeSet<String>) {
-    // table -> chain -> rules (line, target)
-    let mut tables: BTreeMap<String, BTreeMap<String, Vec<(String, Option<String>)>>> =
-        BTreeMap::new();
+    // table -> chain -> rules
+    let mut tables: BTreeMap<String, Chains> = BTreeMap::new();
     let mut table = None;
     for line in text.lines().map(str::trim) {
         if let Some(name) = line.strip_prefix('*') {
