@@ -158,17 +158,11 @@ pub fn load_state(paths: &Paths, maps: Option<&Maps>) -> Result<Option<State>> {
 
 /// The state as it is in the kernel, for readers (`status`, metrics): an
 /// interrupted switch that happened counts, without changing any file.
-pub fn peek_state(paths: &Paths, maps: &Maps) -> Result<Option<State>> {
+/// The flag says the state came from such a switch (not recorded yet).
+pub fn peek_state(paths: &Paths, maps: &Maps) -> Result<Option<(State, bool)>> {
     match interrupted(paths, maps)? {
-        Some(pending) if pending.switched => {
-            warn!(
-                "an interrupted change of {} switched to generation {} and is not recorded yet \
-                 (the next `fwmark apply`, `run` or `detach` records it)",
-                paths.iface, pending.state.generation
-            );
-            Ok(Some(pending.state))
-        }
-        _ => Ok(State::load(paths)?),
+        Some(pending) if pending.switched => Ok(Some((pending.state, true))),
+        _ => Ok(State::load(paths)?.map(|s| (s, false))),
     }
 }
 

@@ -315,6 +315,17 @@ fn apply_killed_after_the_switch_is_recorded_by_the_next_change() {
         interrupted,
         "the apply finished before it was killed in five attempts"
     );
+    // status says so (and leaves the files alone).
+    let out = fwmark(&lab, &["status", "--iface", &lab.director_if]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(
+        err.contains(&format!(
+            "switched to generation {generation} and is not recorded yet"
+        )),
+        "{err}"
+    );
+    assert!(pending_exists(&lab));
 
     // The next apply records the switched generation, then switches on.
     let c = files.write("c.toml", &config(82));
