@@ -31,6 +31,7 @@ pub fn apply(args: ApplyArgs) -> Result<()> {
     if !paths.pin_dir.exists() {
         anyhow::bail!("{}", not_attached(&paths));
     }
+    crate::markers::warn_other_markers(&args.iface);
     let _lock = Lock::apply(&paths)?;
     let mut maps = Maps::from_pins(&paths.pin_dir).with_context(|| not_attached(&paths))?;
     let mut state = live::load_state(&paths, Some(&maps))?.with_context(|| not_attached(&paths))?;

@@ -8,7 +8,8 @@
 //!
 //! Older kernels get the netlink path: a `clsact` qdisc (added when missing,
 //! never removed: other filters may use it) and a direct-action `cls_bpf`
-//! filter at priority 1; such a filter lives until it is deleted.
+//! filter at priority 1, or the lowest priority no other filter uses
+//! (see `ingress`); such a filter lives until it is deleted.
 
 use std::{fmt, path::Path, process::Command};
 
@@ -21,9 +22,9 @@ use aya::{
     util::KernelVersion,
 };
 
-use crate::cli::AttachArg;
+use crate::{cli::AttachArg, ingress};
 
-/// Netlink filter priority: lower runs first.
+/// Netlink filter priority when it is free: lower runs first.
 pub const NETLINK_PRIORITY: u16 = 1;
 /// The first kernel with tcx.
 pub const TCX_KERNEL: KernelVersion = KernelVersion::new(6, 6, 0);
@@ -147,6 +148,23 @@ impl Attached {
         }
     }
 
+    /// Lets go of an attachment whose interface went away (the kernel
+    /// removed the filter, or left the tcx link without an interface):
+    /// the link's pin goes, nothing is sent to the kernel about the old
+    /// interface index.
+    pub fn abandon(self, link_pin: &Path) {
+        match self {
+            Attached::Tcx(pinned) => {
+                if pinned.unpin().is_err() {
+                    let _ = std::fs::remove_file(link_pin);
+                }
+            }
+            // Its filter went with the interface; deleting it by the old
+            // index could hit another interface that reuses the index.
+            Attached::Netlink { link, .. } => std::mem::forget(link),
+        }
+    }
+
     /// Removes the attachment (and the link's pin); returns once the kernel
     /// no longer runs `program_id` on `iface`.
     pub fn detach(self, iface: &str, program_id: u32) -> Result<(), String> {
@@ -194,7 +212,8 @@ fn netlink_attached(link: SchedClassifierLink) -> Result<Attached, ProgramError>
 }
 
 /// Attaches `program` (loaded) to `iface`'s ingress, first in line; a tcx
-/// link is pinned at `link_pin`.
+/// link is pinned at `link_pin`. A netlink filter takes the lowest priority
+/// no other filter uses ([`ingress::netlink_priority`]).
 pub fn attach(
     program: &mut SchedClassifier,
     iface: &str,
@@ -223,25 +242,53 @@ pub fn attach(
         }
         AttachMode::Netlink => {
             add_clsact(iface)?;
-            let id = program
-                .attach_with_options(
-                    iface,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::Netlink(NlOptions {
-                        priority: NETLINK_PRIORITY,
-                        ..Default::default()
-                    }),
-                )
-                .map_err(attach_error(iface, mode))?;
-            let link = program.take_link(id).map_err(attach_error(iface, mode))?;
-            netlink_attached(link).map_err(attach_error(iface, mode))
+            attach_netlink(program, iface, ingress::netlink_priority(iface))
         }
     }
 }
 
+/// Adds `program` as a direct-action filter at `priority` (the `clsact`
+/// qdisc exists).
+fn attach_netlink(
+    program: &mut SchedClassifier,
+    iface: &str,
+    priority: u16,
+) -> Result<Attached, AttachError> {
+    let mode = AttachMode::Netlink;
+    let id = program
+        .attach_with_options(
+            iface,
+            TcAttachType::Ingress,
+            TcAttachOptions::Netlink(NlOptions {
+                priority,
+                ..Default::default()
+            }),
+        )
+        .map_err(attach_error(iface, mode))?;
+    let link = program.take_link(id).map_err(attach_error(iface, mode))?;
+    netlink_attached(link).map_err(attach_error(iface, mode))
+}
+
+/// Whether `error` says that a tcx link lost its interface (`ENOLINK`:
+/// the interface was deleted, or deleted and created again).
+fn is_defunct_link(error: &ProgramError) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.raw_os_error() == Some(libc::ENOLINK)
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
 /// Takes over the attachment a previous fwmark left, running `program`
 /// from now on without a gap:
-/// - tcx: the program on the pinned link is replaced atomically;
+/// - tcx: the program on the pinned link is replaced atomically; a link
+///   whose interface went away since (or that is missing) is replaced by a
+///   fresh attachment;
 /// - netlink: a filter with the new program is added at the same priority
 ///   before the old one is deleted (for an instant both mark alike, from the
 ///   same maps).
@@ -258,11 +305,34 @@ pub fn adopt(
                 path: link_pin.display().to_string(),
                 source,
             };
-            let pinned = PinnedLink::from_pin(link_pin).map_err(pin_error)?;
+            let pinned = match PinnedLink::from_pin(link_pin) {
+                Ok(pinned) => pinned,
+                Err(_) if !link_pin.exists() => {
+                    log::warn!(
+                        "no pinned link in {}: the previous fwmark lost its attachment to {iface} \
+                         (the interface went away); attaching afresh",
+                        link_pin.parent().unwrap_or(link_pin).display()
+                    );
+                    return attach(program, iface, mode, link_pin);
+                }
+                Err(e) => return Err(pin_error(e)),
+            };
             let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(pin_error)?;
-            let id = program
-                .attach_to_link(link)
-                .map_err(attach_error(iface, mode))?;
+            let id = match program.attach_to_link(link) {
+                Ok(id) => id,
+                Err(e) if is_defunct_link(&e) => {
+                    log::warn!(
+                        "the pinned link {} lost {iface} (the interface was deleted since); \
+                         attaching afresh",
+                        link_pin.display()
+                    );
+                    if let Ok(pinned) = PinnedLink::from_pin(link_pin) {
+                        let _ = pinned.unpin();
+                    }
+                    return attach(program, iface, mode, link_pin);
+                }
+                Err(e) => return Err(attach_error(iface, mode)(e)),
+            };
             let link = program.take_link(id).map_err(attach_error(iface, mode))?;
             let fd_link = FdLink::try_from(link).map_err(pin_error)?;
             // Still pinned: re-open it as a PinnedLink for detach/keep.
@@ -271,9 +341,20 @@ pub fn adopt(
             Ok(Attached::Tcx(pinned))
         }
         AttachMode::Netlink => {
-            let attached = attach(program, iface, mode, link_pin)?;
-            if let Some((priority, handle)) = old_netlink {
-                delete_netlink_filter(iface, priority, handle)?;
+            add_clsact(iface)?;
+            // The old filter's priority holds fwmark's filters only: the
+            // new one joins it there.
+            let priority = match old_netlink {
+                Some((priority, _)) => priority,
+                None => ingress::netlink_priority(iface),
+            };
+            let attached = attach_netlink(program, iface, priority)?;
+            // The new filter got the old one's handle only when the old one
+            // is gone (the interface was replaced): then nothing to delete.
+            if let Some(old) = old_netlink
+                && Some(old) != attached.netlink()
+            {
+                delete_netlink_filter(iface, old.0, old.1)?;
             }
             Ok(attached)
         }

@@ -172,17 +172,26 @@ impl fmt::Display for ConfigErrors {
 /// Reading the file itself failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error(
-        "cannot read config {path}: {error}{hint}",
-        hint = if error.kind() == std::io::ErrorKind::NotFound {
-            " (create it from fwmark.example.toml, or pass --config FILE)"
-        } else {
-            ""
-        }
-    )]
+    #[error("cannot read config {path}: {error}{hint}", hint = read_hint(error))]
     Read { path: String, error: std::io::Error },
     #[error("{0}")]
     Invalid(#[from] ConfigErrors),
+}
+
+/// What to do about a config that cannot be read.
+fn read_hint(error: &std::io::Error) -> &'static str {
+    match error.kind() {
+        std::io::ErrorKind::NotFound => {
+            " (create it from fwmark.example.toml, or pass --config FILE)"
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            " (fwmark reads it as root without CAP_DAC_OVERRIDE when it runs with the documented \
+             capabilities, as its systemd unit does: make it readable by its owner root, \
+             `chown root FILE && chmod u+r FILE`)"
+        }
+        std::io::ErrorKind::IsADirectory => " (it is a directory: pass the config file itself)",
+        _ => "",
+    }
 }
 
 impl Config {

@@ -23,7 +23,11 @@ pub fn detach(iface: &str) -> Result<()> {
     if let Some(pid) = Lock::daemon_holder(&paths) {
         bail!("fwmark run (pid {pid}) manages {iface} now; stop it instead");
     }
-    let state = live::load_state(&paths, None)?;
+    // With the maps, an interrupted change is recorded first (so the line
+    // below names the generation that was live).
+    let maps = crate::datapath::Maps::from_pins(&paths.pin_dir).ok();
+    let state = live::load_state(&paths, maps.as_ref())?;
+    drop(maps);
     let Some(state) = state else {
         if paths.pin_dir.exists() {
             paths.remove()?;

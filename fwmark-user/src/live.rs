@@ -4,7 +4,11 @@
 //! Crash safety: the new state is written to `state.pending.json` before the
 //! switch and renamed over `state.json` after it. Whoever finds a pending
 //! file later compares its slot with the `ACTIVE` map: the switch happened
-//! exactly when they agree (each switch moves to the other slot).
+//! exactly when they agree (each switch moves to the other slot). The next
+//! change (`apply`, `run`, a reload, `detach`) records or discards it under
+//! the apply lock; readers (`status`, metrics) count a switch that happened
+//! without touching the files. A switch that fails before it happens
+//! removes its pending file itself.
 
 use std::{
     fs,
@@ -45,6 +49,9 @@ impl Loaded {
             path: display.clone(),
             error,
         })?;
+        for w in crate::perms::config_warnings(path) {
+            warn!("{w}");
+        }
         let loaded = Loaded::from_text(&display, text)?;
         for w in &loaded.ruleset.warnings {
             warn!("{w}");
@@ -96,30 +103,67 @@ pub fn initial_state(iface: &str, mode: AttachMode, rule_capacity: u32) -> State
 }
 
 fn pending_file(paths: &Paths) -> std::path::PathBuf {
-    paths.run_dir.join("state.pending.json")
+    paths.run_dir.join(PENDING_FILE)
 }
 
-/// Reads the state, finishing or discarding an interrupted switch first.
-pub fn load_state(paths: &Paths, maps: Option<&Maps>) -> Result<Option<State>> {
+/// Name of the state an interrupted switch may have left, in the run dir.
+pub const PENDING_FILE: &str = "state.pending.json";
+
+/// A switch that was interrupted (its process killed) after it recorded
+/// the state it was switching to.
+struct Interrupted {
+    state: State,
+    /// Whether `ACTIVE` had been switched to the new generation.
+    switched: bool,
+}
+
+fn interrupted(paths: &Paths, maps: &Maps) -> Result<Option<Interrupted>> {
     let pending_path = pending_file(paths);
-    if let (Ok(text), Some(maps)) = (fs::read_to_string(&pending_path), maps) {
-        let pending: State = serde_json::from_str(&text)
-            .with_context(|| format!("reading {}", pending_path.display()))?;
-        if maps.active_slot()? == pending.slot && maps.is_published()? {
+    let text = match fs::read_to_string(&pending_path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", pending_path.display())),
+    };
+    let state: State = serde_json::from_str(&text)
+        .with_context(|| format!("reading {}", pending_path.display()))?;
+    // Each switch moves to the other slot: it happened exactly when the
+    // active slot is the pending one.
+    let switched = maps.active_slot()? == state.slot && maps.is_published()?;
+    Ok(Some(Interrupted { state, switched }))
+}
+
+/// Reads the state, finishing or discarding an interrupted switch first
+/// (callers hold the apply lock). Without `maps` a pending switch is left
+/// for the next caller that has them.
+pub fn load_state(paths: &Paths, maps: Option<&Maps>) -> Result<Option<State>> {
+    if let Some(maps) = maps
+        && let Some(pending) = interrupted(paths, maps)?
+    {
+        if pending.switched {
             warn!(
                 "an interrupted change of {} had switched already: recording generation {}",
-                paths.iface, pending.generation
+                paths.iface, pending.state.generation
             );
-            fs::rename(&pending_path, paths.state_file())?;
+            fs::rename(pending_file(paths), paths.state_file())?;
         } else {
             warn!(
                 "an interrupted change of {} had not switched: the live config stays",
                 paths.iface
             );
-            fs::remove_file(&pending_path)?;
+            fs::remove_file(pending_file(paths))?;
         }
     }
     Ok(State::load(paths)?)
+}
+
+/// The state as it is in the kernel, for readers (`status`, metrics): an
+/// interrupted switch that happened counts, without changing any file.
+/// The flag says the state came from such a switch (not recorded yet).
+pub fn peek_state(paths: &Paths, maps: &Maps) -> Result<Option<(State, bool)>> {
+    match interrupted(paths, maps)? {
+        Some(pending) if pending.switched => Ok(Some((pending.state, true))),
+        _ => Ok(State::load(paths)?.map(|s| (s, false))),
+    }
 }
 
 /// The live config of `state`, compiled (None before the first switch).
@@ -180,7 +224,14 @@ pub fn switch(paths: &Paths, maps: &mut Maps, state: &mut State, new: &Loaded) -
     next.slots = plan.slots.clone();
 
     write_pending(paths, &next)?;
-    let slot = maps.publish(&new.ruleset, &plan.slots, &dirty)?;
+    let slot = match maps.publish(&new.ruleset, &plan.slots, &dirty) {
+        Ok(slot) => slot,
+        Err(e) => {
+            // `publish` fails only before the switch: the old config stays.
+            let _ = fs::remove_file(pending_file(paths));
+            return Err(e.into());
+        }
+    };
     debug_assert_eq!(slot, next.slot);
     fs::rename(pending_file(paths), paths.state_file()).with_context(|| {
         format!(
@@ -193,8 +244,16 @@ pub fn switch(paths: &Paths, maps: &mut Maps, state: &mut State, new: &Loaded) -
 }
 
 fn write_pending(paths: &Paths, next: &State) -> Result<()> {
-    let tmp = paths.run_dir.join("state.pending.json.tmp");
-    fs::write(&tmp, serde_json::to_string_pretty(next)?)?;
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    let tmp = paths.run_dir.join(format!("{PENDING_FILE}.tmp"));
+    // Root only, like state.json (it becomes state.json).
+    fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?
+        .write_all(serde_json::to_string_pretty(next)?.as_bytes())?;
     fs::rename(&tmp, pending_file(paths))?;
     Ok(())
 }

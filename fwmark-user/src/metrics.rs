@@ -54,7 +54,7 @@ pub async fn serve(addr: &str, paths: Paths) -> Result<JoinHandle<()>> {
 /// The current exposition for the interface.
 pub fn exposition(paths: &Paths) -> Result<String> {
     let maps = Maps::from_pins(&paths.pin_dir)?;
-    let state = live::load_state(paths, None)?.context("no state")?;
+    let (state, _) = live::peek_state(paths, &maps)?.context("no state")?;
     let daemon = Lock::daemon_holder(paths).and_then(|p| p.parse().ok());
     Ok(Snapshot::collect(&state, &maps, daemon)?.prometheus())
 }

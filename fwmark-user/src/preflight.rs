@@ -40,8 +40,9 @@ pub enum PreflightError {
     )]
     NotEthernet { iface: String, link_type: u32 },
     #[error(
-        "bpffs is not mounted at {BPFFS} and mounting it failed ({0}); \
-         run `mount -t bpf bpf {BPFFS}` (or add it to /etc/fstab)"
+        "bpffs is not mounted at {BPFFS} and mounting it failed ({0}; mounting needs \
+         CAP_SYS_ADMIN); run `mount -t bpf -o mode=0700 bpf {BPFFS}` as root (for good: \
+         `bpf {BPFFS} bpf mode=0700 0 0` in /etc/fstab), then start fwmark again"
     )]
     Bpffs(io::Error),
 }
@@ -159,15 +160,16 @@ pub fn ensure_bpffs() -> Result<bool, PreflightError> {
     }
     std::fs::create_dir_all(path).map_err(PreflightError::Bpffs)?;
     let c = |s: &str| CString::new(s).expect("no NUL in constant");
-    let (src, target, fstype) = (c("bpf"), c(BPFFS), c("bpf"));
-    // SAFETY: all pointers are valid NUL-terminated strings; no data argument.
+    // Root only, as systemd mounts it (the kernel's default is 1777).
+    let (src, target, fstype, data) = (c("bpf"), c(BPFFS), c("bpf"), c("mode=0700"));
+    // SAFETY: all pointers are valid NUL-terminated strings.
     let rc = unsafe {
         libc::mount(
             src.as_ptr(),
             target.as_ptr(),
             fstype.as_ptr(),
-            0,
-            std::ptr::null(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            data.as_ptr().cast(),
         )
     };
     if rc != 0 {

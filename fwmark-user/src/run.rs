@@ -12,20 +12,28 @@ use crate::{
     attach::{self, AttachMode, Attached},
     cli::RunArgs,
     datapath::{self, Datapath, MAP_NAMES},
+    ingress,
     live::{self, ABI_VERSION, Loaded},
-    metrics, preflight,
+    markers, metrics, preflight,
     state::{Lock, Paths, State},
     status::Snapshot,
 };
 
 /// How often the config file is checked for changes.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the interface is checked (gone, or replaced by a new one).
+const INTERFACE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The daemon's hold on the interface.
 struct Live {
     paths: Paths,
     datapath: Datapath,
-    attached: Attached,
+    /// None while the interface is gone (or re-attaching to it failed).
+    attached: Option<Attached>,
+    /// Index of the interface attached to; None while it is gone.
+    ifindex: Option<u32>,
+    /// The last re-attach failure, logged once until it changes.
+    reattach_error: Option<String>,
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
@@ -34,20 +42,24 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    // The file as it is before it is read: a change made while starting
+    // is noticed by the first check.
+    let mut last_seen = file_stamp(&args.config);
     let new = Loaded::read(&args.config)?;
     preflight::check_privileges()?;
     let kernel = preflight::check_kernel()?;
-    preflight::check_interface(&args.iface)?;
+    let ifindex = preflight::check_interface(&args.iface)?;
     if preflight::ensure_bpffs()? {
         info!("mounted bpffs at {}", preflight::BPFFS);
     }
     let paths = Paths::new(&args.iface)?;
     let _daemon = Lock::daemon(&paths).context("another fwmark run manages this interface")?;
+    markers::warn_other_markers(&args.iface);
     let requested = AttachMode::choose(args.attach, kernel)?;
 
     let mut live = {
         let _apply = Lock::apply(&paths)?;
-        start(&paths, &args, requested, &new)?
+        start(&paths, &args, requested, &new, ifindex)?
     };
 
     // Marking is in place: a failure to start the extras leaves it there
@@ -66,7 +78,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let (log_task, metrics_task) = match extras.await {
         Ok(tasks) => tasks,
         Err(e) => {
-            live.attached.keep();
+            if let Some(attached) = live.attached.take() {
+                attached.keep();
+            }
             return Err(e.context(format!(
                 "marking stays in place on {}; `fwmark detach --iface {}` removes it",
                 args.iface, args.iface
@@ -76,11 +90,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     let mut watch = tokio::time::interval(WATCH_INTERVAL);
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_seen = file_stamp(&args.config);
+    let mut interface = tokio::time::interval(INTERFACE_INTERVAL);
+    interface.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let which = loop {
         tokio::select! {
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
+            _ = interface.tick() => follow_interface(&mut live),
             _ = hup.recv() => {
                 info!("SIGHUP: reloading {}", args.config.display());
                 last_seen = file_stamp(&args.config);
@@ -90,8 +106,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 let stamp = file_stamp(&args.config);
                 if stamp != last_seen {
                     last_seen = stamp;
-                    info!("{} changed: reloading", args.config.display());
-                    reload(&mut live, &args.config);
+                    if stamp.is_none() {
+                        warn!(
+                            "config {} is gone: the running config stays; it is read again \
+                             when the file is back",
+                            args.config.display()
+                        );
+                    } else {
+                        info!("{} changed: reloading", args.config.display());
+                        reload(&mut live, &args.config);
+                    }
                 }
             }
         }
@@ -106,18 +130,33 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let table = Snapshot::collect(&state, &live.datapath.maps, None)
         .map(|s| s.table())
         .unwrap_or_else(|e| format!("(counters unavailable: {e:#})\n"));
-    if args.keep {
-        info!(
-            "{which}: leaving marking in place on {} (--keep); `fwmark detach --iface {}` removes it",
-            args.iface, args.iface
-        );
-        live.attached.keep();
-    } else {
-        info!("{which}: detaching from {}", args.iface);
-        live.attached
-            .detach(&args.iface, state.program_id)
-            .map_err(anyhow::Error::msg)
-            .with_context(|| format!("detaching from {} failed", args.iface))?;
+    match live.attached.take() {
+        Some(attached) if args.keep => {
+            info!(
+                "{which}: leaving marking in place on {} (--keep); `fwmark detach --iface {}` \
+                 removes it",
+                args.iface, args.iface
+            );
+            attached.keep();
+        }
+        Some(attached) => {
+            info!("{which}: detaching from {}", args.iface);
+            attached
+                .detach(&args.iface, state.program_id)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("detaching from {} failed", args.iface))?;
+        }
+        None => info!(
+            "{which}: {} is gone, nothing is attached to it{}",
+            args.iface,
+            if args.keep {
+                "; the pins and state stay (--keep): the next `fwmark run` attaches with them"
+            } else {
+                ""
+            }
+        ),
+    }
+    if !args.keep {
         live.paths
             .remove()
             .with_context(|| format!("removing {}", live.paths.pin_dir.display()))?;
@@ -149,17 +188,32 @@ fn spawn_kernel_log(logger: datapath::KernelLogger) -> Result<tokio::task::JoinH
     }))
 }
 
-/// Size, modification time and inode of the config file, to notice changes
-/// (an editor's rename counts too).
-fn file_stamp(path: &Path) -> Option<(u64, std::time::SystemTime, u64)> {
+/// Size, modification and change times and inode of the config file, to
+/// notice changes: an editor's rename counts, and so does a change of mode
+/// or owner (ctime), which can make the file unreadable or readable again.
+/// None when it is gone.
+fn file_stamp(path: &Path) -> Option<(u64, i64, i64, i64, i64, u64)> {
     use std::os::unix::fs::MetadataExt as _;
     let m = std::fs::metadata(path).ok()?;
-    Some((m.len(), m.modified().ok()?, m.ino()))
+    Some((
+        m.len(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+        m.ino(),
+    ))
 }
 
 /// Takes over what a previous fwmark left on the interface, or attaches
 /// afresh; then makes `new` the live config.
-fn start(paths: &Paths, args: &RunArgs, requested: AttachMode, new: &Loaded) -> Result<Live> {
+fn start(
+    paths: &Paths,
+    args: &RunArgs,
+    requested: AttachMode,
+    new: &Loaded,
+    ifindex: u32,
+) -> Result<Live> {
     let pins_present = MAP_NAMES.iter().all(|n| paths.pin(n).exists());
     // Recover an interrupted switch before reading the state.
     let maps = if pins_present {
@@ -221,7 +275,9 @@ fn start(paths: &Paths, args: &RunArgs, requested: AttachMode, new: &Loaded) -> 
         let mut live = Live {
             paths: paths.clone(),
             datapath,
-            attached,
+            attached: Some(attached),
+            ifindex: Some(ifindex),
+            reattach_error: None,
         };
         // From here on the new program marks: an error must not take the
         // attachment (and so the marking) away with it.
@@ -239,7 +295,9 @@ fn start(paths: &Paths, args: &RunArgs, requested: AttachMode, new: &Loaded) -> 
             Ok(())
         };
         if let Err(e) = finish(&mut live, &mut state) {
-            live.attached.keep();
+            if let Some(attached) = live.attached.take() {
+                attached.keep();
+            }
             return Err(e);
         }
         ready(&state);
@@ -250,7 +308,7 @@ fn start(paths: &Paths, args: &RunArgs, requested: AttachMode, new: &Loaded) -> 
     // the first packet the program sees is already classified. A failure on
     // the way removes what it created.
     paths.create_dirs()?;
-    let fresh = attach_fresh(paths, args, requested, new);
+    let fresh = attach_fresh(paths, args, requested, new, ifindex);
     if fresh.is_err() {
         let _ = paths.remove();
     }
@@ -262,6 +320,7 @@ fn attach_fresh(
     args: &RunArgs,
     requested: AttachMode,
     new: &Loaded,
+    ifindex: u32,
 ) -> Result<Live> {
     let capacity =
         datapath::rule_capacity(args.max_rules.unwrap_or(0).max(new.ruleset.rules.len()));
@@ -287,11 +346,16 @@ fn attach_fresh(
         new.path,
         state.generation
     );
+    if requested == AttachMode::Tcx {
+        ingress::log_after_tcx(&paths.iface, state.program_id);
+    }
     ready(&state);
     Ok(Live {
         paths: paths.clone(),
         datapath,
-        attached,
+        attached: Some(attached),
+        ifindex: Some(ifindex),
+        reattach_error: None,
     })
 }
 
@@ -337,4 +401,74 @@ fn reload(live: &mut Live, path: &Path) {
     if let Err(e) = result {
         error!("reload failed, the running config stays: {e:#}");
     }
+}
+
+/// Notices the interface going away (its attachment goes with it) and
+/// coming back (deleted and created again: a new index), and attaches to
+/// the new one with the same maps, config and counters.
+fn follow_interface(live: &mut Live) {
+    let iface = live.paths.iface.clone();
+    let now = preflight::interface_index(&iface).ok();
+    if now.is_some() && now == live.ifindex {
+        return;
+    }
+    if let Some(old) = live.ifindex.take() {
+        let generation = State::load(&live.paths)
+            .ok()
+            .flatten()
+            .map_or(0, |s| s.generation);
+        match now {
+            None => warn!(
+                "{iface} is gone (it had index {old}), and fwmark's attachment with it: \
+                 nothing is marked there now; waiting for it to come back (generation \
+                 {generation} stays loaded)"
+            ),
+            Some(new) => warn!(
+                "{iface} was replaced (index {old} -> {new}), and fwmark's attachment went \
+                 with the old one; attaching to the new one (generation {generation})"
+            ),
+        }
+        if let Some(attached) = live.attached.take() {
+            attached.abandon(&live.paths.pin("link"));
+        }
+    }
+    let Some(index) = now else {
+        return;
+    };
+    match reattach(live, index) {
+        Ok(state) => {
+            live.reattach_error = None;
+            info!(
+                "{iface} is back (index {index}): attached again via {} (program id {}, \
+                 generation {})",
+                state.mode, state.program_id, state.generation
+            );
+            ready(&state);
+        }
+        Err(e) => {
+            let e = format!("{e:#}");
+            if live.reattach_error.as_ref() != Some(&e) {
+                error!("attaching to {iface} again failed: {e}; retrying every second");
+                live.reattach_error = Some(e);
+            }
+        }
+    }
+}
+
+/// Attaches the loaded program to the interface as it is now (`index`),
+/// in the recorded mode, and records the new attachment.
+fn reattach(live: &mut Live, index: u32) -> Result<State> {
+    let iface = live.paths.iface.clone();
+    preflight::check_interface(&iface)?;
+    let _apply = Lock::apply(&live.paths)?;
+    let mut state = live::load_state(&live.paths, Some(&live.datapath.maps))?
+        .context("the state file vanished")?;
+    let program = live.datapath.program_mut()?;
+    let attached = attach::attach(program, &iface, state.mode, &live.paths.pin("link"))?;
+    state.netlink = attached.netlink();
+    state.attached_at = live::now();
+    live.attached = Some(attached);
+    live.ifindex = Some(index);
+    state.save(&live.paths)?;
+    Ok(state)
 }

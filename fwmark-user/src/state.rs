@@ -98,16 +98,25 @@ impl Paths {
         Ok(())
     }
 
-    /// Removes the pins and the state (the locks stay: they may be held).
+    /// Removes the pins and the state, with what an interrupted change
+    /// left (the locks stay: they may be held).
     pub fn remove(&self) -> io::Result<()> {
         match fs::remove_dir_all(&self.pin_dir) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
-        match fs::remove_file(self.state_file()) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+        for file in [
+            "state.json",
+            "state.json.tmp",
+            "state.pending.json",
+            "state.pending.json.tmp",
+        ] {
+            match fs::remove_file(self.run_dir.join(file)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
         }
+        Ok(())
     }
 }
 

@@ -271,7 +271,14 @@ pub fn status(iface: &str, json: bool) -> Result<()> {
         anyhow::bail!("{}", not_attached());
     }
     let maps = Maps::from_pins(&paths.pin_dir).with_context(not_attached)?;
-    let state = live::load_state(&paths, None)?.with_context(not_attached)?;
+    let (state, unrecorded) = live::peek_state(&paths, &maps)?.with_context(not_attached)?;
+    if unrecorded {
+        log::warn!(
+            "an interrupted change of {iface} switched to generation {} and is not recorded \
+             yet; the next `fwmark apply`, `run` or `detach` records it",
+            state.generation
+        );
+    }
     let daemon = crate::state::Lock::daemon_holder(&paths).and_then(|p| p.parse().ok());
     let snapshot = Snapshot::collect(&state, &maps, daemon)?;
     if json {

@@ -128,6 +128,11 @@ impl Daemon {
         }
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// What it logged so far.
     pub fn stderr_so_far(&self) -> String {
         self.stderr.lock().expect("stderr lock").clone()

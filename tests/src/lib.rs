@@ -13,11 +13,13 @@
 pub mod bench;
 pub mod daemon;
 pub mod example;
+pub mod foreign;
 pub mod framegen;
 pub mod harness;
 pub mod kernel;
 pub mod netns;
 pub mod nft;
+pub mod ops;
 pub mod packets;
 pub mod recorder;
 pub mod vm;

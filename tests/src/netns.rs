@@ -176,6 +176,8 @@ pub struct Lab {
     pub client_if: String,
     /// The veth end in the director namespace (where fwmark attaches).
     pub director_if: String,
+    /// The VIPs the director holds.
+    pub vips: Vec<IpAddr>,
 }
 
 impl Drop for Lab {
@@ -193,27 +195,48 @@ impl Lab {
         let director = Netns::create('d')?;
         let client_if = format!("{}v", client.name);
         let director_if = format!("{}v", director.name);
+        let lab = Lab {
+            client,
+            director,
+            client_if,
+            director_if,
+            vips: vips.to_vec(),
+        };
+        lab.wire()?;
+        Ok(lab)
+    }
+
+    /// Creates the veth pair with its addresses, the VIPs and the client's
+    /// routes to them.
+    fn wire(&self) -> Result<()> {
+        let Lab {
+            client,
+            director,
+            client_if,
+            director_if,
+            vips,
+        } = self;
         run_cmd(Command::new("ip").args([
             "link",
             "add",
-            &client_if,
+            client_if,
             "netns",
             &client.name,
             "type",
             "veth",
             "peer",
             "name",
-            &director_if,
+            director_if,
             "netns",
             &director.name,
         ]))?;
-        client.ip(&["addr", "add", &format!("{CLIENT_V4}/24"), "dev", &client_if])?;
+        client.ip(&["addr", "add", &format!("{CLIENT_V4}/24"), "dev", client_if])?;
         client.ip(&[
             "addr",
             "add",
             &format!("{CLIENT_V6}/64"),
             "dev",
-            &client_if,
+            client_if,
             "nodad",
         ])?;
         director.ip(&[
@@ -221,32 +244,39 @@ impl Lab {
             "add",
             &format!("{DIRECTOR_V4}/24"),
             "dev",
-            &director_if,
+            director_if,
         ])?;
         director.ip(&[
             "addr",
             "add",
             &format!("{DIRECTOR_V6}/64"),
             "dev",
-            &director_if,
+            director_if,
             "nodad",
         ])?;
-        client.ip(&["link", "set", &client_if, "up"])?;
-        director.ip(&["link", "set", &director_if, "up"])?;
+        client.ip(&["link", "set", client_if, "up"])?;
+        director.ip(&["link", "set", director_if, "up"])?;
         for vip in vips {
             let (host, via) = match vip {
                 IpAddr::V4(_) => (format!("{vip}/32"), DIRECTOR_V4),
                 IpAddr::V6(_) => (format!("{vip}/128"), DIRECTOR_V6),
             };
-            director.ip(&["addr", "add", &host, "dev", &director_if, "nodad"])?;
+            director.ip(&["addr", "add", &host, "dev", director_if, "nodad"])?;
             client.ip(&["route", "replace", &host, "via", via])?;
         }
-        Ok(Lab {
-            client,
-            director,
-            client_if,
-            director_if,
-        })
+        Ok(())
+    }
+
+    /// Deletes the veth pair (both ends go).
+    pub fn delete_link(&self) -> Result<()> {
+        self.director.ip(&["link", "del", &self.director_if])?;
+        Ok(())
+    }
+
+    /// Creates the veth pair again after [`Lab::delete_link`]: same names
+    /// and addresses, new interface indexes.
+    pub fn recreate_link(&self) -> Result<()> {
+        self.wire()
     }
 }
 

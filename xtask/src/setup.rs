@@ -187,8 +187,10 @@ fn ensure_bpffs() -> Result<()> {
         eprintln!("setup: bpffs: mounted at {BPFFS}");
         return Ok(());
     }
-    run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))
-        .with_context(|| format!("mounting bpffs failed; run `mount -t bpf bpf {BPFFS}`"))?;
+    // Root only, as systemd and fwmark itself mount it.
+    run(Command::new("mount").args(["-t", "bpf", "-o", "mode=0700", "bpf", BPFFS])).with_context(
+        || format!("mounting bpffs failed; run `mount -t bpf -o mode=0700 bpf {BPFFS}`"),
+    )?;
     eprintln!("setup: bpffs: mounted it at {BPFFS}");
     Ok(())
 }
