@@ -16,3 +16,4 @@ pub mod netns;
 pub mod nft;
 pub mod packets;
 pub mod recorder;
+pub mod soak;
