@@ -93,8 +93,6 @@ pub(super) fn report(ctx: &mut ReportContext<'_, '_>) -> (String, bool) {
     for s in ctx.timeline.switches.iter().filter(|s| s.done.is_some()) {
         *changes.entry(s.how).or_default() += 1;
     }
-    let reloads = changes.get(&How::Watch).copied().unwrap_or(0)
-        + changes.get(&How::Sighup).copied().unwrap_or(0);
     p.checks.check(
         "coverage",
         changes.get(&How::Apply).copied().unwrap_or(0) > 0
@@ -215,7 +213,6 @@ pub(super) fn report(ctx: &mut ReportContext<'_, '_>) -> (String, bool) {
             by_path.get("SIGHUP").copied().unwrap_or(0),
         ),
     );
-    let _ = reloads;
     fig(
         "last generation",
         ctx.end_status
@@ -331,7 +328,8 @@ pub(super) fn report(ctx: &mut ReportContext<'_, '_>) -> (String, bool) {
         md,
         "The daemon's /proc samples ({} of them) are compared between a baseline window \
          ({:.0}-{:.0} s, after a {:.0} s warm-up) and the last {:.0} s; fwmark's kernel objects \
-         are compared with their first reading at every kernel reading.\n",
+         are compared at every kernel reading with the first one that has both generation \
+         slots filled.\n",
         p.rows.len(),
         warmup.as_secs_f64(),
         (warmup + window).as_secs_f64(),
@@ -513,17 +511,21 @@ const METHOD: &str = "
   so any rise of the floor is a leak. Memory may grow by 1 MiB or 5 % of
   the baseline, whichever is more: the allocator keeps freed memory in its
   arenas and returns it in pages, so a few hundred KiB move either way
-  without a leak, while a leak of even 4 KiB per reload (a compiled config
-  is larger) adds up to about 1 MiB over the 240 reloads of a 10-minute
-  run; VmHWM (the peak) has the same limit.
+  without a leak, while a leak of 4 KiB per reload (a compiled config is
+  far larger) or of 440 bytes per `/metrics` scrape adds up to about 1 MiB
+  over the 240 reloads and 2,400 scrapes of a 10-minute run; VmHWM (the
+  peak) has the same limit.
 - **Kernel objects**: every 2 s the program on the interface (through tcx),
   the maps it uses, the inner maps in the two generation slots and fwmark's
   pins. The program (same id), its maps and the pins must not change; the
   inner maps change with every config, and each one replaced must be gone
   from the kernel (no map with its id) at the next reading: old generations
   are freed. After the daemon exits, every map and the program it used must
-  be gone, nothing attached and no pins left. Counts of all maps and
-  programs on the machine are shown but not judged: other engineers' tests
-  load and unload their own on this machine.
+  be gone, nothing attached and no pins left. A map lives while something
+  holds it: a program that uses it, a slot of an outer map, a pin or a file
+  descriptor, and each of those is judged exactly above (the daemon's fds
+  in its floor). Counts of all maps and programs on the machine are shown
+  as well but not judged: other engineers' tests load and unload their own
+  on this machine, and the counts come from the same map ids.
 - Throughput is reported, never judged: the machine's 2 CPUs are shared.
 ";
