@@ -22,4 +22,5 @@ pub mod nft;
 pub mod ops;
 pub mod packets;
 pub mod recorder;
+pub mod soak;
 pub mod vm;

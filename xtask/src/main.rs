@@ -56,6 +56,20 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Run traffic through fwmark (release build, as root) while its config
+    /// changes every second, checking marks, counters, memory, file
+    /// descriptors and kernel objects all along; print the report.
+    Soak {
+        /// How long, in minutes (fractions allowed).
+        #[arg(long, conflicts_with = "seconds", required_unless_present = "seconds")]
+        minutes: Option<f64>,
+        /// How long, in seconds.
+        #[arg(long)]
+        seconds: Option<f64>,
+        /// Also write the report to docs/soak.md.
+        #[arg(long)]
+        record: bool,
+    },
 }
 
 /// The VM test as one test of `cargo xtask test`: a machine that cannot
@@ -124,6 +138,26 @@ fn main() -> Result<()> {
                 cmd.arg("--quick");
             } else {
                 cmd.arg("--out").arg(util::root().join("docs"));
+            }
+            util::exec(cmd)
+        }
+        Task::Soak {
+            minutes,
+            seconds,
+            record,
+        } => {
+            setup::setup()?;
+            let fwmark = util::build_fwmark(true)?;
+            let soak = util::build_soak()?;
+            let mut cmd = util::as_root(&soak);
+            cmd.arg("--fwmark").arg(&fwmark);
+            match (minutes, seconds) {
+                (Some(m), _) => cmd.arg("--minutes").arg(m.to_string()),
+                (None, Some(s)) => cmd.arg("--seconds").arg(s.to_string()),
+                (None, None) => unreachable!("clap requires one"),
+            };
+            if record {
+                cmd.arg("--out").arg(util::root().join("docs/soak.md"));
             }
             util::exec(cmd)
         }

@@ -123,6 +123,18 @@ pub fn build_bench() -> Result<PathBuf> {
     Ok(root().join("target/release/fwmark-bench"))
 }
 
+/// Builds the soak test (`tests/src/bin/fwmark-soak.rs`); returns its path.
+pub fn build_soak() -> Result<PathBuf> {
+    run(cargo().args([
+        "build",
+        "--package",
+        "fwmark-testlab",
+        "--bin",
+        "fwmark-soak",
+    ]))?;
+    Ok(root().join("target/debug/fwmark-soak"))
+}
+
 /// `cargo fmt --check` and `cargo clippy -D warnings` over the workspace.
 pub fn lint() -> Result<()> {
     run(cargo().args(["fmt", "--all", "--check"]))
