@@ -275,8 +275,28 @@ impl Lab {
 
     /// Creates the veth pair again after [`Lab::delete_link`]: same names
     /// and addresses, new interface indexes.
+    /// Returns once the client reaches the director over IPv4 and IPv6 (a
+    /// refused connection to its own addresses, not a VIP), so the first
+    /// probe of a test does not race neighbour resolution on the new link.
     pub fn recreate_link(&self) -> Result<()> {
-        self.wire()
+        self.wire()?;
+        let reachable = self.client.run(|| {
+            use std::{net::TcpStream, time::Duration};
+            [DIRECTOR_V4, DIRECTOR_V6].iter().all(|addr| {
+                let addr = std::net::SocketAddr::new(addr.parse().expect("address"), 9);
+                (0..50).any(|_| {
+                    match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                        Ok(_) => true,
+                        Err(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+                    }
+                })
+            })
+        })?;
+        anyhow::ensure!(
+            reachable,
+            "the director is unreachable on the re-created link"
+        );
+        Ok(())
     }
 }
 
