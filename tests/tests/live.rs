@@ -320,7 +320,14 @@ fn status_and_metrics_count_what_was_sent() {
     let text = ok(fwmark(&lab, &["status", "--iface", &lab.director_if]));
     assert!(text.contains("tcx attachment"), "{text}");
 
-    // The metrics endpoint listens on 127.0.0.1 of the director namespace.
+    // The metrics endpoint listens on 127.0.0.1 of the director namespace,
+    // from the log line on ("marking on" comes before it).
+    daemon
+        .wait_for_log(
+            "serving metrics at http://127.0.0.1:9469/metrics",
+            Duration::from_secs(10),
+        )
+        .unwrap();
     let body = lab
         .director
         .run(|| {
