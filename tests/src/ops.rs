@@ -70,6 +70,16 @@ impl TempDir {
         TempDir(dir)
     }
 
+    /// `text` written as `file` in a directory of the test's own,
+    /// `fwmark-TAG-PID-STEM` (STEM: `file` without `.toml`): the directory's
+    /// guard, and the file's path.
+    pub fn with_file(tag: &str, file: &str, text: &str) -> (TempDir, String) {
+        let stem = file.trim_end_matches(".toml");
+        let dir = TempDir::named(&format!("{tag}-{}-{stem}", std::process::id()));
+        let path = dir.write(file, text);
+        (dir, path)
+    }
+
     /// Writes `text` to `name` in the directory; returns the path.
     pub fn write(&self, name: &str, text: &str) -> String {
         let path = self.0.join(name);

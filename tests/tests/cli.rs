@@ -28,14 +28,11 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// `text` written as `name` in a directory of the test's own
-/// (`fwmark-cli-PID-NAME`), which is removed when the returned guard drops,
-/// also when the test fails; and the file's path.
+/// `text` written as `name` in a directory of the test's own, which is
+/// removed when the returned guard drops (also when the test fails); and the
+/// file's path.
 fn temp_config(name: &str, text: &str) -> (TempDir, String) {
-    let stem = name.trim_end_matches(".toml");
-    let dir = TempDir::named(&format!("cli-{}-{stem}", std::process::id()));
-    let path = dir.write(name, text);
-    (dir, path)
+    TempDir::with_file("cli", name, text)
 }
 
 #[test]
