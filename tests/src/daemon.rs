@@ -59,9 +59,29 @@ impl Daemon {
     /// `fwmark run --iface <director side> --config CONFIG EXTRA...` in the
     /// lab's director namespace.
     pub fn run_on(lab: &crate::netns::Lab, config: &str, extra: &[&str]) -> Result<Daemon> {
-        let mut args = vec!["run", "--iface", &lab.director_if, "--config", config];
-        args.extend_from_slice(extra);
-        Daemon::start(&lab.director, &args)
+        Daemon::run_behind(lab, &[], config, extra)
+    }
+
+    /// [`Daemon::run_on`] behind a wrapper command line that ends with the
+    /// program to run (`setpriv … --`, `env PATH=…`): `WRAPPER... fwmark run
+    /// --iface <director side> --config CONFIG EXTRA...`.
+    pub fn run_behind(
+        lab: &crate::netns::Lab,
+        wrapper: &[&str],
+        config: &str,
+        extra: &[&str],
+    ) -> Result<Daemon> {
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = lab.director.command(program);
+                cmd.args(args).arg(fwmark_bin());
+                cmd
+            }
+            None => lab.director.command(fwmark_bin()),
+        };
+        cmd.args(["run", "--iface", &lab.director_if, "--config", config])
+            .args(extra);
+        Daemon::spawn(cmd)
     }
 
     /// [`Daemon::start`] with the binary given.
@@ -206,19 +226,30 @@ impl Drop for Daemon {
     }
 }
 
-/// Runs `fwmark ARGS...` as user nobody with no capabilities.
-pub fn fwmark_unprivileged(args: &[&str]) -> std::process::Output {
+/// The capabilities contrib/fwmark.service grants, less CAP_SYS_ADMIN (bpffs
+/// is mounted), as a `setpriv` option: root without CAP_DAC_OVERRIDE, so
+/// file modes apply to it.
+pub const DOCUMENTED_CAPS: &str = "--bounding-set=-all,+bpf,+perfmon,+net_admin";
+
+/// Runs `PROGRAM ARGS...` as user nobody with no capabilities.
+pub fn as_nobody(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> std::process::Output {
     std::process::Command::new("setpriv")
         .args([
             "--reuid=65534",
             "--regid=65534",
             "--clear-groups",
             "--inh-caps=-all",
+            "--",
         ])
-        .arg(fwmark_bin())
+        .arg(program)
         .args(args)
         .output()
         .expect("run setpriv")
+}
+
+/// Runs `fwmark ARGS...` as user nobody with no capabilities.
+pub fn fwmark_unprivileged(args: &[&str]) -> std::process::Output {
+    as_nobody(fwmark_bin(), args)
 }
 
 /// Parses the `global: name=value ...` line `fwmark run` prints on exit.

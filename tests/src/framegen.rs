@@ -87,42 +87,14 @@ impl Targets {
         let mut marks = vec![0, u32::MAX, 0x8000_0000, 1];
         for s in &config.services {
             for vip in &s.vips {
+                let prefix = u32::from(vip.prefix_len());
                 match vip.addr() {
-                    IpAddr::V4(a) => {
-                        let net = u32::from(a);
-                        let host_bits = 32 - u32::from(vip.prefix_len());
-                        let last = net | ((1u64 << host_bits) - 1) as u32;
-                        for x in [
-                            net.wrapping_sub(1),
-                            net,
-                            net.wrapping_add(1),
-                            net + (last - net) / 2,
-                            last.wrapping_sub(1),
-                            last,
-                            last.wrapping_add(1),
-                        ] {
-                            v4.push(Ipv4Addr::from(x));
-                        }
-                    }
+                    IpAddr::V4(a) => v4.extend(
+                        prefix_edges(u32::from(a).into(), 32 - prefix)
+                            .map(|x| Ipv4Addr::from(x as u32)),
+                    ),
                     IpAddr::V6(a) => {
-                        let net = u128::from(a);
-                        let host_bits = 128 - u32::from(vip.prefix_len());
-                        let last = if host_bits == 128 {
-                            u128::MAX
-                        } else {
-                            net | ((1u128 << host_bits) - 1)
-                        };
-                        for x in [
-                            net.wrapping_sub(1),
-                            net,
-                            net.wrapping_add(1),
-                            net + (last - net) / 2,
-                            last.wrapping_sub(1),
-                            last,
-                            last.wrapping_add(1),
-                        ] {
-                            v6.push(Ipv6Addr::from(x));
-                        }
+                        v6.extend(prefix_edges(u128::from(a), 128 - prefix).map(Ipv6Addr::from))
                     }
                 }
             }
@@ -152,6 +124,27 @@ impl Targets {
             marks,
         }
     }
+}
+
+/// The addresses worth aiming at in the prefix `net` with `host_bits` host
+/// bits: its first and last address, their neighbours inside and outside,
+/// and its middle. IPv4 addresses are given and taken as the low 32 bits:
+/// wrapping at 2^128 then truncating is wrapping at 2^32.
+fn prefix_edges(net: u128, host_bits: u32) -> [u128; 7] {
+    let last = if host_bits == 128 {
+        u128::MAX
+    } else {
+        net | ((1u128 << host_bits) - 1)
+    };
+    [
+        net.wrapping_sub(1),
+        net,
+        net.wrapping_add(1),
+        net + (last - net) / 2,
+        last.wrapping_sub(1),
+        last,
+        last.wrapping_add(1),
+    ]
 }
 
 /// The generator: one seeded RNG, deterministic for a seed and config.

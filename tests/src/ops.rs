@@ -3,15 +3,55 @@
 //! state fwmark keeps for an interface, and traffic from the client.
 
 use std::{
+    net::IpAddr,
     path::{Path, PathBuf},
-    process::Output,
+    process::{Child, Output, Stdio},
+    time::Duration,
 };
 
 use crate::{
-    daemon::fwmark_bin,
-    netns::Lab,
+    daemon::{Daemon, Finished, fwmark_bin},
+    kernel,
+    netns::{Lab, Netns, ingress_programs},
     nft::{self, Probe},
 };
+
+/// The web VIP of [`web_dns_config`].
+pub const VIP: &str = "192.0.2.10";
+/// The DNS VIP of [`web_dns_config`].
+pub const DNS_VIP: &str = "192.0.2.53";
+
+/// Web ([`VIP`], TCP and UDP 80 and 443) under `mark`, DNS ([`DNS_VIP`],
+/// UDP 53) under 53: the config the live and faults tests start from.
+pub fn web_dns_config(mark: u32) -> String {
+    format!(
+        "[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nproto = [\"tcp\", \"udp\"]\nports = [80, 443]\nmark = {mark}\n\n\
+         [[service]]\nname = \"dns\"\nvip = \"{DNS_VIP}\"\nproto = \"udp\"\nports = [53]\nmark = 53\n"
+    )
+}
+
+/// The common start of a lab test: the kernel gate (test `name` needs
+/// `tools`), a lab whose director owns `vips`, a directory for config files,
+/// and [`web_dns_config`]`(80)` written there as `file`, whose path it
+/// returns. None when the test is skipped.
+pub fn setup(
+    name: &str,
+    tools: &[&str],
+    vips: &[&str],
+    file: &str,
+) -> Option<(Lab, TempDir, String)> {
+    if !kernel::available(name, tools) {
+        return None;
+    }
+    let vips: Vec<IpAddr> = vips
+        .iter()
+        .map(|v| v.parse().expect("a VIP address"))
+        .collect();
+    let lab = Lab::new(&vips).expect("create namespaces");
+    let files = TempDir::new(&lab);
+    let path = files.write(file, &web_dns_config(80));
+    Some((lab, files, path))
+}
 
 /// A directory for a test's config files, removed on drop.
 pub struct TempDir(pub PathBuf);
@@ -19,9 +59,25 @@ pub struct TempDir(pub PathBuf);
 impl TempDir {
     /// A fresh directory named after the lab (mode 0755, owned by root).
     pub fn new(lab: &Lab) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("fwmark-{}", lab.director.name));
+        TempDir::named(&lab.director.name)
+    }
+
+    /// The directory `fwmark-NAME` in the temp directory (mode 0755 under
+    /// the usual umask); NAME must be unique to the test.
+    pub fn named(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("fwmark-{name}"));
         std::fs::create_dir_all(&dir).expect("create the config directory");
         TempDir(dir)
+    }
+
+    /// `text` written as `file` in a directory of the test's own,
+    /// `fwmark-TAG-PID-STEM` (STEM: `file` without `.toml`): the directory's
+    /// guard, and the file's path.
+    pub fn with_file(tag: &str, file: &str, text: &str) -> (TempDir, String) {
+        let stem = file.trim_end_matches(".toml");
+        let dir = TempDir::named(&format!("{tag}-{}-{stem}", std::process::id()));
+        let path = dir.write(file, text);
+        (dir, path)
     }
 
     /// Writes `text` to `name` in the directory; returns the path.
@@ -57,6 +113,60 @@ pub fn ok(out: Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `fwmark apply --iface <director side> --config CONFIG`, waited for.
+pub fn apply(lab: &Lab, config: &str) -> Output {
+    fwmark(
+        lab,
+        &["apply", "--iface", &lab.director_if, "--config", config],
+    )
+}
+
+/// [`apply`] started with its output piped (`wait_with_output` collects it).
+pub fn spawn_apply(lab: &Lab, config: &str) -> Child {
+    lab.director
+        .command(fwmark_bin())
+        .args(["apply", "--iface", &lab.director_if, "--config", config])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn fwmark apply")
+}
+
+/// [`ok`] and what the command said on stderr (its warnings):
+/// `(stdout, stderr)`.
+pub fn ok_with_stderr(out: Output) -> (String, String) {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    (ok(out), err)
+}
+
+/// Stops `fwmark run` (SIGTERM), which must exit successfully.
+pub fn stop_ok(daemon: Daemon) -> Finished {
+    let finished = daemon.stop().expect("stop fwmark run");
+    assert!(finished.status.success(), "{}", finished.stderr);
+    finished
+}
+
+/// The programs on the director interface's ingress, in the order they run
+/// (see [`ingress_programs`]).
+pub fn ingress(lab: &Lab) -> Vec<String> {
+    ingress_programs(&lab.director, &lab.director_if).expect("list the ingress programs")
+}
+
+/// `GET /metrics` from `addr` inside `ns`: the whole response (status line,
+/// headers and body), or why it failed (e.g. the connection was refused).
+pub fn get_metrics(ns: &Netns, addr: &str) -> std::io::Result<String> {
+    let addr: std::net::SocketAddr = addr.parse().expect("a socket address");
+    ns.run(move || {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        Ok(body)
+    })
+    .expect("enter the namespace")
 }
 
 /// `fwmark status --iface <director side> --json`.

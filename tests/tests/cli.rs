@@ -10,6 +10,7 @@ use fwmark_testlab::{
     daemon::{fwmark_bin, fwmark_unprivileged},
     kernel,
     netns::Netns,
+    ops::TempDir,
 };
 
 fn example_config() -> PathBuf {
@@ -27,12 +28,11 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-fn temp_config(name: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("fwmark-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
+/// `text` written as `name` in a directory of the test's own, which is
+/// removed when the returned guard drops (also when the test fails); and the
+/// file's path.
+fn temp_config(name: &str, text: &str) -> (TempDir, String) {
+    TempDir::with_file("cli", name, text)
 }
 
 #[test]
@@ -48,27 +48,27 @@ fn check_accepts_the_example() {
 
 #[test]
 fn check_rejects_a_bad_config_with_file_line_and_field() {
-    let path = temp_config(
+    let (_dir, path) = temp_config(
         "bad.toml",
         "[[service]]\nname = \"web\"\nvip = \"192.0.2.10\"\nproto = \"tcp\"\nports = [80, 0]\nmark = 80\n",
     );
-    let out = fwmark(&["check", "--config", path.to_str().unwrap()]);
+    let out = fwmark(&["check", "--config", &path]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(
-        err.contains(&format!("{}:5:9: service[1].ports: port 0", path.display())),
+        err.contains(&format!("{path}:5:9: service[1].ports: port 0")),
         "{err}"
     );
 }
 
 #[test]
 fn check_names_both_services_of_a_conflict() {
-    let path = temp_config(
+    let (_dir, path) = temp_config(
         "conflict.toml",
         "[[service]]\nname = \"a\"\nvip = \"192.0.2.10\"\nproto = \"tcp\"\nports = [80]\nmark = 80\n\
          [[service]]\nname = \"b\"\nvip = \"192.0.2.10\"\nproto = \"tcp\"\nports = [\"79-81\"]\nmark = 81\n",
     );
-    let out = fwmark(&["check", "--config", path.to_str().unwrap()]);
+    let out = fwmark(&["check", "--config", &path]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(err.contains("\"a\" (line 1) and \"b\" (line 7)"), "{err}");

@@ -9,6 +9,7 @@ use std::{
 use fwmark_testlab::{
     daemon::{fwmark_bin, fwmark_unprivileged},
     kernel,
+    ops::TempDir,
 };
 
 fn example_config() -> String {
@@ -39,12 +40,11 @@ fn explain_ok(args: &[&str]) -> String {
     stdout(&out)
 }
 
-fn temp_config(name: &str, text: &str) -> String {
-    let dir = std::env::temp_dir().join(format!("fwmark-explain-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path.display().to_string()
+/// `text` written as `name` in a directory of the test's own, which is
+/// removed when the returned guard drops (also when the test fails); and the
+/// file's path.
+fn temp_config(name: &str, text: &str) -> (TempDir, String) {
+    TempDir::with_file("explain", name, text)
 }
 
 const PREFIXES: &str = r#"
@@ -155,7 +155,7 @@ fn a_miss_says_which_entries_were_close_and_why() {
 
 #[test]
 fn prefixes_later_fragments_and_masks() {
-    let config = temp_config("prefixes.toml", PREFIXES);
+    let (_dir, config) = temp_config("prefixes.toml", PREFIXES);
     let out = explain_ok(&["explain", "-c", &config, "tcp", "198.51.100.9:80"]);
     assert!(
         out.contains("match: stage 3 (longest prefix, port entry)"),
@@ -268,7 +268,7 @@ fn bad_packets_and_configs_are_one_clear_error() {
         assert!(err.contains(want), "{args:?}: {err}");
         assert_eq!(err.lines().count(), 1, "{err}");
     }
-    let bad = temp_config(
+    let (_dir, bad) = temp_config(
         "bad.toml",
         "[[service]]\nvip = \"192.0.2.10\"\nproto = \"tcp\"\nports = [0]\nmark = 1\n",
     );
@@ -286,7 +286,7 @@ fn explain_needs_no_privileges() {
     if !kernel::available("explain_needs_no_privileges", &["setpriv"]) {
         return;
     }
-    let config = temp_config("unprivileged.toml", PREFIXES);
+    let (_dir, config) = temp_config("unprivileged.toml", PREFIXES);
     let out = fwmark_unprivileged(&["explain", "--config", &config, "tcp", "198.51.100.9:80"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(

@@ -10,32 +10,32 @@
 //! idle daemon and adoption (`restart_after_kill_*` in tests/live.rs).
 
 use std::{
-    process::{Child, Stdio},
+    process::Child,
     time::{Duration, Instant},
 };
 
 use fwmark_testlab::{
-    daemon::{Daemon, fwmark_bin},
+    daemon::{DOCUMENTED_CAPS, Daemon, as_nobody, fwmark_bin},
     example::probe,
     foreign::{Foreign, Hook},
-    kernel,
-    netns::{Lab, ingress_programs},
+    netns::Lab,
     nft::{MarkCounters, Probe, ProbeProto},
-    ops::{TempDir, fwmark, ok, pending_exists, pin_dir, send, state_text, status_json},
+    ops::{
+        DNS_VIP, TempDir, VIP, apply, fwmark, get_metrics, ingress, ok, ok_with_stderr,
+        pending_exists, pin_dir, send, spawn_apply, state_text, status_json, stop_ok,
+        web_dns_config as config,
+    },
 };
 use nix::sys::signal::Signal;
 
-const VIP: &str = "192.0.2.10";
-const DNS_VIP: &str = "192.0.2.53";
 /// A VIP only the large configs mark.
 const BULK_VIP: &str = "10.99.0.1";
 
-/// Web (TCP and UDP 80 and 443) under `mark`, DNS under 53.
-fn config(mark: u32) -> String {
-    format!(
-        "[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nproto = [\"tcp\", \"udp\"]\nports = [80, 443]\nmark = {mark}\n\n\
-         [[service]]\nname = \"dns\"\nvip = \"{DNS_VIP}\"\nproto = \"udp\"\nports = [53]\nmark = 53\n"
-    )
+/// The common start of a faults test: the kernel gate, a lab whose director
+/// owns the web, DNS and bulk VIPs, a directory for configs, and
+/// [`config`]`(80)` written there as `file`.
+fn setup(name: &str, tools: &[&str], file: &str) -> Option<(Lab, TempDir, String)> {
+    fwmark_testlab::ops::setup(name, tools, &[VIP, DNS_VIP, BULK_VIP], file)
 }
 
 /// [`config`] plus a service of 8 VIPs with every TCP and UDP port under
@@ -60,15 +60,6 @@ fn config_with_rules(rules: u16) -> String {
     )
 }
 
-fn lab() -> Lab {
-    Lab::new(&[
-        VIP.parse().unwrap(),
-        DNS_VIP.parse().unwrap(),
-        BULK_VIP.parse().unwrap(),
-    ])
-    .expect("create namespaces")
-}
-
 /// The probes whose marks tell the configs apart: web TCP 80, web UDP 443
 /// and a bulk-only UDP port.
 fn telling_probes() -> Vec<Probe> {
@@ -85,28 +76,33 @@ fn install_counters(lab: &Lab) -> MarkCounters<'_> {
         .expect("install nft counters")
 }
 
+/// Sends `p` (one packet) and returns the one mark it arrived with, read
+/// from table `i` of `counters` (the table of `p`).
+fn mark_of_next(lab: &Lab, counters: &MarkCounters<'_>, i: usize, p: &Probe) -> u32 {
+    let before = counters.read().unwrap()[i].clone();
+    send(lab, p);
+    let after = counters.read().unwrap()[i].clone();
+    assert_eq!(after.total(), before.total() + 1, "{p}: {after:?}");
+    assert_eq!(
+        after.other, before.other,
+        "{p}: an unexpected mark: {after:?}"
+    );
+    after
+        .by_mark
+        .iter()
+        .find(|(m, n)| before.by_mark.get(m) != Some(n))
+        .map(|(m, _)| *m)
+        .unwrap_or_else(|| panic!("{p}: the packet was not counted: {after:?}"))
+}
+
 /// Sends one packet of each telling probe and returns the mark each arrived
 /// with.
 fn marks_now(lab: &Lab, counters: &MarkCounters<'_>) -> Vec<u32> {
-    let probes = telling_probes();
-    let mut marks = Vec::new();
-    for (i, p) in probes.iter().enumerate() {
-        let before = counters.read().unwrap()[i].clone();
-        send(lab, p);
-        let after = counters.read().unwrap()[i].clone();
-        assert_eq!(
-            after.other, before.other,
-            "{p}: an unexpected mark: {after:?}"
-        );
-        let mark = after
-            .by_mark
-            .iter()
-            .find(|(m, n)| before.by_mark.get(m) != Some(n))
-            .map(|(m, _)| *m)
-            .unwrap_or_else(|| panic!("{p}: the packet was not counted: {after:?}"));
-        marks.push(mark);
-    }
-    marks
+    telling_probes()
+        .iter()
+        .enumerate()
+        .map(|(i, p)| mark_of_next(lab, counters, i, p))
+        .collect()
 }
 
 /// What the telling probes get under [`config`] (`mark`) and under
@@ -117,17 +113,6 @@ fn small(mark: u32) -> Vec<u32> {
 
 fn large(mark: u32) -> Vec<u32> {
     vec![mark, mark, 99]
-}
-
-/// Starts `fwmark apply` of `config` in the director namespace.
-fn spawn_apply(lab: &Lab, config: &str) -> Child {
-    lab.director
-        .command(fwmark_bin())
-        .args(["apply", "--iface", &lab.director_if, "--config", config])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn fwmark apply")
 }
 
 /// Waits until `cond` holds (polling every 100 µs), or panics after `timeout`.
@@ -167,12 +152,13 @@ impl ActiveWord {
 
 #[test]
 fn a_config_larger_than_the_counter_map_changes_nothing() {
-    if !kernel::available("config_larger_than_capacity", &["ip", "nft", "nsenter"]) {
+    let Some((lab, files, a)) = setup(
+        "config_larger_than_capacity",
+        &["ip", "nft", "nsenter"],
+        "a.toml",
+    ) else {
         return;
-    }
-    let lab = lab();
-    let files = TempDir::new(&lab);
-    let a = files.write("a.toml", &config(80));
+    };
     let counters = install_counters(&lab);
     // The smallest counter map: 16384 rules (--max-rules below it rounds up).
     let daemon = Daemon::run_on(&lab, &a, &["--no-watch", "--max-rules", "16"]).unwrap();
@@ -181,10 +167,7 @@ fn a_config_larger_than_the_counter_map_changes_nothing() {
 
     // 5 rules of web and DNS, and 16380 more.
     let too_big = files.write("too-big.toml", &config_with_rules(16380));
-    let out = fwmark(
-        &lab,
-        &["apply", "--iface", &lab.director_if, "--config", &too_big],
-    );
+    let out = apply(&lab, &too_big);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -202,24 +185,21 @@ fn a_config_larger_than_the_counter_map_changes_nothing() {
 
     // A config that fits still applies.
     let fits = files.write("fits.toml", &config_with_rules(16000));
-    ok(fwmark(
-        &lab,
-        &["apply", "--iface", &lab.director_if, "--config", &fits],
-    ));
+    ok(apply(&lab, &fits));
     assert_eq!(status_json(&lab)["config"]["generation"], 2);
     assert_eq!(marks_now(&lab, &counters), vec![80, 80, 99]);
-    let finished = daemon.stop().unwrap();
-    assert!(finished.status.success(), "{}", finished.stderr);
+    stop_ok(daemon);
 }
 
 #[test]
 fn apply_killed_before_the_switch_leaves_the_old_config() {
-    if !kernel::available("apply_killed_before_the_switch", &["ip", "nft", "nsenter"]) {
+    let Some((lab, files, a)) = setup(
+        "apply_killed_before_the_switch",
+        &["ip", "nft", "nsenter"],
+        "a.toml",
+    ) else {
         return;
-    }
-    let lab = lab();
-    let files = TempDir::new(&lab);
-    let a = files.write("a.toml", &config(80));
+    };
     let b = files.write("b.toml", &large_config(81));
     let counters = install_counters(&lab);
     let daemon = Daemon::run_on(&lab, &a, &["--no-watch"]).unwrap();
@@ -228,12 +208,12 @@ fn apply_killed_before_the_switch_leaves_the_old_config() {
 
     // The pending state is written just before the new maps are filled:
     // killing the apply then interrupts it while it fills them.
-    let apply = spawn_apply(&lab, &b);
+    let killed = spawn_apply(&lab, &b);
     wait_until("the pending state", Duration::from_secs(60), || {
         pending_exists(&lab)
     });
-    signal(&apply, Signal::SIGTERM);
-    let err = stderr_of(apply);
+    signal(&killed, Signal::SIGTERM);
+    let err = stderr_of(killed);
     assert!(
         pending_exists(&lab),
         "the apply finished before it was killed: {err}"
@@ -247,12 +227,7 @@ fn apply_killed_before_the_switch_leaves_the_old_config() {
 
     // The next apply discards the interrupted change and goes on from there.
     let c = files.write("c.toml", &config(82));
-    let out = fwmark(
-        &lab,
-        &["apply", "--iface", &lab.director_if, "--config", &c],
-    );
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    let stdout = ok(out);
+    let (stdout, err) = ok_with_stderr(apply(&lab, &c));
     assert!(
         err.contains("had not switched: the live config stays"),
         "{err}"
@@ -260,23 +235,19 @@ fn apply_killed_before_the_switch_leaves_the_old_config() {
     assert!(stdout.contains("generation 2 is live"), "{stdout}");
     assert!(!pending_exists(&lab));
     assert_eq!(marks_now(&lab, &counters), small(82));
-    let finished = daemon.stop().unwrap();
-    assert!(finished.status.success(), "{}", finished.stderr);
-    assert!(
-        ingress_programs(&lab.director, &lab.director_if)
-            .unwrap()
-            .is_empty()
-    );
+    stop_ok(daemon);
+    assert!(ingress(&lab).is_empty());
 }
 
 #[test]
 fn apply_killed_after_the_switch_is_recorded_by_the_next_change() {
-    if !kernel::available("apply_killed_after_the_switch", &["ip", "nft", "nsenter"]) {
+    let Some((lab, files, a)) = setup(
+        "apply_killed_after_the_switch",
+        &["ip", "nft", "nsenter"],
+        "a.toml",
+    ) else {
         return;
-    }
-    let lab = lab();
-    let files = TempDir::new(&lab);
-    let a = files.write("a.toml", &config(80));
+    };
     let b = files.write("b.toml", &large_config(81));
     let counters = install_counters(&lab);
     let daemon = Daemon::run_on(&lab, &a, &["--no-watch"]).unwrap();
@@ -316,9 +287,7 @@ fn apply_killed_after_the_switch_is_recorded_by_the_next_change() {
         "the apply finished before it was killed in five attempts"
     );
     // status says so (and leaves the files alone).
-    let out = fwmark(&lab, &["status", "--iface", &lab.director_if]);
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    ok(out);
+    let (_, err) = ok_with_stderr(fwmark(&lab, &["status", "--iface", &lab.director_if]));
     assert!(
         err.contains(&format!(
             "switched to generation {generation} and is not recorded yet"
@@ -329,12 +298,7 @@ fn apply_killed_after_the_switch_is_recorded_by_the_next_change() {
 
     // The next apply records the switched generation, then switches on.
     let c = files.write("c.toml", &config(82));
-    let out = fwmark(
-        &lab,
-        &["apply", "--iface", &lab.director_if, "--config", &c],
-    );
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    let stdout = ok(out);
+    let (stdout, err) = ok_with_stderr(apply(&lab, &c));
     assert!(
         err.contains(&format!(
             "had switched already: recording generation {generation}"
@@ -347,18 +311,18 @@ fn apply_killed_after_the_switch_is_recorded_by_the_next_change() {
     );
     assert!(!pending_exists(&lab));
     assert_eq!(marks_now(&lab, &counters), small(82));
-    let finished = daemon.stop().unwrap();
-    assert!(finished.status.success(), "{}", finished.stderr);
+    stop_ok(daemon);
 }
 
 #[test]
 fn sigterm_during_a_reload_finishes_it_before_exiting() {
-    if !kernel::available("sigterm_during_a_reload", &["ip", "nft", "nsenter"]) {
+    let Some((lab, files, live)) = setup(
+        "sigterm_during_a_reload",
+        &["ip", "nft", "nsenter"],
+        "live.toml",
+    ) else {
         return;
-    }
-    let lab = lab();
-    let files = TempDir::new(&lab);
-    let live = files.write("live.toml", &config(80));
+    };
     let counters = install_counters(&lab);
     let daemon = Daemon::run_on(&lab, &live, &["--no-watch", "--keep"]).unwrap();
 
@@ -370,8 +334,7 @@ fn sigterm_during_a_reload_finishes_it_before_exiting() {
         || pending_exists(&lab),
     );
     daemon.signal(Signal::SIGTERM).unwrap();
-    let finished = daemon.stop().unwrap();
-    assert!(finished.status.success(), "{}", finished.stderr);
+    let finished = stop_ok(daemon);
     let live_at = finished
         .stderr
         .find("is live as generation 2")
@@ -389,12 +352,13 @@ fn sigterm_during_a_reload_finishes_it_before_exiting() {
 
 #[test]
 fn daemon_killed_during_a_reload_is_recovered_by_the_next_run() {
-    if !kernel::available("daemon_killed_during_a_reload", &["ip", "nft", "nsenter"]) {
+    let Some((lab, files, live)) = setup(
+        "daemon_killed_during_a_reload",
+        &["ip", "nft", "nsenter"],
+        "live.toml",
+    ) else {
         return;
-    }
-    let lab = lab();
-    let files = TempDir::new(&lab);
-    let live = files.write("live.toml", &config(80));
+    };
     let counters = install_counters(&lab);
     let daemon = Daemon::run_on(&lab, &live, &["--no-watch"]).unwrap();
     let active = ActiveWord::open(&lab);
@@ -425,29 +389,22 @@ fn daemon_killed_during_a_reload_is_recovered_by_the_next_run() {
         .unwrap();
     assert!(!pending_exists(&lab));
     assert_eq!(marks_now(&lab, &counters), large(81));
-    assert_eq!(
-        ingress_programs(&lab.director, &lab.director_if).unwrap(),
-        vec!["tcx:fwmark".to_string()]
-    );
-    let finished = daemon.stop().unwrap();
-    assert!(finished.status.success(), "{}", finished.stderr);
-    assert!(
-        ingress_programs(&lab.director, &lab.director_if)
-            .unwrap()
-            .is_empty()
-    );
+    assert_eq!(ingress(&lab), vec!["tcx:fwmark".to_string()]);
+    stop_ok(daemon);
+    assert!(ingress(&lab).is_empty());
 }
 
 #[test]
 fn an_apply_and_a_reload_racing_are_serialized() {
     // Extends tests/live.rs's concurrent applies: the daemon's own reload
     // takes the same lock as `apply`.
-    if !kernel::available("apply_and_reload_racing", &["ip", "nft", "nsenter"]) {
+    let Some((lab, files, live)) = setup(
+        "apply_and_reload_racing",
+        &["ip", "nft", "nsenter"],
+        "live.toml",
+    ) else {
         return;
-    }
-    let lab = lab();
-    let files = TempDir::new(&lab);
-    let live = files.write("live.toml", &config(80));
+    };
     let b = files.write("b.toml", &large_config(81));
     let counters = install_counters(&lab);
     let daemon = Daemon::run_on(&lab, &live, &["--no-watch"]).unwrap();
@@ -474,8 +431,7 @@ fn an_apply_and_a_reload_racing_are_serialized() {
     let status = status_json(&lab);
     assert_eq!(status["config"]["generation"], 3);
     assert!(!pending_exists(&lab));
-    let finished = daemon.stop().unwrap();
-    assert!(finished.status.success(), "{}", finished.stderr);
+    stop_ok(daemon);
 }
 
 /// The web probe that must arrive with mark 80 under [`config`]`(80)`.
@@ -490,17 +446,7 @@ fn web_counters(lab: &Lab) -> MarkCounters<'_> {
 
 /// The one mark the next web packet arrives with.
 fn web_mark(lab: &Lab, counters: &MarkCounters<'_>) -> u32 {
-    let before = counters.read().unwrap()[0].clone();
-    send(lab, &web());
-    let after = counters.read().unwrap()[0].clone();
-    assert_eq!(after.total(), before.total() + 1, "{after:?}");
-    assert_eq!(after.other, before.other, "{after:?}");
-    *after
-        .by_mark
-        .iter()
-        .find(|(m, n)| before.by_mark.get(m) != Some(n))
-        .unwrap()
-        .0
+    mark_of_next(lab, counters, 0, &web())
 }
 
 /// The recorded state (`state.json`) as JSON.
@@ -520,12 +466,9 @@ fn interface_deleted_and_created_again_is_followed_netlink() {
 
 fn interface_deleted_and_created_again(mode: &str) {
     let name = format!("interface_deleted_and_created_again_{mode}");
-    if !kernel::available(&name, &["ip", "nft", "nsenter", "tc"]) {
+    let Some((lab, files, a)) = setup(&name, &["ip", "nft", "nsenter", "tc"], "a.toml") else {
         return;
-    }
-    let lab = lab();
-    let files = TempDir::new(&lab);
-    let a = files.write("a.toml", &config(80));
+    };
     let counters = web_counters(&lab);
     let daemon = Daemon::run_on(&lab, &a, &["--attach", mode, "--no-watch"]).unwrap();
     assert_eq!(web_mark(&lab, &counters), 80);
@@ -546,7 +489,7 @@ fn interface_deleted_and_created_again(mode: &str) {
         .unwrap();
     assert_eq!(web_mark(&lab, &counters), 80);
     assert_eq!(
-        ingress_programs(&lab.director, &lab.director_if).unwrap(),
+        ingress(&lab),
         vec![format!("{mode}:fwmark")],
         "exactly one attachment on the new interface"
     );
@@ -561,23 +504,15 @@ fn interface_deleted_and_created_again(mode: &str) {
     }
     // Changes reach the new attachment.
     let b = files.write("b.toml", &config(81));
-    ok(fwmark(
-        &lab,
-        &["apply", "--iface", &lab.director_if, "--config", &b],
-    ));
+    ok(apply(&lab, &b));
     assert_eq!(web_mark(&lab, &counters), 81);
 
     // One log line for the loss, one for the return.
     let log = daemon.stderr_so_far();
     assert_eq!(log.matches("is gone (it had index").count(), 1, "{log}");
     assert_eq!(log.matches("is back (index").count(), 1, "{log}");
-    let finished = daemon.stop().unwrap();
-    assert!(finished.status.success(), "{}", finished.stderr);
-    assert!(
-        ingress_programs(&lab.director, &lab.director_if)
-            .unwrap()
-            .is_empty()
-    );
+    stop_ok(daemon);
+    assert!(ingress(&lab).is_empty());
     assert!(!pin_dir(&lab).exists());
     assert_eq!(web_mark(&lab, &counters), 0);
 }
@@ -594,12 +529,9 @@ fn a_kept_attachment_whose_interface_was_replaced_is_attached_afresh_netlink() {
 
 fn kept_attachment_of_a_replaced_interface(mode: &str) {
     let name = format!("kept_attachment_of_a_replaced_interface_{mode}");
-    if !kernel::available(&name, &["ip", "nft", "nsenter", "tc"]) {
+    let Some((lab, _files, a)) = setup(&name, &["ip", "nft", "nsenter", "tc"], "a.toml") else {
         return;
-    }
-    let lab = lab();
-    let files = TempDir::new(&lab);
-    let a = files.write("a.toml", &config(80));
+    };
     let daemon = Daemon::run_on(&lab, &a, &["--attach", mode, "--keep"]).unwrap();
     daemon.stop().unwrap();
     lab.delete_link().unwrap();
@@ -613,31 +545,24 @@ fn kept_attachment_of_a_replaced_interface(mode: &str) {
 
     let daemon = Daemon::run_on(&lab, &a, &["--attach", mode]).unwrap();
     assert_eq!(web_mark(&lab, &counters), 80);
-    assert_eq!(
-        ingress_programs(&lab.director, &lab.director_if).unwrap(),
-        vec![format!("{mode}:fwmark")]
-    );
+    assert_eq!(ingress(&lab), vec![format!("{mode}:fwmark")]);
     if mode == "tcx" {
         let log = daemon.stderr_so_far();
         assert!(log.contains("attaching afresh"), "{log}");
     }
-    let finished = daemon.stop().unwrap();
-    assert!(finished.status.success(), "{}", finished.stderr);
-    assert!(
-        ingress_programs(&lab.director, &lab.director_if)
-            .unwrap()
-            .is_empty()
-    );
+    stop_ok(daemon);
+    assert!(ingress(&lab).is_empty());
 }
 
 #[test]
 fn other_tc_programs_run_after_fwmark_and_see_its_mark_tcx() {
-    if !kernel::available("other_tc_programs_tcx", &["ip", "nft", "nsenter", "tc"]) {
+    let Some((lab, _files, a)) = setup(
+        "other_tc_programs_tcx",
+        &["ip", "nft", "nsenter", "tc"],
+        "a.toml",
+    ) else {
         return;
-    }
-    let lab = lab();
-    let files = TempDir::new(&lab);
-    let a = files.write("a.toml", &config(80));
+    };
     let counters = web_counters(&lab);
     let dev = &lab.director_if;
     // Attached before fwmark: a tcx program and a tc filter at pref 1.
@@ -649,7 +574,7 @@ fn other_tc_programs_run_after_fwmark_and_see_its_mark_tcx() {
     assert!(log.contains("after fwmark (they see its marks)"), "{log}");
     assert!(log.contains("tc filter pref 1 bpf other_filter"), "{log}");
     assert_eq!(
-        ingress_programs(&lab.director, dev).unwrap(),
+        ingress(&lab),
         vec!["tcx:fwmark", "tcx:other_tcx", "netlink:other_filter"]
     );
     for _ in 0..3 {
@@ -659,13 +584,9 @@ fn other_tc_programs_run_after_fwmark_and_see_its_mark_tcx() {
     assert_eq!(tcx.seen(80), 3, "{:?}", tcx.counts());
     assert_eq!(filter.seen(80), 3, "{:?}", filter.counts());
 
-    let finished = daemon.stop().unwrap();
-    assert!(finished.status.success(), "{}", finished.stderr);
+    stop_ok(daemon);
     // fwmark removed only its own attachment.
-    assert_eq!(
-        ingress_programs(&lab.director, dev).unwrap(),
-        vec!["tcx:other_tcx", "netlink:other_filter"]
-    );
+    assert_eq!(ingress(&lab), vec!["tcx:other_tcx", "netlink:other_filter"]);
     // They go on without it (ARP and neighbour discovery count under 0
     // too: only growth is certain there).
     let before = (tcx.seen(0), filter.seen(0));
@@ -676,12 +597,13 @@ fn other_tc_programs_run_after_fwmark_and_see_its_mark_tcx() {
 
 #[test]
 fn netlink_takes_a_free_priority_and_other_programs_keep_running() {
-    if !kernel::available("other_tc_programs_netlink", &["ip", "nft", "nsenter", "tc"]) {
+    let Some((lab, _files, a)) = setup(
+        "other_tc_programs_netlink",
+        &["ip", "nft", "nsenter", "tc"],
+        "a.toml",
+    ) else {
         return;
-    }
-    let lab = lab();
-    let files = TempDir::new(&lab);
-    let a = files.write("a.toml", &config(80));
+    };
     let counters = web_counters(&lab);
     let dev = &lab.director_if;
     let tcx = Foreign::attach(&lab.director, dev, "other_tcx", Hook::Tcx).unwrap();
@@ -698,7 +620,7 @@ fn netlink_takes_a_free_priority_and_other_programs_keep_running() {
     assert!(log.contains("tcx program(s) other_tcx (id"), "{log}");
     assert_eq!(state_json(&lab)["netlink"][0], 2);
     assert_eq!(
-        ingress_programs(&lab.director, dev).unwrap(),
+        ingress(&lab),
         vec![
             "tcx:other_tcx",
             "netlink:early",
@@ -725,7 +647,7 @@ fn netlink_takes_a_free_priority_and_other_programs_keep_running() {
     let daemon = Daemon::run_on(&lab, &a, &["--attach", "netlink"]).unwrap();
     assert_eq!(state_json(&lab)["netlink"][0], 2);
     assert_eq!(
-        ingress_programs(&lab.director, dev).unwrap(),
+        ingress(&lab),
         vec![
             "tcx:other_tcx",
             "netlink:early",
@@ -736,10 +658,9 @@ fn netlink_takes_a_free_priority_and_other_programs_keep_running() {
     assert_eq!(web_mark(&lab, &counters), 80);
     assert_eq!(late.seen(80), 3);
 
-    let finished = daemon.stop().unwrap();
-    assert!(finished.status.success(), "{}", finished.stderr);
+    stop_ok(daemon);
     assert_eq!(
-        ingress_programs(&lab.director, dev).unwrap(),
+        ingress(&lab),
         vec!["tcx:other_tcx", "netlink:early", "netlink:late"]
     );
     let before = late.seen(0);
@@ -748,31 +669,17 @@ fn netlink_takes_a_free_priority_and_other_programs_keep_running() {
     assert_eq!(late.seen(80), 3);
 }
 
-/// The capabilities of contrib/fwmark.service, less CAP_SYS_ADMIN: root
-/// without CAP_DAC_OVERRIDE, so file modes apply to it.
-const DOCUMENTED_CAPS: &str = "--bounding-set=-all,+bpf,+perfmon,+net_admin";
-
 #[test]
 fn an_unreadable_or_vanished_config_keeps_the_running_one() {
-    if !kernel::available(
+    let Some((lab, files, live)) = setup(
         "unreadable_or_vanished_config",
         &["ip", "nft", "nsenter", "setpriv"],
-    ) {
+        "live.toml",
+    ) else {
         return;
-    }
-    let lab = lab();
-    let files = TempDir::new(&lab);
-    let live = files.write("live.toml", &config(80));
+    };
     let counters = web_counters(&lab);
-    let mut cmd = lab.director.command("setpriv");
-    cmd.args([DOCUMENTED_CAPS, "--"]).arg(fwmark_bin()).args([
-        "run",
-        "--iface",
-        &lab.director_if,
-        "--config",
-        &live,
-    ]);
-    let daemon = Daemon::spawn(cmd).unwrap();
+    let daemon = Daemon::run_behind(&lab, &["setpriv", DOCUMENTED_CAPS, "--"], &live, &[]).unwrap();
     let chmod = |mode: u32| {
         use std::os::unix::fs::PermissionsExt as _;
         std::fs::set_permissions(&live, std::fs::Permissions::from_mode(mode)).unwrap();
@@ -828,8 +735,7 @@ fn an_unreadable_or_vanished_config_keeps_the_running_one() {
         .wait_for_log("is live as generation 3", Duration::from_secs(10))
         .unwrap();
     assert_eq!(web_mark(&lab, &counters), 82);
-    let finished = daemon.stop().unwrap();
-    assert!(finished.status.success(), "{}", finished.stderr);
+    stop_ok(daemon);
 }
 
 /// `unshare` into a private mount namespace, unmount bpffs there (never in
@@ -864,15 +770,13 @@ fn fs_type(path: &str) -> String {
 
 #[test]
 fn missing_bpffs_is_mounted_root_only() {
-    if !kernel::available(
+    let Some((lab, _files, a)) = setup(
         "missing_bpffs_is_mounted",
         &["ip", "nft", "nsenter", "unshare", "mountpoint"],
-    ) {
+        "a.toml",
+    ) else {
         return;
-    }
-    let lab = lab();
-    let files = TempDir::new(&lab);
-    let a = files.write("a.toml", &config(80));
+    };
     let counters = web_counters(&lab);
     let bin = fwmark_bin();
     let cmd = without_bpffs(
@@ -906,22 +810,19 @@ fn missing_bpffs_is_mounted_root_only() {
     );
     assert_eq!(fs_type("/sys/fs/bpf"), "bpf_fs");
     assert!(!pin_dir(&lab).exists());
-    let finished = daemon.stop().unwrap();
-    assert!(finished.status.success(), "{}", finished.stderr);
+    stop_ok(daemon);
     assert_eq!(web_mark(&lab, &counters), 0);
 }
 
 #[test]
 fn bpffs_that_cannot_be_mounted_says_what_to_run() {
-    if !kernel::available(
+    let Some((lab, _files, a)) = setup(
         "bpffs_cannot_be_mounted",
         &["ip", "nsenter", "unshare", "mountpoint", "setpriv"],
-    ) {
+        "a.toml",
+    ) else {
         return;
-    }
-    let lab = lab();
-    let files = TempDir::new(&lab);
-    let a = files.write("a.toml", &config(80));
+    };
     let bin = fwmark_bin();
     // Without CAP_SYS_ADMIN nothing may mount.
     let out = without_bpffs(
@@ -948,33 +849,24 @@ fn bpffs_that_cannot_be_mounted_says_what_to_run() {
         "{err}"
     );
     assert_eq!(err.lines().count(), 1, "one line: {err}");
-    assert!(
-        ingress_programs(&lab.director, &lab.director_if)
-            .unwrap()
-            .is_empty()
-    );
+    assert!(ingress(&lab).is_empty());
     assert_eq!(fs_type("/sys/fs/bpf"), "bpf_fs");
 }
 
 #[test]
 fn pins_and_state_are_root_only() {
     use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
-    if !kernel::available(
+    let Some((lab, files, a)) = setup(
         "pins_and_state_are_root_only",
         &["ip", "nsenter", "setpriv"],
-    ) {
+        "a.toml",
+    ) else {
         return;
-    }
-    let lab = lab();
-    let files = TempDir::new(&lab);
-    let a = files.write("a.toml", &config(80));
+    };
     let daemon = Daemon::run_on(&lab, &a, &["--no-watch"]).unwrap();
     // A switch by apply writes the state too.
     let b = files.write("b.toml", &config(81));
-    ok(fwmark(
-        &lab,
-        &["apply", "--iface", &lab.director_if, "--config", &b],
-    ));
+    ok(apply(&lab, &b));
     let pins = pin_dir(&lab);
     let run = fwmark_testlab::ops::run_dir(&lab);
     for dir in [
@@ -1020,51 +912,37 @@ fn pins_and_state_are_root_only() {
     }
 
     // An unprivileged user opens none of it.
-    let nobody = |args: &[&str]| {
-        std::process::Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "--inh-caps=-all",
-                "--",
-            ])
-            .args(args)
-            .output()
-            .unwrap()
-    };
     for path in [
         pins.join("ACTIVE"),
         pins.join("RULE_STATS"),
         run.join("state.json"),
     ] {
-        let out = nobody(&["cat", path.to_str().unwrap()]);
+        let out = as_nobody("cat", &[path.to_str().unwrap()]);
         assert!(!out.status.success(), "{} was readable", path.display());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("Permission denied"), "{err}");
     }
     for dir in [&pins, &run] {
-        let out = nobody(&["ls", dir.to_str().unwrap()]);
+        let out = as_nobody("ls", &[dir.to_str().unwrap()]);
         assert!(!out.status.success(), "{} was listable", dir.display());
     }
-    let out = nobody(&[
+    let out = as_nobody(
         "sh",
-        "-c",
-        &format!("echo x >> {}", run.join("apply.lock").display()),
-    ]);
+        &[
+            "-c",
+            &format!("echo x >> {}", run.join("apply.lock").display()),
+        ],
+    );
     assert!(!out.status.success(), "apply.lock was writable");
-    let finished = daemon.stop().unwrap();
-    assert!(finished.status.success(), "{}", finished.stderr);
+    stop_ok(daemon);
 }
 
 #[test]
 fn metrics_on_a_bare_port_listen_on_loopback_only() {
-    if !kernel::available("metrics_on_loopback_only", &["ip", "nsenter"]) {
+    let Some((lab, _files, a)) = setup("metrics_on_loopback_only", &["ip", "nsenter"], "a.toml")
+    else {
         return;
-    }
-    let lab = lab();
-    let files = TempDir::new(&lab);
-    let a = files.write("a.toml", &config(80));
+    };
     let daemon = Daemon::run_on(&lab, &a, &["--metrics", "9470"]).unwrap();
     daemon
         .wait_for_log(
@@ -1072,41 +950,28 @@ fn metrics_on_a_bare_port_listen_on_loopback_only() {
             Duration::from_secs(10),
         )
         .unwrap();
-    let get = |ns: &fwmark_testlab::netns::Netns, addr: &str| {
-        let addr: std::net::SocketAddr = addr.parse().unwrap();
-        ns.run(move || {
-            use std::io::{Read as _, Write as _};
-            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
-            let mut body = String::new();
-            s.read_to_string(&mut body)?;
-            Ok::<_, std::io::Error>(body)
-        })
-        .unwrap()
-    };
-    let body = get(&lab.director, "127.0.0.1:9470").unwrap();
+    let body = get_metrics(&lab.director, "127.0.0.1:9470").unwrap();
     assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
     // The director's own address, from inside and from the client: refused.
     let director = format!("{}:9470", fwmark_testlab::netns::DIRECTOR_V4);
     for ns in [&lab.director, &lab.client] {
-        let err = get(ns, &director).unwrap_err();
+        let err = get_metrics(ns, &director).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
     }
     let v6 = format!("[{}]:9470", fwmark_testlab::netns::DIRECTOR_V6);
-    let err = get(&lab.client, &v6).unwrap_err();
+    let err = get_metrics(&lab.client, &v6).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
     daemon.stop().unwrap();
 }
 
 #[test]
 fn a_config_others_can_write_is_warned_about() {
-    if !kernel::available("config_others_can_write", &["ip", "nsenter"]) {
+    let Some((lab, files, open)) =
+        setup("config_others_can_write", &["ip", "nsenter"], "open.toml")
+    else {
         return;
-    }
+    };
     use std::os::unix::fs::PermissionsExt as _;
-    let lab = lab();
-    let files = TempDir::new(&lab);
-    let open = files.write("open.toml", &config(80));
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o666)).unwrap();
     let theirs = files.write("theirs.toml", &config(81));
     std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
@@ -1115,9 +980,7 @@ fn a_config_others_can_write_is_warned_about() {
     let owned = format!("config {theirs} is owned by uid 65534, not root");
 
     // check warns and still succeeds.
-    let out = fwmark(&lab, &["check", "--config", &open]);
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    ok(out);
+    let (_, err) = ok_with_stderr(fwmark(&lab, &["check", "--config", &open]));
     assert!(
         err.contains(&every_user) && err.contains("chmod go-w"),
         "{err}"
@@ -1127,23 +990,13 @@ fn a_config_others_can_write_is_warned_about() {
     let log = daemon.stderr_so_far();
     assert!(log.contains(&every_user), "{log}");
     // apply warns, and applies.
-    let out = fwmark(
-        &lab,
-        &["apply", "--iface", &lab.director_if, "--config", &theirs],
-    );
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    ok(out);
+    let (_, err) = ok_with_stderr(apply(&lab, &theirs));
     assert!(
         err.contains(&owned) && err.contains("chown root:root"),
         "{err}"
     );
     // A root-owned 0644 file in a root-owned 0755 directory: no warning.
-    let out = fwmark(
-        &lab,
-        &["apply", "--iface", &lab.director_if, "--config", &fine],
-    );
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    ok(out);
+    let (_, err) = ok_with_stderr(apply(&lab, &fine));
     assert!(!err.contains(&format!("config {fine}")), "{err}");
     assert_eq!(status_json(&lab)["config"]["generation"], 3);
     daemon.stop().unwrap();
@@ -1202,15 +1055,13 @@ fn install_other_markers(lab: &Lab) {
 
 #[test]
 fn other_mark_writers_are_named_at_run_and_apply() {
-    if !kernel::available(
+    let Some((lab, files, a)) = setup(
         "other_mark_writers",
         &["ip", "nft", "nsenter", "iptables", "ip6tables"],
-    ) {
+        "a.toml",
+    ) else {
         return;
-    }
-    let lab = lab();
-    let files = TempDir::new(&lab);
-    let a = files.write("a.toml", &config(80));
+    };
     // Counting marks is not writing them: this table must not be named.
     let _counters = web_counters(&lab);
     install_other_markers(&lab);
@@ -1244,29 +1095,20 @@ fn other_mark_writers_are_named_at_run_and_apply() {
     let daemon = Daemon::run_on(&lab, &a, &["--no-watch"]).unwrap();
     check(&daemon.stderr_so_far());
     let b = files.write("b.toml", &config(81));
-    let out = fwmark(
-        &lab,
-        &["apply", "--iface", &lab.director_if, "--config", &b],
-    );
+    let out = apply(&lab, &b);
     check(&String::from_utf8_lossy(&out.stderr));
     ok(out);
-    let finished = daemon.stop().unwrap();
-    assert!(finished.status.success(), "{}", finished.stderr);
+    stop_ok(daemon);
 
     // Without iptables and nft on the PATH: nothing to say, no error.
-    let mut cmd = lab.director.command("/usr/bin/env");
-    cmd.arg("PATH=/nonexistent").arg(fwmark_bin()).args([
-        "run",
-        "--iface",
-        &lab.director_if,
-        "--config",
+    let daemon = Daemon::run_behind(
+        &lab,
+        &["/usr/bin/env", "PATH=/nonexistent"],
         &a,
-        "--attach",
-        "tcx",
-    ]);
-    let daemon = Daemon::spawn(cmd).unwrap();
+        &["--attach", "tcx"],
+    )
+    .unwrap();
     let log = daemon.stderr_so_far();
     assert!(!log.contains("write marks"), "{log}");
-    let finished = daemon.stop().unwrap();
-    assert!(finished.status.success(), "{}", finished.stderr);
+    stop_ok(daemon);
 }

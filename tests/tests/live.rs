@@ -3,94 +3,25 @@
 //! input that must leave the live config alone.
 
 use std::{
-    path::PathBuf,
-    process::Output,
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
 
 use fwmark_testlab::{
-    daemon::{Daemon, fwmark_bin, fwmark_unprivileged},
+    daemon::{DOCUMENTED_CAPS, Daemon, fwmark_unprivileged},
     example::probe,
-    kernel,
-    netns::{Lab, ingress_programs},
-    nft::{self, MarkCounters, Probe, ProbeProto},
+    netns::Lab,
+    nft::{MarkCounters, ProbeProto},
+    ops::{
+        DNS_VIP, TempDir, VIP, apply, fwmark, get_metrics, ingress, ok, send, spawn_apply,
+        status_json, stop_ok, web_dns_config as config,
+    },
 };
-
-const VIP: &str = "192.0.2.10";
-
-fn config(mark: u32) -> String {
-    format!(
-        "[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nproto = [\"tcp\", \"udp\"]\nports = [80, 443]\nmark = {mark}\n\n\
-         [[service]]\nname = \"dns\"\nvip = \"192.0.2.53\"\nproto = \"udp\"\nports = [53]\nmark = 53\n"
-    )
-}
-
-/// A directory for this test's config files, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(lab: &Lab) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("fwmark-{}", lab.director.name));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn write(&self, name: &str, text: &str) -> String {
-        let path = self.0.join(name);
-        std::fs::write(&path, text).unwrap();
-        path.display().to_string()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// The common start of a live test: the kernel gate, a lab, a directory for
 /// configs, and config A (web under mark 80) written there.
 fn setup(name: &str, tools: &[&str]) -> Option<(Lab, TempDir, String)> {
-    if !kernel::available(name, tools) {
-        return None;
-    }
-    let lab = lab();
-    let files = TempDir::new(&lab);
-    let a = files.write("a.toml", &config(80));
-    Some((lab, files, a))
-}
-
-fn lab() -> Lab {
-    Lab::new(&[VIP.parse().unwrap(), "192.0.2.53".parse().unwrap()]).expect("create namespaces")
-}
-
-/// Runs `fwmark ARGS…` in the director namespace.
-fn fwmark(lab: &Lab, args: &[&str]) -> Output {
-    lab.director
-        .command(fwmark_bin())
-        .args(args)
-        .output()
-        .expect("run fwmark")
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "fwmark failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn status_json(lab: &Lab) -> serde_json::Value {
-    let out = ok(fwmark(
-        lab,
-        &["status", "--iface", &lab.director_if, "--json"],
-    ));
-    serde_json::from_str(&out).expect("status --json parses")
+    fwmark_testlab::ops::setup(name, tools, &[VIP, DNS_VIP], "a.toml")
 }
 
 fn service_packets(status: &serde_json::Value, name: &str) -> u64 {
@@ -102,10 +33,6 @@ fn service_packets(status: &serde_json::Value, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no service {name} in {status}"))["packets"]
         .as_u64()
         .unwrap()
-}
-
-fn send(lab: &Lab, p: &Probe) {
-    lab.client.run(|| nft::send(p)).unwrap().unwrap();
 }
 
 #[test]
@@ -143,10 +70,7 @@ fn applies_under_load_never_leave_a_packet_unmarked() {
         });
         for i in 0..100 {
             let file = if i % 2 == 0 { &b } else { &a };
-            ok(fwmark(
-                &lab,
-                &["apply", "--iface", &lab.director_if, "--config", file],
-            ));
+            ok(apply(&lab, file));
         }
         stop.store(true, Ordering::Relaxed);
         sender.join().unwrap()
@@ -183,8 +107,7 @@ fn applies_under_load_never_leave_a_packet_unmarked() {
             after[i]
         );
     }
-    let finished = daemon.stop().unwrap();
-    assert!(finished.status.success(), "{}", finished.stderr);
+    stop_ok(daemon);
 }
 
 #[test]
@@ -223,7 +146,7 @@ fn restart_after_kill(mode: &str) {
         second.stderr_so_far()
     );
     assert_eq!(
-        ingress_programs(&lab.director, &lab.director_if).unwrap(),
+        ingress(&lab),
         vec![format!("{mode}:fwmark")],
         "exactly one attachment after the restart"
     );
@@ -243,13 +166,8 @@ fn restart_after_kill(mode: &str) {
         first_program
     );
 
-    let finished = second.stop().unwrap();
-    assert!(finished.status.success(), "{}", finished.stderr);
-    assert!(
-        ingress_programs(&lab.director, &lab.director_if)
-            .unwrap()
-            .is_empty()
-    );
+    stop_ok(second);
+    assert!(ingress(&lab).is_empty());
 }
 
 #[test]
@@ -260,19 +178,14 @@ fn keep_then_detach() {
     let web = probe(VIP, ProbeProto::Tcp, 80, 80, 1);
     let counters = MarkCounters::install(&lab.director, std::slice::from_ref(&web)).unwrap();
     let daemon = Daemon::run_on(&lab, &a, &["--keep"]).unwrap();
-    let finished = daemon.stop().unwrap();
-    assert!(finished.status.success(), "{}", finished.stderr);
+    let finished = stop_ok(daemon);
     assert!(finished.stderr.contains("--keep"), "{}", finished.stderr);
     send(&lab, &web);
     assert_eq!(counters.read().unwrap()[0].by_mark[&80], 1);
 
     let out = ok(fwmark(&lab, &["detach", "--iface", &lab.director_if]));
     assert!(out.contains("detached fwmark from"), "{out}");
-    assert!(
-        ingress_programs(&lab.director, &lab.director_if)
-            .unwrap()
-            .is_empty()
-    );
+    assert!(ingress(&lab).is_empty());
     send(&lab, &web);
     let seen = counters.read().unwrap();
     assert_eq!(seen[0].by_mark[&0], 1, "{seen:?}");
@@ -292,7 +205,7 @@ fn status_and_metrics_count_what_was_sent() {
     let daemon = Daemon::run_on(&lab, &a, &["--metrics", "9469"]).unwrap();
     send(&lab, &probe(VIP, ProbeProto::Tcp, 80, 80, 3));
     send(&lab, &probe(VIP, ProbeProto::Udp, 443, 80, 4));
-    send(&lab, &probe("192.0.2.53", ProbeProto::Udp, 53, 53, 2));
+    send(&lab, &probe(DNS_VIP, ProbeProto::Udp, 53, 53, 2));
     send(&lab, &probe(VIP, ProbeProto::Tcp, 22, 0, 1));
 
     let status = status_json(&lab);
@@ -320,19 +233,15 @@ fn status_and_metrics_count_what_was_sent() {
     let text = ok(fwmark(&lab, &["status", "--iface", &lab.director_if]));
     assert!(text.contains("tcx attachment"), "{text}");
 
-    // The metrics endpoint listens on 127.0.0.1 of the director namespace.
-    let body = lab
-        .director
-        .run(|| {
-            use std::io::{Read as _, Write as _};
-            let mut s = std::net::TcpStream::connect("127.0.0.1:9469")?;
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
-            let mut body = String::new();
-            s.read_to_string(&mut body)?;
-            Ok::<_, std::io::Error>(body)
-        })
-        .unwrap()
+    // The metrics endpoint listens on 127.0.0.1 of the director namespace,
+    // from the log line on ("marking on" comes before it).
+    daemon
+        .wait_for_log(
+            "serving metrics at http://127.0.0.1:9469/metrics",
+            Duration::from_secs(10),
+        )
         .unwrap();
+    let body = get_metrics(&lab.director, "127.0.0.1:9469").unwrap();
     assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
     let iface = &lab.director_if;
     for line in [
@@ -350,10 +259,7 @@ fn status_and_metrics_count_what_was_sent() {
 
     // Counters of a service that survives an apply keep counting.
     let b = files.write("b.toml", &config(81));
-    ok(fwmark(
-        &lab,
-        &["apply", "--iface", &lab.director_if, "--config", &b],
-    ));
+    ok(apply(&lab, &b));
     send(&lab, &probe(VIP, ProbeProto::Tcp, 80, 81, 1));
     assert_eq!(service_packets(&status_json(&lab), "web"), 8);
     daemon.stop().unwrap();
@@ -375,7 +281,7 @@ fn bad_input_leaves_the_live_config_alone() {
         "bad.toml",
         "[[service]]\nvip = \"192.0.2.10\"\nproto = \"tcp\"\nmark = 0\n",
     );
-    let out = fwmark(&lab, &["apply", "--iface", &iface, "--config", &bad]);
+    let out = apply(&lab, &bad);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.toml:4:8: service[1].mark"), "{err}");
@@ -448,18 +354,7 @@ fn concurrent_applies_are_serialized() {
     let configs: Vec<String> = (0..8)
         .map(|i| files.write(&format!("c{i}.toml"), &config(100 + i)))
         .collect();
-    let children: Vec<_> = configs
-        .iter()
-        .map(|c| {
-            lab.director
-                .command(fwmark_bin())
-                .args(["apply", "--iface", &lab.director_if, "--config", c])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let children: Vec<_> = configs.iter().map(|c| spawn_apply(&lab, c)).collect();
     let mut generations: Vec<u64> = children
         .into_iter()
         .map(|c| {
@@ -505,15 +400,10 @@ fn runs_with_only_the_documented_capabilities() {
     let web = probe(VIP, ProbeProto::Tcp, 80, 80, 1);
     let counters = MarkCounters::install(&lab.director, std::slice::from_ref(&web)).unwrap();
     // What contrib/fwmark.service grants, less CAP_SYS_ADMIN (bpffs is mounted).
-    let mut cmd = lab.director.command("setpriv");
-    cmd.args(["--bounding-set=-all,+bpf,+perfmon,+net_admin", "--"])
-        .arg(fwmark_bin())
-        .args(["run", "--iface", &lab.director_if, "--config", &a]);
-    let daemon = Daemon::spawn(cmd).unwrap();
+    let daemon = Daemon::run_behind(&lab, &["setpriv", DOCUMENTED_CAPS, "--"], &a, &[]).unwrap();
     send(&lab, &web);
     assert_eq!(counters.read().unwrap()[0].by_mark[&80], 1);
-    let finished = daemon.stop().unwrap();
-    assert!(finished.status.success(), "{}", finished.stderr);
+    stop_ok(daemon);
 }
 
 #[test]
