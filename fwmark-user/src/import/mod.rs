@@ -432,9 +432,14 @@ fn region_entries(
         .collect();
     let (default, default_lines) = point(None);
     let mut intervals: Vec<(u16, u16, Effect, Vec<usize>)> = Vec::new();
+    // Every interval before merging: the entries of wider prefixes change
+    // at these bounds too (their rules are among `relevant`), so fwmark's
+    // fallback may differ inside a merged interval and each is checked.
+    let mut windows: Vec<(u16, Effect, Vec<usize>)> = Vec::new();
     for w in bounds.windows(2) {
         let (lo, hi) = (w[0] as u16, (w[1] - 1) as u16);
         let (effect, lines) = point(Some(lo));
+        windows.push((lo, effect, lines.clone()));
         match intervals.last_mut() {
             Some(last) if last.2 == effect && u32::from(last.1) + 1 == u32::from(lo) => {
                 last.1 = hi;
@@ -479,10 +484,7 @@ fn region_entries(
     checks.push(Check {
         region: *region,
         default: (default, default_lines.clone()),
-        intervals: intervals
-            .iter()
-            .map(|(lo, _, e, l)| (*lo, *e, l.clone()))
-            .collect(),
+        intervals: windows,
     });
     if !default.is_identity() {
         add(None, default, &default_lines);
@@ -498,7 +500,8 @@ fn region_entries(
 struct Check {
     region: Region,
     default: (Effect, Vec<usize>),
-    /// (first port of the interval, effect, MARK rule lines).
+    /// (first port of the interval, effect, MARK rule lines), one per
+    /// interval on which every relevant rule's port match is constant.
     intervals: Vec<(u16, Effect, Vec<usize>)>,
 }
 
@@ -840,6 +843,27 @@ mod tests {
             assert!(err.contains("iptables leaves the mark alone here"), "{err}");
             assert!(err.contains("192.0.2."), "{err}");
         }
+    }
+
+    /// Found by the import fuzz target: a RETURN for a whole address
+    /// under a wider prefix's port rule. iptables leaves port 80 of
+    /// 198.51.100.200 alone; fwmark would fall back to the /25's port entry.
+    /// The merged interval 1-65535 (all "leave alone") hid port 80 from the
+    /// check.
+    #[test]
+    fn an_exception_under_a_wider_port_rule_is_refused() {
+        let err = import(
+            "*mangle\n-A PREROUTING -d 198.51.100.200/32 -p tcp -j RETURN\n\
+             -A PREROUTING -d 198.51.100.128/25 -p tcp --dport 80 -j MARK --set-mark 0x65\nCOMMIT\n",
+            None,
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("198.51.100.200 tcp port 80: iptables leaves the mark alone here"),
+            "{err}"
+        );
     }
 
     #[test]
