@@ -716,11 +716,15 @@ fn render(entries: &[Entry], rules: usize) -> String {
 }
 
 /// A service name from an iptables comment.
+/// Control characters become spaces, then the ends are trimmed: a comment
+/// of only blanks and control characters gives no name (the config refuses
+/// blank names).
 fn sanitize(s: &str) -> String {
-    s.trim()
+    let printable: String = s
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
+        .collect();
+    printable.trim().to_string()
 }
 
 #[cfg(test)]
@@ -897,6 +901,19 @@ mod tests {
             "{:?}",
             i.report
         );
+    }
+
+    /// Found by the import fuzz target: a comment of control characters
+    /// became a name of spaces, and the printed config did not validate.
+    #[test]
+    fn comments_of_control_characters_give_no_name() {
+        let i = entries_of(
+            "*mangle\n-A PREROUTING -d 192.0.2.1 -p tcp -m comment --comment \"\x04\x00 \" \
+             -j MARK --set-mark 2\n-A PREROUTING -d 192.0.2.2 -p tcp -m comment --comment \" \tweb\x07\" \
+             -j MARK --set-mark 3\nCOMMIT\n",
+        );
+        let names: Vec<&str> = i.config.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, vec!["mark-0x2", "web"]);
     }
 
     #[test]
