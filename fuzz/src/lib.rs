@@ -43,7 +43,7 @@ use ipnet::IpNet;
 
 /// Rough number of rule or entry visits allowed per input for the
 /// reference checks; beyond it probes are sampled.
-const BUDGET: usize = 1 << 22;
+const BUDGET: usize = 1 << 19;
 
 /// Configs that expand to more entries than this are not compiled (except
 /// beyond `MAX_ENTRIES`, where compiling must refuse at once): compiling
