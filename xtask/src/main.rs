@@ -1,5 +1,6 @@
 //! `cargo xtask …`: everything a fresh machine needs, from one entry point.
 
+mod fuzz;
 mod setup;
 mod util;
 
@@ -37,9 +38,23 @@ enum Task {
         /// Skip `cargo fmt --check` and `cargo clippy`.
         #[arg(long)]
         no_lint: bool,
+        /// Seconds each fuzz target runs (0: none). Fuzzing is skipped when
+        /// a test filter is given.
+        #[arg(long, default_value_t = fuzz::TEST_SECONDS)]
+        fuzz_seconds: u64,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Run the cargo-fuzz targets (config, import) with nightly from the
+    /// committed corpus; a crash fails and names its reproducer.
+    Fuzz {
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = fuzz::TEST_SECONDS)]
+        seconds: u64,
     },
     /// Build, then show fwmark marking real traffic between two throwaway
     /// network namespaces, with the example config.
@@ -67,13 +82,43 @@ fn main() -> Result<()> {
             cmd.arg("run").args(&args);
             util::exec(cmd)
         }
-        Task::Test { no_lint, args } => {
+        Task::Test {
+            no_lint,
+            fuzz_seconds,
+            args,
+        } => {
             setup::setup()?;
             if !no_lint {
                 util::lint()?;
             }
             let bin = util::build_fwmark(false)?;
-            util::test(&bin, &args)
+            let (mut tally, cargo_ok) = util::test(&bin, &args)?;
+            // Each fuzz target counts as one test.
+            let outcomes = if fuzz_seconds == 0 {
+                Vec::new()
+            } else if !args.is_empty() {
+                eprintln!("xtask: a test filter was given: fuzz targets not run");
+                Vec::new()
+            } else {
+                fuzz::for_test(fuzz_seconds)
+            };
+            for o in &outcomes {
+                if o.result.is_ok() {
+                    tally.passed += 1;
+                } else {
+                    tally.failed += 1;
+                }
+            }
+            let fuzz_result = fuzz::report(&outcomes);
+            util::print_totals(&tally);
+            if !cargo_ok {
+                anyhow::bail!("cargo test failed");
+            }
+            fuzz_result
+        }
+        Task::Fuzz { target, seconds } => {
+            setup::setup()?;
+            fuzz::fuzz(target.as_deref(), seconds)
         }
         Task::Bench { quick } => {
             setup::setup()?;

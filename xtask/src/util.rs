@@ -110,10 +110,14 @@ pub fn build_bench() -> Result<PathBuf> {
     Ok(root().join("target/release/fwmark-bench"))
 }
 
-/// `cargo fmt --check` and `cargo clippy -D warnings` over the workspace.
+/// `cargo fmt --check` (the workspace and fuzz/) and `cargo clippy -D
+/// warnings` over the workspace.
 pub fn lint() -> Result<()> {
     run(cargo().args(["fmt", "--all", "--check"]))
         .context("formatting differs: run `cargo fmt --all`")?;
+    // fuzz/ is a workspace of its own (nightly, cargo-fuzz).
+    run(cargo().args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--check"]))
+        .context("formatting differs: run `cargo fmt --manifest-path fuzz/Cargo.toml`")?;
     run(cargo().args([
         "clippy",
         "--workspace",
@@ -130,10 +134,10 @@ const SKIP_MARKER: &str = "SKIPPED kernel test";
 
 /// Totals over every `test result:` line of a `cargo test` run.
 #[derive(Debug, Default, PartialEq, Eq)]
-struct Tally {
-    passed: u64,
-    failed: u64,
-    skipped: u64,
+pub struct Tally {
+    pub passed: u64,
+    pub failed: u64,
+    pub skipped: u64,
 }
 
 impl Tally {
@@ -159,8 +163,9 @@ impl Tally {
 }
 
 /// Every test of the workspace; test binaries run under sudo when not root.
-/// Ends with one line `fwmark tests: N passed, N failed, N skipped`.
-pub fn test(bin: &Path, args: &[String]) -> Result<()> {
+/// Returns the tally (skipped kernel tests are counted as skipped, not
+/// passed) and whether `cargo test` succeeded.
+pub fn test(bin: &Path, args: &[String]) -> Result<(Tally, bool)> {
     use std::{
         io::{BufRead as _, BufReader, Write as _},
         process::Stdio,
@@ -208,18 +213,21 @@ pub fn test(bin: &Path, args: &[String]) -> Result<()> {
     }
     let status = child.wait()?;
     let _ = err_thread.join();
-    let t = tally.lock().expect("tally");
+    let mut t = std::mem::take(&mut *tally.lock().expect("tally"));
     // Skipped kernel tests return early and count as passed in libtest.
+    t.passed = t.passed.saturating_sub(t.skipped);
+    if !status.success() {
+        eprintln!("xtask: cargo test failed: {status}");
+    }
+    Ok((t, status.success()))
+}
+
+/// The last line of `cargo xtask test`.
+pub fn print_totals(t: &Tally) {
     println!(
         "fwmark tests: {} passed, {} failed, {} skipped",
-        t.passed.saturating_sub(t.skipped),
-        t.failed,
-        t.skipped
+        t.passed, t.failed, t.skipped
     );
-    if !status.success() {
-        bail!("cargo test failed: {status}");
-    }
-    Ok(())
 }
 
 /// True when `program --version` runs.
