@@ -455,6 +455,35 @@ fn iptables_mark(parsed: &Parsed, addr: IpAddr, proto: Proto, port: Option<u16>,
     m
 }
 
+/// Rules `iptables_mark` may visit per packet: PREROUTING of both families
+/// with every chain counted again at every jump to it.
+fn program_size(parsed: &Parsed) -> usize {
+    fn size(
+        parsed: &Parsed,
+        key: (Family, String),
+        memo: &mut HashMap<(Family, String), usize>,
+    ) -> usize {
+        if let Some(&n) = memo.get(&key) {
+            return n;
+        }
+        memo.insert(key.clone(), 0); // a loop counts nothing more
+        let mut n = 0usize;
+        for rule in parsed.chains.get(&key).into_iter().flatten() {
+            n = n.saturating_add(1);
+            if let (Action::Jump, Some(target)) = (rule.action, &rule.jump) {
+                n = n.saturating_add(size(parsed, (key.0, target.clone()), memo));
+            }
+        }
+        memo.insert(key, n);
+        n
+    }
+    let mut memo = HashMap::new();
+    [Family::V4, Family::V6]
+        .into_iter()
+        .map(|f| size(parsed, (f, "PREROUTING".to_string()), &mut memo))
+        .fold(0, usize::saturating_add)
+}
+
 /// `fwmark import --iface eth0` on iptables-save output or commands, and
 /// with `--skip-unsupported` when it refuses unsupported rules.
 pub fn import(data: &[u8]) {
@@ -513,7 +542,7 @@ pub fn import(data: &[u8]) {
     let addrs = probe_addrs(rules.iter().filter_map(|r| r.dst.as_ref()).chain(&whole));
     let ports = probe_ports(rules.iter().flat_map(|r| r.ports.iter().flatten()));
     let exact: HashMap<_, _> = imported.ruleset.exact.iter().copied().collect();
-    let cost = rules.len() + imported.ruleset.prefix.len();
+    let cost = program_size(&parsed) + imported.ruleset.prefix.len();
     for (addr, proto, port) in probes(&addrs, &ports, cost) {
         let want = (
             iptables_mark(&parsed, addr, proto, port, 0),
