@@ -1,5 +1,6 @@
 //! `cargo xtask …`: everything a fresh machine needs, from one entry point.
 
+mod fuzz;
 mod setup;
 mod util;
 mod vm;
@@ -38,6 +39,10 @@ enum Task {
         /// Skip `cargo fmt --check` and `cargo clippy`.
         #[arg(long)]
         no_lint: bool,
+        /// Seconds each fuzz target runs (0: none). Fuzzing is skipped when
+        /// a test filter is given.
+        #[arg(long, default_value_t = fuzz::TEST_SECONDS)]
+        fuzz_seconds: u64,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -46,6 +51,16 @@ enum Task {
     /// qemu from a cached busybox initramfs and run the IPVS scenario there
     /// (tests/src/vm.rs). Part of `test`.
     VmTest,
+    /// Run the cargo-fuzz targets (config, import) with nightly from the
+    /// committed corpus; a crash fails and names its reproducer.
+    Fuzz {
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = fuzz::TEST_SECONDS)]
+        seconds: u64,
+    },
     /// Build, then show fwmark marking real traffic between two throwaway
     /// network namespaces, with the example config.
     Demo,
@@ -109,16 +124,39 @@ fn main() -> Result<()> {
             cmd.arg("run").args(&args);
             util::exec(cmd)
         }
-        Task::Test { no_lint, args } => {
+        Task::Test {
+            no_lint,
+            fuzz_seconds,
+            args,
+        } => {
             setup::setup()?;
             if !no_lint {
                 util::lint()?;
             }
             let bin = util::build_fwmark(false)?;
             let (mut tally, cargo_ok) = util::test(&bin, &args)?;
-            // The VM test runs with the whole suite, not with a filter.
+            // The VM test and the fuzz targets run with the whole suite, not
+            // with a filter; each counts as one test.
             if args.is_empty() {
                 vm_test_counted(&bin, &mut tally)?;
+            } else {
+                eprintln!("xtask: a test filter was given: the VM test and fuzz targets not run");
+            }
+            let outcomes = if fuzz_seconds == 0 || !args.is_empty() {
+                Vec::new()
+            } else {
+                fuzz::for_test(fuzz_seconds)
+            };
+            for o in &outcomes {
+                if o.result.is_ok() {
+                    tally.passed += 1;
+                } else {
+                    tally.failed += 1;
+                }
+            }
+            // Each target's summary; its failures are already in the tally.
+            if let Err(e) = fuzz::report(&outcomes) {
+                eprintln!("xtask: {e}");
             }
             util::report(&tally, cargo_ok)
         }
@@ -127,6 +165,10 @@ fn main() -> Result<()> {
             let bin = util::build_fwmark(false)?;
             let guest = util::build_vm_guest()?;
             vm::vm_test(&bin, &guest)
+        }
+        Task::Fuzz { target, seconds } => {
+            setup::setup()?;
+            fuzz::fuzz(target.as_deref(), seconds)
         }
         Task::Bench { quick } => {
             setup::setup()?;

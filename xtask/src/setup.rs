@@ -49,7 +49,11 @@ pub fn setup() -> Result<()> {
     // 2. bpf-linker linked against nightly's own libLLVM.
     ensure_bpf_linker()?;
 
-    // 3. Privileges, bpffs and the tools the kernel tests use.
+    // 3. cargo-fuzz for the fuzz targets (`cargo xtask fuzz`, and briefly in
+    //    `cargo xtask test`).
+    crate::fuzz::ensure_cargo_fuzz()?;
+
+    // 4. Privileges, bpffs and the tools the kernel tests use.
     if util::is_root() {
         ensure_bpffs()?;
     } else {
@@ -108,7 +112,7 @@ fn nightly_llvm() -> Result<(PathBuf, String, String)> {
     Ok((lib_dir, link_name, major))
 }
 
-fn cargo_bin_dir() -> PathBuf {
+pub fn cargo_bin_dir() -> PathBuf {
     std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))

@@ -135,10 +135,14 @@ pub fn build_soak() -> Result<PathBuf> {
     Ok(root().join("target/debug/fwmark-soak"))
 }
 
-/// `cargo fmt --check` and `cargo clippy -D warnings` over the workspace.
+/// `cargo fmt --check` (the workspace and fuzz/) and `cargo clippy -D
+/// warnings` over the workspace.
 pub fn lint() -> Result<()> {
     run(cargo().args(["fmt", "--all", "--check"]))
         .context("formatting differs: run `cargo fmt --all`")?;
+    // fuzz/ is a workspace of its own (nightly, cargo-fuzz).
+    run(cargo().args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--check"]))
+        .context("formatting differs: run `cargo fmt --manifest-path fuzz/Cargo.toml`")?;
     run(cargo().args([
         "clippy",
         "--workspace",
@@ -185,8 +189,8 @@ impl Tally {
 }
 
 /// Every test of the workspace; test binaries run under sudo when not root.
-/// Returns the tally (skipped kernel tests counted as skipped, not passed)
-/// and whether `cargo test` succeeded.
+/// Returns the tally (skipped kernel tests are counted as skipped, not
+/// passed) and whether `cargo test` succeeded.
 pub fn test(bin: &Path, args: &[String]) -> Result<(Tally, bool)> {
     use std::{
         io::{BufRead as _, BufReader, Write as _},
@@ -238,6 +242,9 @@ pub fn test(bin: &Path, args: &[String]) -> Result<(Tally, bool)> {
     let mut t = std::mem::take(&mut *tally.lock().expect("tally"));
     // Skipped kernel tests return early and count as passed in libtest.
     t.passed = t.passed.saturating_sub(t.skipped);
+    if !status.success() {
+        eprintln!("xtask: cargo test failed: {status}");
+    }
     Ok((t, status.success()))
 }
 

@@ -66,6 +66,12 @@ pub enum ImportError {
         "no MARK rule in the mangle table's PREROUTING chain (or chains it jumps to) to import"
     )]
     Nothing,
+    #[error(
+        "the {family:?} mangle PREROUTING chain, with the chains it jumps to copied at every \
+         jump, has more than {MAX_PROGRAM_RULES} rules; fwmark import follows jumps by copying \
+         the chain: jump to each chain once"
+    )]
+    TooLarge { family: Family },
     #[error("the imported config does not validate (a bug in fwmark import): {0}")]
     Invalid(String),
 }
@@ -186,7 +192,14 @@ fn eval(flat: &[Flat<'_>], relevant: &[usize], port: Option<u16>) -> (Effect, Ve
     (effect, lines)
 }
 
-/// Builds the program of one family from PREROUTING, following jumps.
+/// Most rules the program of one family may have once jumps are followed:
+/// a chain is copied at every jump to it, so a few lines jumping twice into
+/// the next chain, level after level, would otherwise grow without bound.
+pub const MAX_PROGRAM_RULES: usize = 1_000_000;
+
+/// Builds the program of one family from PREROUTING, following jumps;
+/// `size` counts the rules placed, and the build stops once it passes
+/// `MAX_PROGRAM_RULES`.
 fn build<'a>(
     parsed: &'a Parsed,
     family: Family,
@@ -194,6 +207,7 @@ fn build<'a>(
     stack: &mut Vec<String>,
     used: &mut HashSet<String>,
     unsupported: &mut Vec<Unsupported>,
+    size: &mut usize,
 ) -> Vec<Node<'a>> {
     let Some(rules) = parsed.chains.get(&(family, chain.to_string())) else {
         return Vec::new();
@@ -201,6 +215,10 @@ fn build<'a>(
     used.insert(chain.to_string());
     let mut nodes = Vec::new();
     for rule in rules {
+        *size += 1;
+        if *size > MAX_PROGRAM_RULES {
+            break;
+        }
         if let (Action::Jump, Some(target)) = (rule.action, &rule.jump) {
             if !rule.unconditional {
                 unsupported.push(Unsupported {
@@ -226,7 +244,7 @@ fn build<'a>(
                 continue;
             }
             stack.push(target.clone());
-            let block = build(parsed, family, target, stack, used, unsupported);
+            let block = build(parsed, family, target, stack, used, unsupported, size);
             stack.pop();
             nodes.push(Node::Block(block));
         } else {
@@ -278,6 +296,7 @@ pub fn import(
 
     for family in [Family::V4, Family::V6] {
         let mut used = HashSet::new();
+        let mut size = 0;
         let program = build(
             &parsed,
             family,
@@ -285,7 +304,11 @@ pub fn import(
             &mut vec!["PREROUTING".to_string()],
             &mut used,
             &mut unsupported,
+            &mut size,
         );
+        if size > MAX_PROGRAM_RULES {
+            return Err(ImportError::TooLarge { family });
+        }
         for ((f, chain), rules) in &parsed.chains {
             if *f == family && !used.contains(chain) {
                 *ignored.entry(format!("mangle/{chain}")).or_default() += rules.len();
@@ -432,9 +455,14 @@ fn region_entries(
         .collect();
     let (default, default_lines) = point(None);
     let mut intervals: Vec<(u16, u16, Effect, Vec<usize>)> = Vec::new();
+    // Every interval before merging: the entries of wider prefixes change
+    // at these bounds too (their rules are among `relevant`), so fwmark's
+    // fallback may differ inside a merged interval and each is checked.
+    let mut windows: Vec<(u16, Effect, Vec<usize>)> = Vec::new();
     for w in bounds.windows(2) {
         let (lo, hi) = (w[0] as u16, (w[1] - 1) as u16);
         let (effect, lines) = point(Some(lo));
+        windows.push((lo, effect, lines.clone()));
         match intervals.last_mut() {
             Some(last) if last.2 == effect && u32::from(last.1) + 1 == u32::from(lo) => {
                 last.1 = hi;
@@ -479,10 +507,7 @@ fn region_entries(
     checks.push(Check {
         region: *region,
         default: (default, default_lines.clone()),
-        intervals: intervals
-            .iter()
-            .map(|(lo, _, e, l)| (*lo, *e, l.clone()))
-            .collect(),
+        intervals: windows,
     });
     if !default.is_identity() {
         add(None, default, &default_lines);
@@ -498,38 +523,42 @@ fn region_entries(
 struct Check {
     region: Region,
     default: (Effect, Vec<usize>),
-    /// (first port of the interval, effect, MARK rule lines).
+    /// (first port of the interval, effect, MARK rule lines), one per
+    /// interval on which every relevant rule's port match is constant.
     intervals: Vec<(u16, Effect, Vec<usize>)>,
 }
 
-/// An address whose longest rule prefix is `prefix` (none when longer
-/// prefixes cover every candidate).
+/// An address whose longest rule prefix is `prefix`: one outside every
+/// longer prefix of `all` (none when they cover `prefix` whole). Every such
+/// address is marked alike, by iptables and by fwmark, so one stands for
+/// the region.
 fn representative(prefix: &IpNet, all: &HashSet<IpNet>) -> Option<std::net::IpAddr> {
-    use std::net::IpAddr;
-    let step = |a: IpAddr, d: i64| -> Option<IpAddr> {
-        match a {
-            IpAddr::V4(v) => u32::try_from(i64::from(u32::from(v)) + d)
-                .ok()
-                .map(|x| IpAddr::V4(x.into())),
-            IpAddr::V6(v) => u128::from(v)
-                .checked_add_signed(i128::from(d))
-                .map(|x| IpAddr::V6(x.into())),
-        }
-    };
-    let candidates = [
-        Some(prefix.network()),
-        step(prefix.network(), 1),
-        Some(prefix.broadcast()),
-        step(prefix.broadcast(), -1),
-    ];
-    candidates.into_iter().flatten().find(|c| {
-        prefix.contains(c)
-            && (prefix.prefix_len() + 1..=prefix.max_prefix_len()).all(|len| {
-                IpNet::new(*c, len)
-                    .map(|n| !all.contains(&n.trunc()))
-                    .unwrap_or(true)
-            })
-    })
+    let inside: Vec<IpNet> = all
+        .iter()
+        .copied()
+        .filter(|n| n != prefix && contains(prefix, n))
+        .collect();
+    uncovered(*prefix, &inside)
+}
+
+/// An address of `net` in none of `inside`: `net`'s first address when no
+/// prefix of `inside` lies within it, else the search goes on in its halves.
+fn uncovered(net: IpNet, inside: &[IpNet]) -> Option<std::net::IpAddr> {
+    let within: Vec<IpNet> = inside
+        .iter()
+        .copied()
+        .filter(|n| contains(&net, n))
+        .collect();
+    if within.is_empty() {
+        return Some(net.network());
+    }
+    if within.contains(&net) {
+        return None;
+    }
+    // `net` is shorter than a prefix within it, so it has halves.
+    net.subnets(net.prefix_len() + 1)
+        .ok()?
+        .find_map(|half| uncovered(half, &within))
 }
 
 /// Checks that the config gives every region, protocol and port interval
@@ -543,8 +572,12 @@ fn verify(checks: &[Check], all: &HashSet<IpNet>, ruleset: &Ruleset) -> Vec<Stri
         ruleset.classify_with(&exact, addr, proto.number(), port)
     };
     let mut out = Vec::new();
+    let mut representatives = std::collections::HashMap::new();
     for c in checks {
-        let Some(addr) = representative(&c.region.prefix, all) else {
+        let Some(addr) = *representatives
+            .entry(c.region.prefix)
+            .or_insert_with(|| representative(&c.region.prefix, all))
+        else {
             continue;
         };
         let points = std::iter::once((None, &c.default.0, &c.default.1))
@@ -713,11 +746,15 @@ fn render(entries: &[Entry], rules: usize) -> String {
 }
 
 /// A service name from an iptables comment.
+/// Control characters become spaces, then the ends are trimmed: a comment
+/// of only blanks and control characters gives no name (the config refuses
+/// blank names).
 fn sanitize(s: &str) -> String {
-    s.trim()
+    let printable: String = s
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
+        .collect();
+    printable.trim().to_string()
 }
 
 #[cfg(test)]
@@ -842,6 +879,96 @@ mod tests {
         }
     }
 
+    /// Found by the import fuzz target: a RETURN for a whole address
+    /// under a wider prefix's port rule. iptables leaves port 80 of
+    /// 198.51.100.200 alone; fwmark would fall back to the /25's port entry.
+    /// The merged interval 1-65535 (all "leave alone") hid port 80 from the
+    /// check.
+    #[test]
+    fn an_exception_under_a_wider_port_rule_is_refused() {
+        let err = import(
+            "*mangle\n-A PREROUTING -d 198.51.100.200/32 -p tcp -j RETURN\n\
+             -A PREROUTING -d 198.51.100.128/25 -p tcp --dport 80 -j MARK --set-mark 0x65\nCOMMIT\n",
+            None,
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("198.51.100.200 tcp port 80: iptables leaves the mark alone here"),
+            "{err}"
+        );
+    }
+
+    /// Found by the import fuzz target: the /24's first two and last two
+    /// addresses lie in longer prefixes, so the check found no address of
+    /// the /24's own region and skipped it; 198.51.100.64-127 are that
+    /// region, and there iptables leaves port 80 alone while fwmark would
+    /// apply the /24's every-port mark.
+    #[test]
+    fn a_region_between_longer_prefixes_is_checked() {
+        let err = import(
+            "*mangle\n-A PREROUTING -d 198.51.100.0/26 -p tcp --dport 80 -j MARK --set-mark 2\n\
+             -A PREROUTING -d 198.51.100.128/25 -p tcp -j MARK --set-mark 3\n\
+             -A PREROUTING -d 198.51.100.0/24 -p tcp --dport 80 -j RETURN\n\
+             -A PREROUTING -d 198.51.100.0/24 -p tcp -j MARK --set-mark 1\nCOMMIT\n",
+            None,
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("198.51.100.64 tcp port 80: iptables leaves the mark alone here"),
+            "{err}"
+        );
+        let all: HashSet<IpNet> = ["10.0.0.0/8", "10.0.0.0/9", "10.128.0.0/9", "10.0.0.0/24"]
+            .iter()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        assert_eq!(representative(&"10.0.0.0/8".parse().unwrap(), &all), None);
+        assert_eq!(
+            representative(&"10.0.0.0/9".parse().unwrap(), &all),
+            Some("10.0.1.0".parse().unwrap())
+        );
+    }
+
+    /// Chains that jump twice into the next one, 25 levels deep: a 1 KB
+    /// input that copied 2^24 rules (44 s and 5.8 GB in a debug build).
+    #[test]
+    fn jumps_that_multiply_the_program_are_refused() {
+        let mut text = String::from("*mangle\n");
+        for i in 0..25 {
+            text.push_str(&format!(":C{i} - [0:0]\n"));
+        }
+        text.push_str("-A PREROUTING -j C0\n");
+        for i in 0..24 {
+            text.push_str(&format!("-A C{i} -j C{}\n-A C{i} -j C{}\n", i + 1, i + 1));
+        }
+        text.push_str("-A C24 -d 192.0.2.1 -p tcp -j MARK --set-mark 1\nCOMMIT\n");
+        let err = import(&text, None, true).unwrap_err();
+        assert!(
+            matches!(err, ImportError::TooLarge { family: Family::V4 }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("more than 1000000 rules"), "{err}");
+        // Ten levels (C9 copied 512 times, its two rules now MARK rules) import.
+        let small: String = text
+            .lines()
+            .filter(|l| {
+                !(10..25)
+                    .any(|i| l.starts_with(&format!("-A C{i} ")) || *l == format!(":C{i} - [0:0]"))
+            })
+            .map(|l| {
+                format!(
+                    "{}\n",
+                    l.replace("-j C10", "-d 192.0.2.1 -p tcp -j MARK --set-mark 1")
+                )
+            })
+            .collect();
+        let i = entries_of(&small);
+        assert_eq!(i.rules, 1024);
+    }
+
     #[test]
     fn unsupported_rules_fail_unless_skipped() {
         let text = "*mangle\n-A PREROUTING -s 10.0.0.1 -j MARK --set-mark 1\n\
@@ -873,6 +1000,19 @@ mod tests {
             "{:?}",
             i.report
         );
+    }
+
+    /// Found by the import fuzz target: a comment of control characters
+    /// became a name of spaces, and the printed config did not validate.
+    #[test]
+    fn comments_of_control_characters_give_no_name() {
+        let i = entries_of(
+            "*mangle\n-A PREROUTING -d 192.0.2.1 -p tcp -m comment --comment \"\x04\x00 \" \
+             -j MARK --set-mark 2\n-A PREROUTING -d 192.0.2.2 -p tcp -m comment --comment \" \tweb\x07\" \
+             -j MARK --set-mark 3\nCOMMIT\n",
+        );
+        let names: Vec<&str> = i.config.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, vec!["mark-0x2", "web"]);
     }
 
     #[test]

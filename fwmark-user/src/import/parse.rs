@@ -135,18 +135,35 @@ pub fn parse_value_mask(s: &str) -> Option<(u32, Option<u32>)> {
     }
 }
 
-fn parse_port_range(s: &str) -> Option<PortRange> {
+/// `N`, `A:B`, `:B` or `A:` as iptables reads them. Port 0 is not a port to
+/// fwmark (packets to port 0 get a service's every-port mark), so a range
+/// from 0 starts at 1 and a range of port 0 alone is refused.
+fn parse_port_range(s: &str) -> Result<PortRange, String> {
+    let num = |t: &str| -> Result<u16, String> {
+        t.parse()
+            .map_err(|_| format!("{t:?} is not a port (0..=65535)"))
+    };
     let (lo, hi) = match s.split_once(':') {
         Some((a, b)) => (
-            if a.is_empty() { 0 } else { a.parse().ok()? },
-            if b.is_empty() { 65535 } else { b.parse().ok()? },
+            if a.is_empty() { 0 } else { num(a)? },
+            if b.is_empty() { 65535 } else { num(b)? },
         ),
         None => {
-            let p: u16 = s.parse().ok()?;
+            let p = num(s)?;
             (p, p)
         }
     };
-    (lo <= hi).then_some(PortRange { lo: lo.max(1), hi })
+    if lo > hi {
+        return Err(format!("range {s:?} is reversed"));
+    }
+    if hi == 0 {
+        return Err(
+            "port 0 alone cannot be matched by fwmark (it gives packets to port 0 a \
+             service's every-port mark)"
+                .into(),
+        );
+    }
+    Ok(PortRange { lo: lo.max(1), hi })
 }
 
 /// Reads the whole input. `iface`: the interface fwmark will run on (rules
@@ -414,8 +431,8 @@ fn parse_rule_words(
                     return unsupported(out, "--dport without a port".into());
                 };
                 match parse_port_range(p) {
-                    Some(r) => rule.ports = Some(vec![r]),
-                    None => return unsupported(out, format!("--dport {p:?}: not a port or range")),
+                    Ok(r) => rule.ports = Some(vec![r]),
+                    Err(e) => return unsupported(out, format!("--dport {p:?}: {e}")),
                 }
                 rule.unconditional = false;
             }
@@ -426,12 +443,9 @@ fn parse_rule_words(
                 let mut ranges = Vec::new();
                 for item in list.split(',') {
                     match parse_port_range(item) {
-                        Some(r) => ranges.push(r),
-                        None => {
-                            return unsupported(
-                                out,
-                                format!("--dports {list:?}: {item:?} is not a port or range"),
-                            );
+                        Ok(r) => ranges.push(r),
+                        Err(e) => {
+                            return unsupported(out, format!("--dports {list:?}: {e}"));
                         }
                     }
                 }
@@ -667,6 +681,45 @@ mod tests {
         assert!(p.unsupported[4].reason.contains("CONNMARK"));
         assert_eq!(p.chains[&(Family::V4, "PREROUTING".into())].len(), 1);
         assert_eq!(p.notes.len(), 1);
+    }
+
+    /// Found by the import fuzz target: `--dports 000,4500` became the
+    /// range 1-0 (lo > hi), which matched nothing where iptables matches
+    /// packets to port 0.
+    #[test]
+    fn port_ranges_start_at_1_and_port_0_alone_is_refused() {
+        assert_eq!(
+            parse_port_range("0:1023"),
+            Ok(PortRange { lo: 1, hi: 1023 })
+        );
+        assert_eq!(parse_port_range(":80"), Ok(PortRange { lo: 1, hi: 80 }));
+        assert_eq!(parse_port_range("80:"), Ok(PortRange { lo: 80, hi: 65535 }));
+        for zero in ["0", "000", "0:0", ":0"] {
+            let e = parse_port_range(zero).unwrap_err();
+            assert!(e.contains("port 0 alone"), "{zero}: {e}");
+        }
+        assert!(parse_port_range("90:80").unwrap_err().contains("reversed"));
+        assert!(
+            parse_port_range("65536")
+                .unwrap_err()
+                .contains("not a port")
+        );
+        let p = parse(
+            "*mangle\n-A PREROUTING -d 192.0.2.31/32 -p udp -m multiport --dports 000,4500 -j MARK --set-mark 31\n\
+             -A PREROUTING -d 192.0.2.31/32 -p udp --dport 0 -j MARK --set-mark 31\nCOMMIT\n",
+            None,
+        );
+        assert!(p.chains.is_empty(), "{:?}", p.chains);
+        let reasons: Vec<&str> = p.unsupported.iter().map(|u| u.reason.as_str()).collect();
+        assert_eq!(reasons.len(), 2);
+        assert!(
+            reasons[0].starts_with("--dports \"000,4500\": port 0 alone"),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons[1].starts_with("--dport \"0\": port 0 alone"),
+            "{reasons:?}"
+        );
     }
 
     #[test]
