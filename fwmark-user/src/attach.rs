@@ -165,6 +165,26 @@ impl Attached {
         }
     }
 
+    /// Takes the attachment off its device at once (by the device's index,
+    /// so also when the interface was renamed and its name now means
+    /// another device or none), without waiting for a tcx release.
+    pub fn remove_now(self, link_pin: &Path) -> Result<(), String> {
+        match self {
+            // Without its pin, the link goes when its last fd closes.
+            Attached::Tcx(pinned) => {
+                if pinned.unpin().is_err() {
+                    let _ = std::fs::remove_file(link_pin);
+                }
+                Ok(())
+            }
+            // The link deletes the filter by the device's index, which is
+            // still that device's.
+            Attached::Netlink { link, .. } => {
+                aya::programs::links::Link::detach(link).map_err(|e| e.to_string())
+            }
+        }
+    }
+
     /// Removes the attachment (and the link's pin); returns once the kernel
     /// no longer runs `program_id` on `iface`.
     pub fn detach(self, iface: &str, program_id: u32) -> Result<(), String> {

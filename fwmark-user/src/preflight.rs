@@ -95,6 +95,13 @@ pub fn interface_index(iface: &str) -> Result<u32, PreflightError> {
     }
 }
 
+/// Whether a network device with index `index` exists (under any name).
+pub fn index_exists(index: u32) -> bool {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has the IF_NAMESIZE bytes if_indextoname may write.
+    !unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) }.is_null()
+}
+
 /// `ARPHRD_ETHER` and `ARPHRD_LOOPBACK`: link types whose frames start with
 /// an Ethernet header at TC ingress.
 const ETHERNET_LINK_TYPES: [u32; 2] = [1, 772];

@@ -417,19 +417,42 @@ fn follow_interface(live: &mut Live) {
             .ok()
             .flatten()
             .map_or(0, |s| s.generation);
-        match now {
-            None => warn!(
-                "{iface} is gone (it had index {old}), and fwmark's attachment with it: \
-                 nothing is marked there now; waiting for it to come back (generation \
-                 {generation} stays loaded)"
-            ),
-            Some(new) => warn!(
-                "{iface} was replaced (index {old} -> {new}), and fwmark's attachment went \
-                 with the old one; attaching to the new one (generation {generation})"
-            ),
-        }
-        if let Some(attached) = live.attached.take() {
-            attached.abandon(&live.paths.pin("link"));
+        if preflight::index_exists(old) {
+            // Renamed (or the name moved elsewhere): the device and fwmark's
+            // attachment on it live on, so take the attachment off it.
+            warn!(
+                "{iface} no longer names the device with index {old} (renamed?): removing \
+                 fwmark's attachment from that device; {}",
+                match now {
+                    Some(new) => format!("attaching to the new {iface} (index {new})"),
+                    None => format!(
+                        "waiting for {iface} to appear (generation {generation} stays loaded)"
+                    ),
+                }
+            );
+            if let Some(attached) = live.attached.take()
+                && let Err(e) = attached.remove_now(&live.paths.pin("link"))
+            {
+                error!(
+                    "removing fwmark from the device with index {old} failed: {e}; check \
+                     `tc filter show dev <its name> ingress`"
+                );
+            }
+        } else {
+            match now {
+                None => warn!(
+                    "{iface} is gone (it had index {old}), and fwmark's attachment with it: \
+                     nothing is marked there now; waiting for it to come back (generation \
+                     {generation} stays loaded)"
+                ),
+                Some(new) => warn!(
+                    "{iface} was replaced (index {old} -> {new}), and fwmark's attachment \
+                     went with the old one; attaching to the new one (generation {generation})"
+                ),
+            }
+            if let Some(attached) = live.attached.take() {
+                attached.abandon(&live.paths.pin("link"));
+            }
         }
     }
     let Some(index) = now else {
@@ -467,8 +490,15 @@ fn reattach(live: &mut Live, index: u32) -> Result<State> {
     let attached = attach::attach(program, &iface, state.mode, &live.paths.pin("link"))?;
     state.netlink = attached.netlink();
     state.attached_at = live::now();
+    // An attachment the state does not record could not be adopted or
+    // detached later: take it off again and retry at the next check.
+    if let Err(e) = state.save(&live.paths) {
+        if let Err(d) = attached.remove_now(&live.paths.pin("link")) {
+            error!("taking the unrecorded attachment off {iface} failed: {d}");
+        }
+        return Err(e).context("recording the new attachment failed, so it was removed");
+    }
     live.attached = Some(attached);
     live.ifindex = Some(index);
-    state.save(&live.paths)?;
     Ok(state)
 }

@@ -518,6 +518,57 @@ fn interface_deleted_and_created_again(mode: &str) {
 }
 
 #[test]
+fn interface_renamed_away_and_back_is_followed_tcx() {
+    interface_renamed_away_and_back("tcx");
+}
+
+#[test]
+fn interface_renamed_away_and_back_is_followed_netlink() {
+    interface_renamed_away_and_back("netlink");
+}
+
+/// A rename keeps the device (and so an attachment on it): fwmark must take
+/// its attachment off the device that no longer has its name, or it would
+/// go on marking there, unseen by `status`, `detach` and the next `run`.
+fn interface_renamed_away_and_back(mode: &str) {
+    let name = format!("interface_renamed_away_and_back_{mode}");
+    let Some((lab, _files, a)) = setup(&name, &["ip", "nft", "nsenter", "tc"], "a.toml") else {
+        return;
+    };
+    let counters = web_counters(&lab);
+    let daemon = Daemon::run_on(&lab, &a, &["--attach", mode, "--no-watch"]).unwrap();
+    assert_eq!(web_mark(&lab, &counters), 80);
+
+    let dev = &lab.director_if;
+    let other = format!("{dev}r");
+    let rename = |from: &str, to: &str| {
+        lab.director.ip(&["link", "set", from, "down"]).unwrap();
+        lab.director.ip(&["link", "set", from, "name", to]).unwrap();
+        lab.director.ip(&["link", "set", to, "up"]).unwrap();
+    };
+    rename(dev, &other);
+    daemon
+        .wait_for_log("no longer names the device", Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        fwmark_testlab::netns::ingress_programs(&lab.director, &other)
+            .unwrap()
+            .is_empty(),
+        "fwmark left its attachment on the renamed device"
+    );
+
+    rename(&other, dev);
+    daemon
+        .wait_for_log("is back (index", Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(web_mark(&lab, &counters), 80);
+    assert_eq!(ingress(&lab), vec![format!("{mode}:fwmark")]);
+    stop_ok(daemon);
+    assert!(ingress(&lab).is_empty());
+    assert_eq!(web_mark(&lab, &counters), 0);
+}
+
+#[test]
 fn a_kept_attachment_whose_interface_was_replaced_is_attached_afresh_tcx() {
     kept_attachment_of_a_replaced_interface("tcx");
 }
