@@ -311,6 +311,26 @@ impl Lock {
         Ok(Lock { _file: file })
     }
 
+    /// Whether a change holds the apply lock right now (an `apply` or a
+    /// reload between its switch and recording it).
+    pub fn apply_busy(paths: &Paths) -> bool {
+        let Ok(file) = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(paths.run_dir.join("apply.lock"))
+        else {
+            return false;
+        };
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        // SAFETY: `fd` is an open descriptor for the duration of the calls.
+        let free = unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        if free {
+            // SAFETY: as above; we took it only to test it.
+            unsafe { libc::flock(fd, libc::LOCK_UN) };
+        }
+        !free
+    }
+
     /// Whether a `fwmark run` holds the daemon lock of the interface, and
     /// its pid.
     pub fn daemon_holder(paths: &Paths) -> Option<String> {

@@ -272,7 +272,9 @@ pub fn status(iface: &str, json: bool) -> Result<()> {
     }
     let maps = Maps::from_pins(&paths.pin_dir).with_context(not_attached)?;
     let (state, unrecorded) = live::peek_state(&paths, &maps)?.with_context(not_attached)?;
-    if unrecorded {
+    // A change in progress holds the apply lock between its switch and
+    // recording it: only a switch nobody is recording was interrupted.
+    if unrecorded && !crate::state::Lock::apply_busy(&paths) {
         log::warn!(
             "an interrupted change of {iface} switched to generation {} and is not recorded \
              yet; the next `fwmark apply`, `run` or `detach` records it",
