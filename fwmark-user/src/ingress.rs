@@ -133,8 +133,8 @@ pub fn netlink_priority(iface: &str) -> u16 {
         warn!(
             "{} on {iface} ingress run(s) before fwmark's filter (pref {pref}): they see packets \
              unmarked, and a filter that classifies a packet stops fwmark from seeing it; move \
-             them to a priority above {pref} (`tc filter del ... pref N` and add them again), or \
-             use --attach tcx",
+             them to a priority above {pref} (`tc filter del ... pref N` and add them again), or, \
+             on kernels 6.6 and later, use --attach tcx",
             before.join(", ")
         );
     }
