@@ -135,40 +135,46 @@ fn debs() -> Result<Vec<PathBuf>> {
                     .is_some_and(|n| n.starts_with(prefix) && n.ends_with(".deb"))
             }))
     };
-    let mut wanted: Vec<String> = Vec::new();
-    // The kernel: whatever the cache holds, else the metapackage's current
-    // dependency.
-    let kernel_cached = std::fs::read_dir(&dir)?.filter_map(|e| e.ok()).any(|e| {
-        let n = e.file_name().to_string_lossy().into_owned();
-        n.starts_with("linux-image-") && n.contains("-cloud-amd64_") && n.ends_with(".deb")
-    });
-    if !kernel_cached {
-        wanted.push(kernel_package()?);
-    }
-    for p in GUEST_PACKAGES {
-        if cached(&format!("{p}_"))?.is_none() {
-            wanted.push((*p).to_string());
+    // What the cache lacks: the kernel (whatever the cache holds, else the
+    // metapackage's current dependency) and the guest's userspace.
+    let missing = || -> Result<Vec<String>> {
+        let mut wanted = Vec::new();
+        let kernel_cached = std::fs::read_dir(&dir)?.filter_map(|e| e.ok()).any(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with("linux-image-") && n.contains("-cloud-amd64_") && n.ends_with(".deb")
+        });
+        if !kernel_cached {
+            wanted.push(kernel_package()?);
         }
-    }
+        for p in GUEST_PACKAGES {
+            if cached(&format!("{p}_"))?.is_none() {
+                wanted.push((*p).to_string());
+            }
+        }
+        Ok(wanted)
+    };
+    let wanted = missing()?;
     if !wanted.is_empty() {
         eprintln!("vm-test: downloading {}", wanted.join(" "));
         let tmp = cache_dir().join("debs.partial");
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)?;
-        let download = || {
+        let download = |wanted: &[String]| {
             run(Command::new("apt-get")
                 .args(["download", "-q", "-o", "APT::Sandbox::User=root"])
-                .args(&wanted)
+                .args(wanted)
                 .current_dir(&tmp))
         };
-        download()
+        download(&wanted)
             .or_else(|_| {
                 ensure!(
                     util::is_root(),
                     "apt-get download failed; as root, `apt-get update` may help"
                 );
+                // Stale package lists name versions the archive no longer
+                // has: update, then resolve the names again.
                 run(Command::new("apt-get").args(["update", "-qq"]))?;
-                download()
+                download(&missing()?)
             })
             .context("downloading the guest's Debian packages failed")?;
         for e in std::fs::read_dir(&tmp)? {
