@@ -181,21 +181,6 @@ fn by_precedence(
     best.map(|(_, t)| t)
 }
 
-/// Map entries a config expands to, as `Ruleset::compile` counts them.
-fn expansion(config: &Config) -> usize {
-    config
-        .services
-        .iter()
-        .map(|s| {
-            let ports = s
-                .ports
-                .as_ref()
-                .map_or(1, |ps| ps.iter().map(|p| p.len()).sum());
-            s.vips.len() * s.protos.len() * ports
-        })
-        .sum()
-}
-
 /// The shape `Config::parse` promises for a config it accepts.
 fn check_shape(config: &Config) {
     assert!(!config.services.is_empty(), "a valid config has a service");
@@ -260,7 +245,7 @@ pub fn config(data: &[u8]) {
     };
     check_shape(&config);
 
-    let entries = expansion(&config);
+    let entries = Ruleset::expansion(&config);
     if entries > COMPILE_LIMIT && entries <= MAX_ENTRIES {
         return;
     }

@@ -138,9 +138,10 @@ pub fn lpm_prefix_len(bits: u8) -> u32 {
 }
 
 impl Ruleset {
-    /// Compiles a validated config.
-    pub fn compile(config: &Config) -> Result<Ruleset, RulesetError> {
-        let entries: usize = config
+    /// How many map entries `config` expands to before precedence folds
+    /// them (addresses x protocols x ports, per service).
+    pub fn expansion(config: &Config) -> usize {
+        config
             .services
             .iter()
             .map(|s| {
@@ -150,7 +151,12 @@ impl Ruleset {
                     .map_or(1, |ps| ps.iter().map(|p| p.len()).sum());
                 s.vips.len() * s.protos.len() * ports
             })
-            .sum();
+            .sum()
+    }
+
+    /// Compiles a validated config.
+    pub fn compile(config: &Config) -> Result<Ruleset, RulesetError> {
+        let entries = Ruleset::expansion(config);
         if entries > MAX_ENTRIES {
             return Err(RulesetError::TooLarge {
                 file: config.source.clone(),

@@ -119,21 +119,8 @@ impl<'a> MarkCounters<'a> {
                 .command("nft")
                 .args(["-j", "list", "table", "inet", TABLE]),
         )?;
-        let doc: serde_json::Value = serde_json::from_str(&json).context("parsing nft -j")?;
         let mut out = vec![Observed::default(); self.probes.len()];
-        for item in doc["nftables"].as_array().into_iter().flatten() {
-            let Some(rule) = item.get("rule") else {
-                continue;
-            };
-            let Some(comment) = rule["comment"].as_str() else {
-                continue;
-            };
-            let packets = rule["expr"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find_map(|e| e["counter"]["packets"].as_u64())
-                .context("rule without counter")?;
+        for (comment, packets) in commented_counters(&json)? {
             let (probe, what) = comment.split_once(' ').context("comment format")?;
             let i: usize = probe.trim_start_matches('p').parse()?;
             if what == "other" {
@@ -150,6 +137,29 @@ impl<'a> MarkCounters<'a> {
     pub fn marks(&self) -> &BTreeSet<u32> {
         &self.marks
     }
+}
+
+/// The packet counts of the commented counter rules in `nft -j list …`
+/// output, as (comment, packets), in rule order.
+pub fn commented_counters(json: &str) -> Result<Vec<(String, u64)>> {
+    let doc: serde_json::Value = serde_json::from_str(json).context("parsing nft -j")?;
+    let mut out = Vec::new();
+    for item in doc["nftables"].as_array().into_iter().flatten() {
+        let Some(rule) = item.get("rule") else {
+            continue;
+        };
+        let Some(comment) = rule["comment"].as_str() else {
+            continue;
+        };
+        let packets = rule["expr"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find_map(|e| e["counter"]["packets"].as_u64())
+            .with_context(|| format!("rule {comment:?} without a counter"))?;
+        out.push((comment.to_string(), packets));
+    }
+    Ok(out)
 }
 
 /// Runs an `nft -f -` script in `ns`.

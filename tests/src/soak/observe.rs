@@ -142,24 +142,11 @@ impl<'a> NftCounters<'a> {
 }
 
 fn parse_nft(json: &str, probes: usize) -> Result<NftReading> {
-    let doc: serde_json::Value = serde_json::from_str(json).context("parsing nft -j")?;
     let mut out = NftReading {
         probes: vec![PerMark::default(); probes],
         ..NftReading::default()
     };
-    for item in doc["nftables"].as_array().into_iter().flatten() {
-        let Some(rule) = item.get("rule") else {
-            continue;
-        };
-        let Some(comment) = rule["comment"].as_str() else {
-            continue;
-        };
-        let packets = rule["expr"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find_map(|e| e["counter"]["packets"].as_u64())
-            .with_context(|| format!("rule {comment:?} without a counter"))?;
+    for (comment, packets) in crate::nft::commented_counters(json)? {
         let (who, what) = comment.split_once(' ').context("comment format")?;
         if who == "all" {
             match what {
