@@ -125,29 +125,22 @@ fn tool(name: &str) -> Result<PathBuf> {
 fn debs() -> Result<Vec<PathBuf>> {
     let dir = cache_dir().join("debs");
     std::fs::create_dir_all(&dir)?;
-    let cached = |prefix: &str| -> Result<Option<PathBuf>> {
-        Ok(std::fs::read_dir(&dir)?
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(prefix) && n.ends_with(".deb"))
-            }))
+    // Whether the cache holds a .deb whose file name satisfies `is`.
+    let cached = |is: &dyn Fn(&str) -> bool| -> Result<bool> {
+        Ok(std::fs::read_dir(&dir)?.filter_map(|e| e.ok()).any(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.ends_with(".deb") && is(&name)
+        }))
     };
     // What the cache lacks: the kernel (whatever the cache holds, else the
     // metapackage's current dependency) and the guest's userspace.
     let missing = || -> Result<Vec<String>> {
         let mut wanted = Vec::new();
-        let kernel_cached = std::fs::read_dir(&dir)?.filter_map(|e| e.ok()).any(|e| {
-            let n = e.file_name().to_string_lossy().into_owned();
-            n.starts_with("linux-image-") && n.contains("-cloud-amd64_") && n.ends_with(".deb")
-        });
-        if !kernel_cached {
+        if !cached(&|n| n.starts_with("linux-image-") && n.contains("-cloud-amd64_"))? {
             wanted.push(kernel_package()?);
         }
         for p in GUEST_PACKAGES {
-            if cached(&format!("{p}_"))?.is_none() {
+            if !cached(&|n| n.starts_with(&format!("{p}_")))? {
                 wanted.push((*p).to_string());
             }
         }
@@ -512,38 +505,18 @@ fn boot(root: &Path, kver: &str, initrd: &Path) -> Result<(String, bool)> {
     });
     let deadline = Instant::now() + BOOT_TIMEOUT;
     let mut log = String::new();
-    let mut verdict = None;
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(line) => {
-                let line = line.trim_end_matches('\r').to_string();
-                if line.starts_with(PASS) {
-                    verdict = Some(true);
-                } else if line.starts_with(FAIL) {
-                    verdict = Some(false);
-                }
-                log.push_str(&line);
+                log.push_str(line.trim_end_matches('\r'));
                 log.push('\n');
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
+            // Both readers ended: qemu closed its output, so it has exited.
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        }
-        if child.try_wait()?.is_some() {
-            // Drain what is left.
-            while let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
-                log.push_str(line.trim_end_matches('\r'));
-                log.push('\n');
-                if line.starts_with(PASS) {
-                    verdict = Some(true);
-                } else if line.starts_with(FAIL) {
-                    verdict = Some(false);
-                }
-            }
-            break;
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            let _ = child.wait();
             log.push_str(&format!(
                 "vm-test: guest killed after {} s\n",
                 BOOT_TIMEOUT.as_secs()
@@ -551,7 +524,14 @@ fn boot(root: &Path, kver: &str, initrd: &Path) -> Result<(String, bool)> {
             break;
         }
     }
-    Ok((log, verdict == Some(true)))
+    let _ = child.wait();
+    // The scenario's last verdict line decides.
+    let passed = log
+        .lines()
+        .rev()
+        .find(|l| l.starts_with(PASS) || l.starts_with(FAIL))
+        .is_some_and(|l| l.starts_with(PASS));
+    Ok((log, passed))
 }
 
 /// The whole VM test. Errors when it fails; an [`Unavailable`] error means
