@@ -96,19 +96,25 @@ impl Netns {
     /// Runs `f` on a thread that has entered the namespace, so sockets it
     /// opens live there.
     pub fn run<R: Send, F: FnOnce() -> R + Send>(&self, f: F) -> Result<R> {
-        let path = format!("/run/netns/{}", self.name);
-        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
-        let entered = path.clone();
-        std::thread::scope(|s| {
-            s.spawn(move || -> Result<R> {
-                setns(&file, CloneFlags::CLONE_NEWNET)
-                    .with_context(|| format!("entering network namespace {entered}"))?;
-                Ok(f())
-            })
-            .join()
-            .map_err(|_| anyhow::anyhow!("thread in {path} panicked"))?
-        })
+        run_in(&self.name, f)
     }
+}
+
+/// Runs `f` on a thread that has entered the named network namespace
+/// (`/run/netns/NAME`), so sockets it opens live there.
+pub fn run_in<R: Send, F: FnOnce() -> R + Send>(name: &str, f: F) -> Result<R> {
+    let path = format!("/run/netns/{name}");
+    let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+    let entered = path.clone();
+    std::thread::scope(|s| {
+        s.spawn(move || -> Result<R> {
+            setns(&file, CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("entering network namespace {entered}"))?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in {path} panicked"))?
+    })
 }
 
 impl Netns {

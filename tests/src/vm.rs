@@ -18,7 +18,6 @@ use std::{
     fs::File,
     io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket},
-    os::fd::AsFd as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -144,41 +143,11 @@ fn ip_in(ns: &str, args: &[&str]) -> Result<()> {
 
 /// `ip -n NS -batch -` with `commands` on stdin.
 fn ip_batch(ns: &str, commands: &str) -> Result<()> {
-    let mut child = Command::new(IP)
-        .args(["-n", ns, "-batch", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot start ip -batch")?;
-    child
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(commands.as_bytes())?;
-    let out = child.wait_with_output()?;
-    ensure!(
-        out.status.success(),
-        "`ip -n {ns} -batch -` failed: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
+    crate::netns::pipe_into(Command::new(IP).args(["-n", ns, "-batch", "-"]), commands).map(drop)
 }
 
 fn ipvsadm(args: &[&str]) -> Result<()> {
     sh(IPVSADM, args).map(drop)
-}
-
-/// Runs `f` on a thread that has entered network namespace `ns` (sockets it
-/// creates belong to that namespace for their whole life).
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-    let path = format!("/run/netns/{ns}");
-    let file = File::open(&path).with_context(|| format!("opening {path}"))?;
-    std::thread::spawn(move || -> Result<T> {
-        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
-        Ok(f())
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("thread in namespace {ns} panicked"))?
 }
 
 /// A probe's outcome: which real server answered (and what it said), or why
@@ -211,7 +180,7 @@ fn io_answer(e: std::io::Error) -> Answer {
 /// One TCP connection from `src` to `dst` in the client namespace; the
 /// answer is the first line the server sends.
 fn tcp_probe(src: IpAddr, dst: SocketAddr) -> Result<Answer> {
-    in_ns("vmclient", move || {
+    crate::netns::run_in("vmclient", move || {
         let attempt = || -> std::io::Result<String> {
             let sock = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
             sock.bind(&SocketAddr::new(src, 0).into())?;
@@ -232,7 +201,7 @@ fn tcp_probe(src: IpAddr, dst: SocketAddr) -> Result<Answer> {
 
 /// One UDP datagram of `len` bytes from `src` to `dst`, and its answer.
 fn udp_probe(src: IpAddr, dst: SocketAddr, len: usize) -> Result<Answer> {
-    in_ns("vmclient", move || {
+    crate::netns::run_in("vmclient", move || {
         let attempt = || -> std::io::Result<String> {
             let sock = UdpSocket::bind(SocketAddr::new(src, 0))?;
             sock.connect(dst)?;
@@ -254,7 +223,7 @@ fn udp_probe(src: IpAddr, dst: SocketAddr, len: usize) -> Result<Answer> {
 /// `name <bytes received>`.
 fn start_server(name: &'static str, tcp_ports: &[u16]) -> Result<()> {
     let ports = tcp_ports.to_vec();
-    let (listeners, udp) = in_ns(name, move || -> Result<_> {
+    let (listeners, udp) = crate::netns::run_in(name, move || -> Result<_> {
         let mut listeners = Vec::new();
         for port in ports {
             // [::] takes IPv4 too (bindv6only is 0 by default).
