@@ -30,7 +30,7 @@ use std::{
     net::IpAddr,
 };
 
-use fwmark::{
+use fwmark_core::{
     config::{Config, DEFAULT_MASK, PortRange, Proto},
     diff, export,
     import::{

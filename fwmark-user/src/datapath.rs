@@ -28,7 +28,7 @@ use fwmark_common::{
     ServiceKey, Target, map_names,
 };
 
-use crate::ruleset::Ruleset;
+use fwmark_core::ruleset::Ruleset;
 
 /// The classifier object, built by `build.rs` from `fwmark-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fwmark"));

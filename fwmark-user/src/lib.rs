@@ -1,25 +1,18 @@
-//! fwmark: sets `skb->mark` for LVS/IPVS services from a TC ingress eBPF
-//! classifier. The binary (`main.rs`) is a thin CLI over these modules.
+//! fwmark's kernel and OS layer: the classifier's maps and the generation
+//! switch, attaching and detaching, pins and state, preflight checks, the
+//! daemon. The pure logic (config, ruleset, model, import, export,
+//! explain) is the `fwmark-core` crate; the subcommands live in the binary
+//! (`src/cmd/`).
 
-pub mod apply;
 pub mod attach;
 pub mod cli;
-pub mod config;
 pub mod datapath;
-pub mod detach;
-pub mod diff;
-pub mod explain;
-pub mod export;
-pub mod import;
 pub mod ingress;
 pub mod live;
 pub mod markers;
 pub mod metrics;
-pub mod model;
 pub mod perms;
 pub mod preflight;
-pub mod ruleset;
 pub mod run;
-pub mod slots;
 pub mod state;
 pub mod status;

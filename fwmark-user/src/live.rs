@@ -19,58 +19,35 @@ use std::{
 use anyhow::{Context as _, Result};
 use log::warn;
 
-use crate::{
-    attach::AttachMode,
+use fwmark_core::{
+    Loaded, LoadedError,
     config::Config,
-    datapath::Maps,
     diff::{self, Diff},
     ruleset::Ruleset,
     slots,
-    state::{Paths, STATE_VERSION, State, sha256_hex},
+};
+
+use crate::{
+    attach::AttachMode,
+    datapath::Maps,
+    state::{Paths, STATE_VERSION, State},
 };
 
 /// Version of the pinned maps' layout; adoption refuses other versions.
 pub const ABI_VERSION: u32 = 1;
 
-/// A config file read, validated and compiled.
-pub struct Loaded {
-    pub path: String,
-    pub text: String,
-    pub sha256: String,
-    pub config: Config,
-    pub ruleset: Ruleset,
-}
-
-impl Loaded {
-    /// Reads, validates and compiles `path`; warnings are logged.
-    pub fn read(path: &Path) -> Result<Loaded> {
-        let display = path.display().to_string();
-        let text = fs::read_to_string(path).map_err(|error| crate::config::LoadError::Read {
-            path: display.clone(),
-            error,
-        })?;
-        for w in crate::perms::config_warnings(path) {
-            warn!("{w}");
-        }
-        let loaded = Loaded::from_text(&display, text)?;
-        for w in &loaded.ruleset.warnings {
-            warn!("{w}");
-        }
-        Ok(loaded)
+/// Reads, validates and compiles the config at `path`, logging what is
+/// legal but worth telling: who besides root can change the file, and the
+/// ruleset's warnings (entries two services share).
+pub fn read_config(path: &Path) -> Result<Loaded, LoadedError> {
+    for w in crate::perms::config_warnings(path) {
+        warn!("{w}");
     }
-
-    /// Validates and compiles config text that came from `path`.
-    pub fn from_text(path: &str, text: String) -> Result<Loaded> {
-        let config = Config::parse(&text, path)?;
-        let ruleset = Ruleset::compile(&config)?;
-        Ok(Loaded {
-            path: path.to_string(),
-            sha256: sha256_hex(&text),
-            text,
-            config,
-            ruleset,
-        })
+    let loaded = Loaded::read(path)?;
+    for w in &loaded.ruleset.warnings {
+        warn!("{w}");
     }
+    Ok(loaded)
 }
 
 /// Seconds since the Unix epoch.
@@ -177,18 +154,17 @@ pub fn live_config(state: &State) -> Result<Option<(Config, Ruleset)>> {
     Ok(Some((config, ruleset)))
 }
 
+/// What is live before the first switch: no service, no entry.
+pub fn nothing_live() -> (Config, Ruleset) {
+    (Config::empty(), Ruleset::default())
+}
+
 /// Switches the live config to `new`: diff, counter slots, generation
 /// switch, state. Nothing changes when it fails before the switch.
 pub fn switch(paths: &Paths, maps: &mut Maps, state: &mut State, new: &Loaded) -> Result<Diff> {
-    let empty_config = Config {
-        source: String::new(),
-        services: Vec::new(),
-    };
-    let empty_rules = Ruleset::default();
     let live = live_config(state)?;
-    let (old_c, old_r) = live
-        .as_ref()
-        .map_or((&empty_config, &empty_rules), |(c, r)| (c, r));
+    let nothing = nothing_live();
+    let (old_c, old_r) = live.as_ref().unwrap_or(&nothing);
     let diff = diff::diff((old_c, old_r), (&new.config, &new.ruleset));
 
     let plan = slots::assign(

@@ -1,11 +1,14 @@
+//! The `fwmark` binary: parse the command line, set up logging, dispatch
+//! to `cmd/`.
+
+mod cmd;
+
 use std::process::ExitCode;
 
 use clap::{CommandFactory as _, Parser as _};
-use fwmark::{
-    apply,
-    cli::{Cli, Command},
-    detach, explain, export, live, run, status,
-};
+use fwmark::cli::{self, Cli, Command};
+
+// `crate::cli` for the commands (the clap types).
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -27,20 +30,14 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(run::run(args))),
-        Command::Apply(args) => apply::apply(args),
-        Command::Status(args) => status::status(&args.iface, args.json),
-        Command::Detach(args) => detach::detach(&args.iface),
-        Command::Check(args) => check(&args.config),
-        Command::Import(args) => import(args),
-        Command::Export(args) => export::export_command(&args.config, args.format),
-        Command::Explain(args) => explain::Input::from_args(
-            &args.packet,
-            args.hex.as_deref(),
-            args.later_fragment,
-            &args.vlan,
-        )
-        .and_then(|input| explain::explain_command(&args.config, &input, args.mark)),
+            .and_then(|rt| rt.block_on(fwmark::run::run(args))),
+        Command::Apply(args) => cmd::apply::apply(args),
+        Command::Status(args) => fwmark::status::status(&args.iface, args.json),
+        Command::Detach(args) => cmd::detach::detach(&args.iface),
+        Command::Check(args) => cmd::check::check(&args.config),
+        Command::Import(args) => cmd::import::import(args),
+        Command::Export(args) => cmd::export::export(args),
+        Command::Explain(args) => cmd::explain::explain(args),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "fwmark", &mut std::io::stdout());
             Ok(())
@@ -56,53 +53,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn import(args: fwmark::cli::ImportArgs) -> anyhow::Result<()> {
-    use anyhow::Context as _;
-    use std::io::Read as _;
-    let (source, text) = match args.file.as_deref() {
-        None => ("standard input".to_string(), String::new()),
-        Some(p) if p.as_os_str() == "-" => ("standard input".to_string(), String::new()),
-        Some(p) => (
-            p.display().to_string(),
-            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
-        ),
-    };
-    let text = if source == "standard input" {
-        let mut s = String::new();
-        std::io::stdin()
-            .read_to_string(&mut s)
-            .context("reading standard input")?;
-        s
-    } else {
-        text
-    };
-    let imported = fwmark::import::import(&text, args.iface.as_deref(), args.skip_unsupported)
-        .with_context(|| format!("importing {source}"))?;
-    print!("{}", imported.config_text);
-    for line in &imported.report {
-        eprintln!("fwmark import: {line}");
-    }
-    eprintln!(
-        "fwmark import: {} MARK rules from {source} -> {} services, {} exact + {} prefix entries",
-        imported.rules,
-        imported.config.len(),
-        imported.ruleset.exact.len(),
-        imported.ruleset.prefix.len()
-    );
-    Ok(())
-}
-
-fn check(path: &std::path::Path) -> anyhow::Result<()> {
-    let loaded = live::Loaded::read(path)?;
-    println!(
-        "{}: OK: {} services, {} rules, {} exact + {} prefix entries",
-        loaded.path,
-        loaded.config.len(),
-        loaded.ruleset.rules.len(),
-        loaded.ruleset.exact.len(),
-        loaded.ruleset.prefix.len()
-    );
-    Ok(())
 }

@@ -28,7 +28,7 @@ use std::{
 
 use log::{debug, warn};
 
-use crate::import::parse::tokenize;
+use fwmark_core::import::parse::tokenize;
 
 /// IPVS's `LOCAL_IN` hooks run at `NF_IP_PRI_NAT_SRC - 2`: input chains
 /// with a lower priority run before IPVS looks at the mark.

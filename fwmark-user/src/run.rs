@@ -5,6 +5,7 @@
 use std::{path::Path, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
+use fwmark_core::Loaded;
 use log::{error, info, warn};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -13,7 +14,7 @@ use crate::{
     cli::RunArgs,
     datapath::{self, Datapath, MAP_NAMES},
     ingress,
-    live::{self, ABI_VERSION, Loaded},
+    live::{self, ABI_VERSION},
     markers, metrics, preflight,
     state::{Lock, Paths, State},
     status::Snapshot,
@@ -45,7 +46,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // The file as it is before it is read: a change made while starting
     // is noticed by the first check.
     let mut last_seen = file_stamp(&args.config);
-    let new = Loaded::read(&args.config)?;
+    let new = live::read_config(&args.config)?;
     preflight::check_privileges()?;
     let kernel = preflight::check_kernel()?;
     let ifindex = preflight::check_interface(&args.iface)?;
@@ -385,7 +386,7 @@ fn switch_logged(live: &mut Live, state: &mut State, new: &Loaded) -> Result<()>
 /// config stays and the reason is logged.
 fn reload(live: &mut Live, path: &Path) {
     let result = (|| -> Result<()> {
-        let new = Loaded::read(path)?;
+        let new = live::read_config(path)?;
         let _apply = Lock::apply(&live.paths)?;
         let mut state = live::load_state(&live.paths, Some(&live.datapath.maps))?
             .context("the state file vanished")?;

@@ -46,6 +46,17 @@ pub struct Paths {
 )]
 pub struct InvalidIface(pub String);
 
+/// fwmark has no pins for an interface.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "fwmark is not attached to {iface} (no pins in {}); start it with `fwmark run --iface {iface}`",
+    pin_dir.display()
+)]
+pub struct NotAttached {
+    pub iface: String,
+    pub pin_dir: PathBuf,
+}
+
 impl Paths {
     /// The directories of `iface`, once its name is a valid interface name.
     pub fn new(iface: &str) -> Result<Paths, InvalidIface> {
@@ -64,6 +75,14 @@ impl Paths {
             pin_dir: Path::new(PIN_ROOT).join(iface),
             run_dir: Path::new(RUN_ROOT).join(iface),
         })
+    }
+
+    /// The error for an interface fwmark does not manage.
+    pub fn not_attached(&self) -> NotAttached {
+        NotAttached {
+            iface: self.iface.clone(),
+            pin_dir: self.pin_dir.clone(),
+        }
     }
 
     /// Pin path of a map or of the `link`.
@@ -207,15 +226,6 @@ mod tests {
         let p = super::Paths::new("eth0").unwrap();
         assert_eq!(p.pin_dir, std::path::Path::new("/sys/fs/bpf/fwmark/eth0"));
     }
-}
-
-/// SHA-256 of `text`, hex.
-pub fn sha256_hex(text: &str) -> String {
-    use sha2::{Digest as _, Sha256};
-    Sha256::digest(text.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// An exclusive `flock` on a file in the run directory, released on drop.

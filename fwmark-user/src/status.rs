@@ -266,9 +266,9 @@ pub fn status(iface: &str, json: bool) -> Result<()> {
     use anyhow::Context as _;
     crate::preflight::check_privileges()?;
     let paths = crate::state::Paths::new(iface)?;
-    let not_attached = || crate::apply::not_attached(&paths);
+    let not_attached = || paths.not_attached();
     if !paths.pin_dir.exists() {
-        anyhow::bail!("{}", not_attached());
+        return Err(not_attached().into());
     }
     let maps = Maps::from_pins(&paths.pin_dir).with_context(not_attached)?;
     let (state, unrecorded) = live::peek_state(&paths, &maps)?.with_context(not_attached)?;

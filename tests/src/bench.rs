@@ -15,12 +15,12 @@ use std::{fmt::Write as _, net::IpAddr, time::Instant};
 
 use anyhow::{Context as _, Result};
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
-use fwmark::{
+use fwmark::datapath::Datapath;
+use fwmark_common::Target;
+use fwmark_core::{
     config::{PortRange, Proto},
-    datapath::Datapath,
     ruleset::{Rule, Ruleset, service_key},
 };
-use fwmark_common::Target;
 
 use crate::packets::{Frame, L4};
 

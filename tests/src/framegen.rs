@@ -4,7 +4,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use fwmark::config::Config;
+use fwmark_core::config::Config;
 
 use crate::packets::{Ext, Frame, L4, l3_offset};
 

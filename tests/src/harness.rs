@@ -3,12 +3,9 @@
 
 use anyhow::Result;
 use aya::programs::{TestRun as _, TestRunOptions};
-use fwmark::{
-    config::Config,
-    datapath::{Datapath, rule_capacity},
-    ruleset::Ruleset,
-};
+use fwmark::datapath::{Datapath, rule_capacity};
 use fwmark_common::{GlobalCounters, RuleCounters};
+use fwmark_core::{config::Config, ruleset::Ruleset};
 
 /// `sizeof(struct __sk_buff)` on current kernels.
 const SKB_CTX_LEN: usize = 192;

@@ -632,12 +632,12 @@ fn republishing_switches_generations() {
         return;
     };
     assert_marked(&h, &Frame::new("192.0.2.10", L4::Tcp(80)), 80);
-    let other = fwmark::config::Config::parse(
+    let other = fwmark_core::config::Config::parse(
         "[[service]]\nvip = \"192.0.2.10\"\nproto = \"tcp\"\nports = [80]\nmark = 81\n",
         "b",
     )
     .unwrap();
-    let rs = fwmark::ruleset::Ruleset::compile(&other).unwrap();
+    let rs = fwmark_core::ruleset::Ruleset::compile(&other).unwrap();
     for round in 0..5u32 {
         let (rs, mark) = if round % 2 == 0 {
             (&rs, 81)
@@ -659,8 +659,8 @@ fn republishing_switches_prefix_lookups_on_and_off() {
     };
     let in_prefix = Frame::new("198.51.100.10", L4::Tcp(80));
     assert_marked(&h, &in_prefix, 2);
-    let exact_only = fwmark::ruleset::Ruleset::compile(
-        &fwmark::config::Config::parse(CONFIG, "exact only").unwrap(),
+    let exact_only = fwmark_core::ruleset::Ruleset::compile(
+        &fwmark_core::config::Config::parse(CONFIG, "exact only").unwrap(),
     )
     .unwrap();
     let with_prefixes = h.ruleset.clone();
@@ -705,9 +705,10 @@ fn readers_never_see_a_mixed_generation() {
         return;
     };
     let a = h.ruleset.clone();
-    let b =
-        fwmark::ruleset::Ruleset::compile(&fwmark::config::Config::parse(MIX_B, "mix b").unwrap())
-            .unwrap();
+    let b = fwmark_core::ruleset::Ruleset::compile(
+        &fwmark_core::config::Config::parse(MIX_B, "mix b").unwrap(),
+    )
+    .unwrap();
     let frame = Frame::new("192.0.2.10", L4::Tcp(80)).build();
     let (program, maps) = h.datapath.split().unwrap();
     let done = AtomicBool::new(false);

@@ -1,5 +1,5 @@
 //! The classifier in the kernel against the reference model
-//! (`fwmark::model`), frame by frame: over a million seeded frames per run
+//! (`fwmark_core::model`), frame by frame: over a million seeded frames per run
 //! (well-formed ones of every kind, mutations, random bytes) through
 //! BPF_PROG_TEST_RUN, under several configs published one after the other
 //! as generations. Every frame must come back `TC_ACT_UNSPEC` with the
@@ -15,12 +15,12 @@ use std::{
     time::Instant,
 };
 
-use fwmark::{
+use fwmark_common::{GlobalCounters, RuleCounters, ServiceKey, Target};
+use fwmark_core::{
     config::Config,
     model::{Decision, Model, Outcome, Parse},
     ruleset::Ruleset,
 };
-use fwmark_common::{GlobalCounters, RuleCounters, ServiceKey, Target};
 use fwmark_testlab::{
     framegen::{Generated, Generator, Kind, Targets},
     harness::{EINVAL, Harness, TC_ACT_UNSPEC},
@@ -314,7 +314,7 @@ impl Failure<'_> {
             g.mark,
             g.frame.len(),
             hex(&g.frame),
-            fwmark::explain::explain(&self.setup.config, &g.frame, g.mark),
+            fwmark_core::explain::explain(&self.setup.config, &g.frame, g.mark),
             self.seed,
             path.display(),
             g.mark,

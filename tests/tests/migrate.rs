@@ -11,7 +11,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
-use fwmark::import::parse::{self, Family};
+use fwmark_core::import::parse::{self, Family};
 use fwmark_testlab::{
     daemon::{Daemon, fwmark_bin},
     kernel,

@@ -209,7 +209,7 @@ impl Catalog {
         };
         for k in 0..CONFIGS {
             let text = config_text(k);
-            let loaded = fwmark::live::Loaded::from_text(&format!("soak{k}.toml"), text.clone())?;
+            let loaded = fwmark_core::Loaded::from_text(&format!("soak{k}.toml"), text.clone())?;
             let mut rules = BTreeSet::new();
             let mut services: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
             for r in &loaded.ruleset.rules {
@@ -254,7 +254,7 @@ mod tests {
         // The hand-written table, cross-checked against fwmark's userspace
         // reference lookup, so a typo in either shows up here.
         for k in 0..CONFIGS {
-            let loaded = fwmark::live::Loaded::from_text("soak.toml", config_text(k)).unwrap();
+            let loaded = fwmark_core::Loaded::from_text("soak.toml", config_text(k)).unwrap();
             for p in probes() {
                 let proto = match p.proto {
                     ProbeProto::Tcp => 6,

@@ -10,13 +10,10 @@
 
 use std::{fmt::Write as _, net::IpAddr};
 
-use anyhow::{Context as _, Result};
 use ipnet::IpNet;
 
 use crate::{
-    cli::ExportFormat,
     config::{Config, PortRange, Proto},
-    live::Loaded,
     ruleset::Ruleset,
 };
 
@@ -173,34 +170,14 @@ pub fn nft(config: &Config, ruleset: &Ruleset) -> String {
     out
 }
 
-/// Whether the config has entries of an address family.
-fn has_family(ruleset: &Ruleset, v6: bool) -> bool {
+/// Whether the config has entries of IPv6 (`v6`) or IPv4 addresses.
+pub fn has_family(ruleset: &Ruleset, v6: bool) -> bool {
     ruleset.rules.iter().any(|r| {
         matches!(
             (r.vip.addr(), v6),
             (IpAddr::V6(_), true) | (IpAddr::V4(_), false)
         )
     })
-}
-
-/// `fwmark export`.
-pub fn export_command(path: &std::path::Path, format: ExportFormat) -> Result<()> {
-    let loaded = Loaded::read(path).with_context(|| format!("exporting {}", path.display()))?;
-    let (c, r) = (&loaded.config, &loaded.ruleset);
-    match format {
-        ExportFormat::Iptables => {
-            print!("{}", iptables(c, r, false));
-            if has_family(r, true) {
-                eprintln!(
-                    "fwmark export: {} has IPv6 services: export them with --format ip6tables",
-                    loaded.path
-                );
-            }
-        }
-        ExportFormat::Ip6tables => print!("{}", iptables(c, r, true)),
-        ExportFormat::Nft => print!("{}", nft(c, r)),
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -2,51 +2,32 @@
 //! classifier of an interface to it atomically, from any process.
 
 use anyhow::{Context as _, Result};
-
-use crate::{
-    cli::ApplyArgs,
+use fwmark::{
     datapath::Maps,
-    diff,
-    live::{self, Loaded},
-    preflight,
-    ruleset::Ruleset,
+    live, markers, preflight,
     state::{Lock, Paths},
 };
+use fwmark_core::diff;
 
-/// The error for an interface fwmark does not manage.
-pub fn not_attached(paths: &Paths) -> String {
-    format!(
-        "fwmark is not attached to {iface} (no pins in {}); start it with `fwmark run --iface {iface}`",
-        paths.pin_dir.display(),
-        iface = paths.iface
-    )
-}
+use crate::cli::ApplyArgs;
 
 pub fn apply(args: ApplyArgs) -> Result<()> {
     // An invalid config fails here, before anything is touched.
-    let new = Loaded::read(&args.config)?;
+    let new = live::read_config(&args.config)?;
     preflight::check_privileges()?;
     preflight::interface_index(&args.iface)?;
     let paths = Paths::new(&args.iface)?;
     if !paths.pin_dir.exists() {
-        anyhow::bail!("{}", not_attached(&paths));
+        return Err(paths.not_attached().into());
     }
-    crate::markers::warn_other_markers(&args.iface);
+    markers::warn_other_markers(&args.iface);
     let _lock = Lock::apply(&paths)?;
-    let mut maps = Maps::from_pins(&paths.pin_dir).with_context(|| not_attached(&paths))?;
-    let mut state = live::load_state(&paths, Some(&maps))?.with_context(|| not_attached(&paths))?;
+    let mut maps = Maps::from_pins(&paths.pin_dir).with_context(|| paths.not_attached())?;
+    let mut state = live::load_state(&paths, Some(&maps))?.with_context(|| paths.not_attached())?;
 
     if args.dry_run {
-        let live = live::live_config(&state)?;
-        let empty = (
-            crate::config::Config {
-                source: String::new(),
-                services: Vec::new(),
-            },
-            Ruleset::default(),
-        );
-        let (c, r) = live.as_ref().unwrap_or(&empty);
-        let d = diff::diff((c, r), (&new.config, &new.ruleset));
+        let live = live::live_config(&state)?.unwrap_or_else(live::nothing_live);
+        let d = diff::diff((&live.0, &live.1), (&new.config, &new.ruleset));
         println!("{d}");
         println!(
             "dry run: nothing changed; generation {} stays live on {}",

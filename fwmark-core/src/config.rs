@@ -226,6 +226,15 @@ impl Config {
         .config(raw)
     }
 
+    /// The config with no service: what is live before the first switch.
+    /// (A config file must have a service; this one is never parsed.)
+    pub fn empty() -> Config {
+        Config {
+            source: String::new(),
+            services: Vec::new(),
+        }
+    }
+
     /// Number of services.
     pub fn len(&self) -> usize {
         self.services.len()

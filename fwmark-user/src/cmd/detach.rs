@@ -3,9 +3,8 @@
 
 use anyhow::{Result, bail};
 
-use crate::{
-    apply::not_attached,
-    attach, live, preflight,
+use fwmark::{
+    attach, datapath, live, preflight,
     state::{Lock, Paths},
 };
 
@@ -25,7 +24,7 @@ pub fn detach(iface: &str) -> Result<()> {
     }
     // With the maps, an interrupted change is recorded first (so the line
     // below names the generation that was live).
-    let maps = crate::datapath::Maps::from_pins(&paths.pin_dir).ok();
+    let maps = datapath::Maps::from_pins(&paths.pin_dir).ok();
     let state = live::load_state(&paths, maps.as_ref())?;
     drop(maps);
     let Some(state) = state else {
@@ -34,7 +33,7 @@ pub fn detach(iface: &str) -> Result<()> {
             println!("removed stale pins of {iface}");
             return Ok(());
         }
-        bail!("{}", not_attached(&paths));
+        return Err(paths.not_attached().into());
     };
     attach::remove_left(iface, state.mode, &paths.pin("link"), state.program_id)
         .map_err(anyhow::Error::msg)?;

@@ -9,9 +9,8 @@
 //! `proto 47 192.0.2.10`), in which case a frame is built for it, or given
 //! as the hex bytes of an Ethernet frame.
 
-use std::{fmt::Write as _, net::IpAddr, path::Path};
+use std::{fmt::Write as _, net::IpAddr};
 
-use anyhow::{Context as _, Result, bail};
 use etherparse::{
     EtherType, Ethernet2Header, IpFragOffset, IpNumber, Ipv4Header, Ipv6FlowLabel,
     Ipv6FragmentHeader, Ipv6Header, SingleVlanHeader, TcpHeader, UdpHeader, VlanId,
@@ -20,9 +19,22 @@ use fwmark_common::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
     config::Config,
-    live::Loaded,
     model::{Model, Outcome, Parse, Stage, apply_mark, proto_name, transport_header_len},
 };
+
+/// A packet that cannot be read from the command line; the message says
+/// what to write instead.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InputError(pub String);
+
+type Result<T, E = InputError> = std::result::Result<T, E>;
+
+macro_rules! bail {
+    ($($arg:tt)*) => {
+        return Err(InputError(format!($($arg)*)))
+    };
+}
 
 /// A packet described on the command line.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,9 +64,9 @@ fn parse_proto(word: &str) -> Result<u8> {
         "icmp" => 1,
         "ipv6-icmp" | "icmpv6" | "icmp6" => 58,
         other => other.parse::<u8>().map_err(|_| {
-            anyhow::anyhow!(
+            InputError(format!(
                 "{word:?} is not a protocol: use tcp, udp, sctp, icmp, ipv6-icmp or a number 0-255"
-            )
+            ))
         })?,
     })
 }
@@ -63,7 +75,7 @@ fn parse_proto(word: &str) -> Result<u8> {
 fn parse_destination(text: &str) -> Result<(IpAddr, Option<u16>)> {
     let port = |p: &str| {
         p.parse::<u16>()
-            .with_context(|| format!("{p:?} in {text:?} is not a port number (0-65535)"))
+            .map_err(|_| InputError(format!("{p:?} in {text:?} is not a port number (0-65535)")))
     };
     if let Some(rest) = text.strip_prefix('[') {
         let Some((addr, after)) = rest.split_once(']') else {
@@ -71,7 +83,7 @@ fn parse_destination(text: &str) -> Result<(IpAddr, Option<u16>)> {
         };
         let addr: IpAddr = addr
             .parse()
-            .with_context(|| format!("{addr:?} is not an IPv6 address"))?;
+            .map_err(|_| InputError(format!("{addr:?} is not an IPv6 address")))?;
         return match after {
             "" => Ok((addr, None)),
             _ => match after.strip_prefix(':') {
@@ -87,7 +99,7 @@ fn parse_destination(text: &str) -> Result<(IpAddr, Option<u16>)> {
         Some((addr, p)) if !addr.contains(':') => {
             let addr: IpAddr = addr
                 .parse()
-                .with_context(|| format!("{addr:?} is not an IP address"))?;
+                .map_err(|_| InputError(format!("{addr:?} is not an IP address")))?;
             Ok((addr, Some(port(p)?)))
         }
         _ => bail!(
@@ -493,11 +505,4 @@ fn near_misses(model: &Model, dst: IpAddr, proto: u8, port: Option<u16>) -> Vec<
         })
         .take(8)
         .collect()
-}
-
-/// `fwmark explain`: reads the config and prints the explanation.
-pub fn explain_command(config: &Path, input: &Input, mark: u32) -> Result<()> {
-    let loaded = Loaded::read(config)?;
-    print!("{}", explain(&loaded.config, &input.frame(), mark));
-    Ok(())
 }

@@ -357,8 +357,16 @@ mod tests {
             k.addr_bytes(),
             [192, 0, 2, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
         );
-        let bytes: &[u8] = bytemuck::bytes_of(&k);
-        assert_eq!(&bytes[..4], &[4, 6, 0x01, 0xbb]);
+        // The key's bytes in memory: family, protocol, port, address.
+        assert_eq!(
+            [
+                std::mem::offset_of!(ServiceKey, family),
+                std::mem::offset_of!(ServiceKey, proto),
+                std::mem::offset_of!(ServiceKey, port),
+                std::mem::offset_of!(ServiceKey, addr),
+            ],
+            [0, 1, 2, 4]
+        );
         let k6 = service_key("2001:db8::10".parse().unwrap(), 17, 53);
         assert_eq!(k6.family, FAMILY_IPV6);
         assert_eq!(k6.addr_bytes()[0..2], [0x20, 0x01]);

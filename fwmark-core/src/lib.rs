@@ -1,0 +1,26 @@
+//! fwmark's pure logic: what a config says and what the classifier does
+//! with it. No kernel, no root, no async: everything here runs anywhere
+//! (`fwmark check`, `explain`, `import`, `export`, the fuzz targets and most
+//! unit tests use only this crate).
+//!
+//! - [`config`]: the TOML file, parsed and validated;
+//! - [`ruleset`]: a config compiled into the classifier's map entries;
+//! - [`slots`]: which counter slot each rule keeps across changes;
+//! - [`diff`]: what a change of config changes;
+//! - [`model`]: the classifier written again in plain Rust (the reference
+//!   the kernel program is tested against);
+//! - [`explain`]: one packet through the model, in words;
+//! - [`import`] / [`export`]: iptables rules in and out;
+//! - [`loaded`]: a config file read, hashed and compiled.
+
+pub mod config;
+pub mod diff;
+pub mod explain;
+pub mod export;
+pub mod import;
+pub mod loaded;
+pub mod model;
+pub mod ruleset;
+pub mod slots;
+
+pub use loaded::{Loaded, LoadedError};

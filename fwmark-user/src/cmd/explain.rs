@@ -1,0 +1,22 @@
+//! `fwmark explain`: one packet through the reference model, in words.
+
+use anyhow::Result;
+use fwmark::live;
+use fwmark_core::explain::{self, Input};
+
+use crate::cli::ExplainArgs;
+
+pub fn explain(args: ExplainArgs) -> Result<()> {
+    let input = Input::from_args(
+        &args.packet,
+        args.hex.as_deref(),
+        args.later_fragment,
+        &args.vlan,
+    )?;
+    let loaded = live::read_config(&args.config)?;
+    print!(
+        "{}",
+        explain::explain(&loaded.config, &input.frame(), args.mark)
+    );
+    Ok(())
+}
