@@ -34,6 +34,12 @@ use crate::ruleset::Ruleset;
 /// The classifier object, built by `build.rs` from `fwmark-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fwmark"));
 
+/// The benchmark floor's object (one empty classifier), built by `build.rs`
+/// beside the classifier's; only the test lab and the benchmark embed it.
+#[cfg(feature = "floor")]
+pub static FLOOR_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fwmark-floor"));
+
 /// Inserts `keys[i] -> values[i]` with `BPF_MAP_UPDATE_BATCH`, many entries
 /// per syscall. On an error, returns where the failed chunk starts (all
 /// before it were inserted), with the error.
@@ -450,24 +456,6 @@ impl Datapath {
             .try_into()?)
     }
 
-    /// The benchmark floor program (an empty classifier), loaded on first use.
-    pub fn floor_program(&mut self) -> Result<&SchedClassifier, DatapathError> {
-        Ok(self.floor_program_mut()?)
-    }
-
-    /// [`Datapath::floor_program`], mutable (to attach it).
-    pub fn floor_program_mut(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(fwmark_common::FLOOR_PROGRAM_NAME)
-            .ok_or(DatapathError::Missing("floor program"))?
-            .try_into()?;
-        if program.fd().is_err() {
-            program.load()?;
-        }
-        Ok(program)
-    }
-
     /// Mutable access to the classifier program.
     pub fn program_mut(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
         Ok(self
@@ -493,5 +481,44 @@ impl Datapath {
     pub fn publish_simple(&mut self, ruleset: &Ruleset) -> Result<u32, DatapathError> {
         let slots: Vec<u32> = (0..ruleset.rules.len() as u32).collect();
         self.maps.publish(ruleset, &slots, &[])
+    }
+}
+
+/// The benchmark floor: an empty classifier, loaded from its own object
+/// ([`FLOOR_OBJECT`]), to measure the hook's cost with nothing to do.
+#[cfg(feature = "floor")]
+pub struct Floor {
+    ebpf: Ebpf,
+}
+
+#[cfg(feature = "floor")]
+impl Floor {
+    /// Loads the floor program into the kernel (not attached anywhere).
+    pub fn load() -> Result<Floor, DatapathError> {
+        let mut ebpf = Ebpf::load(FLOOR_OBJECT)?;
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(fwmark_common::FLOOR_PROGRAM_NAME)
+            .ok_or(DatapathError::Missing("floor program"))?
+            .try_into()?;
+        program.load()?;
+        Ok(Floor { ebpf })
+    }
+
+    /// The floor program (for `BPF_PROG_TEST_RUN`).
+    pub fn program(&self) -> Result<&SchedClassifier, DatapathError> {
+        Ok(self
+            .ebpf
+            .program(fwmark_common::FLOOR_PROGRAM_NAME)
+            .ok_or(DatapathError::Missing("floor program"))?
+            .try_into()?)
+    }
+
+    /// The floor program, mutable (to attach it).
+    pub fn program_mut(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
+        Ok(self
+            .ebpf
+            .program_mut(fwmark_common::FLOOR_PROGRAM_NAME)
+            .ok_or(DatapathError::Missing("floor program"))?
+            .try_into()?)
     }
 }
