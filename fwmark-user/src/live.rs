@@ -17,6 +17,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use fwmark_common::ABI_VERSION;
 use log::warn;
 
 use crate::{
@@ -28,9 +29,6 @@ use crate::{
     slots,
     state::{Paths, STATE_VERSION, State, sha256_hex},
 };
-
-/// Version of the pinned maps' layout; adoption refuses other versions.
-pub const ABI_VERSION: u32 = 1;
 
 /// A config file read, validated and compiled.
 pub struct Loaded {

@@ -5,6 +5,7 @@
 use std::{path::Path, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
+use fwmark_common::ABI_VERSION;
 use log::{error, info, warn};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -13,7 +14,7 @@ use crate::{
     cli::RunArgs,
     datapath::{self, Datapath, MAP_NAMES},
     ingress,
-    live::{self, ABI_VERSION, Loaded},
+    live::{self, Loaded},
     markers, metrics, preflight,
     state::{Lock, Paths, State},
     status::Snapshot,

@@ -124,7 +124,7 @@ impl Paths {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     pub version: u32,
-    /// Layout version of the pinned maps (`live::ABI_VERSION`).
+    /// Layout version of the pinned maps (`fwmark_common::ABI_VERSION`).
     pub abi: u32,
     pub iface: String,
     /// `tcx` or `netlink`.
