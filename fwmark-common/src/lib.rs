@@ -257,13 +257,17 @@ const _: () = assert!(GENERATIONS - 1 <= ACTIVE_GENERATION_MASK);
 const _: () = assert!(ACTIVE_HAS_PREFIX & ACTIVE_GENERATION_MASK == 0);
 const _: () = assert!(LPM_LOOKUP_PREFIX_LEN as usize == size_of::<ServiceKey>() * 8);
 
-// SAFETY: these are plain-old-data `#[repr(C)]` types without padding (asserted
-// above and by bytemuck's derive), valid for any bit pattern, which is what
-// aya requires of map keys and values.
+// aya requires map keys and values to be plain old data: `#[repr(C)]`,
+// no padding, valid for any bit pattern. bytemuck's `Pod` derive above
+// checks exactly that at compile time for each of these types.
 #[cfg(feature = "user")]
 mod pod {
+    // SAFETY: `ServiceKey` derives `bytemuck::Pod` (see above).
     unsafe impl aya::Pod for super::ServiceKey {}
+    // SAFETY: `Target` derives `bytemuck::Pod`.
     unsafe impl aya::Pod for super::Target {}
+    // SAFETY: `RuleCounters` derives `bytemuck::Pod`.
     unsafe impl aya::Pod for super::RuleCounters {}
+    // SAFETY: `GlobalCounters` derives `bytemuck::Pod`.
     unsafe impl aya::Pod for super::GlobalCounters {}
 }
