@@ -21,10 +21,24 @@ pub mod map_names {
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
 }
 
+/// Version of the pinned maps' layout (their names, key and value types,
+/// the `ACTIVE` word). The loader records it in the interface's state and
+/// refuses to adopt pins of another version; change it with any of those.
+pub const ABI_VERSION: u32 = 1;
+
 /// Name of the classifier program in the eBPF object.
 pub const PROGRAM_NAME: &str = "fwmark";
-/// Name of the benchmark floor program (returns at once; never attached).
+/// Name of the benchmark floor program (returns at once; never attached),
+/// the one program of its own eBPF object, `fwmark-floor`.
 pub const FLOOR_PROGRAM_NAME: &str = "fwmark_floor";
+
+/// VLAN tags parsed in the packet data before the L3 header; a frame with
+/// one more is not IP. (At TC ingress the kernel has usually moved the
+/// outermost tag to `skb->vlan_tci` already, which leaves the data untagged.)
+pub const MAX_VLAN_TAGS: usize = 2;
+/// IPv6 extension headers walked before the L4 header; a longer chain is
+/// malformed.
+pub const MAX_IPV6_EXT_HEADERS: usize = 8;
 
 /// Number of configuration generations the classifier can switch between.
 pub const GENERATIONS: u32 = 2;
@@ -47,6 +61,47 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 /// SCTP.
 pub const IPPROTO_SCTP: u8 = 132;
+
+/// Header formats the classifier parses: lengths, ethertypes and IPv6
+/// extension header numbers (the IP protocol numbers are [`IPPROTO_TCP`]
+/// and its neighbours). The classifier and userspace's model of it both
+/// parse by these.
+pub mod wire {
+    /// Ethernet header: destination, source, ethertype.
+    pub const ETH_HLEN: usize = 14;
+    /// One 802.1Q/802.1ad tag: TCI and the inner ethertype.
+    pub const VLAN_HLEN: usize = 4;
+    /// IPv4 header without options (IHL 5).
+    pub const IPV4_MIN_HLEN: usize = 20;
+    /// The fixed IPv6 header.
+    pub const IPV6_HLEN: usize = 40;
+    /// The IPv6 fragment header.
+    pub const IPV6_FRAG_HLEN: usize = 8;
+    /// The fixed TCP header the destination port is read from.
+    pub const TCP_HLEN: usize = 20;
+    /// The UDP header.
+    pub const UDP_HLEN: usize = 8;
+    /// The SCTP common header.
+    pub const SCTP_HLEN: usize = 12;
+
+    /// Ethertype of IPv4 (`ETH_P_IP`).
+    pub const ETHERTYPE_IPV4: u16 = 0x0800;
+    /// Ethertype of IPv6 (`ETH_P_IPV6`).
+    pub const ETHERTYPE_IPV6: u16 = 0x86dd;
+    /// Tag protocol of an 802.1Q VLAN tag (`ETH_P_8021Q`).
+    pub const TPID_8021Q: u16 = 0x8100;
+    /// Tag protocol of an 802.1ad (QinQ service) tag (`ETH_P_8021AD`).
+    pub const TPID_8021AD: u16 = 0x88a8;
+
+    /// IPv6 hop-by-hop options header (`NEXTHDR_HOP`).
+    pub const IPV6_HOP_BY_HOP: u8 = 0;
+    /// IPv6 routing header (`NEXTHDR_ROUTING`).
+    pub const IPV6_ROUTING: u8 = 43;
+    /// IPv6 fragment header (`NEXTHDR_FRAGMENT`).
+    pub const IPV6_FRAGMENT: u8 = 44;
+    /// IPv6 destination options header (`NEXTHDR_DEST`).
+    pub const IPV6_DEST_OPTIONS: u8 = 60;
+}
 
 /// [`ServiceKey::port`] of an entry that matches every port of its address.
 pub const ALL_PORTS: u16 = 0;
@@ -202,13 +257,17 @@ const _: () = assert!(GENERATIONS - 1 <= ACTIVE_GENERATION_MASK);
 const _: () = assert!(ACTIVE_HAS_PREFIX & ACTIVE_GENERATION_MASK == 0);
 const _: () = assert!(LPM_LOOKUP_PREFIX_LEN as usize == size_of::<ServiceKey>() * 8);
 
-// SAFETY: these are plain-old-data `#[repr(C)]` types without padding (asserted
-// above and by bytemuck's derive), valid for any bit pattern, which is what
-// aya requires of map keys and values.
+// aya requires map keys and values to be plain old data: `#[repr(C)]`,
+// no padding, valid for any bit pattern. bytemuck's `Pod` derive above
+// checks exactly that at compile time for each of these types.
 #[cfg(feature = "user")]
 mod pod {
+    // SAFETY: `ServiceKey` derives `bytemuck::Pod` (see above).
     unsafe impl aya::Pod for super::ServiceKey {}
+    // SAFETY: `Target` derives `bytemuck::Pod`.
     unsafe impl aya::Pod for super::Target {}
+    // SAFETY: `RuleCounters` derives `bytemuck::Pod`.
     unsafe impl aya::Pod for super::RuleCounters {}
+    // SAFETY: `GlobalCounters` derives `bytemuck::Pod`.
     unsafe impl aya::Pod for super::GlobalCounters {}
 }

@@ -26,37 +26,25 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use fwmark_common::{GlobalCounters, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
+use fwmark_common::{
+    GlobalCounters, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, MAX_IPV6_EXT_HEADERS, MAX_VLAN_TAGS,
+    wire::{
+        ETH_HLEN, ETHERTYPE_IPV4, ETHERTYPE_IPV6, IPV4_MIN_HLEN, IPV6_DEST_OPTIONS, IPV6_FRAG_HLEN,
+        IPV6_FRAGMENT, IPV6_HLEN, IPV6_HOP_BY_HOP, IPV6_ROUTING, SCTP_HLEN, TCP_HLEN, TPID_8021AD,
+        TPID_8021Q, UDP_HLEN, VLAN_HLEN,
+    },
+};
 use ipnet::IpNet;
 
 use crate::config::{Config, PortRange};
-
-/// Ethernet header length.
-pub const ETH_HLEN: usize = 14;
-/// One 802.1Q/802.1ad tag.
-pub const VLAN_HLEN: usize = 4;
-/// Tags parsed before the L3 header; one more is "not IP".
-pub const MAX_VLAN_TAGS: usize = 2;
-/// IPv6 extension headers walked; a longer chain is malformed.
-pub const MAX_IPV6_EXT_HEADERS: usize = 8;
-
-const ETHERTYPE_IPV4: u16 = 0x0800;
-const ETHERTYPE_IPV6: u16 = 0x86dd;
-const TPID_8021Q: u16 = 0x8100;
-const TPID_8021AD: u16 = 0x88a8;
-
-const IPV6_HOP_BY_HOP: u8 = 0;
-const IPV6_ROUTING: u8 = 43;
-const IPV6_FRAGMENT: u8 = 44;
-const IPV6_DEST_OPTIONS: u8 = 60;
 
 /// Length of the fixed transport header the port is read from, for the
 /// protocols that have ports: TCP 20, UDP 8, SCTP 12 (the common header).
 pub fn transport_header_len(proto: u8) -> Option<usize> {
     match proto {
-        IPPROTO_TCP => Some(20),
-        IPPROTO_UDP => Some(8),
-        IPPROTO_SCTP => Some(12),
+        IPPROTO_TCP => Some(TCP_HLEN),
+        IPPROTO_UDP => Some(UDP_HLEN),
+        IPPROTO_SCTP => Some(SCTP_HLEN),
         _ => None,
     }
 }
@@ -343,7 +331,7 @@ fn vlan(frame: &[u8], offset: usize) -> Result<(u16, u16), Malformed> {
 
 /// IPv4 at `offset`: the whole header, options included, must be present.
 fn ipv4(frame: &[u8], offset: usize) -> Result<Layer, Malformed> {
-    let h = bytes(frame, "IPv4 header", offset, 20)?;
+    let h = bytes(frame, "IPv4 header", offset, IPV4_MIN_HLEN)?;
     let version = h[0] >> 4;
     if version != 4 {
         return Err(Malformed::BadVersion { offset, version });
@@ -367,7 +355,7 @@ fn ipv4(frame: &[u8], offset: usize) -> Result<Layer, Malformed> {
 
 /// The fixed IPv6 header at `offset`.
 fn ipv6(frame: &[u8], offset: usize) -> Result<Layer, Malformed> {
-    let h = bytes(frame, "IPv6 header", offset, 40)?;
+    let h = bytes(frame, "IPv6 header", offset, IPV6_HLEN)?;
     let version = h[0] >> 4;
     if version != 6 {
         return Err(Malformed::BadVersion { offset, version });
@@ -398,7 +386,7 @@ fn ipv6_options(frame: &[u8], offset: usize, kind: u8) -> Result<Layer, Malforme
 
 /// The 8-byte IPv6 fragment header.
 fn ipv6_fragment(frame: &[u8], offset: usize) -> Result<Layer, Malformed> {
-    let h = bytes(frame, "IPv6 fragment header", offset, 8)?;
+    let h = bytes(frame, "IPv6 fragment header", offset, IPV6_FRAG_HLEN)?;
     let offset_flags = be16(h, 2);
     Ok(Layer::Ipv6Fragment {
         offset,
@@ -480,7 +468,7 @@ fn parse_into(frame: &[u8], layers: &mut Vec<Layer>) -> Result<Parse, Malformed>
                 unreachable!("ipv6() returns an IPv6 layer");
             };
             layers.push(layer);
-            let (proto, l4_offset, later) = ipv6_chain(frame, offset + 40, next, layers)?;
+            let (proto, l4_offset, later) = ipv6_chain(frame, offset + IPV6_HLEN, next, layers)?;
             (IpAddr::V6(dst), proto, l4_offset, later)
         }
         other => {
@@ -542,7 +530,7 @@ fn ipv6_chain(
                 unreachable!("ipv6_fragment() returns a fragment layer");
             };
             layers.push(layer);
-            offset += 8;
+            offset += IPV6_FRAG_HLEN;
             if fragment_offset != 0 {
                 // What follows is payload: its protocol is the fragment's next header.
                 return Ok((after, offset, true));

@@ -112,13 +112,6 @@ pub fn fwmark(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
-/// The benchmark floor: the hook's cost with nothing to do. `fwmark` never
-/// attaches it; `cargo xtask bench` runs it beside the classifier.
-#[classifier]
-pub fn fwmark_floor(_ctx: TcContext) -> i32 {
-    TC_ACT_UNSPEC
-}
-
 #[inline(always)]
 fn mark(ctx: &TcContext, target: &Target, pkt: &Packet) {
     // SAFETY: `skb` is the context pointer the kernel passed to this program.

@@ -7,33 +7,14 @@
 use core::ptr::read_unaligned;
 
 use fwmark_common::{
-    ALL_PORTS, FAMILY_IPV4, FAMILY_IPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, ServiceKey,
+    ALL_PORTS, FAMILY_IPV4, FAMILY_IPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    MAX_IPV6_EXT_HEADERS, MAX_VLAN_TAGS, ServiceKey,
+    wire::{
+        ETH_HLEN, ETHERTYPE_IPV4, ETHERTYPE_IPV6, IPV4_MIN_HLEN, IPV6_DEST_OPTIONS, IPV6_FRAG_HLEN,
+        IPV6_FRAGMENT, IPV6_HLEN, IPV6_HOP_BY_HOP, IPV6_ROUTING, SCTP_HLEN, TCP_HLEN, TPID_8021AD,
+        TPID_8021Q, UDP_HLEN, VLAN_HLEN,
+    },
 };
-
-const ETH_HLEN: usize = 14;
-const VLAN_HLEN: usize = 4;
-const IPV4_MIN_HLEN: usize = 20;
-const IPV6_HLEN: usize = 40;
-const IPV6_FRAG_HLEN: usize = 8;
-const TCP_HLEN: usize = 20;
-const UDP_HLEN: usize = 8;
-const SCTP_HLEN: usize = 12;
-
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
-
-const NEXTHDR_HOP: u8 = 0;
-const NEXTHDR_ROUTING: u8 = 43;
-const NEXTHDR_FRAGMENT: u8 = 44;
-const NEXTHDR_DEST: u8 = 60;
-
-/// VLAN tags parsed in the packet data (the kernel has usually moved the
-/// outermost one to `skb->vlan_tci` already, which leaves the data untagged).
-const MAX_VLAN_TAGS: usize = 2;
-/// IPv6 extension headers walked before the L4 header; a longer chain is malformed.
-pub const MAX_IPV6_EXT_HEADERS: usize = 8;
 
 /// A parsed IP packet: its lookup key and what the counters need.
 pub struct Packet {
@@ -85,7 +66,7 @@ fn ethernet(data: usize, end: usize) -> Option<(u16, usize)> {
     let mut proto = unsafe { be16((*eth)[12], (*eth)[13]) };
     let mut off = ETH_HLEN;
     for _ in 0..MAX_VLAN_TAGS {
-        if proto != ETH_P_8021Q && proto != ETH_P_8021AD {
+        if proto != TPID_8021Q && proto != TPID_8021AD {
             break;
         }
         let tag = header::<VLAN_HLEN>(data, end, off)?;
@@ -146,7 +127,7 @@ fn ipv6(data: usize, end: usize, off: usize, key: &mut ServiceKey) -> Option<(u8
     let mut off = off + IPV6_HLEN;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
-            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTIONS => {
                 let ext = header::<2>(data, end, off)?;
                 // SAFETY: bounds checked by `header`.
                 let (nh, len) = unsafe { ((*ext)[0], (*ext)[1]) };
@@ -157,7 +138,7 @@ fn ipv6(data: usize, end: usize, off: usize, key: &mut ServiceKey) -> Option<(u8
                 next = nh;
                 off += len;
             }
-            NEXTHDR_FRAGMENT => {
+            IPV6_FRAGMENT => {
                 let frag = header::<IPV6_FRAG_HLEN>(data, end, off)?;
                 // SAFETY: bounds checked by `header`.
                 let (nh, offset) = unsafe { ((*frag)[0], be16((*frag)[2], (*frag)[3]) & 0xfff8) };
@@ -172,7 +153,7 @@ fn ipv6(data: usize, end: usize, off: usize, key: &mut ServiceKey) -> Option<(u8
         }
     }
     match next {
-        NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_FRAGMENT => None,
+        IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTIONS | IPV6_FRAGMENT => None,
         _ => Some((next, off, false)),
     }
 }
@@ -210,8 +191,8 @@ pub fn packet(data: usize, data_end: usize) -> Parsed {
         addr: [0; 4],
     };
     let l3_result = match ethertype {
-        ETH_P_IP => ipv4(data, data_end, l3, &mut key),
-        ETH_P_IPV6 => ipv6(data, data_end, l3, &mut key),
+        ETHERTYPE_IPV4 => ipv4(data, data_end, l3, &mut key),
+        ETHERTYPE_IPV6 => ipv6(data, data_end, l3, &mut key),
         _ => return Parsed::NonIp,
     };
     let Some((proto, l4, later_fragment)) = l3_result else {

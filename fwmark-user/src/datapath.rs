@@ -23,6 +23,7 @@ use aya::{
     },
     programs::{ProgramError, SchedClassifier},
 };
+use aya_obj::generated::{bpf_attr, bpf_attr__bindgen_ty_3, bpf_cmd};
 use fwmark_common::{
     ACTIVE_GENERATION_MASK, ACTIVE_HAS_PREFIX, GENERATIONS, GlobalCounters, RuleCounters,
     ServiceKey, Target, map_names,
@@ -33,22 +34,11 @@ use fwmark_core::ruleset::Ruleset;
 /// The classifier object, built by `build.rs` from `fwmark-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fwmark"));
 
-/// `BPF_MAP_UPDATE_BATCH` (`enum bpf_cmd`, Linux >= 5.6).
-const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-
-/// The `batch` member of `union bpf_attr`.
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
+/// The benchmark floor's object (one empty classifier), built by `build.rs`
+/// beside the classifier's; only the test lab and the benchmark embed it.
+#[cfg(feature = "floor")]
+pub static FLOOR_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fwmark-floor"));
 
 /// Inserts `keys[i] -> values[i]` with `BPF_MAP_UPDATE_BATCH`, many entries
 /// per syscall. On an error, returns where the failed chunk starts (all
@@ -60,36 +50,55 @@ fn update_batch<K, V>(
 ) -> Result<(), (usize, std::io::Error)> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
     const CHUNK: usize = 16 * 1024;
+    assert_eq!(keys.len(), values.len(), "one value per key");
     let fd = map.fd().as_fd().as_raw_fd();
     let mut done = 0;
     while done < keys.len() {
         let n = (keys.len() - done).min(CHUNK);
-        let mut attr = BatchAttr {
+        let batch = bpf_attr__bindgen_ty_3 {
+            in_batch: 0,
+            out_batch: 0,
             keys: keys[done..].as_ptr() as u64,
             values: values[done..].as_ptr() as u64,
             count: n as u32,
             map_fd: fd as u32,
-            ..BatchAttr::default()
+            elem_flags: 0,
+            flags: 0,
         };
-        // SAFETY: `attr` is a valid `bpf_attr.batch` whose key and value
-        // pointers cover `n` elements of the map's key and value sizes (the
-        // caller's slices, typed like the map); the kernel only reads them.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>() as u32,
-            )
-        };
-        if rc != 0 {
+        if let Err(error) = bpf_batch(bpf_cmd::BPF_MAP_UPDATE_BATCH, batch) {
             // The kernel reports a partial count only once it started; redo
             // the whole chunk one by one (inserting again is harmless).
-            return Err((done, std::io::Error::last_os_error()));
+            return Err((done, error));
         }
         done += n;
     }
     Ok(())
+}
+
+/// The `bpf(2)` syscall with a `batch` command (`BPF_MAP_*_BATCH`, since
+/// Linux 5.6). The caller makes `batch.keys` and `batch.values` point at
+/// `batch.count` keys and values of the map's key and value sizes.
+fn bpf_batch(cmd: bpf_cmd, batch: bpf_attr__bindgen_ty_3) -> std::io::Result<()> {
+    // SAFETY: `bpf_attr` is a C union of plain integers: all zeroes is a
+    // valid value (and what the kernel requires of the unused bytes).
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    attr.batch = batch;
+    // SAFETY: `attr` is a valid, fully initialized `bpf_attr` of the size
+    // passed; the kernel reads `count` keys and values through the pointers
+    // in it, which the caller made valid for that many elements.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_int,
+            &mut attr as *mut bpf_attr,
+            std::mem::size_of::<bpf_attr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// `BPF_F_NO_PREALLOC`: required by LPM tries.
@@ -447,24 +456,6 @@ impl Datapath {
             .try_into()?)
     }
 
-    /// The benchmark floor program (an empty classifier), loaded on first use.
-    pub fn floor_program(&mut self) -> Result<&SchedClassifier, DatapathError> {
-        Ok(self.floor_program_mut()?)
-    }
-
-    /// [`Datapath::floor_program`], mutable (to attach it).
-    pub fn floor_program_mut(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(fwmark_common::FLOOR_PROGRAM_NAME)
-            .ok_or(DatapathError::Missing("floor program"))?
-            .try_into()?;
-        if program.fd().is_err() {
-            program.load()?;
-        }
-        Ok(program)
-    }
-
     /// Mutable access to the classifier program.
     pub fn program_mut(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
         Ok(self
@@ -490,5 +481,44 @@ impl Datapath {
     pub fn publish_simple(&mut self, ruleset: &Ruleset) -> Result<u32, DatapathError> {
         let slots: Vec<u32> = (0..ruleset.rules.len() as u32).collect();
         self.maps.publish(ruleset, &slots, &[])
+    }
+}
+
+/// The benchmark floor: an empty classifier, loaded from its own object
+/// ([`FLOOR_OBJECT`]), to measure the hook's cost with nothing to do.
+#[cfg(feature = "floor")]
+pub struct Floor {
+    ebpf: Ebpf,
+}
+
+#[cfg(feature = "floor")]
+impl Floor {
+    /// Loads the floor program into the kernel (not attached anywhere).
+    pub fn load() -> Result<Floor, DatapathError> {
+        let mut ebpf = Ebpf::load(FLOOR_OBJECT)?;
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(fwmark_common::FLOOR_PROGRAM_NAME)
+            .ok_or(DatapathError::Missing("floor program"))?
+            .try_into()?;
+        program.load()?;
+        Ok(Floor { ebpf })
+    }
+
+    /// The floor program (for `BPF_PROG_TEST_RUN`).
+    pub fn program(&self) -> Result<&SchedClassifier, DatapathError> {
+        Ok(self
+            .ebpf
+            .program(fwmark_common::FLOOR_PROGRAM_NAME)
+            .ok_or(DatapathError::Missing("floor program"))?
+            .try_into()?)
+    }
+
+    /// The floor program, mutable (to attach it).
+    pub fn program_mut(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
+        Ok(self
+            .ebpf
+            .program_mut(fwmark_common::FLOOR_PROGRAM_NAME)
+            .ok_or(DatapathError::Missing("floor program"))?
+            .try_into()?)
     }
 }

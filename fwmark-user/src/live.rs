@@ -17,6 +17,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use fwmark_common::ABI_VERSION;
 use log::warn;
 
 use fwmark_core::{
@@ -32,9 +33,6 @@ use crate::{
     datapath::Maps,
     state::{Paths, STATE_VERSION, State},
 };
-
-/// Version of the pinned maps' layout; adoption refuses other versions.
-pub const ABI_VERSION: u32 = 1;
 
 /// Reads, validates and compiles the config at `path`, logging what is
 /// legal but worth telling: who besides root can change the file, and the

@@ -1,14 +1,20 @@
 //! Checks before touching the kernel, each failing with one line that says
 //! what to do.
 
-use std::{ffi::CString, io, path::Path};
+use std::{io, os::fd::AsRawFd as _, path::Path};
 
 use aya::util::KernelVersion;
+use nix::{
+    mount::{MsFlags, mount},
+    net::if_::{if_indextoname, if_nametoindex},
+    sys::{
+        socket::{AddressFamily, SockFlag, SockType, socket},
+        statfs::{BPF_FS_MAGIC, statfs},
+    },
+};
 
 /// Where bpffs is expected.
 pub const BPFFS: &str = "/sys/fs/bpf";
-/// `BPF_FS_MAGIC` from `linux/magic.h`.
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 /// Oldest kernel fwmark supports: BTF-defined map-in-map maps and the
 /// netlink attach path (tcx needs 6.6 and is used when present).
 pub const MIN_KERNEL: KernelVersion = KernelVersion::new(5, 10, 0);
@@ -85,21 +91,12 @@ pub fn check_kernel() -> Result<KernelVersion, PreflightError> {
 
 /// The interface's index, or a clear error.
 pub fn interface_index(iface: &str) -> Result<u32, PreflightError> {
-    let name = CString::new(iface).map_err(|_| PreflightError::NoInterface(iface.into()))?;
-    // SAFETY: `name` is a valid NUL-terminated string for the call's duration.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if index == 0 {
-        Err(PreflightError::NoInterface(iface.into()))
-    } else {
-        Ok(index)
-    }
+    if_nametoindex(iface).map_err(|_| PreflightError::NoInterface(iface.into()))
 }
 
 /// Whether a network device with index `index` exists (under any name).
 pub fn index_exists(index: u32) -> bool {
-    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: `buf` has the IF_NAMESIZE bytes if_indextoname may write.
-    !unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) }.is_null()
+    if_indextoname(index).is_ok()
 }
 
 /// `ARPHRD_ETHER` and `ARPHRD_LOOPBACK`: link types whose frames start with
@@ -124,6 +121,8 @@ pub fn check_interface(iface: &str) -> Result<u32, PreflightError> {
 /// The `ARPHRD_*` link type of `iface` in this network namespace
 /// (`SIOCGIFHWADDR`; sysfs may show another namespace's devices).
 fn link_type(iface: &str) -> Option<u32> {
+    // nix has no typed wrapper for this ioctl; this declares one.
+    nix::ioctl_readwrite_bad!(siocgifhwaddr, libc::SIOCGIFHWADDR, libc::ifreq);
     let name = iface.as_bytes();
     // SAFETY: all-zero is a valid `ifreq`.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
@@ -133,29 +132,23 @@ fn link_type(iface: &str) -> Option<u32> {
     for (dst, src) in req.ifr_name.iter_mut().zip(name) {
         *dst = *src as libc::c_char;
     }
-    // SAFETY: plain socket creation; the descriptor is closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: `req` is a valid, NUL-terminated `ifreq` the kernel fills in.
-    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) };
-    // SAFETY: `fd` is the socket opened above.
-    unsafe { libc::close(fd) };
-    // SAFETY: SIOCGIFHWADDR fills the `ifru_hwaddr` member.
-    (rc == 0).then(|| u32::from(unsafe { req.ifr_ifru.ifru_hwaddr.sa_family }))
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .ok()?;
+    // SAFETY: `sock` is an open socket and `req` a valid `ifreq` with a
+    // NUL-terminated name (checked above), which the kernel fills in.
+    unsafe { siocgifhwaddr(sock.as_raw_fd(), &mut req) }.ok()?;
+    // SAFETY: SIOCGIFHWADDR succeeded, so it filled the `ifru_hwaddr` member.
+    Some(u32::from(unsafe { req.ifr_ifru.ifru_hwaddr.sa_family }))
 }
 
 /// True when `path` is a bpffs mount.
 pub fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: all-zero is a valid `statfs`; the kernel fills it.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is NUL-terminated and `st` is a valid out-pointer.
-    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    statfs(path).is_ok_and(|st| st.filesystem_type() == BPF_FS_MAGIC)
 }
 
 /// Makes sure bpffs is mounted at [`BPFFS`], mounting it when it is not.
@@ -166,21 +159,14 @@ pub fn ensure_bpffs() -> Result<bool, PreflightError> {
         return Ok(false);
     }
     std::fs::create_dir_all(path).map_err(PreflightError::Bpffs)?;
-    let c = |s: &str| CString::new(s).expect("no NUL in constant");
     // Root only, as systemd mounts it (the kernel's default is 1777).
-    let (src, target, fstype, data) = (c("bpf"), c(BPFFS), c("bpf"), c("mode=0700"));
-    // SAFETY: all pointers are valid NUL-terminated strings.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-            data.as_ptr().cast(),
-        )
-    };
-    if rc != 0 {
-        return Err(PreflightError::Bpffs(io::Error::last_os_error()));
-    }
+    mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=0700"),
+    )
+    .map_err(|errno| PreflightError::Bpffs(errno.into()))?;
     Ok(true)
 }

@@ -5,6 +5,7 @@
 use std::{path::Path, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
+use fwmark_common::ABI_VERSION;
 use fwmark_core::Loaded;
 use log::{error, info, warn};
 use tokio::signal::unix::{SignalKind, signal};
@@ -13,9 +14,7 @@ use crate::{
     attach::{self, AttachMode, Attached},
     cli::RunArgs,
     datapath::{self, Datapath, MAP_NAMES},
-    ingress,
-    live::{self, ABI_VERSION},
-    markers, metrics, preflight,
+    ingress, live, markers, metrics, preflight,
     state::{Lock, Paths, State},
     status::Snapshot,
 };

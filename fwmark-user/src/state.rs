@@ -13,7 +13,7 @@
 //! Both directories are created with mode 0700: only root may use them.
 
 use std::{
-    fs::{self, File, OpenOptions},
+    fs::{self, File, OpenOptions, TryLockError},
     io::{self, Write as _},
     os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
@@ -143,7 +143,7 @@ impl Paths {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     pub version: u32,
-    /// Layout version of the pinned maps (`live::ABI_VERSION`).
+    /// Layout version of the pinned maps (`fwmark_common::ABI_VERSION`).
     pub abi: u32,
     pub iface: String,
     /// `tcx` or `netlink`.
@@ -228,7 +228,8 @@ mod tests {
     }
 }
 
-/// An exclusive `flock` on a file in the run directory, released on drop.
+/// An exclusive lock (`File::lock`, an `flock`) on a file in the run
+/// directory, released on drop.
 pub struct Lock {
     _file: File,
 }
@@ -270,13 +271,10 @@ impl Lock {
     /// Waits for the apply lock: every change of the live config holds it.
     pub fn apply(paths: &Paths) -> Result<Lock, LockError> {
         let (file, path) = Lock::open(paths, "apply.lock")?;
-        // SAFETY: `file` is an open descriptor for the duration of the call.
-        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) } != 0 {
-            return Err(LockError::Io {
-                path: path.display().to_string(),
-                error: io::Error::last_os_error(),
-            });
-        }
+        file.lock().map_err(|error| LockError::Io {
+            path: path.display().to_string(),
+            error,
+        })?;
         Ok(Lock { _file: file })
     }
 
@@ -284,31 +282,30 @@ impl Lock {
     /// pid in it; fails when another `fwmark run` manages the interface.
     pub fn daemon(paths: &Paths) -> Result<Lock, LockError> {
         let (mut file, path) = Lock::open(paths, "daemon.lock")?;
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
         // `status` and `detach` probe this lock for an instant: retry a few
         // times before concluding that another run holds it.
         let mut attempts = 0;
-        // SAFETY: `fd` is an open descriptor for the duration of the calls.
-        while unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } != 0 && attempts < 10 {
-            attempts += 1;
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        // SAFETY: as above.
-        if attempts == 10 && unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let error = io::Error::last_os_error();
-            if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                return Err(LockError::Busy {
-                    what: "fwmark run",
-                    iface: paths.iface.clone(),
-                    holder: fs::read_to_string(&path)
-                        .map(|s| s.trim().to_string())
-                        .unwrap_or_else(|_| "?".into()),
-                });
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(TryLockError::WouldBlock) if attempts < 10 => {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(TryLockError::WouldBlock) => {
+                    return Err(LockError::Busy {
+                        what: "fwmark run",
+                        iface: paths.iface.clone(),
+                        holder: Lock::holder_pid(&path),
+                    });
+                }
+                Err(TryLockError::Error(error)) => {
+                    return Err(LockError::Io {
+                        path: path.display().to_string(),
+                        error,
+                    });
+                }
             }
-            return Err(LockError::Io {
-                path: path.display().to_string(),
-                error,
-            });
         }
         let record = |file: &mut File| -> io::Result<()> {
             file.set_len(0)?;
@@ -321,24 +318,37 @@ impl Lock {
         Ok(Lock { _file: file })
     }
 
+    /// The pid a daemon recorded in its lock file (`?` when unreadable).
+    fn holder_pid(path: &Path) -> String {
+        fs::read_to_string(path)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "?".into())
+    }
+
+    /// Whether another open file description holds `file`'s lock right now
+    /// (taken for an instant to test it, and released).
+    fn held_elsewhere(file: &File) -> bool {
+        match file.try_lock() {
+            Ok(()) => {
+                // Taken only to test it. Closing `file` releases it anyway,
+                // so a failed unlock changes nothing.
+                let _ = file.unlock();
+                false
+            }
+            // Another error (none is expected for an open file): assume held,
+            // so no caller acts as if the lock were free.
+            Err(TryLockError::WouldBlock | TryLockError::Error(_)) => true,
+        }
+    }
+
     /// Whether a change holds the apply lock right now (an `apply` or a
     /// reload between its switch and recording it).
     pub fn apply_busy(paths: &Paths) -> bool {
-        let Ok(file) = OpenOptions::new()
+        OpenOptions::new()
             .read(true)
             .write(true)
             .open(paths.run_dir.join("apply.lock"))
-        else {
-            return false;
-        };
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
-        // SAFETY: `fd` is an open descriptor for the duration of the calls.
-        let free = unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } == 0;
-        if free {
-            // SAFETY: as above; we took it only to test it.
-            unsafe { libc::flock(fd, libc::LOCK_UN) };
-        }
-        !free
+            .is_ok_and(|file| Lock::held_elsewhere(&file))
     }
 
     /// Whether a `fwmark run` holds the daemon lock of the interface, and
@@ -346,19 +356,6 @@ impl Lock {
     pub fn daemon_holder(paths: &Paths) -> Option<String> {
         let path = paths.run_dir.join("daemon.lock");
         let file = OpenOptions::new().read(true).write(true).open(&path).ok()?;
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
-        // SAFETY: `fd` is an open descriptor for the duration of the calls.
-        let free = unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } == 0;
-        if free {
-            // SAFETY: as above; we took it only to test it.
-            unsafe { libc::flock(fd, libc::LOCK_UN) };
-            None
-        } else {
-            Some(
-                fs::read_to_string(&path)
-                    .map(|s| s.trim().to_string())
-                    .unwrap_or_else(|_| "?".into()),
-            )
-        }
+        Lock::held_elsewhere(&file).then(|| Lock::holder_pid(&path))
     }
 }

@@ -15,7 +15,7 @@ use std::{fmt::Write as _, net::IpAddr, time::Instant};
 
 use anyhow::{Context as _, Result};
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
-use fwmark::datapath::Datapath;
+use fwmark::datapath::{Datapath, Floor};
 use fwmark_common::Target;
 use fwmark_core::{
     config::{PortRange, Proto},
@@ -186,6 +186,7 @@ pub fn process_map_memory() -> Result<u64> {
 /// Section 1 (and the memory figures): the classifier at each size.
 pub fn classifier(opts: Options) -> Result<Vec<ClassifierPoint>> {
     let mut out = Vec::new();
+    let floor_program = Floor::load()?;
     for n in opts.sizes() {
         let rs = synthetic_ruleset(n);
         let started = Instant::now();
@@ -203,7 +204,7 @@ pub fn classifier(opts: Options) -> Result<Vec<ClassifierPoint>> {
         let hits6 = frames(n, opts.packets(), true, 80);
         let misses = frames(n, opts.packets(), false, 81);
         let repeat = opts.repeat();
-        let floor = ns_per_packet(dp.floor_program()?, &hits4, repeat)?;
+        let floor = ns_per_packet(floor_program.program()?, &hits4, repeat)?;
         let program = dp.program()?;
         out.push(ClassifierPoint {
             services: n,
@@ -455,10 +456,25 @@ enum Installed {
     Iptables,
     Nft,
     Fwmark(Box<Datapath>),
+    Floor(Box<Floor>),
+}
+
+/// Attaches `program` first at the director's ingress (tcx); it stays
+/// attached while its owner lives.
+fn attach_first(lab: &crate::netns::Lab, program: &mut SchedClassifier) -> Result<()> {
+    use aya::programs::{LinkOrder, TcAttachType, tc::TcAttachOptions};
+    let iface = lab.director_if.clone();
+    lab.director.run(|| {
+        program.attach_with_options(
+            &iface,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::first()),
+        )
+    })??;
+    Ok(())
 }
 
 fn install(lab: &crate::netns::Lab, marker: &Marker) -> Result<Installed> {
-    use aya::programs::{LinkOrder, TcAttachType, tc::TcAttachOptions};
     Ok(match marker {
         Marker::None => Installed::Nothing,
         Marker::Iptables(n) => {
@@ -472,24 +488,17 @@ fn install(lab: &crate::netns::Lab, marker: &Marker) -> Result<Installed> {
             crate::nft::nft_script(&lab.director, &nft_map(*n))?;
             Installed::Nft
         }
-        Marker::Fwmark(_) | Marker::EmptyTc => {
+        Marker::Fwmark(_) => {
             let rs = synthetic_ruleset(marker.size().max(1));
             let mut dp = Box::new(Datapath::load(rs.rules.len().max(1) as u32, None, None)?);
             dp.publish_simple(&rs)?;
-            let iface = lab.director_if.clone();
-            let program = if *marker == Marker::EmptyTc {
-                dp.floor_program_mut()?
-            } else {
-                dp.program_mut()?
-            };
-            lab.director.run(|| {
-                program.attach_with_options(
-                    &iface,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::TcxOrder(LinkOrder::first()),
-                )
-            })??;
+            attach_first(lab, dp.program_mut()?)?;
             Installed::Fwmark(dp)
+        }
+        Marker::EmptyTc => {
+            let mut floor = Box::new(Floor::load()?);
+            attach_first(lab, floor.program_mut()?)?;
+            Installed::Floor(floor)
         }
     })
 }
@@ -499,6 +508,7 @@ fn uninstall(lab: &crate::netns::Lab, installed: Installed) -> Result<()> {
         Installed::Nothing => {}
         // Dropping the datapath drops the tcx link: detached.
         Installed::Fwmark(datapath) => drop(datapath),
+        Installed::Floor(floor) => drop(floor),
         Installed::Iptables => {
             crate::netns::run_cmd(
                 lab.director
