@@ -110,25 +110,25 @@ pub fn build_vm_guest() -> Result<PathBuf> {
     Ok(root().join("target/debug/fwmark-vm-guest"))
 }
 
-/// Builds the benchmark (release); returns its path.
+/// Builds the benchmark (`bench/`, release); returns its path.
 pub fn build_bench() -> Result<PathBuf> {
     run(cargo().args([
         "build",
         "--release",
         "--package",
-        "fwmark-testlab",
+        "fwmark-bench",
         "--bin",
         "fwmark-bench",
     ]))?;
     Ok(root().join("target/release/fwmark-bench"))
 }
 
-/// Builds the soak test (`tests/src/bin/fwmark-soak.rs`); returns its path.
+/// Builds the soak test (`soak/`); returns its path.
 pub fn build_soak() -> Result<PathBuf> {
     run(cargo().args([
         "build",
         "--package",
-        "fwmark-testlab",
+        "fwmark-soak",
         "--bin",
         "fwmark-soak",
     ]))?;
