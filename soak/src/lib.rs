@@ -741,8 +741,9 @@ fn released(poller: &mut Poller<'_>) -> Vec<Verdict> {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    let attached = fwmark_testlab::netns::ingress_programs(&poller.lab.director, &poller.lab.director_if)
-        .unwrap_or_else(|e| vec![format!("error: {e:#}")]);
+    let attached =
+        fwmark_testlab::netns::ingress_programs(&poller.lab.director, &poller.lab.director_if)
+            .unwrap_or_else(|e| vec![format!("error: {e:#}")]);
     let pins_left = poller.pin_dir.exists();
     poller
         .checks

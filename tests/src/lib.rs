@@ -16,6 +16,8 @@
 
 pub mod daemon;
 pub mod example;
+pub mod failpoint;
+pub mod faults;
 pub mod foreign;
 pub mod framegen;
 pub mod harness;

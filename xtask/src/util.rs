@@ -125,13 +125,7 @@ pub fn build_bench() -> Result<PathBuf> {
 
 /// Builds the soak test (`soak/`); returns its path.
 pub fn build_soak() -> Result<PathBuf> {
-    run(cargo().args([
-        "build",
-        "--package",
-        "fwmark-soak",
-        "--bin",
-        "fwmark-soak",
-    ]))?;
+    run(cargo().args(["build", "--package", "fwmark-soak", "--bin", "fwmark-soak"]))?;
     Ok(root().join("target/debug/fwmark-soak"))
 }
 
