@@ -32,12 +32,12 @@ pub fn config_with_rules(rules: u16) -> String {
 }
 
 /// The probes whose marks tell the configs apart: web TCP 80, web UDP 443
-/// and a bulk-only UDP port.
+/// and UDP port 5 of [`BULK_VIP`] (in [`config_with_rules`]`(n)` for n of 5 or more).
 pub fn telling_probes() -> Vec<Probe> {
     vec![
         probe(VIP, ProbeProto::Tcp, 80, 0, 1),
         probe(VIP, ProbeProto::Udp, 443, 0, 1),
-        probe(BULK_VIP, ProbeProto::Udp, 5000, 0, 1),
+        probe(BULK_VIP, ProbeProto::Udp, 5, 0, 1),
     ]
 }
 

@@ -13,6 +13,7 @@ use fwmark_testlab::{
 };
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn other_tc_programs_run_after_fwmark_and_see_its_mark_tcx() {
     let Some((lab, _files, a)) = setup(
         "other_tc_programs_tcx",
@@ -54,6 +55,7 @@ fn other_tc_programs_run_after_fwmark_and_see_its_mark_tcx() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn netlink_takes_a_free_priority_and_other_programs_keep_running() {
     let Some((lab, _files, a)) = setup(
         "other_tc_programs_netlink",
@@ -179,6 +181,7 @@ fn install_other_markers(lab: &Lab) {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn other_mark_writers_are_named_at_run_and_apply() {
     let Some((lab, files, a)) = setup(
         "other_mark_writers",

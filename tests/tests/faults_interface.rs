@@ -11,11 +11,13 @@ use fwmark_testlab::{
 };
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn interface_deleted_and_created_again_is_followed_tcx() {
     interface_deleted_and_created_again("tcx");
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn interface_deleted_and_created_again_is_followed_netlink() {
     interface_deleted_and_created_again("netlink");
 }
@@ -74,11 +76,13 @@ fn interface_deleted_and_created_again(mode: &str) {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn interface_renamed_away_and_back_is_followed_tcx() {
     interface_renamed_away_and_back("tcx");
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn interface_renamed_away_and_back_is_followed_netlink() {
     interface_renamed_away_and_back("netlink");
 }
@@ -125,11 +129,13 @@ fn interface_renamed_away_and_back(mode: &str) {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn a_kept_attachment_whose_interface_was_replaced_is_attached_afresh_tcx() {
     kept_attachment_of_a_replaced_interface("tcx");
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn a_kept_attachment_whose_interface_was_replaced_is_attached_afresh_netlink() {
     kept_attachment_of_a_replaced_interface("netlink");
 }

@@ -4,65 +4,40 @@
 //! becomes unreadable or vanishes under `fwmark run`. The other faults
 //! tests: faults_interface.rs, faults_coexistence.rs, faults_security.rs.
 //!
+//! A change is interrupted at a named step of the switch: fwmark's
+//! test-only fail-points (`fwmark_testlab::failpoint`) stop the process
+//! there, and the test kills or signals it while it is stopped, so every
+//! run interrupts the same step.
+//!
 //! Covered elsewhere: two `apply` runs racing are serialized by the apply
 //! lock (`concurrent_applies_are_serialized` in tests/live.rs: eight
 //! concurrent applies get eight consecutive generations); `kill -9` of an
 //! idle daemon and adoption (`restart_after_kill_*` in tests/live.rs).
 
-use std::{
-    process::Child,
-    time::{Duration, Instant},
-};
+use std::{process::Child, time::Duration};
 
 use fwmark_testlab::{
     daemon::{DOCUMENTED_CAPS, Daemon},
+    failpoint::{self, nth, step},
     faults::{
         ActiveWord, config_with_rules, install_counters, marks_now, setup, small, web_counters,
-        web_mark,
+        web_mark, with_rules,
     },
     ops::{
-        apply, fwmark, ingress, ok, ok_with_stderr, pending_exists, spawn_apply, state_text,
-        status_json, stop_ok, web_dns_config as config,
+        apply, fwmark, ingress, ok, ok_with_stderr, pending_exists, state_text, status_json,
+        stop_ok, web_dns_config as config,
     },
 };
 use nix::sys::signal::Signal;
 
-/// [`config`] plus a service of 8 VIPs with every TCP and UDP port under
-/// mark 99: about a million map entries, so a switch takes long enough to
-/// be interrupted in the middle.
-fn large_config(mark: u32) -> String {
-    let vips: Vec<String> = (0..8).map(|i| format!("\"10.99.{i}.1\"")).collect();
-    format!(
-        "{}\n[[service]]\nname = \"bulk\"\nvip = [{}]\nproto = [\"tcp\", \"udp\"]\nports = [\"1-65535\"]\nmark = 99\n",
-        config(mark),
-        vips.join(", ")
-    )
-}
-
-/// What the telling probes get under [`large_config`]`(mark)`.
-fn large(mark: u32) -> Vec<u32> {
-    vec![mark, mark, 99]
-}
-
-/// Waits until `cond` holds (polling every 100 µs), or panics after `timeout`.
-fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_micros(100));
-    }
-}
-
-fn signal(child: &Child, sig: Signal) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
-}
-
+/// What a killed command said on stderr.
 fn stderr_of(child: Child) -> String {
     let out = child.wait_with_output().unwrap();
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn a_config_larger_than_the_counter_map_changes_nothing() {
     let Some((lab, files, a)) = setup(
         "config_larger_than_capacity",
@@ -104,32 +79,41 @@ fn a_config_larger_than_the_counter_map_changes_nothing() {
 }
 
 #[test]
-fn apply_killed_before_the_switch_leaves_the_old_config() {
-    let Some((lab, files, a)) = setup(
-        "apply_killed_before_the_switch",
-        &["ip", "nft", "nsenter"],
-        "a.toml",
-    ) else {
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn apply_killed_after_writing_the_pending_state_leaves_the_old_config() {
+    apply_killed_before_the_switch(
+        "apply_killed_after_the_pending_state",
+        step::AFTER_PENDING_WRITTEN,
+    );
+}
+
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn apply_killed_with_the_new_maps_filled_leaves_the_old_config() {
+    apply_killed_before_the_switch("apply_killed_before_the_switch", step::BEFORE_SWITCH);
+}
+
+/// `apply` SIGTERMed at `at`, a step before `ACTIVE` changes: wholly the
+/// old config, and the next apply discards the interrupted change.
+fn apply_killed_before_the_switch(name: &str, at: &str) {
+    let Some((lab, files, a)) = setup(name, &["ip", "nft", "nsenter"], "a.toml") else {
         return;
     };
-    let b = files.write("b.toml", &large_config(81));
+    let b = files.write("b.toml", &config(81));
     let counters = install_counters(&lab);
     let daemon = Daemon::run_on(&lab, &a, &["--no-watch"]).unwrap();
     let active = ActiveWord::open(&lab);
     let word = active.get();
 
-    // The pending state is written just before the new maps are filled:
-    // killing the apply then interrupts it while it fills them.
-    let killed = spawn_apply(&lab, &b);
-    wait_until("the pending state", Duration::from_secs(60), || {
-        pending_exists(&lab)
-    });
-    signal(&killed, Signal::SIGTERM);
+    let killed = failpoint::spawn_apply(&lab, &b, at);
+    assert!(pending_exists(&lab), "no pending state at {at}");
+    failpoint::signal_and_resume(killed.id(), Signal::SIGTERM);
     let err = stderr_of(killed);
     assert!(
-        pending_exists(&lab),
-        "the apply finished before it was killed: {err}"
+        err.contains(&format!("fail-point {at} reached")) && !err.contains("is live"),
+        "{err}"
     );
+    assert!(pending_exists(&lab));
     assert_eq!(active.get(), word, "ACTIVE changed");
 
     // Wholly the old config: marks, status (which leaves the files alone).
@@ -152,6 +136,7 @@ fn apply_killed_before_the_switch_leaves_the_old_config() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn apply_killed_after_the_switch_is_recorded_by_the_next_change() {
     let Some((lab, files, a)) = setup(
         "apply_killed_after_the_switch",
@@ -160,50 +145,27 @@ fn apply_killed_after_the_switch_is_recorded_by_the_next_change() {
     ) else {
         return;
     };
-    let b = files.write("b.toml", &large_config(81));
+    let b = files.write("b.toml", &config_with_rules(10));
     let counters = install_counters(&lab);
     let daemon = Daemon::run_on(&lab, &a, &["--no-watch"]).unwrap();
     let active = ActiveWord::open(&lab);
+    let word = active.get();
 
-    // Between the switch of ACTIVE and the state's rename the old
-    // generation is released (a few RCU grace periods): kill the apply the
-    // moment ACTIVE changes. Should the apply win the race, its change is
-    // complete; apply it away and try again.
-    let mut generation = 1;
-    let mut interrupted = false;
-    for attempt in 0..5 {
-        let word = active.get();
-        let (config, marks) = if attempt % 2 == 0 {
-            (&b, large(81))
-        } else {
-            (&a, small(80))
-        };
-        let apply = spawn_apply(&lab, config);
-        wait_until("the switch", Duration::from_secs(60), || {
-            active.get() != word
-        });
-        signal(&apply, Signal::SIGKILL);
-        let _ = stderr_of(apply);
-        generation += 1;
-        // Wholly the new config, whether or not the state recorded it yet.
-        assert_eq!(marks_now(&lab, &counters), marks);
-        assert_eq!(status_json(&lab)["config"]["generation"], generation);
-        if pending_exists(&lab) {
-            eprintln!("interrupted between the switch and the state's rename at attempt {attempt}");
-            interrupted = true;
-            break;
-        }
-    }
-    assert!(
-        interrupted,
-        "the apply finished before it was killed in five attempts"
-    );
+    // Stopped after ACTIVE switched (and the old generation was released),
+    // before the state's rename: killed there.
+    let killed = failpoint::spawn_apply(&lab, &b, step::AFTER_SWITCH);
+    assert_ne!(active.get(), word, "ACTIVE did not change");
+    failpoint::signal_and_resume(killed.id(), Signal::SIGKILL);
+    let _ = stderr_of(killed);
+    assert!(pending_exists(&lab));
+
+    // Wholly the new config, though the state has not recorded it.
+    assert_eq!(marks_now(&lab, &counters), with_rules());
+    assert_eq!(status_json(&lab)["config"]["generation"], 2);
     // status says so (and leaves the files alone).
     let (_, err) = ok_with_stderr(fwmark(&lab, &["status", "--iface", &lab.director_if]));
     assert!(
-        err.contains(&format!(
-            "switched to generation {generation} and is not recorded yet"
-        )),
+        err.contains("switched to generation 2 and is not recorded yet"),
         "{err}"
     );
     assert!(pending_exists(&lab));
@@ -212,21 +174,17 @@ fn apply_killed_after_the_switch_is_recorded_by_the_next_change() {
     let c = files.write("c.toml", &config(82));
     let (stdout, err) = ok_with_stderr(apply(&lab, &c));
     assert!(
-        err.contains(&format!(
-            "had switched already: recording generation {generation}"
-        )),
+        err.contains("had switched already: recording generation 2"),
         "{err}"
     );
-    assert!(
-        stdout.contains(&format!("generation {} is live", generation + 1)),
-        "{stdout}"
-    );
+    assert!(stdout.contains("generation 3 is live"), "{stdout}");
     assert!(!pending_exists(&lab));
     assert_eq!(marks_now(&lab, &counters), small(82));
     stop_ok(daemon);
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn sigterm_during_a_reload_finishes_it_before_exiting() {
     let Some((lab, files, live)) = setup(
         "sigterm_during_a_reload",
@@ -236,16 +194,15 @@ fn sigterm_during_a_reload_finishes_it_before_exiting() {
         return;
     };
     let counters = install_counters(&lab);
-    let daemon = Daemon::run_on(&lab, &live, &["--no-watch", "--keep"]).unwrap();
+    // The start is the first switch, the reload the second.
+    let at = nth(step::AFTER_PENDING_WRITTEN, 2);
+    let daemon = failpoint::run_on(&lab, &live, &["--no-watch", "--keep"], &at);
 
-    files.write("live.toml", &large_config(81));
+    files.write("live.toml", &config_with_rules(10));
     daemon.signal(Signal::SIGHUP).unwrap();
-    wait_until(
-        "the reload's pending state",
-        Duration::from_secs(60),
-        || pending_exists(&lab),
-    );
-    daemon.signal(Signal::SIGTERM).unwrap();
+    failpoint::wait_stopped(daemon.pid(), &at);
+    // SIGTERM arrives in the middle of the reload.
+    failpoint::signal_and_resume(daemon.pid(), Signal::SIGTERM);
     let finished = stop_ok(daemon);
     let live_at = finished
         .stderr
@@ -257,12 +214,13 @@ fn sigterm_during_a_reload_finishes_it_before_exiting() {
     // --keep: the new config marks, recorded whole.
     assert!(!pending_exists(&lab));
     assert_eq!(status_json(&lab)["config"]["generation"], 2);
-    assert_eq!(marks_now(&lab, &counters), large(81));
+    assert_eq!(marks_now(&lab, &counters), with_rules());
     ok(fwmark(&lab, &["detach", "--iface", &lab.director_if]));
     assert_eq!(marks_now(&lab, &counters), vec![0, 0, 0]);
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn daemon_killed_during_a_reload_is_recovered_by_the_next_run() {
     let Some((lab, files, live)) = setup(
         "daemon_killed_during_a_reload",
@@ -272,19 +230,16 @@ fn daemon_killed_during_a_reload_is_recovered_by_the_next_run() {
         return;
     };
     let counters = install_counters(&lab);
-    let daemon = Daemon::run_on(&lab, &live, &["--no-watch"]).unwrap();
+    let at = nth(step::BEFORE_SWITCH, 2);
+    let daemon = failpoint::run_on(&lab, &live, &["--no-watch"], &at);
     let active = ActiveWord::open(&lab);
     let word = active.get();
 
-    files.write("live.toml", &large_config(81));
+    files.write("live.toml", &config_with_rules(10));
     daemon.signal(Signal::SIGHUP).unwrap();
-    wait_until(
-        "the reload's pending state",
-        Duration::from_secs(60),
-        || pending_exists(&lab),
-    );
+    failpoint::wait_stopped(daemon.pid(), &at);
     daemon.kill();
-    assert!(pending_exists(&lab), "the reload finished before the kill");
+    assert!(pending_exists(&lab));
     assert_eq!(active.get(), word, "ACTIVE changed");
     // The pinned attachment marks on with the old config.
     assert_eq!(marks_now(&lab, &counters), small(80));
@@ -300,13 +255,55 @@ fn daemon_killed_during_a_reload_is_recovered_by_the_next_run() {
         .wait_for_log("is live as generation 2", Duration::from_secs(60))
         .unwrap();
     assert!(!pending_exists(&lab));
-    assert_eq!(marks_now(&lab, &counters), large(81));
+    assert_eq!(marks_now(&lab, &counters), with_rules());
     assert_eq!(ingress(&lab), vec!["tcx:fwmark".to_string()]);
     stop_ok(daemon);
     assert!(ingress(&lab).is_empty());
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn daemon_killed_after_the_switch_of_a_reload_is_recorded_by_the_next_run() {
+    let Some((lab, files, live)) = setup(
+        "daemon_killed_after_a_reload_switched",
+        &["ip", "nft", "nsenter"],
+        "live.toml",
+    ) else {
+        return;
+    };
+    let counters = install_counters(&lab);
+    let at = nth(step::AFTER_SWITCH, 2);
+    let daemon = failpoint::run_on(&lab, &live, &["--no-watch"], &at);
+
+    files.write("live.toml", &config_with_rules(10));
+    daemon.signal(Signal::SIGHUP).unwrap();
+    failpoint::wait_stopped(daemon.pid(), &at);
+    daemon.kill();
+    assert!(pending_exists(&lab));
+    // The pinned attachment marks on with the new config, not recorded yet.
+    assert_eq!(marks_now(&lab, &counters), with_rules());
+    assert_eq!(status_json(&lab)["config"]["generation"], 2);
+
+    // The next run adopts and records the switched generation; the file
+    // is what is live, so nothing more changes.
+    let daemon = Daemon::run_on(&lab, &live, &["--no-watch"]).unwrap();
+    let log = daemon.stderr_so_far();
+    assert!(
+        log.contains("had switched already: recording generation 2"),
+        "{log}"
+    );
+    assert!(log.contains("adopted"), "{log}");
+    assert!(log.contains("unchanged"), "{log}");
+    assert!(!pending_exists(&lab));
+    assert_eq!(status_json(&lab)["config"]["generation"], 2);
+    assert_eq!(marks_now(&lab, &counters), with_rules());
+    assert_eq!(ingress(&lab), vec!["tcx:fwmark".to_string()]);
+    stop_ok(daemon);
+    assert!(ingress(&lab).is_empty());
+}
+
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn an_apply_and_a_reload_racing_are_serialized() {
     // Extends tests/live.rs's concurrent applies: the daemon's own reload
     // takes the same lock as `apply`.
@@ -317,19 +314,21 @@ fn an_apply_and_a_reload_racing_are_serialized() {
     ) else {
         return;
     };
-    let b = files.write("b.toml", &large_config(81));
+    let b = files.write("b.toml", &config_with_rules(10));
     let counters = install_counters(&lab);
     let daemon = Daemon::run_on(&lab, &live, &["--no-watch"]).unwrap();
 
-    // The apply holds the lock while it fills the maps; a reload asked for
-    // then waits for it and switches after it.
-    let apply = spawn_apply(&lab, &b);
-    wait_until("the apply's pending state", Duration::from_secs(60), || {
-        pending_exists(&lab)
-    });
+    // The apply stops holding the lock, before its switch; a reload asked
+    // for then waits for it and switches after it.
+    let held = failpoint::spawn_apply(&lab, &b, step::AFTER_PENDING_WRITTEN);
     files.write("live.toml", &config(82));
     daemon.signal(Signal::SIGHUP).unwrap();
-    let out = apply.wait_with_output().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let log = daemon.stderr_so_far();
+    assert!(!log.contains("is live as generation 2"), "{log}");
+    assert_eq!(status_json(&lab)["config"]["generation"], 1);
+    failpoint::resume(held.id());
+    let out = held.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
     assert!(stdout.contains("generation 2 is live"), "{stdout}");
@@ -338,7 +337,7 @@ fn an_apply_and_a_reload_racing_are_serialized() {
         .unwrap();
     // The reload's diff starts from the apply's config: it ran after it.
     let log = daemon.stderr_so_far();
-    assert!(log.contains("- service \"bulk\""), "{log}");
+    assert!(log.contains("- service \"many\""), "{log}");
     assert_eq!(marks_now(&lab, &counters), small(82));
     let status = status_json(&lab);
     assert_eq!(status["config"]["generation"], 3);
@@ -347,6 +346,7 @@ fn an_apply_and_a_reload_racing_are_serialized() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn an_unreadable_or_vanished_config_keeps_the_running_one() {
     let Some((lab, files, live)) = setup(
         "unreadable_or_vanished_config",

@@ -47,6 +47,7 @@ fn fs_type(path: &str) -> String {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn missing_bpffs_is_mounted_root_only() {
     let Some((lab, _files, a)) = setup(
         "missing_bpffs_is_mounted",
@@ -93,6 +94,7 @@ fn missing_bpffs_is_mounted_root_only() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn bpffs_that_cannot_be_mounted_says_what_to_run() {
     let Some((lab, _files, a)) = setup(
         "bpffs_cannot_be_mounted",
@@ -132,6 +134,7 @@ fn bpffs_that_cannot_be_mounted_says_what_to_run() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn pins_and_state_are_root_only() {
     use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
     let Some((lab, files, a)) = setup(
@@ -216,6 +219,7 @@ fn pins_and_state_are_root_only() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn metrics_on_a_bare_port_listen_on_loopback_only() {
     let Some((lab, _files, a)) = setup("metrics_on_loopback_only", &["ip", "nsenter"], "a.toml")
     else {
@@ -243,6 +247,7 @@ fn metrics_on_a_bare_port_listen_on_loopback_only() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn a_config_others_can_write_is_warned_about() {
     let Some((lab, files, open)) =
         setup("config_others_can_write", &["ip", "nsenter"], "open.toml")
