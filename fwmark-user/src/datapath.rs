@@ -306,6 +306,7 @@ impl Maps {
         } else {
             ACTIVE_HAS_PREFIX
         };
+        crate::failpoint::pause(crate::failpoint::step::BEFORE_SWITCH);
         self.active
             .set(0, next | flags, 0)
             .map_err(map_err(map_names::ACTIVE))?;

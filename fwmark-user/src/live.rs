@@ -31,6 +31,7 @@ use fwmark_core::{
 use crate::{
     attach::AttachMode,
     datapath::Maps,
+    failpoint,
     state::{Paths, STATE_VERSION, State},
 };
 
@@ -198,6 +199,7 @@ pub fn switch(paths: &Paths, maps: &mut Maps, state: &mut State, new: &Loaded) -
     next.slots = plan.slots.clone();
 
     write_pending(paths, &next)?;
+    failpoint::pause(failpoint::step::AFTER_PENDING_WRITTEN);
     let slot = match maps.publish(&new.ruleset, &plan.slots, &dirty) {
         Ok(slot) => slot,
         Err(e) => {
@@ -207,6 +209,7 @@ pub fn switch(paths: &Paths, maps: &mut Maps, state: &mut State, new: &Loaded) -
         }
     };
     debug_assert_eq!(slot, next.slot);
+    failpoint::pause(failpoint::step::AFTER_SWITCH);
     fs::rename(pending_file(paths), paths.state_file()).with_context(|| {
         format!(
             "recording the new state in {}",

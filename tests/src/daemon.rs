@@ -26,7 +26,7 @@ pub fn fwmark_bin() -> PathBuf {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/fwmark");
     assert!(
         p.exists(),
-        "{} is missing: run `cargo xtask test`, or build it with `cargo build -p fwmark-user`",
+        "{} is missing: run `cargo xtask test`, or build it with `cargo build -p fwmark-user --features failpoints`",
         p.display()
     );
     p

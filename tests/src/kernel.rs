@@ -1,4 +1,10 @@
 //! Gate for tests that need the real kernel (root, `ip`, `nft`).
+//!
+//! Every test that calls it is also `#[ignore = "needs root: …"]`, so a
+//! plain `cargo test` lists it as ignored rather than passed; `cargo xtask
+//! test` runs them with `--include-ignored` (as does `cargo test -- --include-ignored`
+//! by hand, as root). Run that way, the gate still skips a test loudly
+//! when root or a tool is missing, or fails it with [`REQUIRE_ENV`]`=1`.
 
 /// Set to `1` to turn every skip of a kernel test into a failure (CI does).
 pub const REQUIRE_ENV: &str = "FWMARK_REQUIRE_KERNEL_TESTS";

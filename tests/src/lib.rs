@@ -7,12 +7,17 @@
 //! - [`vm`]: the IPVS scenario `cargo xtask vm-test` runs inside a guest
 //!   booted from Debian's kernel (binary `fwmark-vm-guest`).
 //!
+//! The benchmark (`bench/`, crate `fwmark-bench`) and the soak (`soak/`,
+//! crate `fwmark-soak`) are crates of their own built on this lab, so its
+//! tests never build their dependencies (plotters).
+//!
 //! Everything a lab creates carries a unique name and is removed on drop, also
 //! when a test fails.
 
-pub mod bench;
 pub mod daemon;
 pub mod example;
+pub mod failpoint;
+pub mod faults;
 pub mod foreign;
 pub mod framegen;
 pub mod harness;
@@ -22,5 +27,4 @@ pub mod nft;
 pub mod ops;
 pub mod packets;
 pub mod recorder;
-pub mod soak;
 pub mod vm;

@@ -75,6 +75,7 @@ fn assert_untouched(h: &Harness, frame: &Frame) {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv4_tcp_udp_sctp_hits_and_misses() {
     let Some(h) = harness("ipv4_tcp_udp_sctp_hits_and_misses", CONFIG) else {
         return;
@@ -107,6 +108,7 @@ fn ipv4_tcp_udp_sctp_hits_and_misses() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_tcp_udp_sctp_hits_and_misses() {
     let Some(h) = harness("ipv6_tcp_udp_sctp_hits_and_misses", CONFIG) else {
         return;
@@ -123,6 +125,7 @@ fn ipv6_tcp_udp_sctp_hits_and_misses() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn all_ports_services_match_every_port_of_their_protocols() {
     let Some(h) = harness("all_ports_services", CONFIG) else {
         return;
@@ -135,6 +138,7 @@ fn all_ports_services_match_every_port_of_their_protocols() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn vlan_and_qinq_tags_are_skipped_three_are_not_ip() {
     let Some(h) = harness("vlan_and_qinq", CONFIG) else {
         return;
@@ -154,6 +158,7 @@ fn vlan_and_qinq_tags_are_skipped_three_are_not_ip() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv4_options_of_every_length() {
     let Some(h) = harness("ipv4_options", CONFIG) else {
         return;
@@ -172,6 +177,7 @@ fn ipv4_options_of_every_length() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn bad_ipv4_header_length_and_version_are_malformed() {
     let Some(h) = harness("bad_ipv4_header", CONFIG) else {
         return;
@@ -198,6 +204,7 @@ fn bad_ipv4_header_length_and_version_are_malformed() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_extension_headers_are_walked() {
     let Some(h) = harness("ipv6_extension_headers", CONFIG) else {
         return;
@@ -238,6 +245,7 @@ fn ipv6_extension_headers_are_walked() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn later_fragments_never_match_by_port() {
     let Some(h) = harness("later_fragments", CONFIG) else {
         return;
@@ -333,6 +341,7 @@ fn check_truncations(h: &Harness, frame: &Frame, l4_offset: usize, mark: u32) {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn truncated_headers_at_every_length() {
     let Some(h) = harness("truncated_headers", CONFIG) else {
         return;
@@ -392,6 +401,7 @@ fn truncated_headers_at_every_length() {
 /// options of a later fragment, an IPv6 extension header before a protocol
 /// without ports (what ip_rcv and ip6tables' header walk would refuse).
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn truncated_options_and_extension_headers_are_malformed() {
     let Some(h) = harness("truncated_options_and_extension_headers", CONFIG) else {
         return;
@@ -486,6 +496,7 @@ mark = 8
 "#;
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn precedence_exact_before_prefix_longest_first_port_before_all() {
     let Some(h) = harness("precedence", PRECEDENCE) else {
         return;
@@ -541,6 +552,7 @@ mark = 0x50
 "#;
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn mask_semantics_with_a_preset_mark() {
     let Some(h) = harness("mask_semantics", MASKS) else {
         return;
@@ -564,6 +576,7 @@ fn mask_semantics_with_a_preset_mark() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn counters_add_up() {
     let Some(h) = harness("counters_add_up", CONFIG) else {
         return;
@@ -627,6 +640,7 @@ fn counters_add_up() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn republishing_switches_generations() {
     let Some(mut h) = harness("republishing", CONFIG) else {
         return;
@@ -653,6 +667,7 @@ fn republishing_switches_generations() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn republishing_switches_prefix_lookups_on_and_off() {
     let Some(mut h) = harness("republishing_prefixes", PRECEDENCE) else {
         return;
@@ -699,6 +714,7 @@ mark = 81
 "#;
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn readers_never_see_a_mixed_generation() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let Some(mut h) = harness("readers_never_see_a_mixed_generation", MIX_A) else {
@@ -752,6 +768,7 @@ fn readers_never_see_a_mixed_generation() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn the_userspace_reference_agrees_with_the_kernel() {
     let Some(h) = harness("the_userspace_reference_agrees_with_the_kernel", PRECEDENCE) else {
         return;

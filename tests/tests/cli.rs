@@ -117,6 +117,7 @@ fn run_fails_in(ns: &Netns, iface: &str) -> String {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn run_on_a_missing_interface_is_one_clear_line() {
     if !kernel::available("run_on_a_missing_interface", &["ip"]) {
         return;
@@ -130,6 +131,7 @@ fn run_on_a_missing_interface_is_one_clear_line() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn run_as_an_unprivileged_user_says_it_needs_root() {
     if !kernel::available("run_as_an_unprivileged_user", &["setpriv"]) {
         return;
@@ -149,6 +151,7 @@ fn run_as_an_unprivileged_user_says_it_needs_root() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn run_refuses_a_non_ethernet_interface() {
     if !kernel::available("run_refuses_a_non_ethernet_interface", &["ip"]) {
         return;

@@ -12,11 +12,13 @@ use fwmark_testlab::{
 };
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn example_config_marks_exactly_its_services_tcx() {
     example_config_marks_exactly_its_services("tcx");
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn example_config_marks_exactly_its_services_netlink() {
     example_config_marks_exactly_its_services("netlink");
 }

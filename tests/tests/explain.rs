@@ -282,6 +282,7 @@ fn bad_packets_and_configs_are_one_clear_error() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn explain_needs_no_privileges() {
     if !kernel::available("explain_needs_no_privileges", &["setpriv"]) {
         return;

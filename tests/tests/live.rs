@@ -36,6 +36,7 @@ fn service_packets(status: &serde_json::Value, name: &str) -> u64 {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn applies_under_load_never_leave_a_packet_unmarked() {
     let Some((lab, files, a)) = setup("applies_under_load", &["ip", "nft", "nsenter"]) else {
         return;
@@ -111,11 +112,13 @@ fn applies_under_load_never_leave_a_packet_unmarked() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn restart_after_kill_keeps_marking_and_adopts_tcx() {
     restart_after_kill("tcx");
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn restart_after_kill_keeps_marking_and_adopts_netlink() {
     restart_after_kill("netlink");
 }
@@ -171,6 +174,7 @@ fn restart_after_kill(mode: &str) {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn keep_then_detach() {
     let Some((lab, _files, a)) = setup("keep_then_detach", &["ip", "nft", "nsenter"]) else {
         return;
@@ -198,6 +202,7 @@ fn keep_then_detach() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn status_and_metrics_count_what_was_sent() {
     let Some((lab, files, a)) = setup("status_and_metrics", &["ip", "nft", "nsenter"]) else {
         return;
@@ -266,6 +271,7 @@ fn status_and_metrics_count_what_was_sent() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn bad_input_leaves_the_live_config_alone() {
     let Some((lab, files, live_file)) = setup("bad_input", &["ip", "nft", "nsenter", "setpriv"])
     else {
@@ -346,6 +352,7 @@ fn bad_input_leaves_the_live_config_alone() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn concurrent_applies_are_serialized() {
     let Some((lab, files, a)) = setup("concurrent_applies", &["ip", "nsenter"]) else {
         return;
@@ -374,6 +381,7 @@ fn concurrent_applies_are_serialized() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn kernel_debug_log_reports_decisions() {
     let Some((lab, _files, a)) = setup("kernel_debug_log", &["ip", "nsenter"]) else {
         return;
@@ -390,6 +398,7 @@ fn kernel_debug_log_reports_decisions() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn runs_with_only_the_documented_capabilities() {
     let Some((lab, _files, a)) = setup(
         "runs_with_only_the_documented_capabilities",
@@ -407,6 +416,7 @@ fn runs_with_only_the_documented_capabilities() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn a_bad_metrics_address_fails_but_leaves_marking_in_place() {
     let Some((lab, _files, a)) = setup("bad_metrics_address", &["ip", "nft", "nsenter"]) else {
         return;

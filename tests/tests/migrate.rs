@@ -273,6 +273,7 @@ fn corpus_test(file: &str) {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn seed_script() {
     corpus_test("seed.sh");
 }
@@ -293,31 +294,37 @@ fn seed_script_typo_is_a_clear_error() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn web_and_ftp() {
     corpus_test("web-ftp.rules");
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn multiport_and_hex_marks() {
     corpus_test("multiport-hex.rules");
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn overlapping_rules_last_match_wins() {
     corpus_test("overlap.rules");
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn masks_on_earlier_marks() {
     corpus_test("masks.rules");
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn prefixes_with_exact_overrides() {
     corpus_test("prefixes.rules");
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_udp_and_sctp() {
     corpus_test("v6-udp-sctp.rules");
 }
@@ -382,6 +389,7 @@ fn write_five_thousand_rules() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn five_thousand_rules_differential() {
     if !kernel::available("migrate 5000 rules", &["ip", "nft", "iptables", "nsenter"]) {
         return;

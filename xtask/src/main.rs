@@ -133,7 +133,7 @@ fn main() -> Result<()> {
             if !no_lint {
                 util::lint()?;
             }
-            let bin = util::build_fwmark(false)?;
+            let bin = util::build_fwmark_for_tests()?;
             let (mut tally, cargo_ok) = util::test(&bin, &args)?;
             // The VM test and the fuzz targets run with the whole suite, not
             // with a filter; each counts as one test.

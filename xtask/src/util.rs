@@ -85,6 +85,23 @@ pub fn build_fwmark(release: bool) -> Result<PathBuf> {
         .join("fwmark"))
 }
 
+/// Builds the `fwmark` binary the tests run (debug, with the test-only
+/// fail-points of the `failpoints` feature); returns its path. Built on
+/// its own, fwmark-user has no feature the test lab turns on, so the
+/// feature is named here.
+pub fn build_fwmark_for_tests() -> Result<PathBuf> {
+    run(cargo().args([
+        "build",
+        "--package",
+        "fwmark-user",
+        "--bin",
+        "fwmark",
+        "--features",
+        "failpoints",
+    ]))?;
+    Ok(root().join("target/debug/fwmark"))
+}
+
 /// Builds the demo (`tests/src/bin/fwmark-demo.rs`); returns its path.
 pub fn build_demo() -> Result<PathBuf> {
     run(cargo().args([
@@ -110,28 +127,22 @@ pub fn build_vm_guest() -> Result<PathBuf> {
     Ok(root().join("target/debug/fwmark-vm-guest"))
 }
 
-/// Builds the benchmark (release); returns its path.
+/// Builds the benchmark (`bench/`, release); returns its path.
 pub fn build_bench() -> Result<PathBuf> {
     run(cargo().args([
         "build",
         "--release",
         "--package",
-        "fwmark-testlab",
+        "fwmark-bench",
         "--bin",
         "fwmark-bench",
     ]))?;
     Ok(root().join("target/release/fwmark-bench"))
 }
 
-/// Builds the soak test (`tests/src/bin/fwmark-soak.rs`); returns its path.
+/// Builds the soak test (`soak/`); returns its path.
 pub fn build_soak() -> Result<PathBuf> {
-    run(cargo().args([
-        "build",
-        "--package",
-        "fwmark-testlab",
-        "--bin",
-        "fwmark-soak",
-    ]))?;
+    run(cargo().args(["build", "--package", "fwmark-soak", "--bin", "fwmark-soak"]))?;
     Ok(root().join("target/debug/fwmark-soak"))
 }
 
@@ -168,7 +179,8 @@ pub struct Tally {
 
 impl Tally {
     /// Adds a libtest summary line such as
-    /// `test result: ok. 13 passed; 0 failed; 0 ignored; ...`.
+    /// `test result: ok. 13 passed; 0 failed; 0 ignored; ...`. Ignored
+    /// tests count as skipped (with `--include-ignored` there are none).
     fn add_line(&mut self, line: &str) {
         let Some(rest) = line.strip_prefix("test result: ") else {
             return;
@@ -182,15 +194,18 @@ impl Tally {
             match what {
                 "passed" => self.passed += n,
                 "failed" => self.failed += n,
+                "ignored" => self.skipped += n,
                 _ => {}
             }
         }
     }
 }
 
-/// Every test of the workspace; test binaries run under sudo when not root.
-/// Returns the tally (skipped kernel tests are counted as skipped, not
-/// passed) and whether `cargo test` succeeded.
+/// Every test of the workspace, the root-only ones included (they are
+/// `#[ignore = "needs root…"]`, so a plain `cargo test` lists them as
+/// ignored; here `--include-ignored` runs them); test binaries run under
+/// sudo when not root. Returns the tally (kernel tests whose gate skipped
+/// them count as skipped, not passed) and whether `cargo test` succeeded.
 pub fn test(bin: &Path, args: &[String]) -> Result<(Tally, bool)> {
     use std::{
         io::{BufRead as _, BufReader, Write as _},
@@ -200,7 +215,12 @@ pub fn test(bin: &Path, args: &[String]) -> Result<(Tally, bool)> {
 
     let mut cmd = cargo();
     cmd.args(["test", "--workspace", "--exclude", "fwmark-ebpf"])
-        .args(args)
+        .args(args);
+    // The test binaries' own arguments come after `--`.
+    if !args.iter().any(|a| a == "--") {
+        cmd.arg("--");
+    }
+    cmd.arg("--include-ignored")
         .env("FWMARK_BIN", bin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -240,7 +260,8 @@ pub fn test(bin: &Path, args: &[String]) -> Result<(Tally, bool)> {
     let status = child.wait()?;
     let _ = err_thread.join();
     let mut t = std::mem::take(&mut *tally.lock().expect("tally"));
-    // Skipped kernel tests return early and count as passed in libtest.
+    // Kernel tests whose gate skipped them (no root, a missing tool)
+    // return early and count as passed in libtest.
     t.passed = t.passed.saturating_sub(t.skipped);
     if !status.success() {
         eprintln!("xtask: cargo test failed: {status}");
@@ -286,12 +307,13 @@ mod tests {
             "test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out",
         );
         t.add_line("test something ... ok");
+        t.add_line("test result: ok. 5 passed; 0 failed; 3 ignored; 0 measured; 0 filtered out");
         assert_eq!(
             t,
             Tally {
-                passed: 15,
+                passed: 20,
                 failed: 1,
-                skipped: 0
+                skipped: 3
             }
         );
     }

@@ -22,6 +22,9 @@ use fwmark_core::{
     ruleset::{Rule, Ruleset, service_key},
 };
 
+// The test lab's modules, named as when this was one of them.
+use fwmark_testlab::{daemon, netns, nft, packets, recorder};
+
 use crate::packets::{Frame, L4};
 
 /// How much to measure.

@@ -6,15 +6,13 @@ use std::{
     fmt::Write as _,
 };
 
+use fwmark_testlab::{daemon::Finished, nft::ProbeProto};
+
 use crate::{
-    daemon::Finished,
-    nft::ProbeProto,
-    soak::{
-        FINAL_BURST, Options, Poller, Sent,
-        checks::{self, How, Timeline, Verdict},
-        observe::{self, Counters},
-        plan::Probe,
-    },
+    FINAL_BURST, Options, Poller, Sent,
+    checks::{self, How, Timeline, Verdict},
+    observe::{self, Counters},
+    plan::Probe,
 };
 
 pub(super) struct ReportContext<'a, 'p> {

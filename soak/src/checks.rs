@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::soak::{
+use crate::{
     observe::{Counters, NftReading, Process, Span},
     plan::{Catalog, Probe},
 };
@@ -444,10 +444,8 @@ pub fn stability(samples: &[(f64, Process)], duration: Duration) -> Vec<Verdict>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        nft::ProbeProto,
-        soak::{observe::PerMark, plan::CONFIGS},
-    };
+    use crate::{observe::PerMark, plan::CONFIGS};
+    use fwmark_testlab::nft::ProbeProto;
 
     fn at(t0: Instant, ms: u64) -> Instant {
         t0 + Duration::from_millis(ms)

@@ -31,15 +31,16 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{
+use fwmark_testlab::{
     daemon::Daemon,
     netns::{Lab, run_cmd},
     nft::ProbeProto,
-    soak::{
-        checks::{Attach, Checks, How, Switch, Timeline, Verdict},
-        observe::{Counters, Kernel, NftCounters, NftReading, Process, Span},
-        plan::{CONFIGS, Catalog, Probe},
-    },
+};
+
+use crate::{
+    checks::{Attach, Checks, How, Switch, Timeline, Verdict},
+    observe::{Counters, Kernel, NftCounters, NftReading, Process, Span},
+    plan::{CONFIGS, Catalog, Probe},
 };
 
 /// How long to soak, and which fwmark.
@@ -740,8 +741,9 @@ fn released(poller: &mut Poller<'_>) -> Vec<Verdict> {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    let attached = crate::netns::ingress_programs(&poller.lab.director, &poller.lab.director_if)
-        .unwrap_or_else(|e| vec![format!("error: {e:#}")]);
+    let attached =
+        fwmark_testlab::netns::ingress_programs(&poller.lab.director, &poller.lab.director_if)
+            .unwrap_or_else(|e| vec![format!("error: {e:#}")]);
     let pins_left = poller.pin_dir.exists();
     poller
         .checks

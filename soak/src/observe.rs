@@ -11,11 +11,12 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{
+use fwmark_testlab::{
     netns::{Lab, Netns, run_cmd},
     nft::nft_script,
-    soak::plan::{Probe, RuleId},
 };
+
+use crate::plan::{Probe, RuleId};
 
 const TABLE: &str = "fwmarksoak";
 
@@ -146,7 +147,7 @@ fn parse_nft(json: &str, probes: usize) -> Result<NftReading> {
         probes: vec![PerMark::default(); probes],
         ..NftReading::default()
     };
-    for (comment, packets) in crate::nft::commented_counters(json)? {
+    for (comment, packets) in fwmark_testlab::nft::commented_counters(json)? {
         let (who, what) = comment.split_once(' ').context("comment format")?;
         if who == "all" {
             match what {

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::Result;
 
-use crate::nft::ProbeProto;
+use fwmark_testlab::nft::ProbeProto;
 
 /// How many configs the soak cycles through (change `i` makes config
 /// `i % CONFIGS` live).

@@ -5,6 +5,7 @@
 use fwmark_testlab::{daemon::fwmark_bin, kernel};
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn quick_benchmark_report_is_well_formed() {
     if !kernel::available("quick benchmark", &["ip", "nft", "iptables", "nsenter"]) {
         return;

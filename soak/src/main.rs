@@ -1,11 +1,11 @@
-//! `cargo xtask soak`: see `fwmark_testlab::soak`. Usage (as root):
+//! `cargo xtask soak`: see the `fwmark_soak` library. Usage (as root):
 //! fwmark-soak --fwmark FWMARK_BIN (--minutes M | --seconds S) [--out FILE]
 //! Prints the report (and writes it to FILE); exits 1 when a check failed.
 
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
-use fwmark_testlab::soak::{self, Options};
+use fwmark_soak::{self as soak, Options};
 
 const USAGE: &str = "usage: fwmark-soak --fwmark BIN (--minutes M | --seconds S) [--out FILE]";
 

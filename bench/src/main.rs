@@ -1,4 +1,4 @@
-//! `cargo xtask bench`: see `fwmark_testlab::bench`. Usage (as root):
+//! `cargo xtask bench`: see the `fwmark_bench` library. Usage (as root):
 //! fwmark-bench --fwmark FWMARK_BIN [--quick] [--out DIR]
 //! Prints the tables; with --out writes DIR/benchmarks.md and
 //! DIR/benchmarks.png.
@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result, bail};
-use fwmark_testlab::bench::{self, Options};
+use fwmark_bench::{self as bench, Options};
 
 fn main() -> Result<()> {
     let mut quick = false;

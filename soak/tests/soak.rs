@@ -7,6 +7,7 @@
 use fwmark_testlab::{daemon::fwmark_bin, kernel};
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn twenty_second_soak_passes_every_check() {
     if !kernel::available("20-second soak", &["ip", "nft", "nsenter"]) {
         return;
