@@ -14,10 +14,11 @@
 //!   matches require;
 //! - fragments: a fragment at a non-zero offset has no transport header and
 //!   is looked up without a port, so only every-port services match it;
-//! - the lookup, straight from the config (not from the compiled map
-//!   entries): exact address and port, exact address every port, then the
-//!   longest prefix, a port entry before an every-port entry at equal
-//!   length; among equals the first rule in config order owns the entry;
+//! - the lookup, straight from the config's rules (not from the compiled
+//!   map entries), ranked by [`crate::precedence`]: exact address and port,
+//!   exact address every port, then the longest prefix, a port entry before
+//!   an every-port entry at equal length; among equals the first rule in
+//!   config order owns the entry;
 //! - the mark, `(old & !mask) | (value & mask)`, and which global counter
 //!   the frame adds to.
 
@@ -29,7 +30,13 @@ use std::{
 use fwmark_common::{GlobalCounters, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 use ipnet::IpNet;
 
-use crate::config::{Config, PortRange};
+use crate::{
+    config::{Config, PortRange},
+    precedence::{Rank, best},
+    ruleset::rules,
+    text::RuleText,
+};
+pub use crate::{precedence::Stage, text::proto_name};
 
 /// Ethernet header length.
 pub const ETH_HLEN: usize = 14;
@@ -58,18 +65,6 @@ pub fn transport_header_len(proto: u8) -> Option<usize> {
         IPPROTO_UDP => Some(8),
         IPPROTO_SCTP => Some(12),
         _ => None,
-    }
-}
-
-/// A protocol's name for messages: `tcp`, `udp`, `sctp`, or its number.
-pub fn proto_name(proto: u8) -> String {
-    match proto {
-        IPPROTO_TCP => "tcp".into(),
-        IPPROTO_UDP => "udp".into(),
-        IPPROTO_SCTP => "sctp".into(),
-        1 => "icmp (1)".into(),
-        58 => "ipv6-icmp (58)".into(),
-        n => format!("protocol {n}"),
     }
 }
 
@@ -563,30 +558,6 @@ fn ipv6_chain(
     }
 }
 
-/// Which lookup stage found the entry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Stage {
-    /// 1. exact address, exact port.
-    ExactPort,
-    /// 2. exact address, every port.
-    ExactAllPorts,
-    /// 3. a prefix with a port entry.
-    PrefixPort,
-    /// 3. a prefix with an every-port entry.
-    PrefixAllPorts,
-}
-
-impl fmt::Display for Stage {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Stage::ExactPort => "1 (exact address, exact port)",
-            Stage::ExactAllPorts => "2 (exact address, every port)",
-            Stage::PrefixPort => "3 (longest prefix, port entry)",
-            Stage::PrefixAllPorts => "3 (longest prefix, every-port entry)",
-        })
-    }
-}
-
 /// One rule of the config: a (service, vip, protocol, port item), numbered
 /// in config order as the counter slots are.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -601,23 +572,21 @@ pub struct ModelRule {
 }
 
 impl ModelRule {
-    fn is_exact(&self) -> bool {
-        self.vip.prefix_len() == self.vip.max_prefix_len()
+    /// Where the rule's entries stand in the precedence.
+    pub fn rank(&self) -> Rank {
+        Rank::of(&self.vip, self.ports)
     }
 }
 
+/// As a rule is written everywhere ([`RuleText`]).
 impl fmt::Display for ModelRule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.is_exact() {
-            write!(f, "{}", self.vip.addr())?;
-        } else {
-            write!(f, "{}", self.vip)?;
+        RuleText {
+            vip: &self.vip,
+            proto: proto_name(self.proto),
+            ports: self.ports,
         }
-        write!(f, " {}", proto_name(self.proto))?;
-        match self.ports {
-            Some(p) => write!(f, " port {p}"),
-            None => write!(f, " every port"),
-        }
+        .fmt(f)
     }
 }
 
@@ -696,27 +665,19 @@ impl Model {
     /// The model of `config`: one rule per (service, vip, protocol, port
     /// item), in config order.
     pub fn new(config: &Config) -> Model {
-        let mut rules = Vec::new();
-        for (si, s) in config.services.iter().enumerate() {
-            for vip in &s.vips {
-                for proto in &s.protos {
-                    let items: Vec<Option<PortRange>> = match &s.ports {
-                        Some(ps) => ps.iter().map(|p| Some(*p)).collect(),
-                        None => vec![None],
-                    };
-                    for ports in items {
-                        rules.push(ModelRule {
-                            service: si,
-                            vip: *vip,
-                            proto: proto.number(),
-                            ports,
-                            mark: s.mark,
-                            mask: s.mask,
-                        });
-                    }
+        let rules = rules(config)
+            .map(|r| {
+                let s = &config.services[r.service];
+                ModelRule {
+                    service: r.service,
+                    vip: r.vip,
+                    proto: r.proto.number(),
+                    ports: r.ports,
+                    mark: s.mark,
+                    mask: s.mask,
                 }
-            }
-        }
+            })
+            .collect();
         Model { rules }
     }
 
@@ -737,37 +698,33 @@ impl Model {
                 _ => return None,
             },
         };
-        Some(match (rule.is_exact(), by_port) {
-            (true, true) => Stage::ExactPort,
-            (true, false) => Stage::ExactAllPorts,
-            (false, true) => Stage::PrefixPort,
-            (false, false) => Stage::PrefixAllPorts,
-        })
+        Some(Stage::of(&rule.vip, !by_port))
+    }
+
+    /// The rules that match (dst, proto, port), each with its stage, in
+    /// precedence order (config order among equals): the first marks.
+    pub fn matches(&self, dst: IpAddr, proto: u8, port: Option<u16>) -> Vec<(usize, Stage)> {
+        let mut all: Vec<(Rank, usize, Stage)> = self
+            .rules
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                let stage = Self::rule_stage(r, dst, proto, port)?;
+                Some((r.rank(), i, stage))
+            })
+            .collect();
+        all.sort();
+        all.into_iter().map(|(_, i, stage)| (i, stage)).collect()
     }
 
     /// The entry (dst, proto, port) matches, by fwmark's precedence; `port`
     /// is `None` for later fragments and protocols without ports.
     pub fn lookup(&self, dst: IpAddr, proto: u8, port: Option<u16>) -> Option<Hit> {
-        // Lower ranks win: exact address before any prefix; among prefixes
-        // the longer one; at equal length the port entry. Among equal ranks
-        // the first rule in config order owns the entry.
-        let rank = |rule: &ModelRule, stage: Stage| match stage {
-            Stage::ExactPort => (0, 0, 0),
-            Stage::ExactAllPorts => (0, 0, 1),
-            Stage::PrefixPort => (1, 128 - rule.vip.prefix_len(), 0),
-            Stage::PrefixAllPorts => (1, 128 - rule.vip.prefix_len(), 1),
-        };
-        let mut best: Option<((u8, u8, u8), usize, Stage)> = None;
-        for (i, rule) in self.rules.iter().enumerate() {
-            let Some(stage) = Self::rule_stage(rule, dst, proto, port) else {
-                continue;
-            };
-            let r = rank(rule, stage);
-            if best.is_none_or(|(b, _, _)| r < b) {
-                best = Some((r, i, stage));
-            }
-        }
-        best.map(|(_, i, stage)| {
+        let matching = self.rules.iter().enumerate().filter_map(|(i, rule)| {
+            let stage = Self::rule_stage(rule, dst, proto, port)?;
+            Some((rule.rank(), (i, stage)))
+        });
+        best(matching).map(|(_, (i, stage))| {
             let rule = &self.rules[i];
             Hit {
                 rule: i,
