@@ -819,45 +819,6 @@ proto = ["tcp", "udp"]
 mark = 77
 
 [[service]]
-name = "net24-all"
-vip = "198.51.100.0/24"
-proto = "tcp"
-mark = 1
-
-[[service]]
-name = "net24-80"
-vip = "198.51.100.0/24"
-proto = "tcp"
-ports = [80]
-mark = 2
-
-[[service]]
-name = "net25-all"
-vip = "198.51.100.128/25"
-proto = "tcp"
-mark = 3
-
-[[service]]
-name = "host-all"
-vip = "198.51.100.200"
-proto = "tcp"
-mark = 4
-
-[[service]]
-name = "host-443"
-vip = "198.51.100.200"
-proto = "tcp"
-ports = [443]
-mark = 5
-
-[[service]]
-name = "net16-22"
-vip = "198.51.0.0/16"
-proto = "tcp"
-ports = [22]
-mark = 6
-
-[[service]]
 name = "bit"
 vip = "192.0.2.1"
 proto = "tcp"
@@ -880,8 +841,10 @@ ports = ["150-250"]
 mark = 9
 "#;
 
+    /// [`CONFIG`] and the precedence examples' nested prefixes.
     fn model() -> (Config, Model) {
-        let config = Config::parse(CONFIG, "t.toml").unwrap();
+        let text = format!("{CONFIG}{}", crate::precedence::examples::CONFIG);
+        let config = Config::parse(&text, "t.toml").unwrap();
         let model = Model::new(&config);
         (config, model)
     }
@@ -891,34 +854,6 @@ mark = 9
             Outcome::Marked(hit) => Some(hit.mark),
             _ => None,
         }
-    }
-
-    #[test]
-    fn precedence_exact_port_exact_all_longest_prefix_port_first() {
-        let (_, m) = model();
-        let cases: [([u8; 4], u16, Option<u32>); 10] = [
-            ([198, 51, 100, 200], 443, Some(5)), // exact address, exact port
-            ([198, 51, 100, 200], 80, Some(4)),  // exact address, every port beats prefixes
-            ([198, 51, 100, 130], 80, Some(3)),  // /25 every port beats /24 port 80
-            ([198, 51, 100, 10], 80, Some(2)),   // /24: port entry before every-port
-            ([198, 51, 100, 10], 81, Some(1)),
-            ([198, 51, 100, 255], 22, Some(3)), // /25 beats /16 port 22
-            ([198, 51, 7, 7], 22, Some(6)),
-            ([198, 51, 7, 7], 23, None),
-            ([198, 52, 0, 1], 22, None),
-            ([192, 0, 2, 10], 8080, None),
-        ];
-        for (dst, port, want) in cases {
-            assert_eq!(mark_of(&m, &tcp4(dst, port)), want, "{dst:?}:{port}");
-        }
-        let hit = m
-            .lookup("198.51.100.130".parse().unwrap(), 6, Some(80))
-            .unwrap();
-        assert_eq!(hit.stage, Stage::PrefixAllPorts);
-        let hit = m
-            .lookup("198.51.100.200".parse().unwrap(), 6, Some(443))
-            .unwrap();
-        assert_eq!(hit.stage, Stage::ExactPort);
     }
 
     #[test]

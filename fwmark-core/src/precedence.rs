@@ -96,9 +96,128 @@ impl fmt::Display for Stage {
     }
 }
 
+/// The precedence by example, written once: a config of nested prefixes,
+/// exact addresses and port / every-port pairs of both families, and what
+/// packets to it must get. Checked here against the model and the compiled
+/// lookup, and in the test lab against the kernel program
+/// (`tests/classifier.rs`).
+pub mod examples {
+    use fwmark_common::{IPPROTO_TCP as TCP, IPPROTO_UDP as UDP};
+
+    /// The config.
+    pub const CONFIG: &str = r#"
+[[service]]
+name = "net24-all"
+vip = "198.51.100.0/24"
+proto = "tcp"
+mark = 1
+
+[[service]]
+name = "net24-80"
+vip = "198.51.100.0/24"
+proto = "tcp"
+ports = [80]
+mark = 2
+
+[[service]]
+name = "net25-all"
+vip = "198.51.100.128/25"
+proto = "tcp"
+mark = 3
+
+[[service]]
+name = "host-all"
+vip = "198.51.100.200"
+proto = "tcp"
+mark = 4
+
+[[service]]
+name = "host-443"
+vip = "198.51.100.200"
+proto = "tcp"
+ports = [443]
+mark = 5
+
+[[service]]
+name = "net16-22"
+vip = "198.51.0.0/16"
+proto = "tcp"
+ports = [22]
+mark = 6
+
+[[service]]
+name = "v6-48-all"
+vip = "2001:db8:1::/48"
+proto = ["tcp", "udp"]
+mark = 7
+
+[[service]]
+name = "v6-64-80"
+vip = "2001:db8:1:2::/64"
+proto = "tcp"
+ports = [80]
+mark = 8
+"#;
+
+    /// (destination, protocol, port, the mark it gets under [`CONFIG`]).
+    pub const CASES: [(&str, u8, u16, Option<u32>); 14] = [
+        ("198.51.100.200", TCP, 443, Some(5)), // exact address, exact port
+        ("198.51.100.200", TCP, 80, Some(4)),  // exact address all ports beats any prefix
+        ("198.51.100.130", TCP, 80, Some(3)),  // /25 all ports beats /24 port 80
+        ("198.51.100.10", TCP, 80, Some(2)),   // /24: port before all ports
+        ("198.51.100.10", TCP, 81, Some(1)),
+        ("198.51.100.255", TCP, 22, Some(3)), // /25 beats /16 port 22
+        ("198.51.7.7", TCP, 22, Some(6)),
+        ("198.51.7.7", TCP, 23, None),
+        ("198.52.0.1", TCP, 22, None),
+        ("198.51.100.10", UDP, 80, None),
+        ("2001:db8:1:2::5", TCP, 80, Some(8)),
+        ("2001:db8:1:2::5", TCP, 81, Some(7)),
+        ("2001:db8:1:3::5", UDP, 80, Some(7)),
+        ("2001:db8:2::5", TCP, 80, None),
+    ];
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        config::Config,
+        frame::{Frame, L4},
+        model::{Model, Outcome},
+        ruleset::Ruleset,
+    };
+
+    /// The model (from frames built for each case) and the compiled lookup
+    /// give every example its mark, at the stage the example names.
+    #[test]
+    fn the_examples_hold_for_the_model_and_the_compiled_lookup() {
+        let config = Config::parse(examples::CONFIG, "examples.toml").unwrap();
+        let model = Model::new(&config);
+        let ruleset = Ruleset::compile(&config).unwrap();
+        for (dst, proto, port, want) in examples::CASES {
+            let frame = Frame::new(dst, L4::new(proto, Some(port))).build();
+            let modelled = match model.classify(&frame, 0).outcome {
+                Outcome::Marked(hit) => Some(hit.mark),
+                _ => None,
+            };
+            assert_eq!(modelled, want, "model: {dst} {proto} {port}");
+            let compiled = ruleset.classify(dst.parse().unwrap(), proto, Some(port));
+            assert_eq!(
+                compiled.map(|t| t.mark),
+                want,
+                "compiled: {dst} {proto} {port}"
+            );
+        }
+        let stage = |dst: &str, port| {
+            let hit = model.lookup(dst.parse().unwrap(), 6, Some(port)).unwrap();
+            hit.stage
+        };
+        assert_eq!(stage("198.51.100.200", 443), Stage::ExactPort);
+        assert_eq!(stage("198.51.100.200", 80), Stage::ExactAllPorts);
+        assert_eq!(stage("198.51.100.10", 80), Stage::PrefixPort);
+        assert_eq!(stage("198.51.100.130", 80), Stage::PrefixAllPorts);
+    }
 
     fn rank(vip: &str, every_port: bool) -> Rank {
         Rank::new(vip.parse::<IpNet>().unwrap().prefix_len(), every_port)

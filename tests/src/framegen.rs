@@ -247,16 +247,8 @@ impl Generator {
             _ => 2,
         };
         let tpids: Vec<u16> = (0..tags).map(|_| self.pick(&TPIDS)).collect();
-        let mut f = Frame {
-            vlans: Vec::new(),
-            dst,
-            l4,
-            ipv4_options: Vec::new(),
-            ipv4_fragment: (0, false),
-            ipv6_ext: Vec::new(),
-            payload_len: self.pick(&[0, 1, 16, 64]),
-        }
-        .vlans(&tpids);
+        let mut f = Frame::to(dst, l4).vlans(&tpids);
+        f.payload_len = self.pick(&[0, 1, 16, 64]);
         if v6 {
             if self.chance(40) {
                 let n = self.rng.usize(1..=8);
