@@ -37,6 +37,7 @@ use fwmark_core::{
         self, ImportError,
         parse::{Action, Family, Parsed},
     },
+    precedence::Rank,
     ruleset::{MAX_ENTRIES, Ruleset, RulesetError},
 };
 use ipnet::IpNet;
@@ -142,7 +143,7 @@ fn probes(
     })
 }
 
-/// The mark and mask fwmark's documented precedence picks for a packet,
+/// The mark and mask fwmark's precedence ([`Rank`]) picks for a packet,
 /// read straight from the config: among the (vip, proto, port item)s that
 /// match, the longest prefix wins (an exact address being the longest), at
 /// equal length a port item before an all-ports one; later fragments
@@ -154,7 +155,7 @@ fn by_precedence(
     proto: Proto,
     port: Option<u16>,
 ) -> Option<(u32, u32)> {
-    let mut best: Option<((u8, bool), (u32, u32))> = None;
+    let mut best: Option<(Rank, (u32, u32))> = None;
     for s in &config.services {
         if !s.protos.contains(&proto) {
             continue;
@@ -166,14 +167,14 @@ fn by_precedence(
         };
         let Some(with_port) = with_port else { continue };
         for vip in s.vips.iter().filter(|v| v.contains(&addr)) {
-            let rank = (vip.prefix_len(), with_port);
+            let rank = Rank::new(vip.prefix_len(), !with_port);
             let target = (s.mark, s.mask);
             match best {
                 Some((r, t)) if r == rank => assert_eq!(
                     t, target,
                     "two services tie for {addr} {proto} {port:?} with different marks, yet the config compiled"
                 ),
-                Some((r, _)) if r > rank => {}
+                Some((r, _)) if r < rank => {}
                 _ => best = Some((rank, target)),
             }
         }

@@ -83,13 +83,18 @@ impl Proto {
         }
     }
 
-    fn parse(s: &str) -> Option<Proto> {
-        match s.to_ascii_lowercase().as_str() {
-            "tcp" => Some(Proto::Tcp),
-            "udp" => Some(Proto::Udp),
-            "sctp" => Some(Proto::Sctp),
-            _ => None,
-        }
+    /// The protocol of IANA number `n`, if fwmark classifies it by port.
+    pub fn from_number(n: u8) -> Option<Proto> {
+        [Proto::Tcp, Proto::Udp, Proto::Sctp]
+            .into_iter()
+            .find(|p| p.number() == n)
+    }
+
+    /// A protocol by name (`tcp`, `udp`, `sctp`, in any case) or, with
+    /// `numbers`, by number (`6`, `17`, `132`): [`crate::text::parse_proto`]
+    /// narrowed to the protocols fwmark classifies.
+    pub fn parse(word: &str, numbers: bool) -> Option<Proto> {
+        crate::text::parse_proto(word, numbers).and_then(Proto::from_number)
     }
 }
 
@@ -481,7 +486,7 @@ impl Validator<'_> {
             );
         }
         for text in &raw.proto.get_ref().0 {
-            match Proto::parse(text) {
+            match Proto::parse(text, false) {
                 Some(p) if !protos.contains(&p) => protos.push(p),
                 Some(_) => {}
                 None => self.error(

@@ -12,6 +12,7 @@ use fwmark_common::{LPM_LOOKUP_PREFIX_LEN, ServiceKey};
 use crate::{
     config::{Config, Service},
     ruleset::{Rule, Ruleset},
+    text::mark as mark_text,
 };
 
 /// A config and its compiled ruleset.
@@ -46,14 +47,6 @@ impl fmt::Display for Diff {
             "entries: {} added, {} removed, {} re-marked, {} unchanged",
             self.entries_added, self.entries_removed, self.entries_remarked, self.entries_unchanged
         )
-    }
-}
-
-fn mark_text(mark: u32, mask: u32) -> String {
-    if mask == u32::MAX {
-        format!("{mark:#x}")
-    } else {
-        format!("{mark:#x}/{mask:#x}")
     }
 }
 

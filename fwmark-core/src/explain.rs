@@ -11,15 +11,11 @@
 
 use std::{fmt::Write as _, net::IpAddr};
 
-use etherparse::{
-    EtherType, Ethernet2Header, IpFragOffset, IpNumber, Ipv4Header, Ipv6FlowLabel,
-    Ipv6FragmentHeader, Ipv6Header, SingleVlanHeader, TcpHeader, UdpHeader, VlanId,
-};
-use fwmark_common::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
-
 use crate::{
     config::Config,
-    model::{Model, Outcome, Parse, Stage, apply_mark, proto_name, transport_header_len},
+    frame::{Ext, Frame, L4},
+    model::{Model, Outcome, Parse, Stage, apply_mark, transport_header_len},
+    text::{self, proto_name},
 };
 
 /// A packet that cannot be read from the command line; the message says
@@ -57,17 +53,10 @@ pub enum Input {
 
 /// `tcp`, `udp`, `sctp`, `icmp`, `ipv6-icmp` or a protocol number.
 fn parse_proto(word: &str) -> Result<u8> {
-    Ok(match word.to_ascii_lowercase().as_str() {
-        "tcp" => IPPROTO_TCP,
-        "udp" => IPPROTO_UDP,
-        "sctp" => IPPROTO_SCTP,
-        "icmp" => 1,
-        "ipv6-icmp" | "icmpv6" | "icmp6" => 58,
-        other => other.parse::<u8>().map_err(|_| {
-            InputError(format!(
-                "{word:?} is not a protocol: use tcp, udp, sctp, icmp, ipv6-icmp or a number 0-255"
-            ))
-        })?,
+    text::parse_proto(word, true).ok_or_else(|| {
+        InputError(format!(
+            "{word:?} is not a protocol: use tcp, udp, sctp, icmp, ipv6-icmp or a number 0-255"
+        ))
     })
 }
 
@@ -225,124 +214,22 @@ impl Input {
 }
 
 impl Description {
-    /// An Ethernet frame for the description: 802.1Q tags, a 20-byte IPv4 or
-    /// 40-byte IPv6 header (plus a fragment header for an IPv6 later
-    /// fragment), the transport header and 16 bytes of payload.
+    /// An Ethernet frame for the description, by [`crate::frame`]: 802.1Q
+    /// tags, a 20-byte IPv4 or 40-byte IPv6 header (plus a fragment header
+    /// for an IPv6 later fragment), the transport header and 16 bytes of
+    /// payload.
     pub fn frame(&self) -> Vec<u8> {
         const LATER_OFFSET: u16 = 185; // 1480 bytes: the second fragment of a 1500-byte MTU
-        let l3_type = match self.dst {
-            IpAddr::V4(_) => EtherType::IPV4,
-            IpAddr::V6(_) => EtherType::IPV6,
+        let frame = Frame::to(self.dst, L4::new(self.proto, self.port)).vlan_ids(&self.vlans);
+        let frame = match (self.later_fragment, self.dst) {
+            (false, _) => frame,
+            (true, IpAddr::V4(_)) => frame.ipv4_fragment(LATER_OFFSET, false),
+            (true, IpAddr::V6(_)) => frame.ipv6_ext(&[Ext::Fragment {
+                offset: LATER_OFFSET,
+                more: false,
+            }]),
         };
-        let mut out = Vec::new();
-        let ether_type = if self.vlans.is_empty() {
-            l3_type
-        } else {
-            EtherType::VLAN_TAGGED_FRAME
-        };
-        out.extend_from_slice(
-            &Ethernet2Header {
-                source: [0x02, 0, 0, 0, 0, 1],
-                destination: [0x02, 0, 0, 0, 0, 2],
-                ether_type,
-            }
-            .to_bytes(),
-        );
-        for (i, vid) in self.vlans.iter().enumerate() {
-            let inner = if i + 1 < self.vlans.len() {
-                EtherType::VLAN_TAGGED_FRAME
-            } else {
-                l3_type
-            };
-            out.extend_from_slice(
-                &SingleVlanHeader {
-                    pcp: Default::default(),
-                    drop_eligible_indicator: false,
-                    vlan_id: VlanId::try_new(*vid).expect("checked VLAN id"),
-                    ether_type: inner,
-                }
-                .to_bytes(),
-            );
-        }
-        let payload = [0x5au8; 16];
-        let l4: Vec<u8> = match (self.later_fragment, self.proto, self.port) {
-            (true, _, _) => vec![0xab; 8],
-            (false, IPPROTO_TCP, Some(port)) => {
-                let mut h = TcpHeader::new(40000, port, 1, 64240);
-                h.syn = true;
-                h.to_bytes().to_vec()
-            }
-            (false, IPPROTO_UDP, Some(port)) => UdpHeader {
-                source_port: 40000,
-                destination_port: port,
-                length: (UdpHeader::LEN + payload.len()) as u16,
-                checksum: 0,
-            }
-            .to_bytes()
-            .to_vec(),
-            (false, IPPROTO_SCTP, Some(port)) => {
-                let mut h = Vec::with_capacity(12);
-                h.extend_from_slice(&40000u16.to_be_bytes());
-                h.extend_from_slice(&port.to_be_bytes());
-                h.extend_from_slice(&[0; 8]); // verification tag, checksum
-                h
-            }
-            _ => vec![0; 8],
-        };
-        let body_len = l4.len() + payload.len();
-        match self.dst {
-            IpAddr::V4(dst) => {
-                let mut ip = Ipv4Header::new(
-                    body_len as u16,
-                    64,
-                    IpNumber(self.proto),
-                    [203, 0, 113, 7],
-                    dst.octets(),
-                )
-                .expect("a small payload fits");
-                if self.later_fragment {
-                    ip.dont_fragment = false;
-                    ip.fragment_offset =
-                        IpFragOffset::try_new(LATER_OFFSET).expect("13-bit offset");
-                }
-                ip.header_checksum = ip.calc_header_checksum();
-                out.extend_from_slice(&ip.to_bytes());
-            }
-            IpAddr::V6(dst) => {
-                let frag = self.later_fragment.then(|| {
-                    Ipv6FragmentHeader {
-                        next_header: IpNumber(self.proto),
-                        fragment_offset: IpFragOffset::try_new(LATER_OFFSET)
-                            .expect("13-bit offset"),
-                        more_fragments: false,
-                        identification: 0xfeed,
-                    }
-                    .to_bytes()
-                });
-                let ip = Ipv6Header {
-                    traffic_class: 0,
-                    flow_label: Ipv6FlowLabel::ZERO,
-                    payload_length: (body_len + frag.map_or(0, |f| f.len())) as u16,
-                    next_header: if frag.is_some() {
-                        IpNumber::IPV6_FRAGMENTATION_HEADER
-                    } else {
-                        IpNumber(self.proto)
-                    },
-                    hop_limit: 64,
-                    source: [
-                        0x20, 0x01, 0x0d, 0xb8, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7,
-                    ],
-                    destination: dst.octets(),
-                };
-                out.extend_from_slice(&ip.to_bytes());
-                if let Some(f) = frag {
-                    out.extend_from_slice(&f);
-                }
-            }
-        }
-        out.extend(l4);
-        out.extend_from_slice(&payload);
-        out
+        frame.build()
     }
 }
 
@@ -457,7 +344,8 @@ pub fn explain(config: &Config, frame: &[u8], mark: u32) -> String {
     out
 }
 
-/// Other rules that match the key, best first, without `winner`.
+/// Other rules that match the key, in precedence order, without `winner`
+/// (at most 8).
 fn shadowed(
     model: &Model,
     dst: IpAddr,
@@ -465,21 +353,12 @@ fn shadowed(
     port: Option<u16>,
     winner: usize,
 ) -> Vec<(usize, Stage)> {
-    let mut all: Vec<(usize, Stage, u8)> = model
-        .rules
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != winner)
-        .filter_map(|(i, r)| {
-            Model::rule_stage(r, dst, proto, port).map(|s| (i, s, 128 - r.vip.prefix_len()))
-        })
-        .collect();
-    all.sort_by_key(|&(i, s, shorter)| {
-        let exact = matches!(s, Stage::ExactPort | Stage::ExactAllPorts);
-        let all_ports = matches!(s, Stage::ExactAllPorts | Stage::PrefixAllPorts);
-        (!exact, shorter, all_ports, i)
-    });
-    all.into_iter().take(8).map(|(i, s, _)| (i, s)).collect()
+    model
+        .matches(dst, proto, port)
+        .into_iter()
+        .filter(|&(i, _)| i != winner)
+        .take(8)
+        .collect()
 }
 
 /// Rules for the packet's address that do not match it, and why (at most 8).

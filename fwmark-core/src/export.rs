@@ -4,9 +4,10 @@
 //!
 //! fwmark applies one entry per packet, chosen by precedence; iptables and
 //! nft apply every matching rule. The export therefore orders the rules by
-//! fwmark's precedence (longest prefix first, an exact address being the
-//! longest; at equal length a port rule before an all-ports rule) and ends
-//! each with a RETURN, so the first match is the only one, as in fwmark.
+//! fwmark's precedence ([`crate::precedence`]: longest prefix first, an
+//! exact address being the longest; at equal length a port rule before an
+//! all-ports rule) and ends each with a RETURN, so the first match is the
+//! only one, as in fwmark.
 
 use std::{fmt::Write as _, net::IpAddr};
 
@@ -14,7 +15,9 @@ use ipnet::IpNet;
 
 use crate::{
     config::{Config, PortRange, Proto},
+    precedence::Rank,
     ruleset::Ruleset,
+    text::Prefix,
 };
 
 /// One rule to export: a (service, vip, protocol, port item) of the config.
@@ -44,8 +47,8 @@ fn items<'a>(config: &'a Config, ruleset: &Ruleset) -> Vec<Item<'a>> {
             }
         })
         .collect();
-    // Stable: equal keys keep config order (same-mark duplicates only).
-    items.sort_by_key(|i| (std::cmp::Reverse(i.vip.prefix_len()), i.ports.is_none()));
+    // Stable: equal ranks keep config order (same-mark duplicates only).
+    items.sort_by_key(|i| Rank::of(&i.vip, i.ports));
     items
 }
 
@@ -100,7 +103,7 @@ pub fn nft(config: &Config, ruleset: &Ruleset) -> String {
     let mut rules = Vec::new();
     for i in &items {
         let v6 = i.vip.addr().is_ipv6();
-        let exact = i.vip.prefix_len() == i.vip.max_prefix_len();
+        let exact = Prefix(&i.vip).is_host();
         let family = if v6 { "ip6" } else { "ip" };
         match (exact, i.ports, i.mask == u32::MAX) {
             (true, Some(p), true) => {
@@ -110,11 +113,7 @@ pub fn nft(config: &Config, ruleset: &Ruleset) -> String {
                 }
             }
             _ => {
-                let addr = if exact {
-                    i.vip.addr().to_string()
-                } else {
-                    i.vip.to_string()
-                };
+                let addr = Prefix(&i.vip);
                 let ports = match i.ports {
                     Some(p) if p.lo == p.hi => format!("{} dport {}", i.proto, p.lo),
                     Some(p) => format!("{} dport {}-{}", i.proto, p.lo, p.hi),

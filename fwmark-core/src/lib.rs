@@ -4,7 +4,13 @@
 //! unit tests use only this crate).
 //!
 //! - [`config`]: the TOML file, parsed and validated;
-//! - [`ruleset`]: a config compiled into the classifier's map entries;
+//! - [`ruleset`]: a config compiled into the classifier's map entries, and
+//!   the one enumeration of a config's rules;
+//! - [`precedence`]: which matching entry wins, defined once;
+//! - [`text`]: the words fwmark reads and writes (addresses, rules, marks,
+//!   protocols, numbers);
+//! - [`frame`]: Ethernet frames built from a description (`explain` and the
+//!   test lab);
 //! - [`slots`]: which counter slot each rule keeps across changes;
 //! - [`diff`]: what a change of config changes;
 //! - [`model`]: the classifier written again in plain Rust (the reference
@@ -17,10 +23,13 @@ pub mod config;
 pub mod diff;
 pub mod explain;
 pub mod export;
+pub mod frame;
 pub mod import;
 pub mod loaded;
 pub mod model;
+pub mod precedence;
 pub mod ruleset;
 pub mod slots;
+pub mod text;
 
 pub use loaded::{Loaded, LoadedError};

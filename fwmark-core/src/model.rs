@@ -14,10 +14,11 @@
 //!   matches require;
 //! - fragments: a fragment at a non-zero offset has no transport header and
 //!   is looked up without a port, so only every-port services match it;
-//! - the lookup, straight from the config (not from the compiled map
-//!   entries): exact address and port, exact address every port, then the
-//!   longest prefix, a port entry before an every-port entry at equal
-//!   length; among equals the first rule in config order owns the entry;
+//! - the lookup, straight from the config's rules (not from the compiled
+//!   map entries), ranked by [`crate::precedence`]: exact address and port,
+//!   exact address every port, then the longest prefix, a port entry before
+//!   an every-port entry at equal length; among equals the first rule in
+//!   config order owns the entry;
 //! - the mark, `(old & !mask) | (value & mask)`, and which global counter
 //!   the frame adds to.
 
@@ -36,7 +37,13 @@ use fwmark_common::{
 };
 use ipnet::IpNet;
 
-use crate::config::{Config, PortRange};
+use crate::{
+    config::{Config, PortRange},
+    precedence::{Rank, best},
+    ruleset::rules,
+    text::RuleText,
+};
+pub use crate::{precedence::Stage, text::proto_name};
 
 /// Length of the fixed transport header the port is read from, for the
 /// protocols that have ports: TCP 20, UDP 8, SCTP 12 (the common header).
@@ -46,18 +53,6 @@ pub fn transport_header_len(proto: u8) -> Option<usize> {
         IPPROTO_UDP => Some(UDP_HLEN),
         IPPROTO_SCTP => Some(SCTP_HLEN),
         _ => None,
-    }
-}
-
-/// A protocol's name for messages: `tcp`, `udp`, `sctp`, or its number.
-pub fn proto_name(proto: u8) -> String {
-    match proto {
-        IPPROTO_TCP => "tcp".into(),
-        IPPROTO_UDP => "udp".into(),
-        IPPROTO_SCTP => "sctp".into(),
-        1 => "icmp (1)".into(),
-        58 => "ipv6-icmp (58)".into(),
-        n => format!("protocol {n}"),
     }
 }
 
@@ -551,30 +546,6 @@ fn ipv6_chain(
     }
 }
 
-/// Which lookup stage found the entry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Stage {
-    /// 1. exact address, exact port.
-    ExactPort,
-    /// 2. exact address, every port.
-    ExactAllPorts,
-    /// 3. a prefix with a port entry.
-    PrefixPort,
-    /// 3. a prefix with an every-port entry.
-    PrefixAllPorts,
-}
-
-impl fmt::Display for Stage {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Stage::ExactPort => "1 (exact address, exact port)",
-            Stage::ExactAllPorts => "2 (exact address, every port)",
-            Stage::PrefixPort => "3 (longest prefix, port entry)",
-            Stage::PrefixAllPorts => "3 (longest prefix, every-port entry)",
-        })
-    }
-}
-
 /// One rule of the config: a (service, vip, protocol, port item), numbered
 /// in config order as the counter slots are.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -589,23 +560,21 @@ pub struct ModelRule {
 }
 
 impl ModelRule {
-    fn is_exact(&self) -> bool {
-        self.vip.prefix_len() == self.vip.max_prefix_len()
+    /// Where the rule's entries stand in the precedence.
+    pub fn rank(&self) -> Rank {
+        Rank::of(&self.vip, self.ports)
     }
 }
 
+/// As a rule is written everywhere ([`RuleText`]).
 impl fmt::Display for ModelRule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.is_exact() {
-            write!(f, "{}", self.vip.addr())?;
-        } else {
-            write!(f, "{}", self.vip)?;
+        RuleText {
+            vip: &self.vip,
+            proto: proto_name(self.proto),
+            ports: self.ports,
         }
-        write!(f, " {}", proto_name(self.proto))?;
-        match self.ports {
-            Some(p) => write!(f, " port {p}"),
-            None => write!(f, " every port"),
-        }
+        .fmt(f)
     }
 }
 
@@ -684,27 +653,19 @@ impl Model {
     /// The model of `config`: one rule per (service, vip, protocol, port
     /// item), in config order.
     pub fn new(config: &Config) -> Model {
-        let mut rules = Vec::new();
-        for (si, s) in config.services.iter().enumerate() {
-            for vip in &s.vips {
-                for proto in &s.protos {
-                    let items: Vec<Option<PortRange>> = match &s.ports {
-                        Some(ps) => ps.iter().map(|p| Some(*p)).collect(),
-                        None => vec![None],
-                    };
-                    for ports in items {
-                        rules.push(ModelRule {
-                            service: si,
-                            vip: *vip,
-                            proto: proto.number(),
-                            ports,
-                            mark: s.mark,
-                            mask: s.mask,
-                        });
-                    }
+        let rules = rules(config)
+            .map(|r| {
+                let s = &config.services[r.service];
+                ModelRule {
+                    service: r.service,
+                    vip: r.vip,
+                    proto: r.proto.number(),
+                    ports: r.ports,
+                    mark: s.mark,
+                    mask: s.mask,
                 }
-            }
-        }
+            })
+            .collect();
         Model { rules }
     }
 
@@ -725,37 +686,33 @@ impl Model {
                 _ => return None,
             },
         };
-        Some(match (rule.is_exact(), by_port) {
-            (true, true) => Stage::ExactPort,
-            (true, false) => Stage::ExactAllPorts,
-            (false, true) => Stage::PrefixPort,
-            (false, false) => Stage::PrefixAllPorts,
-        })
+        Some(Stage::of(&rule.vip, !by_port))
+    }
+
+    /// The rules that match (dst, proto, port), each with its stage, in
+    /// precedence order (config order among equals): the first marks.
+    pub fn matches(&self, dst: IpAddr, proto: u8, port: Option<u16>) -> Vec<(usize, Stage)> {
+        let mut all: Vec<(Rank, usize, Stage)> = self
+            .rules
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                let stage = Self::rule_stage(r, dst, proto, port)?;
+                Some((r.rank(), i, stage))
+            })
+            .collect();
+        all.sort();
+        all.into_iter().map(|(_, i, stage)| (i, stage)).collect()
     }
 
     /// The entry (dst, proto, port) matches, by fwmark's precedence; `port`
     /// is `None` for later fragments and protocols without ports.
     pub fn lookup(&self, dst: IpAddr, proto: u8, port: Option<u16>) -> Option<Hit> {
-        // Lower ranks win: exact address before any prefix; among prefixes
-        // the longer one; at equal length the port entry. Among equal ranks
-        // the first rule in config order owns the entry.
-        let rank = |rule: &ModelRule, stage: Stage| match stage {
-            Stage::ExactPort => (0, 0, 0),
-            Stage::ExactAllPorts => (0, 0, 1),
-            Stage::PrefixPort => (1, 128 - rule.vip.prefix_len(), 0),
-            Stage::PrefixAllPorts => (1, 128 - rule.vip.prefix_len(), 1),
-        };
-        let mut best: Option<((u8, u8, u8), usize, Stage)> = None;
-        for (i, rule) in self.rules.iter().enumerate() {
-            let Some(stage) = Self::rule_stage(rule, dst, proto, port) else {
-                continue;
-            };
-            let r = rank(rule, stage);
-            if best.is_none_or(|(b, _, _)| r < b) {
-                best = Some((r, i, stage));
-            }
-        }
-        best.map(|(_, i, stage)| {
+        let matching = self.rules.iter().enumerate().filter_map(|(i, rule)| {
+            let stage = Self::rule_stage(rule, dst, proto, port)?;
+            Some((rule.rank(), (i, stage)))
+        });
+        best(matching).map(|(_, (i, stage))| {
             let rule = &self.rules[i];
             Hit {
                 rule: i,
@@ -850,45 +807,6 @@ proto = ["tcp", "udp"]
 mark = 77
 
 [[service]]
-name = "net24-all"
-vip = "198.51.100.0/24"
-proto = "tcp"
-mark = 1
-
-[[service]]
-name = "net24-80"
-vip = "198.51.100.0/24"
-proto = "tcp"
-ports = [80]
-mark = 2
-
-[[service]]
-name = "net25-all"
-vip = "198.51.100.128/25"
-proto = "tcp"
-mark = 3
-
-[[service]]
-name = "host-all"
-vip = "198.51.100.200"
-proto = "tcp"
-mark = 4
-
-[[service]]
-name = "host-443"
-vip = "198.51.100.200"
-proto = "tcp"
-ports = [443]
-mark = 5
-
-[[service]]
-name = "net16-22"
-vip = "198.51.0.0/16"
-proto = "tcp"
-ports = [22]
-mark = 6
-
-[[service]]
 name = "bit"
 vip = "192.0.2.1"
 proto = "tcp"
@@ -911,8 +829,10 @@ ports = ["150-250"]
 mark = 9
 "#;
 
+    /// [`CONFIG`] and the precedence examples' nested prefixes.
     fn model() -> (Config, Model) {
-        let config = Config::parse(CONFIG, "t.toml").unwrap();
+        let text = format!("{CONFIG}{}", crate::precedence::examples::CONFIG);
+        let config = Config::parse(&text, "t.toml").unwrap();
         let model = Model::new(&config);
         (config, model)
     }
@@ -922,34 +842,6 @@ mark = 9
             Outcome::Marked(hit) => Some(hit.mark),
             _ => None,
         }
-    }
-
-    #[test]
-    fn precedence_exact_port_exact_all_longest_prefix_port_first() {
-        let (_, m) = model();
-        let cases: [([u8; 4], u16, Option<u32>); 10] = [
-            ([198, 51, 100, 200], 443, Some(5)), // exact address, exact port
-            ([198, 51, 100, 200], 80, Some(4)),  // exact address, every port beats prefixes
-            ([198, 51, 100, 130], 80, Some(3)),  // /25 every port beats /24 port 80
-            ([198, 51, 100, 10], 80, Some(2)),   // /24: port entry before every-port
-            ([198, 51, 100, 10], 81, Some(1)),
-            ([198, 51, 100, 255], 22, Some(3)), // /25 beats /16 port 22
-            ([198, 51, 7, 7], 22, Some(6)),
-            ([198, 51, 7, 7], 23, None),
-            ([198, 52, 0, 1], 22, None),
-            ([192, 0, 2, 10], 8080, None),
-        ];
-        for (dst, port, want) in cases {
-            assert_eq!(mark_of(&m, &tcp4(dst, port)), want, "{dst:?}:{port}");
-        }
-        let hit = m
-            .lookup("198.51.100.130".parse().unwrap(), 6, Some(80))
-            .unwrap();
-        assert_eq!(hit.stage, Stage::PrefixAllPorts);
-        let hit = m
-            .lookup("198.51.100.200".parse().unwrap(), 6, Some(443))
-            .unwrap();
-        assert_eq!(hit.stage, Stage::ExactPort);
     }
 
     #[test]

@@ -17,7 +17,11 @@ use fwmark_common::{
 };
 use ipnet::IpNet;
 
-use crate::config::{Config, PortRange, Proto};
+use crate::{
+    config::{Config, PortRange, Proto},
+    precedence::{Rank, best},
+    text::{Prefix, RuleText},
+};
 
 /// Most map entries one config may expand to (ranges count one per port).
 pub const MAX_ENTRIES: usize = 1 << 22;
@@ -38,20 +42,44 @@ impl Rule {
     pub fn matches(&self) -> (IpNet, Proto, Option<PortRange>) {
         (self.vip, self.proto, self.ports)
     }
+
+    /// Where its entries stand in the precedence.
+    pub fn rank(&self) -> Rank {
+        Rank::of(&self.vip, self.ports)
+    }
 }
 
+/// `192.0.2.10 tcp port 443`, `198.51.100.0/24 udp all ports`
+/// ([`RuleText`]).
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let vip = if self.vip.prefix_len() == self.vip.max_prefix_len() {
-            self.vip.addr().to_string()
-        } else {
-            self.vip.to_string()
-        };
-        match self.ports {
-            Some(p) => write!(f, "{vip} {} port {p}", self.proto),
-            None => write!(f, "{vip} {} all ports", self.proto),
+        RuleText {
+            vip: &self.vip,
+            proto: self.proto,
+            ports: self.ports,
         }
+        .fmt(f)
     }
+}
+
+/// The config's rules in config order: each service's addresses x
+/// protocols x port items (`None` when it has no `ports`: every port). The
+/// one enumeration: its order numbers the counter slots of a fresh config,
+/// and the ruleset and the model both walk it.
+pub fn rules(config: &Config) -> impl Iterator<Item = Rule> + '_ {
+    config.services.iter().enumerate().flat_map(|(service, s)| {
+        let items = s.ports.as_ref().map_or(1, Vec::len);
+        s.vips.iter().flat_map(move |&vip| {
+            s.protos.iter().flat_map(move |&proto| {
+                (0..items).map(move |i| Rule {
+                    service,
+                    vip,
+                    proto,
+                    ports: s.ports.as_ref().map(|ps| ps[i]),
+                })
+            })
+        })
+    })
 }
 
 /// A prefix entry: the LPM trie key (`prefix_len` counts the key header and
@@ -169,86 +197,65 @@ impl Ruleset {
         let mut owner: HashMap<(u32, ServiceKey), (bool, usize, usize)> =
             HashMap::with_capacity(entries);
         let mut rs = Ruleset::default();
-        for (si, service) in config.services.iter().enumerate() {
-            for vip in &service.vips {
-                for &proto in &service.protos {
-                    let items: Vec<Option<PortRange>> = match &service.ports {
-                        Some(ps) => ps.iter().copied().map(Some).collect(),
-                        None => vec![None],
+        for rule in rules(config) {
+            let service = &config.services[rule.service];
+            let (vip, proto, ports) = (&rule.vip, rule.proto, rule.ports);
+            let index = u32::try_from(rs.rules.len()).expect("rules fit in u32");
+            let exact = Prefix(vip).is_host();
+            let (lo, hi) = ports.map_or((ALL_PORTS, ALL_PORTS), |p| (p.lo, p.hi));
+            rs.rules.push(rule.clone());
+            for port in lo..=hi {
+                let key = service_key(vip.network(), proto.number(), port);
+                let target = Target {
+                    mark: service.mark,
+                    mask: service.mask,
+                    rule: index,
+                    prefix_len: u32::from(vip.prefix_len()),
+                };
+                let prefix_len = if exact {
+                    LPM_LOOKUP_PREFIX_LEN
+                } else {
+                    lpm_prefix_len(vip.prefix_len())
+                };
+                if let Some(&(in_exact, idx, owner_rule)) = owner.get(&(prefix_len, key)) {
+                    let existing = if in_exact {
+                        rs.exact[idx].1
+                    } else {
+                        rs.prefix[idx].target
                     };
-                    for ports in items {
-                        let rule = u32::try_from(rs.rules.len()).expect("rules fit in u32");
-                        rs.rules.push(Rule {
-                            service: si,
-                            vip: *vip,
-                            proto,
-                            ports,
-                        });
-                        let exact = vip.prefix_len() == vip.max_prefix_len();
-                        let (lo, hi) = ports.map_or((ALL_PORTS, ALL_PORTS), |p| (p.lo, p.hi));
-                        for port in lo..=hi {
-                            let key = service_key(vip.network(), proto.number(), port);
-                            let target = Target {
-                                mark: service.mark,
-                                mask: service.mask,
-                                rule,
-                                prefix_len: u32::from(vip.prefix_len()),
-                            };
-                            let prefix_len = if exact {
-                                LPM_LOOKUP_PREFIX_LEN
-                            } else {
-                                lpm_prefix_len(vip.prefix_len())
-                            };
-                            if let Some(&(in_exact, idx, owner_rule)) =
-                                owner.get(&(prefix_len, key))
-                            {
-                                let existing = if in_exact {
-                                    rs.exact[idx].1
-                                } else {
-                                    rs.prefix[idx].target
-                                };
-                                let first = &config.services[rs.rules[owner_rule].service];
-                                let entry = describe(vip, proto, port);
-                                if (existing.mark, existing.mask) != (target.mark, target.mask) {
-                                    return Err(RulesetError::Conflict(Box::new(Conflict {
-                                        file: config.source.clone(),
-                                        entry,
-                                        first: first.name.clone(),
-                                        first_line: first.line,
-                                        first_mark: existing.mark,
-                                        first_mask: existing.mask,
-                                        second: service.name.clone(),
-                                        second_line: service.line,
-                                        second_mark: target.mark,
-                                        second_mask: target.mask,
-                                    })));
-                                }
-                                rs.warnings.push(format!(
-                                    "service {:?} (line {}) repeats {entry}, already claimed by \
-                                     {:?} (line {}) with the same mark; it counts there",
-                                    service.name, service.line, first.name, first.line
-                                ));
-                                continue;
-                            }
-                            if exact {
-                                owner.insert(
-                                    (prefix_len, key),
-                                    (true, rs.exact.len(), rule as usize),
-                                );
-                                rs.exact.push((key, target));
-                            } else {
-                                owner.insert(
-                                    (prefix_len, key),
-                                    (false, rs.prefix.len(), rule as usize),
-                                );
-                                rs.prefix.push(PrefixEntry {
-                                    prefix_len,
-                                    key,
-                                    target,
-                                });
-                            }
-                        }
+                    let first = &config.services[rs.rules[owner_rule].service];
+                    let entry = describe(vip, proto, port);
+                    if (existing.mark, existing.mask) != (target.mark, target.mask) {
+                        return Err(RulesetError::Conflict(Box::new(Conflict {
+                            file: config.source.clone(),
+                            entry,
+                            first: first.name.clone(),
+                            first_line: first.line,
+                            first_mark: existing.mark,
+                            first_mask: existing.mask,
+                            second: service.name.clone(),
+                            second_line: service.line,
+                            second_mark: target.mark,
+                            second_mask: target.mask,
+                        })));
                     }
+                    rs.warnings.push(format!(
+                        "service {:?} (line {}) repeats {entry}, already claimed by \
+                         {:?} (line {}) with the same mark; it counts there",
+                        service.name, service.line, first.name, first.line
+                    ));
+                    continue;
+                }
+                if exact {
+                    owner.insert((prefix_len, key), (true, rs.exact.len(), index as usize));
+                    rs.exact.push((key, target));
+                } else {
+                    owner.insert((prefix_len, key), (false, rs.prefix.len(), index as usize));
+                    rs.prefix.push(PrefixEntry {
+                        prefix_len,
+                        key,
+                        target,
+                    });
                 }
             }
         }
@@ -261,11 +268,9 @@ impl Ruleset {
     }
 
     /// What the classifier does with a packet to `addr`, `proto`, `port`
-    /// (a later fragment: no port), by the same precedence, in userspace:
-    /// exact address and port, exact address all ports, then the longest
-    /// prefix with a port or all-ports entry (port first at equal length).
-    /// A reference for tests and for explaining decisions; linear in the
-    /// number of prefix entries.
+    /// (a later fragment: no port), in userspace: the entries that match,
+    /// the winner by [`crate::precedence`]. A reference for tests and for
+    /// `import`'s check; linear in the number of prefix entries.
     pub fn classify(&self, addr: IpAddr, proto: u8, port: Option<u16>) -> Option<Target> {
         let exact: std::collections::HashMap<ServiceKey, Target> =
             self.exact.iter().copied().collect();
@@ -280,55 +285,41 @@ impl Ruleset {
         proto: u8,
         port: Option<u16>,
     ) -> Option<Target> {
-        let exact_key = |p: u16| service_key(addr, proto, p);
-        let find = |k: ServiceKey| exact.get(&k).copied();
-        if let Some(p) = port
-            && let Some(t) = find(exact_key(p))
-        {
-            return Some(t);
-        }
-        if let Some(t) = find(exact_key(ALL_PORTS)) {
-            return Some(t);
-        }
+        let exact_hits = [port, Some(ALL_PORTS)]
+            .into_iter()
+            .flatten()
+            .filter_map(|p| {
+                let t = exact.get(&service_key(addr, proto, p))?;
+                let bits = u8::try_from(t.prefix_len).expect("an address length");
+                Some((Rank::new(bits, p == ALL_PORTS), *t))
+            });
         let (family, bytes) = family_and_addr(addr);
-        let in_prefix = |e: &PrefixEntry, want_port: u16| {
+        let prefix_hits = self.prefix.iter().filter_map(|e| {
             let bits = e.prefix_len - KEY_HEADER_BITS;
             let key_bytes = e.key.addr_bytes();
-            e.key.family == family
+            let entry_port = u16::from_be_bytes(e.key.port);
+            let hit = e.key.family == family
                 && e.key.proto == proto
-                && e.key.port == want_port.to_be_bytes()
+                && (entry_port == ALL_PORTS || Some(entry_port) == port)
                 && (0..bits as usize).all(|b| {
                     let mask = 0x80u8 >> (b % 8);
                     key_bytes[b / 8] & mask == bytes[b / 8] & mask
-                })
-        };
-        let best = |want_port: u16| {
-            self.prefix
-                .iter()
-                .filter(|e| in_prefix(e, want_port))
-                .max_by_key(|e| e.prefix_len)
-        };
-        let with_port = port.and_then(&best);
-        let all_ports = best(ALL_PORTS);
-        match (with_port, all_ports) {
-            (Some(p), Some(a)) if a.prefix_len > p.prefix_len => Some(a.target),
-            (Some(p), _) => Some(p.target),
-            (None, a) => a.map(|a| a.target),
-        }
+                });
+            let bits = u8::try_from(bits).expect("an address length");
+            hit.then_some((Rank::new(bits, entry_port == ALL_PORTS), e.target))
+        });
+        best(exact_hits.chain(prefix_hits)).map(|(_, t)| t)
     }
 }
 
+/// One entry as a rule of one port (or of every port) would say it.
 fn describe(vip: &IpNet, proto: Proto, port: u16) -> String {
-    let vip = if vip.prefix_len() == vip.max_prefix_len() {
-        vip.addr().to_string()
-    } else {
-        vip.to_string()
-    };
-    if port == ALL_PORTS {
-        format!("{vip} {proto} (all ports)")
-    } else {
-        format!("{vip} {proto} port {port}")
+    RuleText {
+        vip,
+        proto,
+        ports: (port != ALL_PORTS).then_some(PortRange { lo: port, hi: port }),
     }
+    .to_string()
 }
 
 /// Parses and compiles config text, for unit tests.

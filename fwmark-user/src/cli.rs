@@ -225,9 +225,6 @@ pub struct ExplainArgs {
 
 /// A u32 in decimal or `0x` hex.
 fn parse_u32(s: &str) -> Result<u32, String> {
-    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(h) => u32::from_str_radix(h, 16),
-        None => s.parse::<u32>(),
-    };
-    parsed.map_err(|_| format!("{s:?} is not a 32-bit mark (decimal or 0x hex)"))
+    fwmark_core::text::parse_u32(s)
+        .ok_or_else(|| format!("{s:?} is not a 32-bit mark (decimal or 0x hex)"))
 }

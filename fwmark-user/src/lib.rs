@@ -7,6 +7,7 @@
 pub mod attach;
 pub mod cli;
 pub mod datapath;
+pub mod durable;
 pub mod failpoint;
 pub mod ingress;
 pub mod live;

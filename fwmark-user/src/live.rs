@@ -31,7 +31,7 @@ use fwmark_core::{
 use crate::{
     attach::AttachMode,
     datapath::Maps,
-    failpoint,
+    durable, failpoint,
     state::{Paths, STATE_VERSION, State},
 };
 
@@ -120,7 +120,7 @@ pub fn load_state(paths: &Paths, maps: Option<&Maps>) -> Result<Option<State>> {
                 "an interrupted change of {} had switched already: recording generation {}",
                 paths.iface, pending.state.generation
             );
-            fs::rename(pending_file(paths), paths.state_file())?;
+            durable::rename(&pending_file(paths), &paths.state_file())?;
         } else {
             warn!(
                 "an interrupted change of {} had not switched: the live config stays",
@@ -210,7 +210,7 @@ pub fn switch(paths: &Paths, maps: &mut Maps, state: &mut State, new: &Loaded) -
     };
     debug_assert_eq!(slot, next.slot);
     failpoint::pause(failpoint::step::AFTER_SWITCH);
-    fs::rename(pending_file(paths), paths.state_file()).with_context(|| {
+    durable::rename(&pending_file(paths), &paths.state_file()).with_context(|| {
         format!(
             "recording the new state in {}",
             paths.state_file().display()
@@ -221,16 +221,8 @@ pub fn switch(paths: &Paths, maps: &mut Maps, state: &mut State, new: &Loaded) -
 }
 
 fn write_pending(paths: &Paths, next: &State) -> Result<()> {
-    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
-    let tmp = paths.run_dir.join(format!("{PENDING_FILE}.tmp"));
     // Root only, like state.json (it becomes state.json).
-    fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?
-        .write_all(serde_json::to_string_pretty(next)?.as_bytes())?;
-    fs::rename(&tmp, pending_file(paths))?;
-    Ok(())
+    let text = serde_json::to_string_pretty(next)?;
+    durable::write(&pending_file(paths), text.as_bytes(), 0o600)
+        .with_context(|| format!("writing {}", pending_file(paths).display()))
 }

@@ -192,18 +192,10 @@ impl State {
         })
     }
 
-    /// Writes the state atomically (temporary file, fsync, rename).
+    /// Writes the state atomically and durably ([`crate::durable`]).
     pub fn save(&self, paths: &Paths) -> io::Result<()> {
-        let tmp = paths.run_dir.join("state.json.tmp");
-        let mut f = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(serde_json::to_string_pretty(self)?.as_bytes())?;
-        f.sync_all()?;
-        fs::rename(&tmp, paths.state_file())
+        let text = serde_json::to_string_pretty(self)?;
+        crate::durable::write(&paths.state_file(), text.as_bytes(), 0o600)
     }
 }
 

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 
 use anyhow::Result;
 use fwmark_common::GlobalCounters;
+use fwmark_core::text::mark as mark_text;
 use serde::Serialize;
 
 use crate::{attach::AttachMode, datapath::Maps, live, state::State};
@@ -243,14 +244,6 @@ impl Snapshot {
             vec![(format!("iface=\"{iface}\""), self.config.generation)],
         );
         out
-    }
-}
-
-fn mark_text(mark: u32, mask: u32) -> String {
-    if mask == u32::MAX {
-        format!("{mark:#x}")
-    } else {
-        format!("{mark:#x}/{mask:#x}")
     }
 }
 

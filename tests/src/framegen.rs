@@ -246,16 +246,9 @@ impl Generator {
             6..=8 => 1,
             _ => 2,
         };
-        let vlans: Vec<u16> = (0..tags).map(|_| self.pick(&TPIDS)).collect();
-        let mut f = Frame {
-            vlans,
-            dst,
-            l4,
-            ipv4_options: Vec::new(),
-            ipv4_fragment: (0, false),
-            ipv6_ext: Vec::new(),
-            payload_len: self.pick(&[0, 1, 16, 64]),
-        };
+        let tpids: Vec<u16> = (0..tags).map(|_| self.pick(&TPIDS)).collect();
+        let mut f = Frame::to(dst, l4).vlans(&tpids);
+        f.payload_len = self.pick(&[0, 1, 16, 64]);
         if v6 {
             if self.chance(40) {
                 let n = self.rng.usize(1..=8);
@@ -313,10 +306,7 @@ impl Generator {
         let mut out = Vec::new();
         for e in &f.ipv6_ext {
             out.push(off);
-            off += match e {
-                Ext::HopByHop | Ext::DestOptions => 16,
-                Ext::Routing | Ext::Fragment { .. } => 8,
-            };
+            off += e.header_len();
         }
         out
     }
@@ -434,12 +424,12 @@ impl Generator {
                 b
             }
             Kind::VlanStack => {
-                let mut f = self.frame();
+                let f = self.frame();
                 let tags = self.rng.usize(0..=4);
-                f.vlans = (0..tags)
+                let tpids: Vec<u16> = (0..tags)
                     .map(|_| self.pick(&[0x8100, 0x88a8, 0x8100, 0x88a8, 0x9100]))
                     .collect();
-                f.build()
+                f.vlans(&tpids).build()
             }
             Kind::FragmentBits => {
                 if self.rng.bool() {
@@ -478,16 +468,11 @@ impl Generator {
                     b
                 } else {
                     // Nothing after the IP header (and its extension headers).
-                    let l4_len = match f.l4 {
-                        L4::Tcp(_) => 20,
-                        L4::Udp(_) | L4::Other(_) => 8,
-                        L4::Sctp(_) => 12,
+                    let cut = if f.later_fragment() {
+                        8
+                    } else {
+                        f.l4.header_len()
                     };
-                    let later = f.ipv4_fragment.0 != 0
-                        || f.ipv6_ext
-                            .iter()
-                            .any(|e| matches!(e, Ext::Fragment { offset, .. } if *offset != 0));
-                    let cut = if later { 8 } else { l4_len };
                     b[..b.len() - cut].to_vec()
                 }
             }

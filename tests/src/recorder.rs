@@ -12,6 +12,7 @@ use crate::{
     nft::nft_script,
     packets::{Frame, L4},
 };
+use fwmark_core::text;
 
 const TABLE: &str = "fwmarkrec";
 
@@ -80,12 +81,9 @@ impl<'a> Recorder<'a> {
                 };
                 let addr: IpAddr = addr.as_str().context("address")?.parse()?;
                 let proto = match proto {
-                    serde_json::Value::String(s) => match s.as_str() {
-                        "tcp" => 6,
-                        "udp" => 17,
-                        "sctp" => 132,
-                        other => other.parse().context("protocol")?,
-                    },
+                    serde_json::Value::String(s) => {
+                        text::parse_proto(s, true).with_context(|| format!("protocol {s:?}"))?
+                    }
                     v => v.as_u64().context("protocol")? as u8,
                 };
                 let port = match port {
@@ -94,8 +92,7 @@ impl<'a> Recorder<'a> {
                 };
                 let mark = match mark {
                     serde_json::Value::String(s) => {
-                        let s = s.trim_start_matches("0x");
-                        u32::from_str_radix(s, 16).context("mark")?
+                        text::parse_u32(s).with_context(|| format!("mark {s:?}"))?
                     }
                     v => v.as_u64().context("mark")? as u32,
                 };
@@ -123,13 +120,7 @@ pub fn mac_of(ns: &Netns, dev: &str) -> Result<[u8; 6]> {
 /// The frame for a point: a TCP SYN, a UDP datagram or an SCTP packet.
 pub fn frame_for(point: &Point, dst_mac: [u8; 6]) -> Vec<u8> {
     let (dst, proto, port) = *point;
-    let l4 = match proto {
-        6 => L4::Tcp(port),
-        17 => L4::Udp(port),
-        132 => L4::Sctp(port),
-        other => L4::Other(other),
-    };
-    let mut frame = Frame::new(&dst.to_string(), l4).build();
+    let mut frame = Frame::to(dst, L4::new(proto, Some(port))).build();
     frame[..6].copy_from_slice(&dst_mac);
     frame
 }

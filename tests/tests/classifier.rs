@@ -2,6 +2,7 @@
 //! is built with etherparse headers, run once, and the mark is read back from
 //! the `__sk_buff` context.
 
+use fwmark_core::precedence::examples;
 use fwmark_testlab::{
     harness::{Harness, TC_ACT_UNSPEC, Verdict},
     kernel,
@@ -441,59 +442,9 @@ fn truncated_options_and_extension_headers_are_malformed() {
     }
 }
 
-const PRECEDENCE: &str = r#"
-[[service]]
-name = "net24-all"
-vip = "198.51.100.0/24"
-proto = "tcp"
-mark = 1
-
-[[service]]
-name = "net24-80"
-vip = "198.51.100.0/24"
-proto = "tcp"
-ports = [80]
-mark = 2
-
-[[service]]
-name = "net25-all"
-vip = "198.51.100.128/25"
-proto = "tcp"
-mark = 3
-
-[[service]]
-name = "host-all"
-vip = "198.51.100.200"
-proto = "tcp"
-mark = 4
-
-[[service]]
-name = "host-443"
-vip = "198.51.100.200"
-proto = "tcp"
-ports = [443]
-mark = 5
-
-[[service]]
-name = "net16-22"
-vip = "198.51.0.0/16"
-proto = "tcp"
-ports = [22]
-mark = 6
-
-[[service]]
-name = "v6-48-all"
-vip = "2001:db8:1::/48"
-proto = ["tcp", "udp"]
-mark = 7
-
-[[service]]
-name = "v6-64-80"
-vip = "2001:db8:1:2::/64"
-proto = "tcp"
-ports = [80]
-mark = 8
-"#;
+/// fwmark's precedence by example (nested prefixes, exact addresses, port
+/// and every-port entries of both families), shared with fwmark-core's tests.
+const PRECEDENCE: &str = examples::CONFIG;
 
 #[test]
 #[ignore = "needs root: `cargo xtask test` runs it"]
@@ -501,24 +452,8 @@ fn precedence_exact_before_prefix_longest_first_port_before_all() {
     let Some(h) = harness("precedence", PRECEDENCE) else {
         return;
     };
-    let cases: [(&str, L4, Option<u32>); 14] = [
-        ("198.51.100.200", L4::Tcp(443), Some(5)), // exact address, exact port
-        ("198.51.100.200", L4::Tcp(80), Some(4)),  // exact address all ports beats any prefix
-        ("198.51.100.130", L4::Tcp(80), Some(3)),  // /25 all ports beats /24 port 80
-        ("198.51.100.10", L4::Tcp(80), Some(2)),   // /24: port before all ports
-        ("198.51.100.10", L4::Tcp(81), Some(1)),
-        ("198.51.100.255", L4::Tcp(22), Some(3)), // /25 beats /16 port 22
-        ("198.51.7.7", L4::Tcp(22), Some(6)),
-        ("198.51.7.7", L4::Tcp(23), None),
-        ("198.52.0.1", L4::Tcp(22), None),
-        ("198.51.100.10", L4::Udp(80), None),
-        ("2001:db8:1:2::5", L4::Tcp(80), Some(8)),
-        ("2001:db8:1:2::5", L4::Tcp(81), Some(7)),
-        ("2001:db8:1:3::5", L4::Udp(80), Some(7)),
-        ("2001:db8:2::5", L4::Tcp(80), None),
-    ];
-    for (dst, l4, want) in cases {
-        let f = Frame::new(dst, l4);
+    for (dst, proto, port, want) in examples::CASES {
+        let f = Frame::new(dst, L4::new(proto, Some(port)));
         match want {
             Some(m) => assert_marked(&h, &f, m),
             None => assert_untouched(&h, &f),

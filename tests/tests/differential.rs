@@ -20,6 +20,7 @@ use fwmark_core::{
     config::Config,
     model::{Decision, Model, Outcome, Parse},
     ruleset::Ruleset,
+    text::parse_u64,
 };
 use fwmark_testlab::{
     framegen::{Generated, Generator, Kind, Targets},
@@ -235,11 +236,7 @@ fn round_seed(seed: u64, round: usize) -> u64 {
 fn env_u64(name: &str) -> Option<u64> {
     let v = std::env::var(name).ok()?;
     let v = v.trim();
-    let parsed = match v.strip_prefix("0x") {
-        Some(h) => u64::from_str_radix(h, 16),
-        None => v.parse(),
-    };
-    Some(parsed.unwrap_or_else(|_| panic!("{name}={v:?} is not a number")))
+    Some(parse_u64(v).unwrap_or_else(|| panic!("{name}={v:?} is not a number")))
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -27,6 +27,7 @@ use parse::{Action, Family, Parsed, Rule, Unsupported};
 use crate::{
     config::{Config, PortRange, Proto},
     ruleset::Ruleset,
+    text::{Prefix, RuleText},
 };
 
 /// A composed mark effect: `mark = (mark & !mask) ^ value`.
@@ -471,9 +472,10 @@ fn region_entries(
         }
     }
     let mut add = |ports: Option<PortRange>, effect: Effect, lines: &[usize]| {
-        let where_ = match ports {
-            Some(p) => format!("{} {} port {p}", region.prefix, region.proto),
-            None => format!("{} {} (all ports)", region.prefix, region.proto),
+        let where_ = RuleText {
+            vip: &region.prefix,
+            proto: region.proto,
+            ports,
         };
         let rules = lines
             .iter()
@@ -711,13 +713,7 @@ fn render(entries: &[Entry], rules: usize) -> String {
         let vips: Vec<String> = b
             .vips
             .iter()
-            .map(|v| {
-                if v.prefix_len() == v.max_prefix_len() {
-                    quote(&v.addr().to_string())
-                } else {
-                    quote(&v.to_string())
-                }
-            })
+            .map(|v| quote(&Prefix(v).to_string()))
             .collect();
         let protos: Vec<String> = b.protos.iter().map(|p| quote(p.name())).collect();
         let _ = writeln!(out, "\n[[service]]");
@@ -836,7 +832,7 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(
-            err.contains("192.0.2.1/32 tcp port 22: rules on lines 2, 3 set the whole mark to 0"),
+            err.contains("192.0.2.1 tcp port 22: rules on lines 2, 3 set the whole mark to 0"),
             "{err}"
         );
     }

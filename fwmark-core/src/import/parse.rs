@@ -123,12 +123,7 @@ pub fn tokenize(line: &str) -> Result<Vec<String>, String> {
 
 /// `V` or `V/M`, decimal or hex.
 pub fn parse_value_mask(s: &str) -> Option<(u32, Option<u32>)> {
-    fn num(s: &str) -> Option<u32> {
-        match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-            Some(hex) => u32::from_str_radix(hex, 16).ok(),
-            None => s.parse().ok(),
-        }
-    }
+    use crate::text::parse_u32 as num;
     match s.split_once('/') {
         Some((v, m)) => Some((num(v)?, Some(num(m)?))),
         None => Some((num(s)?, None)),
@@ -383,16 +378,16 @@ fn parse_rule_words(
                     return unsupported(out, "-p without a protocol".into());
                 };
                 match p.as_str() {
-                    "tcp" | "6" => rule.proto = Some(Proto::Tcp),
-                    "udp" | "17" => rule.proto = Some(Proto::Udp),
-                    "sctp" | "132" => rule.proto = Some(Proto::Sctp),
                     "all" | "0" => rule.proto = None,
-                    other => {
-                        return unsupported(
-                            out,
-                            format!("protocol {other:?}: fwmark marks tcp, udp and sctp only"),
-                        );
-                    }
+                    other => match Proto::parse(other, true) {
+                        Some(proto) => rule.proto = Some(proto),
+                        None => {
+                            return unsupported(
+                                out,
+                                format!("protocol {other:?}: fwmark marks tcp, udp and sctp only"),
+                            );
+                        }
+                    },
                 }
                 rule.unconditional = false;
             }
