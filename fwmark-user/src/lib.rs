@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod model;
 pub mod perms;
 pub mod preflight;
+pub mod rtnl;
 pub mod ruleset;
 pub mod run;
 pub mod slots;
