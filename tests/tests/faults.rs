@@ -1163,3 +1163,91 @@ fn other_mark_writers_are_named_at_run_and_apply() {
     assert!(!log.contains("write marks"), "{log}");
     stop_ok(daemon);
 }
+
+#[test]
+fn no_iproute2_is_needed_at_run_time_tcx() {
+    no_iproute2_at_run_time("tcx");
+}
+
+#[test]
+fn no_iproute2_is_needed_at_run_time_netlink() {
+    no_iproute2_at_run_time("netlink");
+}
+
+/// fwmark talks to the kernel itself (aya and rtnetlink): with no `tc` or
+/// `ip` on its PATH it lists the other filters (and so picks a free
+/// priority), attaches, adopts a killed run's attachment (for netlink,
+/// deleting the old filter), follows a rename, and detaches.
+fn no_iproute2_at_run_time(mode: &str) {
+    let name = format!("no_iproute2_at_run_time_{mode}");
+    let Some((lab, _files, a)) = setup(&name, &["ip", "nft", "nsenter", "tc"], "a.toml") else {
+        return;
+    };
+    let no_path = ["/usr/bin/env", "PATH=/nonexistent"];
+    let counters = web_counters(&lab);
+    let dev = &lab.director_if;
+    let _early = Foreign::attach(&lab.director, dev, "early", Hook::Filter(1)).unwrap();
+    let with_fwmark = match mode {
+        "tcx" => vec!["tcx:fwmark", "netlink:early"],
+        _ => vec!["netlink:early", "netlink:fwmark"],
+    };
+
+    let daemon = Daemon::run_behind(&lab, &no_path, &a, &["--attach", mode, "--no-watch"]).unwrap();
+    let log = daemon.stderr_so_far();
+    // The filter at pref 1 was listed: named in the log, and fwmark's own
+    // netlink filter took the next priority.
+    assert!(log.contains("tc filter pref 1 bpf early"), "{log}");
+    assert!(!log.contains("cannot list"), "{log}");
+    if mode == "netlink" {
+        assert_eq!(state_json(&lab)["netlink"][0], 2);
+    }
+    assert_eq!(ingress(&lab), with_fwmark);
+    assert_eq!(web_mark(&lab, &counters), 80);
+
+    // Killed: marking stays, and the next run adopts it.
+    daemon.kill();
+    let daemon = Daemon::run_behind(
+        &lab,
+        &no_path,
+        &a,
+        &["--attach", mode, "--no-watch", "--keep"],
+    )
+    .unwrap();
+    let log = daemon.stderr_so_far();
+    assert!(log.contains("adopted the"), "{log}");
+    assert_eq!(ingress(&lab), with_fwmark, "one attachment after adoption");
+    assert_eq!(web_mark(&lab, &counters), 80);
+
+    // A rename away and back is followed (link notifications).
+    let other = format!("{dev}r");
+    let rename = |from: &str, to: &str| {
+        lab.director.ip(&["link", "set", from, "down"]).unwrap();
+        lab.director.ip(&["link", "set", from, "name", to]).unwrap();
+        lab.director.ip(&["link", "set", to, "up"]).unwrap();
+    };
+    rename(dev, &other);
+    daemon
+        .wait_for_log("no longer names the device", Duration::from_secs(10))
+        .unwrap();
+    rename(&other, dev);
+    daemon
+        .wait_for_log("is back (index", Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(ingress(&lab), with_fwmark);
+    assert_eq!(web_mark(&lab, &counters), 80);
+
+    // --keep leaves marking in place; `fwmark detach` removes it.
+    stop_ok(daemon);
+    assert_eq!(ingress(&lab), with_fwmark);
+    let out = lab
+        .director
+        .command(no_path[0])
+        .arg(no_path[1])
+        .arg(fwmark_bin())
+        .args(["detach", "--iface", dev])
+        .output()
+        .unwrap();
+    ok(out);
+    assert_eq!(ingress(&lab), vec!["netlink:early"]);
+    assert_eq!(web_mark(&lab, &counters), 0);
+}
