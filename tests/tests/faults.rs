@@ -22,7 +22,7 @@ use fwmark_testlab::{
     nft::{MarkCounters, Probe, ProbeProto},
     ops::{
         DNS_VIP, TempDir, VIP, apply, fwmark, get_metrics, ingress, ok, ok_with_stderr,
-        pending_exists, pin_dir, send, spawn_apply, state_text, status_json, stop_ok,
+        pending_exists, pin_dir, run_dir, send, spawn_apply, state_text, status_json, stop_ok,
         web_dns_config as config,
     },
 };
@@ -1250,4 +1250,125 @@ fn no_iproute2_at_run_time(mode: &str) {
     ok(out);
     assert_eq!(ingress(&lab), vec!["netlink:early"]);
     assert_eq!(web_mark(&lab, &counters), 0);
+}
+
+#[test]
+fn a_failed_reattach_is_retried_without_a_link_change_tcx() {
+    failed_reattach_is_retried("tcx");
+}
+
+#[test]
+fn a_failed_reattach_is_retried_without_a_link_change_netlink() {
+    failed_reattach_is_retried("netlink");
+}
+
+/// Link notifications start a re-attach; one that fails (here: the new
+/// attachment cannot be recorded) is retried by the daemon's timer, as no
+/// notification may come to retry it.
+fn failed_reattach_is_retried(mode: &str) {
+    let name = format!("failed_reattach_is_retried_{mode}");
+    let Some((lab, _files, a)) = setup(&name, &["ip", "nft", "nsenter", "tc"], "a.toml") else {
+        return;
+    };
+    let counters = web_counters(&lab);
+    let daemon = Daemon::run_on(&lab, &a, &["--attach", mode, "--no-watch"]).unwrap();
+    assert_eq!(web_mark(&lab, &counters), 80);
+
+    lab.delete_link().unwrap();
+    daemon
+        .wait_for_log("is gone (it had index", Duration::from_secs(10))
+        .unwrap();
+    // A directory where the state is written first: recording fails.
+    let blocker = run_dir(&lab).join("state.json.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    lab.recreate_link().unwrap();
+    daemon
+        .wait_for_log("again failed", Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        ingress(&lab).is_empty(),
+        "the unrecorded attachment stays off"
+    );
+    assert_eq!(web_mark(&lab, &counters), 0);
+
+    // Fixed, with no change to the interface: the retry attaches.
+    std::fs::remove_dir(&blocker).unwrap();
+    daemon
+        .wait_for_log("is back (index", Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(ingress(&lab), vec![format!("{mode}:fwmark")]);
+    assert_eq!(web_mark(&lab, &counters), 80);
+    let log = daemon.stderr_so_far();
+    assert_eq!(log.matches("again failed").count(), 1, "logged once: {log}");
+    stop_ok(daemon);
+    assert!(ingress(&lab).is_empty());
+}
+
+/// The rtnetlink requests on their own, against filters the test lab adds
+/// with `tc`: the dump gives each filter's priority, chain, kind and bpf
+/// name; a delete by priority and handle removes one element, and a second
+/// one reports it gone.
+#[test]
+fn rtnl_lists_and_deletes_ingress_filters() {
+    let Some((lab, _files, _a)) = setup(
+        "rtnl_lists_and_deletes_ingress_filters",
+        &["ip", "nft", "nsenter", "tc"],
+        "a.toml",
+    ) else {
+        return;
+    };
+    let dev = lab.director_if.clone();
+    let ifindex = {
+        let dev = dev.clone();
+        lab.director
+            .run(move || fwmark::preflight::interface_index(&dev).unwrap())
+            .unwrap()
+    };
+    let list = || {
+        lab.director
+            .run(move || fwmark::rtnl::ingress_filters(ifindex).unwrap())
+            .unwrap()
+    };
+    // No clsact qdisc yet: nothing, and no error.
+    assert_eq!(list(), vec![]);
+    let _early = Foreign::attach(&lab.director, &dev, "early", Hook::Filter(1)).unwrap();
+    let _late = Foreign::attach(&lab.director, &dev, "late", Hook::Filter(10)).unwrap();
+    let entries = list();
+    let named: Vec<(u16, u32, Option<&str>, Option<&str>)> = entries
+        .iter()
+        .filter(|e| e.handle != 0)
+        .map(|e| {
+            (
+                e.priority,
+                e.chain,
+                e.kind.as_deref(),
+                e.bpf_name.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        named,
+        vec![
+            (1, 0, Some("bpf"), Some("early")),
+            (10, 0, Some("bpf"), Some("late"))
+        ],
+        "{entries:?}"
+    );
+    let late = entries
+        .iter()
+        .find(|e| e.priority == 10 && e.handle != 0)
+        .unwrap()
+        .handle;
+    let delete = |priority: u16, handle: u32, kind: &'static str| {
+        lab.director
+            .run(move || fwmark::rtnl::delete_ingress_filter(ifindex, priority, handle, kind))
+            .unwrap()
+    };
+    // The wrong kind is refused, not taken for "gone".
+    assert!(delete(10, late, "u32").is_err());
+    assert!(delete(10, late, "bpf").unwrap(), "deleted");
+    assert!(!delete(10, late, "bpf").unwrap(), "already gone");
+    assert!(!delete(7, 1, "bpf").unwrap(), "no filter at that priority");
+    assert_eq!(ingress(&lab), vec!["netlink:early"]);
+    assert!(list().iter().all(|e| e.priority == 1), "{:?}", list());
 }
