@@ -2,7 +2,8 @@
 //! too large for the maps, `apply` and the daemon killed in the middle of a
 //! change, the interface vanishing under `fwmark run`, bpffs missing, an
 //! unreadable config, other tc programs on the interface, other mark
-//! writers, and who may open fwmark's pins and state.
+//! writers, who may open fwmark's pins and state, and fwmark without
+//! iproute2 (its own rtnetlink requests).
 //!
 //! Covered elsewhere: two `apply` runs racing are serialized by the apply
 //! lock (`concurrent_applies_are_serialized` in tests/live.rs: eight
