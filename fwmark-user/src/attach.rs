@@ -103,7 +103,9 @@ pub enum AttachError {
     #[error(transparent)]
     Interface(#[from] preflight::PreflightError),
     #[error(
-        "removing the previous netlink filter (pref {priority} handle {handle:#x}) from {iface} failed"
+        "removing the previous netlink filter (pref {priority} handle {handle:#x}) from {iface} \
+         failed, so the new one was taken off again and the previous one goes on marking; \
+         `fwmark detach --iface {iface}` removes it, then `fwmark run` attaches afresh"
     )]
     OldFilter {
         iface: String,
