@@ -28,6 +28,8 @@ pub const INGRESS_PARENT: TcHandle = TcHandle {
     minor: TcHandle::MIN_INGRESS,
 };
 
+/// The length of `struct nlmsghdr`, before each message's payload.
+const NLMSG_HEADER_LEN: usize = 16;
 /// `RTM_NEWTFILTER`, the type of each entry of a filter dump.
 const RTM_NEWTFILTER: u16 = 44;
 /// A dump the kernel marks as interrupted (the filters changed while it
@@ -198,7 +200,7 @@ fn split(datagram: &[u8]) -> Result<Vec<Part<'_>>, String> {
             kind: buffer.message_type(),
             flags: buffer.flags(),
             seq: buffer.sequence_number(),
-            payload: &datagram[offset + 16..offset + length],
+            payload: &datagram[offset + NLMSG_HEADER_LEN..offset + length],
         });
         // Messages are aligned to 4 bytes.
         offset += length.div_ceil(4) * 4;
