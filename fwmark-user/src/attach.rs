@@ -11,7 +11,7 @@
 //! filter at priority 1, or the lowest priority no other filter uses
 //! (see `ingress`); such a filter lives until it is deleted.
 
-use std::{fmt, path::Path, process::Command};
+use std::{fmt, path::Path};
 
 use aya::{
     programs::{
@@ -22,10 +22,8 @@ use aya::{
     util::KernelVersion,
 };
 
-use crate::{cli::AttachArg, ingress};
+use crate::{ingress, preflight, rtnl};
 
-/// Netlink filter priority when it is free: lower runs first.
-pub const NETLINK_PRIORITY: u16 = 1;
 /// The first kernel with tcx.
 pub const TCX_KERNEL: KernelVersion = KernelVersion::new(6, 6, 0);
 
@@ -58,13 +56,17 @@ impl AttachMode {
         }
     }
 
-    /// The mode `--attach` asks for on this kernel.
-    pub fn choose(arg: AttachArg, kernel: KernelVersion) -> Result<AttachMode, AttachError> {
-        match arg {
-            AttachArg::Auto => Ok(AttachMode::for_kernel(kernel)),
-            AttachArg::Netlink => Ok(AttachMode::Netlink),
-            AttachArg::Tcx if kernel >= TCX_KERNEL => Ok(AttachMode::Tcx),
-            AttachArg::Tcx => Err(AttachError::NoTcx { kernel }),
+    /// The mode to use on this kernel: `requested`, or the best one for
+    /// `None` (auto).
+    pub fn choose(
+        requested: Option<AttachMode>,
+        kernel: KernelVersion,
+    ) -> Result<AttachMode, AttachError> {
+        match requested {
+            None => Ok(AttachMode::for_kernel(kernel)),
+            Some(AttachMode::Netlink) => Ok(AttachMode::Netlink),
+            Some(AttachMode::Tcx) if kernel >= TCX_KERNEL => Ok(AttachMode::Tcx),
+            Some(AttachMode::Tcx) => Err(AttachError::NoTcx { kernel }),
         }
     }
 }
@@ -98,13 +100,19 @@ pub enum AttachError {
         #[source]
         source: aya::pin::PinError,
     },
+    #[error(transparent)]
+    Interface(#[from] preflight::PreflightError),
     #[error(
-        "removing the previous netlink filter (pref {priority} handle {handle:#x}) failed: {why}"
+        "removing the previous netlink filter (pref {priority} handle {handle:#x}) from {iface} \
+         failed, so the new one was taken off again and the previous one goes on marking; \
+         `fwmark detach --iface {iface}` removes it, then `fwmark run` attaches afresh"
     )]
     OldFilter {
+        iface: String,
         priority: u16,
         handle: u32,
-        why: String,
+        #[source]
+        source: rtnl::RtnlError,
     },
 }
 
@@ -381,31 +389,19 @@ pub fn adopt(
     }
 }
 
-/// Deletes one `cls_bpf` filter by priority and handle (with `tc`, from
-/// iproute2: aya can delete only the filters it attached itself).
+/// Deletes one `cls_bpf` filter by priority and handle (over rtnetlink:
+/// aya can delete only the filters it attached itself). A filter already
+/// gone (deleted by hand, or by a run that failed) is fine.
 fn delete_netlink_filter(iface: &str, priority: u16, handle: u32) -> Result<(), AttachError> {
-    let out = Command::new("tc")
-        .args(["filter", "del", "dev", iface, "ingress", "pref"])
-        .arg(priority.to_string())
-        .arg("handle")
-        .arg(format!("{handle:#x}"))
-        .arg("bpf")
-        .output()
-        .map_err(|e| AttachError::OldFilter {
+    let ifindex = preflight::interface_index(iface)?;
+    rtnl::delete_ingress_filter(ifindex, priority, handle, "bpf").map_err(|source| {
+        AttachError::OldFilter {
+            iface: iface.to_string(),
             priority,
             handle,
-            why: format!("cannot run tc (install iproute2): {e}"),
-        })?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    // Already gone (deleted by hand, or by a run that failed): nothing to do.
-    let gone = stderr.contains("not found") || stderr.contains("No such file");
-    if !out.status.success() && !gone {
-        return Err(AttachError::OldFilter {
-            priority,
-            handle,
-            why: stderr.trim().to_string(),
-        });
-    }
+            source,
+        }
+    })?;
     Ok(())
 }
 

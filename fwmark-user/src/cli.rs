@@ -122,6 +122,17 @@ pub enum AttachArg {
     Netlink,
 }
 
+impl AttachArg {
+    /// The mode asked for; None for auto (the best this kernel has).
+    pub fn mode(self) -> Option<crate::attach::AttachMode> {
+        match self {
+            AttachArg::Auto => None,
+            AttachArg::Tcx => Some(crate::attach::AttachMode::Tcx),
+            AttachArg::Netlink => Some(crate::attach::AttachMode::Netlink),
+        }
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct ApplyArgs {
     /// Interface whose live config changes.

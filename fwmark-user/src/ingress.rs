@@ -5,12 +5,16 @@
 //! lowest filter priority no other filter uses, so it never collides with
 //! an existing filter, and says which filters still run before it.
 
-use std::process::Command;
-
 use aya::programs::{SchedClassifier, TcAttachType};
 use log::{info, warn};
 
-use crate::attach::NETLINK_PRIORITY;
+use crate::{
+    preflight,
+    rtnl::{self, FilterEntry},
+};
+
+/// Netlink filter priority when it is free: lower runs first.
+pub const NETLINK_PRIORITY: u16 = 1;
 
 /// A tc filter on the ingress hook (chain 0, where fwmark's filter lives).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,58 +39,54 @@ impl std::fmt::Display for Filter {
 /// Why the filters could not be listed.
 #[derive(Debug, thiserror::Error)]
 pub enum IngressError {
-    #[error("cannot run tc (install iproute2): {0}")]
-    NoTc(std::io::Error),
-    #[error("`tc filter show dev {iface} ingress` failed: {why}")]
-    Tc { iface: String, why: String },
-    #[error("cannot read the output of `tc -j filter show`: {0}")]
-    Json(#[from] serde_json::Error),
+    #[error("cannot list the tc filters on {iface}: {source}")]
+    NoInterface {
+        iface: String,
+        #[source]
+        source: preflight::PreflightError,
+    },
+    #[error("cannot list the tc filters on {iface}: {source}")]
+    Netlink {
+        iface: String,
+        #[source]
+        source: rtnl::RtnlError,
+    },
 }
 
-/// Parses `tc -j filter show dev IF ingress`: one entry per filter, in
-/// priority order (tc prints a row per filter element; they are merged).
-pub fn parse_filters(json: &str) -> Result<Vec<Filter>, serde_json::Error> {
-    let rows: Vec<serde_json::Value> = if json.trim().is_empty() {
-        Vec::new()
-    } else {
-        serde_json::from_str(json)?
-    };
+/// The filters of chain 0 in a filter dump: one per priority, in priority
+/// order (the kernel sends an entry per filter element; they are merged).
+pub fn chain0_filters(entries: &[FilterEntry]) -> Vec<Filter> {
     let mut filters: Vec<Filter> = Vec::new();
-    for row in &rows {
-        if row["chain"].as_u64().unwrap_or(0) != 0 {
-            continue;
-        }
-        let Some(pref) = row["pref"].as_u64().and_then(|p| u16::try_from(p).ok()) else {
-            continue;
-        };
-        let kind = row["kind"].as_str().unwrap_or("?").to_string();
-        let name = row["options"]["bpf_name"].as_str().map(str::to_string);
-        match filters.iter_mut().find(|f| f.pref == pref) {
+    for entry in entries.iter().filter(|e| e.chain == 0) {
+        match filters.iter_mut().find(|f| f.pref == entry.priority) {
             Some(f) => {
                 if f.name.is_none() {
-                    f.name = name;
+                    f.name.clone_from(&entry.bpf_name);
                 }
             }
-            None => filters.push(Filter { pref, kind, name }),
+            None => filters.push(Filter {
+                pref: entry.priority,
+                kind: entry.kind.clone().unwrap_or_else(|| "?".to_string()),
+                name: entry.bpf_name.clone(),
+            }),
         }
     }
     filters.sort_by_key(|f| f.pref);
-    Ok(filters)
+    filters
 }
 
-/// The tc filters on `iface`'s ingress (`tc` from iproute2).
+/// The tc filters on `iface`'s ingress (chain 0).
 pub fn filters(iface: &str) -> Result<Vec<Filter>, IngressError> {
-    let out = Command::new("tc")
-        .args(["-j", "filter", "show", "dev", iface, "ingress"])
-        .output()
-        .map_err(IngressError::NoTc)?;
-    if !out.status.success() {
-        return Err(IngressError::Tc {
+    let ifindex =
+        preflight::interface_index(iface).map_err(|source| IngressError::NoInterface {
             iface: iface.to_string(),
-            why: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(parse_filters(&String::from_utf8_lossy(&out.stdout))?)
+            source,
+        })?;
+    let entries = rtnl::ingress_filters(ifindex).map_err(|source| IngressError::Netlink {
+        iface: iface.to_string(),
+        source,
+    })?;
+    Ok(chain0_filters(&entries))
 }
 
 /// The lowest priority at or above [`NETLINK_PRIORITY`] that no filter uses.
@@ -174,15 +174,28 @@ pub fn log_after_tcx(iface: &str, own_program: u32) {
 mod tests {
     use super::*;
 
+    fn entry(priority: u16, chain: u32, kind: &str, bpf_name: Option<&str>) -> FilterEntry {
+        FilterEntry {
+            priority,
+            chain,
+            handle: u32::from(bpf_name.is_some()),
+            kind: Some(kind.into()),
+            bpf_name: bpf_name.map(str::to_string),
+        }
+    }
+
     #[test]
-    fn filters_are_read_from_tc_json_and_the_first_free_priority_is_taken() {
-        let json = r#"[{"protocol":"ip","pref":1,"kind":"u32","chain":0},
-            {"protocol":"ip","pref":1,"kind":"u32","chain":0,"options":{"fh":"800:"}},
-            {"protocol":"all","pref":2,"kind":"bpf","chain":0},
-            {"protocol":"all","pref":2,"kind":"bpf","chain":0,"options":{"handle":"0x1","bpf_name":"counter","direct-action":true}},
-            {"protocol":"all","pref":3,"kind":"u32","chain":5},
-            {"protocol":"all","pref":10,"kind":"bpf","chain":0}]"#;
-        let filters = parse_filters(json).unwrap();
+    fn filters_are_merged_per_priority_of_chain_0_and_the_first_free_priority_is_taken() {
+        // As the kernel dumps them: an entry per filter, then per element.
+        let entries = [
+            entry(1, 0, "u32", None),
+            entry(1, 0, "u32", None),
+            entry(2, 0, "bpf", None),
+            entry(2, 0, "bpf", Some("counter")),
+            entry(3, 5, "u32", None),
+            entry(10, 0, "bpf", None),
+        ];
+        let filters = chain0_filters(&entries);
         assert_eq!(
             filters,
             vec![
@@ -206,7 +219,9 @@ mod tests {
         // Chain 5's pref 3 is another chain's: chain 0's 3 is free.
         assert_eq!(free_priority(&filters), 3);
         assert_eq!(free_priority(&[]), NETLINK_PRIORITY);
-        assert_eq!(parse_filters("").unwrap(), vec![]);
-        assert_eq!(parse_filters("[]").unwrap(), vec![]);
+        assert_eq!(chain0_filters(&[]), vec![]);
+        // Out of order, the filters still come sorted.
+        let reversed: Vec<FilterEntry> = entries.iter().rev().cloned().collect();
+        assert_eq!(chain0_filters(&reversed), filters);
     }
 }

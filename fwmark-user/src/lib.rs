@@ -15,6 +15,7 @@ pub mod markers;
 pub mod metrics;
 pub mod perms;
 pub mod preflight;
+pub mod rtnl;
 pub mod run;
 pub mod state;
 pub mod status;

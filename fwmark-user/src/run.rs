@@ -15,14 +15,16 @@ use crate::{
     cli::RunArgs,
     datapath::{self, Datapath, MAP_NAMES},
     ingress, live, markers, metrics, preflight,
+    rtnl::LinkEvents,
     state::{Lock, Paths, State},
     status::Snapshot,
 };
 
 /// How often the config file is checked for changes.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
-/// How often the interface is checked (gone, or replaced by a new one).
-const INTERFACE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often attaching to the interface again is retried after it failed
+/// (the interface itself is followed by link notifications).
+const REATTACH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The daemon's hold on the interface.
 struct Live {
@@ -45,6 +47,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // The file as it is before it is read: a change made while starting
     // is noticed by the first check.
     let mut last_seen = file_stamp(&args.config);
+    // Subscribed before the interface is looked up: a change from then on
+    // is reported.
+    let mut links = Some(LinkEvents::subscribe().context("subscribing to link notifications")?);
     let new = live::read_config(&args.config)?;
     preflight::check_privileges()?;
     let kernel = preflight::check_kernel()?;
@@ -55,7 +60,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let paths = Paths::new(&args.iface)?;
     let _daemon = Lock::daemon(&paths).context("another fwmark run manages this interface")?;
     markers::warn_other_markers(&args.iface);
-    let requested = AttachMode::choose(args.attach, kernel)?;
+    let requested = AttachMode::choose(args.attach.mode(), kernel)?;
 
     let mut live = {
         let _apply = Lock::apply(&paths)?;
@@ -90,13 +95,35 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     let mut watch = tokio::time::interval(WATCH_INTERVAL);
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut interface = tokio::time::interval(INTERFACE_INTERVAL);
-    interface.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Link notifications drive follow_interface; this timer retries a
+    // failed re-attach (no notification may come to retry it), and checks
+    // every second if the notifications fail.
+    let mut retry = tokio::time::interval(REATTACH_INTERVAL);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let which = loop {
         tokio::select! {
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
-            _ = interface.tick() => follow_interface(&mut live),
+            events = async {
+                match links.as_mut() {
+                    Some(links) => links.next().await,
+                    None => std::future::pending().await,
+                }
+            }, if links.is_some() => match events {
+                Ok(events) => {
+                    if events.iter().any(|e| e.concerns(&args.iface, live.ifindex)) {
+                        follow_interface(&mut live);
+                    }
+                }
+                Err(e) => {
+                    error!("{e}: checking {} every second from now on", args.iface);
+                    links = None;
+                    follow_interface(&mut live);
+                }
+            },
+            _ = retry.tick(), if links.is_none() || live.reattach_error.is_some() => {
+                follow_interface(&mut live);
+            }
             _ = hup.recv() => {
                 info!("SIGHUP: reloading {}", args.config.display());
                 last_seen = file_stamp(&args.config);

@@ -2,7 +2,8 @@
 //! real kernel between two namespaces: foreign tcx programs and tc filters
 //! before and after fwmark (they keep running, those after it see its
 //! mark, netlink takes a free priority), and other mark writers (iptables,
-//! ip6tables, nftables, keepalived's IPVS table) named at run and apply.
+//! ip6tables, nftables, keepalived's IPVS table) named at run and apply;
+//! fwmark's own rtnetlink requests against filters added with `tc`.
 
 use fwmark_testlab::{
     daemon::Daemon,
@@ -239,4 +240,74 @@ fn other_mark_writers_are_named_at_run_and_apply() {
     let log = daemon.stderr_so_far();
     assert!(!log.contains("write marks"), "{log}");
     stop_ok(daemon);
+}
+
+/// The rtnetlink requests on their own, against filters the test lab adds
+/// with `tc`: the dump gives each filter's priority, chain, kind and bpf
+/// name; a delete by priority and handle removes one element, and a second
+/// one reports it gone.
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn rtnl_lists_and_deletes_ingress_filters() {
+    let Some((lab, _files, _a)) = setup(
+        "rtnl_lists_and_deletes_ingress_filters",
+        &["ip", "nft", "nsenter", "tc"],
+        "a.toml",
+    ) else {
+        return;
+    };
+    let dev = lab.director_if.clone();
+    let ifindex = {
+        let dev = dev.clone();
+        lab.director
+            .run(move || fwmark::preflight::interface_index(&dev).unwrap())
+            .unwrap()
+    };
+    let list = || {
+        lab.director
+            .run(move || fwmark::rtnl::ingress_filters(ifindex).unwrap())
+            .unwrap()
+    };
+    // No clsact qdisc yet: nothing, and no error.
+    assert_eq!(list(), vec![]);
+    let _early = Foreign::attach(&lab.director, &dev, "early", Hook::Filter(1)).unwrap();
+    let _late = Foreign::attach(&lab.director, &dev, "late", Hook::Filter(10)).unwrap();
+    let entries = list();
+    let named: Vec<(u16, u32, Option<&str>, Option<&str>)> = entries
+        .iter()
+        .filter(|e| e.handle != 0)
+        .map(|e| {
+            (
+                e.priority,
+                e.chain,
+                e.kind.as_deref(),
+                e.bpf_name.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        named,
+        vec![
+            (1, 0, Some("bpf"), Some("early")),
+            (10, 0, Some("bpf"), Some("late"))
+        ],
+        "{entries:?}"
+    );
+    let late = entries
+        .iter()
+        .find(|e| e.priority == 10 && e.handle != 0)
+        .unwrap()
+        .handle;
+    let delete = |priority: u16, handle: u32, kind: &'static str| {
+        lab.director
+            .run(move || fwmark::rtnl::delete_ingress_filter(ifindex, priority, handle, kind))
+            .unwrap()
+    };
+    // The wrong kind is refused, not taken for "gone".
+    assert!(delete(10, late, "u32").is_err());
+    assert!(delete(10, late, "bpf").unwrap(), "deleted");
+    assert!(!delete(10, late, "bpf").unwrap(), "already gone");
+    assert!(!delete(7, 1, "bpf").unwrap(), "no filter at that priority");
+    assert_eq!(ingress(&lab), vec!["netlink:early"]);
+    assert!(list().iter().all(|e| e.priority == 1), "{:?}", list());
 }

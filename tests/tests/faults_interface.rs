@@ -1,13 +1,16 @@
 //! Faults of the interface under `fwmark run`, in the real kernel between
 //! two namespaces: deleted and created again, renamed away and back (tcx
-//! and netlink), and a kept attachment whose interface was replaced.
+//! and netlink), and a kept attachment whose interface was replaced; a
+//! re-attachment that failed is retried; and all of it with no iproute2 on
+//! fwmark's PATH (link notifications and tc filters over rtnetlink).
 
 use std::time::Duration;
 
 use fwmark_testlab::{
-    daemon::Daemon,
+    daemon::{Daemon, fwmark_bin},
     faults::{setup, state_json, web_counters, web_mark},
-    ops::{apply, ingress, ok, pin_dir, status_json, stop_ok, web_dns_config as config},
+    foreign::{Foreign, Hook},
+    ops::{apply, ingress, ok, pin_dir, run_dir, status_json, stop_ok, web_dns_config as config},
 };
 
 #[test]
@@ -163,6 +166,150 @@ fn kept_attachment_of_a_replaced_interface(mode: &str) {
         let log = daemon.stderr_so_far();
         assert!(log.contains("attaching afresh"), "{log}");
     }
+    stop_ok(daemon);
+    assert!(ingress(&lab).is_empty());
+}
+
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn no_iproute2_is_needed_at_run_time_tcx() {
+    no_iproute2_at_run_time("tcx");
+}
+
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn no_iproute2_is_needed_at_run_time_netlink() {
+    no_iproute2_at_run_time("netlink");
+}
+
+/// fwmark talks to the kernel itself (aya and rtnetlink): with no `tc` or
+/// `ip` on its PATH it lists the other filters (and so picks a free
+/// priority), attaches, adopts a killed run's attachment (for netlink,
+/// deleting the old filter), follows a rename, and detaches.
+fn no_iproute2_at_run_time(mode: &str) {
+    let name = format!("no_iproute2_at_run_time_{mode}");
+    let Some((lab, _files, a)) = setup(&name, &["ip", "nft", "nsenter", "tc"], "a.toml") else {
+        return;
+    };
+    let no_path = ["/usr/bin/env", "PATH=/nonexistent"];
+    let counters = web_counters(&lab);
+    let dev = &lab.director_if;
+    let _early = Foreign::attach(&lab.director, dev, "early", Hook::Filter(1)).unwrap();
+    let with_fwmark = match mode {
+        "tcx" => vec!["tcx:fwmark", "netlink:early"],
+        _ => vec!["netlink:early", "netlink:fwmark"],
+    };
+
+    let daemon = Daemon::run_behind(&lab, &no_path, &a, &["--attach", mode, "--no-watch"]).unwrap();
+    let log = daemon.stderr_so_far();
+    // The filter at pref 1 was listed: named in the log, and fwmark's own
+    // netlink filter took the next priority.
+    assert!(log.contains("tc filter pref 1 bpf early"), "{log}");
+    assert!(!log.contains("cannot list"), "{log}");
+    if mode == "netlink" {
+        assert_eq!(state_json(&lab)["netlink"][0], 2);
+    }
+    assert_eq!(ingress(&lab), with_fwmark);
+    assert_eq!(web_mark(&lab, &counters), 80);
+
+    // Killed: marking stays, and the next run adopts it.
+    daemon.kill();
+    let daemon = Daemon::run_behind(
+        &lab,
+        &no_path,
+        &a,
+        &["--attach", mode, "--no-watch", "--keep"],
+    )
+    .unwrap();
+    let log = daemon.stderr_so_far();
+    assert!(log.contains("adopted the"), "{log}");
+    assert_eq!(ingress(&lab), with_fwmark, "one attachment after adoption");
+    assert_eq!(web_mark(&lab, &counters), 80);
+
+    // A rename away and back is followed (link notifications).
+    let other = format!("{dev}r");
+    let rename = |from: &str, to: &str| {
+        lab.director.ip(&["link", "set", from, "down"]).unwrap();
+        lab.director.ip(&["link", "set", from, "name", to]).unwrap();
+        lab.director.ip(&["link", "set", to, "up"]).unwrap();
+    };
+    rename(dev, &other);
+    daemon
+        .wait_for_log("no longer names the device", Duration::from_secs(10))
+        .unwrap();
+    rename(&other, dev);
+    daemon
+        .wait_for_log("is back (index", Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(ingress(&lab), with_fwmark);
+    assert_eq!(web_mark(&lab, &counters), 80);
+
+    // --keep leaves marking in place; `fwmark detach` removes it.
+    stop_ok(daemon);
+    assert_eq!(ingress(&lab), with_fwmark);
+    let out = lab
+        .director
+        .command(no_path[0])
+        .arg(no_path[1])
+        .arg(fwmark_bin())
+        .args(["detach", "--iface", dev])
+        .output()
+        .unwrap();
+    ok(out);
+    assert_eq!(ingress(&lab), vec!["netlink:early"]);
+    assert_eq!(web_mark(&lab, &counters), 0);
+}
+
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn a_failed_reattach_is_retried_without_a_link_change_tcx() {
+    failed_reattach_is_retried("tcx");
+}
+
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn a_failed_reattach_is_retried_without_a_link_change_netlink() {
+    failed_reattach_is_retried("netlink");
+}
+
+/// Link notifications start a re-attach; one that fails (here: the new
+/// attachment cannot be recorded) is retried by the daemon's timer, as no
+/// notification may come to retry it.
+fn failed_reattach_is_retried(mode: &str) {
+    let name = format!("failed_reattach_is_retried_{mode}");
+    let Some((lab, _files, a)) = setup(&name, &["ip", "nft", "nsenter", "tc"], "a.toml") else {
+        return;
+    };
+    let counters = web_counters(&lab);
+    let daemon = Daemon::run_on(&lab, &a, &["--attach", mode, "--no-watch"]).unwrap();
+    assert_eq!(web_mark(&lab, &counters), 80);
+
+    lab.delete_link().unwrap();
+    daemon
+        .wait_for_log("is gone (it had index", Duration::from_secs(10))
+        .unwrap();
+    // A directory where the state is written first: recording fails.
+    let blocker = run_dir(&lab).join("state.json.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    lab.recreate_link().unwrap();
+    daemon
+        .wait_for_log("again failed", Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        ingress(&lab).is_empty(),
+        "the unrecorded attachment stays off"
+    );
+    assert_eq!(web_mark(&lab, &counters), 0);
+
+    // Fixed, with no change to the interface: the retry attaches.
+    std::fs::remove_dir(&blocker).unwrap();
+    daemon
+        .wait_for_log("is back (index", Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(ingress(&lab), vec![format!("{mode}:fwmark")]);
+    assert_eq!(web_mark(&lab, &counters), 80);
+    let log = daemon.stderr_so_far();
+    assert_eq!(log.matches("again failed").count(), 1, "logged once: {log}");
     stop_ok(daemon);
     assert!(ingress(&lab).is_empty());
 }
