@@ -293,6 +293,11 @@ impl Ruleset {
                 let bits = u8::try_from(t.prefix_len).expect("an address length");
                 Some((Rank::new(bits, p == ALL_PORTS), *t))
             });
+        // An exact address is the longest prefix of its family: no prefix
+        // entry outranks an exact hit, so the prefixes need no scan then.
+        if let Some((_, t)) = best(exact_hits) {
+            return Some(t);
+        }
         let (family, bytes) = family_and_addr(addr);
         let prefix_hits = self.prefix.iter().filter_map(|e| {
             let bits = e.prefix_len - KEY_HEADER_BITS;
@@ -308,7 +313,7 @@ impl Ruleset {
             let bits = u8::try_from(bits).expect("an address length");
             hit.then_some((Rank::new(bits, entry_port == ALL_PORTS), e.target))
         });
-        best(exact_hits.chain(prefix_hits)).map(|(_, t)| t)
+        best(prefix_hits).map(|(_, t)| t)
     }
 }
 
