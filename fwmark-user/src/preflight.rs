@@ -96,7 +96,10 @@ pub fn interface_index(iface: &str) -> Result<u32, PreflightError> {
 
 /// Whether a network device with index `index` exists (under any name).
 pub fn index_exists(index: u32) -> bool {
-    if_indextoname(index).is_ok()
+    // nix 0.32's `if_indextoname` returns `Ok` even when the C call fails:
+    // it tests the NULL return against its pointer error sentinel, -1. Its
+    // buffer then stays zeroed, an empty name, which no device has.
+    if_indextoname(index).is_ok_and(|name| !name.is_empty())
 }
 
 /// `ARPHRD_ETHER` and `ARPHRD_LOOPBACK`: link types whose frames start with
@@ -169,4 +172,27 @@ pub fn ensure_bpffs() -> Result<bool, PreflightError> {
     )
     .map_err(|errno| PreflightError::Bpffs(errno.into()))?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn interface_names_and_indexes_are_looked_up() {
+        // Every network namespace has `lo`, with index 1.
+        assert_eq!(super::interface_index("lo").unwrap(), 1);
+        assert!(super::index_exists(1));
+        assert!(super::interface_index("fwmark-none0").is_err());
+        assert!(super::interface_index("lo\0").is_err());
+        // Indexes count up from 1 per namespace and are never near u32::MAX.
+        assert!(!super::index_exists(u32::MAX - 7));
+        assert!(!super::index_exists(0));
+    }
+
+    #[test]
+    fn sysfs_is_not_bpffs() {
+        assert!(!super::is_bpffs(std::path::Path::new("/sys")));
+        assert!(!super::is_bpffs(std::path::Path::new(
+            "/nonexistent/fwmark"
+        )));
+    }
 }
