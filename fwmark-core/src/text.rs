@@ -7,8 +7,6 @@ use std::fmt;
 use fwmark_common::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 use ipnet::IpNet;
 
-use crate::config::PortRange;
-
 /// ICMP's protocol number.
 pub const IPPROTO_ICMP: u8 = 1;
 /// ICMPv6's protocol number.
@@ -41,17 +39,17 @@ impl fmt::Display for Prefix<'_> {
 /// `198.51.100.0/24 udp port 1000-2000`, `2001:db8::10 sctp all ports`.
 /// The metrics label rules with it (docs/metrics.md), so it is stable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RuleText<'a, P> {
+pub struct RuleText<'a, P, R> {
     pub vip: &'a IpNet,
     pub proto: P,
-    /// `None`: every port.
-    pub ports: Option<PortRange>,
+    /// The port or range (`config::PortRange`); `None`: every port.
+    pub ports: Option<R>,
 }
 
-impl<P: fmt::Display> fmt::Display for RuleText<'_, P> {
+impl<P: fmt::Display, R: fmt::Display> fmt::Display for RuleText<'_, P, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {}", Prefix(self.vip), self.proto)?;
-        match self.ports {
+        match &self.ports {
             Some(p) => write!(f, " port {p}"),
             None => f.write_str(" all ports"),
         }
@@ -118,6 +116,7 @@ pub fn proto_name(proto: u8) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::PortRange;
 
     #[test]
     fn hosts_lose_their_length_prefixes_keep_it() {
