@@ -13,15 +13,6 @@ use crate::{
     state::{Lock, Paths},
 };
 
-/// The error for an interface fwmark does not manage.
-pub fn not_attached(paths: &Paths) -> String {
-    format!(
-        "fwmark is not attached to {iface} (no pins in {}); start it with `fwmark run --iface {iface}`",
-        paths.pin_dir.display(),
-        iface = paths.iface
-    )
-}
-
 pub fn apply(args: ApplyArgs) -> Result<()> {
     // An invalid config fails here, before anything is touched.
     let new = Loaded::read(&args.config)?;
@@ -29,12 +20,12 @@ pub fn apply(args: ApplyArgs) -> Result<()> {
     preflight::interface_index(&args.iface)?;
     let paths = Paths::new(&args.iface)?;
     if !paths.pin_dir.exists() {
-        anyhow::bail!("{}", not_attached(&paths));
+        anyhow::bail!("{}", paths.not_attached());
     }
     crate::markers::warn_other_markers(&args.iface);
     let _lock = Lock::apply(&paths)?;
-    let mut maps = Maps::from_pins(&paths.pin_dir).with_context(|| not_attached(&paths))?;
-    let mut state = live::load_state(&paths, Some(&maps))?.with_context(|| not_attached(&paths))?;
+    let mut maps = Maps::from_pins(&paths.pin_dir).with_context(|| paths.not_attached())?;
+    let mut state = live::load_state(&paths, Some(&maps))?.with_context(|| paths.not_attached())?;
 
     if args.dry_run {
         let live = live::live_config(&state)?;

@@ -22,7 +22,7 @@ use aya::{
     util::KernelVersion,
 };
 
-use crate::{cli::AttachArg, ingress};
+use crate::ingress;
 
 /// Netlink filter priority when it is free: lower runs first.
 pub const NETLINK_PRIORITY: u16 = 1;
@@ -58,13 +58,17 @@ impl AttachMode {
         }
     }
 
-    /// The mode `--attach` asks for on this kernel.
-    pub fn choose(arg: AttachArg, kernel: KernelVersion) -> Result<AttachMode, AttachError> {
-        match arg {
-            AttachArg::Auto => Ok(AttachMode::for_kernel(kernel)),
-            AttachArg::Netlink => Ok(AttachMode::Netlink),
-            AttachArg::Tcx if kernel >= TCX_KERNEL => Ok(AttachMode::Tcx),
-            AttachArg::Tcx => Err(AttachError::NoTcx { kernel }),
+    /// The mode to use on this kernel when `wanted` is asked for (`None`:
+    /// the best this kernel supports).
+    pub fn choose(
+        wanted: Option<AttachMode>,
+        kernel: KernelVersion,
+    ) -> Result<AttachMode, AttachError> {
+        match wanted {
+            None => Ok(AttachMode::for_kernel(kernel)),
+            Some(AttachMode::Netlink) => Ok(AttachMode::Netlink),
+            Some(AttachMode::Tcx) if kernel >= TCX_KERNEL => Ok(AttachMode::Tcx),
+            Some(AttachMode::Tcx) => Err(AttachError::NoTcx { kernel }),
         }
     }
 }

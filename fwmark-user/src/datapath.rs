@@ -92,6 +92,67 @@ fn update_batch<K, V>(
     Ok(())
 }
 
+/// `BPF_MAP_LOOKUP_BATCH` (`enum bpf_cmd`, Linux >= 5.6).
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// Reads the per-CPU values of array indexes `0..len` with
+/// `BPF_MAP_LOOKUP_BATCH`, many per syscall: `len * cpus` values, index
+/// by index (the kernel's per-CPU layout). `None` where the kernel
+/// refuses batches (the caller reads one by one).
+fn lookup_batch_per_cpu<V: bytemuck::Pod>(map: &MapData, len: u32, cpus: usize) -> Option<Vec<V>> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    const CHUNK: u32 = 16 * 1024;
+    // Per-CPU values are 8-byte aligned in the kernel's copy.
+    assert_eq!(
+        std::mem::size_of::<V>() % 8,
+        0,
+        "per-CPU values are 8-byte multiples"
+    );
+    let fd = map.fd().as_fd().as_raw_fd();
+    let mut values = vec![<V as bytemuck::Zeroable>::zeroed(); len as usize * cpus];
+    let mut keys = vec![0u32; CHUNK.min(len) as usize];
+    let mut done = 0u32;
+    let mut token = 0u32;
+    while done < len {
+        let n = (len - done).min(CHUNK);
+        let mut attr = BatchAttr {
+            // No token the first time: start at index 0.
+            in_batch: if done == 0 {
+                0
+            } else {
+                &token as *const u32 as u64
+            },
+            out_batch: &mut token as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values[done as usize * cpus..].as_mut_ptr() as u64,
+            count: n,
+            map_fd: fd as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` is a valid `bpf_attr.batch`: the token points at a
+        // u32 (the array's key size), `keys` has room for `n` keys and
+        // `values` for `n` per-CPU values of `cpus` CPUs of the map's value
+        // size (V is typed like the map); the kernel writes at most `count`.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as u32,
+            )
+        };
+        let end = rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT);
+        if rc != 0 && !end {
+            return None;
+        }
+        done += attr.count;
+        if end || attr.count == 0 {
+            break;
+        }
+    }
+    (done >= len).then_some(values)
+}
+
 /// `BPF_F_NO_PREALLOC`: required by LPM tries.
 const BPF_F_NO_PREALLOC: u32 = 1;
 
@@ -372,7 +433,36 @@ impl Maps {
     }
 
     /// Counters of the given slots, summed over CPUs, in slot order given.
+    /// Reads every slot up to the highest given in a few batched syscalls
+    /// (a scrape of a large config), one by one where batches are refused.
     pub fn rule_counters(&self, slots: &[u32]) -> Result<Vec<RuleCounters>, DatapathError> {
+        let sum = |values: &[RuleCounters]| {
+            values
+                .iter()
+                .fold(RuleCounters::default(), |acc, c| RuleCounters {
+                    packets: acc.packets + c.packets,
+                    bytes: acc.bytes + c.bytes,
+                })
+        };
+        let Some(&top) = slots.iter().max() else {
+            return Ok(Vec::new());
+        };
+        let capacity = self.rule_capacity();
+        if top >= capacity {
+            return Err(DatapathError::SlotOutOfRange {
+                slot: top,
+                capacity,
+            });
+        }
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Cpus(e))?;
+        if let Some(all) =
+            lookup_batch_per_cpu::<RuleCounters>(self.rule_stats.map(), top + 1, cpus)
+        {
+            return Ok(slots
+                .iter()
+                .map(|&s| sum(&all[s as usize * cpus..(s as usize + 1) * cpus]))
+                .collect());
+        }
         slots
             .iter()
             .map(|&slot| {
@@ -380,12 +470,7 @@ impl Maps {
                     .rule_stats
                     .get(&slot, 0)
                     .map_err(map_err(map_names::RULE_STATS))?;
-                Ok(values
-                    .iter()
-                    .fold(RuleCounters::default(), |acc, c| RuleCounters {
-                        packets: acc.packets + c.packets,
-                        bytes: acc.bytes + c.bytes,
-                    }))
+                Ok(sum(&values))
             })
             .collect()
     }

@@ -4,7 +4,6 @@
 use anyhow::{Result, bail};
 
 use crate::{
-    apply::not_attached,
     attach, live, preflight,
     state::{Lock, Paths},
 };
@@ -34,7 +33,7 @@ pub fn detach(iface: &str) -> Result<()> {
             println!("removed stale pins of {iface}");
             return Ok(());
         }
-        bail!("{}", not_attached(&paths));
+        bail!("{}", paths.not_attached());
     };
     attach::remove_left(iface, state.mode, &paths.pin("link"), state.program_id)
         .map_err(anyhow::Error::msg)?;

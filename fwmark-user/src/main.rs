@@ -1,10 +1,12 @@
+mod cmd;
+
 use std::process::ExitCode;
 
 use clap::{CommandFactory as _, Parser as _};
 use fwmark::{
     apply,
     cli::{Cli, Command},
-    detach, explain, export, live, run, status,
+    detach, explain, export, live,
 };
 
 fn main() -> ExitCode {
@@ -23,13 +25,9 @@ fn main() -> ExitCode {
     }
     logger.init();
     let result = match cli.command {
-        Command::Run(args) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(run::run(args))),
+        Command::Run(args) => cmd::run::run(args),
         Command::Apply(args) => apply::apply(args),
-        Command::Status(args) => status::status(&args.iface, args.json),
+        Command::Status(args) => cmd::status::status(args),
         Command::Detach(args) => detach::detach(&args.iface),
         Command::Check(args) => check(&args.config),
         Command::Import(args) => import(args),

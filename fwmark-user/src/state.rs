@@ -71,6 +71,16 @@ impl Paths {
         self.pin_dir.join(name)
     }
 
+    /// The message for an interface fwmark does not manage (no pins or
+    /// no state): what is missing and how to start it.
+    pub fn not_attached(&self) -> String {
+        format!(
+            "fwmark is not attached to {iface} (no pins in {}); start it with `fwmark run --iface {iface}`",
+            self.pin_dir.display(),
+            iface = self.iface
+        )
+    }
+
     pub fn state_file(&self) -> PathBuf {
         self.run_dir.join("state.json")
     }

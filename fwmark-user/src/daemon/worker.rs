@@ -1,28 +1,122 @@
-//! `fwmark run`: take over or create the interface's attachment, keep its
-//! config in line with the file (SIGHUP, file changes), serve metrics, and
-//! on SIGINT/SIGTERM detach (or, with `--keep`, leave marking in place).
+//! The daemon's worker thread: it owns the loaded program, its maps and the
+//! attachment, and does everything slow, one [`Job`] at a time: the start,
+//! reloads, following the interface, and the final detach.
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::{Arc, mpsc},
+};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, anyhow, bail};
 use log::{error, info, warn};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::oneshot;
 
 use crate::{
     attach::{self, AttachMode, Attached},
-    cli::RunArgs,
-    datapath::{self, Datapath, MAP_NAMES},
+    datapath::{self, Datapath, KernelLogger, MAP_NAMES, Maps},
+    diff::Diff,
     ingress,
     live::{self, ABI_VERSION, Loaded},
-    markers, metrics, preflight,
+    metrics::Current,
+    preflight,
     state::{Lock, Paths, State},
-    status::Snapshot,
+    status::{LiveConfig, Snapshot},
 };
 
-/// How often the config file is checked for changes.
-const WATCH_INTERVAL: Duration = Duration::from_secs(1);
-/// How often the interface is checked (gone, or replaced by a new one).
-const INTERFACE_INTERVAL: Duration = Duration::from_secs(1);
+use super::Options;
+
+/// Work for the worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Job {
+    /// Read the config file again and switch to it if it changed.
+    Reload,
+    /// The interface may have gone, come back or been renamed.
+    Interface,
+    /// Stop: acted on once the job at hand ends, before any other queued.
+    Stop(Stop),
+}
+
+/// How the worker stops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// On this signal: detach (unless `keep`) and return the counter table.
+    Signal(&'static str),
+    /// Leave marking in place, quietly (the daemon failed after starting).
+    Keep,
+}
+
+/// What the worker starts from.
+pub struct Setup {
+    pub paths: Paths,
+    pub opts: Options,
+    pub requested: AttachMode,
+    /// The config read at start.
+    pub new: Loaded,
+    pub ifindex: u32,
+    pub current: Arc<Current>,
+}
+
+/// The async side's hold on the worker.
+pub struct Handle {
+    jobs: mpsc::Sender<Job>,
+    /// The counter table (or the error) the worker ends with.
+    done: oneshot::Receiver<Result<String>>,
+}
+
+impl Handle {
+    /// Queues `job`; jobs of one kind queued while the worker is busy are
+    /// done once.
+    pub fn send(&self, job: Job) {
+        if self.jobs.send(job).is_err() {
+            error!("the worker thread has stopped: {job:?} is not done");
+        }
+    }
+
+    /// Stops the worker once its current job ends; returns the counter
+    /// table it printed on the way out.
+    pub async fn finish(self, stop: Stop) -> Result<String> {
+        let _ = self.jobs.send(Job::Stop(stop));
+        self.done
+            .await
+            .map_err(|_| anyhow!("the worker thread stopped unexpectedly"))?
+    }
+}
+
+/// Starts the worker thread: it takes over or creates the attachment and
+/// makes the config live, then waits for jobs. Returns once marking is in
+/// place, with the kernel log reader for the async side.
+pub async fn spawn(setup: Setup) -> Result<(Handle, Option<KernelLogger>)> {
+    let (jobs, queue) = mpsc::channel();
+    let (started_tx, started) = oneshot::channel();
+    let (done_tx, done) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("fwmark-worker".into())
+        .spawn(move || {
+            let started = (|| {
+                let _apply = Lock::apply(&setup.paths)?;
+                start(&setup)
+            })();
+            let mut live = match started {
+                Ok(live) => live,
+                Err(e) => {
+                    let _ = started_tx.send(Err(e));
+                    return;
+                }
+            };
+            let logger = live.datapath.logger.take();
+            if started_tx.send(Ok(logger)).is_err() {
+                // Nobody to take jobs from: leave marking as it is.
+                live.stop(Stop::Keep).ok();
+                return;
+            }
+            let _ = done_tx.send(live.serve(&queue));
+        })
+        .context("starting the worker thread")?;
+    let logger = started
+        .await
+        .map_err(|_| anyhow!("the worker thread stopped while starting"))??;
+    Ok((Handle { jobs, done }, logger))
+}
 
 /// The daemon's hold on the interface.
 struct Live {
@@ -34,186 +128,114 @@ struct Live {
     ifindex: Option<u32>,
     /// The last re-attach failure, logged once until it changes.
     reattach_error: Option<String>,
+    config: PathBuf,
+    keep: bool,
+    /// The compiled live config, shared with the scrapes.
+    current: Arc<Current>,
 }
 
-pub async fn run(args: RunArgs) -> Result<()> {
-    // Handlers first: a signal that arrives while starting must not kill the
-    // process half-way (it is acted on once the start is complete).
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    // The file as it is before it is read: a change made while starting
-    // is noticed by the first check.
-    let mut last_seen = file_stamp(&args.config);
-    let new = Loaded::read(&args.config)?;
-    preflight::check_privileges()?;
-    let kernel = preflight::check_kernel()?;
-    let ifindex = preflight::check_interface(&args.iface)?;
-    if preflight::ensure_bpffs()? {
-        info!("mounted bpffs at {}", preflight::BPFFS);
+impl Live {
+    /// Does jobs until told to stop (or until nobody can send any more).
+    fn serve(mut self, queue: &mpsc::Receiver<Job>) -> Result<String> {
+        loop {
+            let mut jobs: Vec<Job> = match queue.recv() {
+                Ok(job) => vec![job],
+                Err(_) => vec![Job::Stop(Stop::Keep)],
+            };
+            // Whatever queued up meanwhile: a stop first, each kind once.
+            jobs.extend(queue.try_iter());
+            if let Some(stop) = jobs.iter().find_map(|j| match j {
+                Job::Stop(stop) => Some(*stop),
+                _ => None,
+            }) {
+                return self.stop(stop);
+            }
+            if jobs.contains(&Job::Interface) {
+                follow_interface(&mut self);
+            }
+            if jobs.contains(&Job::Reload) {
+                let config = self.config.clone();
+                reload(&mut self, &config);
+            }
+        }
     }
-    let paths = Paths::new(&args.iface)?;
-    let _daemon = Lock::daemon(&paths).context("another fwmark run manages this interface")?;
-    markers::warn_other_markers(&args.iface);
-    let requested = AttachMode::choose(args.attach, kernel)?;
 
-    let mut live = {
-        let _apply = Lock::apply(&paths)?;
-        start(&paths, &args, requested, &new, ifindex)?
-    };
-
-    // Marking is in place: a failure to start the extras leaves it there
-    // (as --keep would) rather than removing it on the way out.
-    let extras = async {
-        let log_task = match live.datapath.logger.take() {
-            Some(logger) => Some(spawn_kernel_log(logger)?),
-            None => None,
+    /// Detaches (unless `keep`) or leaves marking in place; returns the
+    /// counter table (empty for [`Stop::Keep`]).
+    fn stop(mut self, stop: Stop) -> Result<String> {
+        let which = match stop {
+            Stop::Keep => {
+                if let Some(attached) = self.attached.take() {
+                    attached.keep();
+                }
+                return Ok(String::new());
+            }
+            Stop::Signal(which) => which,
         };
-        let metrics_task = match &args.metrics {
-            Some(addr) => Some(metrics::serve(addr, paths.clone()).await?),
-            None => None,
-        };
-        Ok::<_, anyhow::Error>((log_task, metrics_task))
-    };
-    let (log_task, metrics_task) = match extras.await {
-        Ok(tasks) => tasks,
-        Err(e) => {
-            if let Some(attached) = live.attached.take() {
+        let iface = self.paths.iface.clone();
+        let _apply = Lock::apply(&self.paths)?;
+        let state = live::load_state(&self.paths, Some(&self.datapath.maps))?
+            .context("the state file vanished")?;
+        match self.attached.take() {
+            Some(attached) if self.keep => {
+                info!(
+                    "{which}: leaving marking in place on {iface} (--keep); `fwmark detach \
+                     --iface {iface}` removes it"
+                );
                 attached.keep();
             }
-            return Err(e.context(format!(
-                "marking stays in place on {}; `fwmark detach --iface {}` removes it",
-                args.iface, args.iface
-            )));
-        }
-    };
-
-    let mut watch = tokio::time::interval(WATCH_INTERVAL);
-    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut interface = tokio::time::interval(INTERFACE_INTERVAL);
-    interface.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let which = loop {
-        tokio::select! {
-            _ = term.recv() => break "SIGTERM",
-            _ = int.recv() => break "SIGINT",
-            _ = interface.tick() => follow_interface(&mut live),
-            _ = hup.recv() => {
-                info!("SIGHUP: reloading {}", args.config.display());
-                last_seen = file_stamp(&args.config);
-                reload(&mut live, &args.config);
+            Some(attached) => {
+                info!("{which}: detaching from {iface}");
+                attached
+                    .detach(&iface, state.program_id)
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| format!("detaching from {iface} failed"))?;
             }
-            _ = watch.tick(), if !args.no_watch => {
-                let stamp = file_stamp(&args.config);
-                if stamp != last_seen {
-                    last_seen = stamp;
-                    if stamp.is_none() {
-                        warn!(
-                            "config {} is gone: the running config stays; it is read again \
-                             when the file is back",
-                            args.config.display()
-                        );
-                    } else {
-                        info!("{} changed: reloading", args.config.display());
-                        reload(&mut live, &args.config);
-                    }
+            None => info!(
+                "{which}: {iface} is gone, nothing is attached to it{}",
+                if self.keep {
+                    "; the pins and state stay (--keep): the next `fwmark run` attaches with them"
+                } else {
+                    ""
                 }
-            }
+            ),
         }
-    };
-    for task in [metrics_task, log_task].into_iter().flatten() {
-        task.abort();
+        // The final counters: this process holds the maps, also once their
+        // pins are gone.
+        let table = self
+            .table(&state)
+            .unwrap_or_else(|e| format!("(counters unavailable: {e:#})\n"));
+        if !self.keep {
+            self.paths
+                .remove()
+                .with_context(|| format!("removing {}", self.paths.pin_dir.display()))?;
+        }
+        Ok(table)
     }
 
-    let _apply = Lock::apply(&paths)?;
-    let state = live::load_state(&live.paths, Some(&live.datapath.maps))?
-        .context("the state file vanished")?;
-    let table = Snapshot::collect(&state, &live.datapath.maps, None)
-        .map(|s| s.table())
-        .unwrap_or_else(|e| format!("(counters unavailable: {e:#})\n"));
-    match live.attached.take() {
-        Some(attached) if args.keep => {
-            info!(
-                "{which}: leaving marking in place on {} (--keep); `fwmark detach --iface {}` \
-                 removes it",
-                args.iface, args.iface
-            );
-            attached.keep();
-        }
-        Some(attached) => {
-            info!("{which}: detaching from {}", args.iface);
-            attached
-                .detach(&args.iface, state.program_id)
-                .map_err(anyhow::Error::msg)
-                .with_context(|| format!("detaching from {} failed", args.iface))?;
-        }
-        None => info!(
-            "{which}: {} is gone, nothing is attached to it{}",
-            args.iface,
-            if args.keep {
-                "; the pins and state stay (--keep): the next `fwmark run` attaches with them"
-            } else {
-                ""
-            }
-        ),
+    /// The counter table of the live config `state` records.
+    fn table(&self, state: &State) -> Result<String> {
+        let live = match self.current.get() {
+            Some(live) if live.is_of(state) => Some(live),
+            // Changed by another process since: compile what it recorded.
+            _ => LiveConfig::of_state(state)?.map(Arc::new),
+        };
+        Ok(Snapshot::read(state, live.as_deref(), &self.datapath.maps, None)?.table())
     }
-    if !args.keep {
-        live.paths
-            .remove()
-            .with_context(|| format!("removing {}", live.paths.pin_dir.display()))?;
-    }
-    print!("{table}");
-    Ok(())
-}
-
-/// Forwards the classifier's log records to the log output as they come.
-fn spawn_kernel_log(logger: datapath::KernelLogger) -> Result<tokio::task::JoinHandle<()>> {
-    use tokio::io::{Interest, unix::AsyncFd};
-    // SAFETY: the logger owns its ring buffer's fd, which stays open and the
-    // same for the logger's whole life, and the AsyncFd owns the logger.
-    let mut logger = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("watching the kernel log ring buffer: {e}"))?;
-    Ok(tokio::spawn(async move {
-        loop {
-            match logger.readable_mut().await {
-                Ok(mut guard) => {
-                    guard.get_inner_mut().flush();
-                    guard.clear_ready();
-                }
-                Err(e) => {
-                    warn!("kernel log reader stopped: {e}");
-                    return;
-                }
-            }
-        }
-    }))
-}
-
-/// Size, modification and change times and inode of the config file, to
-/// notice changes: an editor's rename counts, and so does a change of mode
-/// or owner (ctime), which can make the file unreadable or readable again.
-/// None when it is gone.
-fn file_stamp(path: &Path) -> Option<(u64, i64, i64, i64, i64, u64)> {
-    use std::os::unix::fs::MetadataExt as _;
-    let m = std::fs::metadata(path).ok()?;
-    Some((
-        m.len(),
-        m.mtime(),
-        m.mtime_nsec(),
-        m.ctime(),
-        m.ctime_nsec(),
-        m.ino(),
-    ))
 }
 
 /// Takes over what a previous fwmark left on the interface, or attaches
 /// afresh; then makes `new` the live config.
-fn start(
-    paths: &Paths,
-    args: &RunArgs,
-    requested: AttachMode,
-    new: &Loaded,
-    ifindex: u32,
-) -> Result<Live> {
+fn start(setup: &Setup) -> Result<Live> {
+    let Setup {
+        paths,
+        opts,
+        requested,
+        new,
+        ifindex,
+        current,
+    } = setup;
+    let (requested, ifindex) = (*requested, *ifindex);
     let pins_present = MAP_NAMES.iter().all(|n| paths.pin(n).exists());
     // Recover an interrupted switch before reading the state.
     let maps = if pins_present {
@@ -248,7 +270,7 @@ fn start(
     }
 
     if let (true, Some(mut state)) = (adoptable, state) {
-        if args.attach != crate::cli::AttachArg::Auto && state.mode != requested {
+        if opts.attach.is_some() && state.mode != requested {
             bail!(
                 "{} is attached with {} already; `fwmark detach --iface {}` first to change to {}",
                 paths.iface,
@@ -257,11 +279,8 @@ fn start(
                 requested
             );
         }
-        let mut datapath = Datapath::load(
-            state.rule_capacity,
-            Some(&paths.pin_dir),
-            args.log_level.level(),
-        )?;
+        let mut datapath =
+            Datapath::load(state.rule_capacity, Some(&paths.pin_dir), opts.kernel_log)?;
         let program = datapath.program_mut()?;
         let attached = attach::adopt(
             program,
@@ -278,6 +297,9 @@ fn start(
             attached: Some(attached),
             ifindex: Some(ifindex),
             reattach_error: None,
+            config: opts.config.clone(),
+            keep: opts.keep,
+            current: Arc::clone(current),
         };
         // From here on the new program marks: an error must not take the
         // attachment (and so the marking) away with it.
@@ -289,6 +311,16 @@ fn start(
             );
             if state.config_sha256 == new.sha256 {
                 info!("config {} unchanged", new.path);
+                let labels = LiveConfig::new(
+                    state.generation,
+                    &state.config_path,
+                    &state.config_sha256,
+                    state.slots.clone(),
+                    &new.config,
+                    &new.ruleset,
+                );
+                live.current
+                    .set(Some(Arc::new(labels)), paths, &live.datapath.maps);
             } else {
                 switch_logged(live, state, new)?;
             }
@@ -308,25 +340,26 @@ fn start(
     // the first packet the program sees is already classified. A failure on
     // the way removes what it created.
     paths.create_dirs()?;
-    let fresh = attach_fresh(paths, args, requested, new, ifindex);
+    let fresh = attach_fresh(setup, requested, ifindex);
     if fresh.is_err() {
         let _ = paths.remove();
     }
     fresh
 }
 
-fn attach_fresh(
-    paths: &Paths,
-    args: &RunArgs,
-    requested: AttachMode,
-    new: &Loaded,
-    ifindex: u32,
-) -> Result<Live> {
+fn attach_fresh(setup: &Setup, requested: AttachMode, ifindex: u32) -> Result<Live> {
+    let Setup {
+        paths,
+        opts,
+        new,
+        current,
+        ..
+    } = setup;
     let capacity =
-        datapath::rule_capacity(args.max_rules.unwrap_or(0).max(new.ruleset.rules.len()));
-    let mut datapath = Datapath::load(capacity, Some(&paths.pin_dir), args.log_level.level())?;
+        datapath::rule_capacity(opts.max_rules.unwrap_or(0).max(new.ruleset.rules.len()));
+    let mut datapath = Datapath::load(capacity, Some(&paths.pin_dir), opts.kernel_log)?;
     let mut state = live::initial_state(&paths.iface, requested, capacity);
-    live::switch(paths, &mut datapath.maps, &mut state, new)?;
+    switch(current, paths, &mut datapath.maps, &mut state, new)?;
     let program = datapath.program_mut()?;
     let attached = attach::attach(program, &paths.iface, requested, &paths.pin("link"))?;
     state.program_id = program.info().map(|i| i.id()).unwrap_or_default();
@@ -356,10 +389,15 @@ fn attach_fresh(
         attached: Some(attached),
         ifindex: Some(ifindex),
         reattach_error: None,
+        config: opts.config.clone(),
+        keep: opts.keep,
+        current: Arc::clone(current),
     })
 }
 
-/// The line that says the daemon is up (tests and operators wait for it).
+/// The line that says the daemon is up (tests and operators wait for it),
+/// after the start and after each re-attachment. Readiness for a service
+/// manager (systemd's READY=1) would be reported here.
 fn ready(state: &State) {
     info!(
         "marking on {} ({} attachment, program id {}, generation {})",
@@ -367,8 +405,40 @@ fn ready(state: &State) {
     );
 }
 
+/// Switches the live config to `new` (the caller holds the apply lock) and
+/// publishes it, compiled, to the scrapes. The labels are built before the
+/// switch; while it runs, scrapes serve the config they have.
+fn switch(
+    current: &Current,
+    paths: &Paths,
+    maps: &mut Maps,
+    state: &mut State,
+    new: &Loaded,
+) -> Result<Diff> {
+    let mut labels = LiveConfig::new(
+        0,
+        &new.path,
+        &new.sha256,
+        Vec::new(),
+        &new.config,
+        &new.ruleset,
+    );
+    let _changing = current.changing();
+    let diff = live::switch(paths, maps, state, new)?;
+    labels.generation = state.generation;
+    labels.slots = state.slots.clone();
+    current.set(Some(Arc::new(labels)), paths, maps);
+    Ok(diff)
+}
+
 fn switch_logged(live: &mut Live, state: &mut State, new: &Loaded) -> Result<()> {
-    let diff = live::switch(&live.paths, &mut live.datapath.maps, state, new)?;
+    let diff = switch(
+        &live.current,
+        &live.paths,
+        &mut live.datapath.maps,
+        state,
+        new,
+    )?;
     for line in &diff.lines {
         info!("  {line}");
     }
@@ -382,8 +452,9 @@ fn switch_logged(live: &mut Live, state: &mut State, new: &Loaded) -> Result<()>
 }
 
 /// Re-reads the config and switches to it; on any problem the running
-/// config stays and the reason is logged.
-fn reload(live: &mut Live, path: &Path) {
+/// config stays and the reason is logged. (A service manager's RELOADING=1
+/// would be reported at the start, READY=1 at the end.)
+fn reload(live: &mut Live, path: &std::path::Path) {
     let result = (|| -> Result<()> {
         let new = Loaded::read(path)?;
         let _apply = Lock::apply(&live.paths)?;
@@ -498,6 +569,7 @@ fn reattach(live: &mut Live, index: u32) -> Result<State> {
         }
         return Err(e).context("recording the new attachment failed, so it was removed");
     }
+    live.current.touch(&live.paths, &live.datapath.maps);
     live.attached = Some(attached);
     live.ifindex = Some(index);
     Ok(state)
