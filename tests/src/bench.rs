@@ -860,6 +860,15 @@ const MISSES: &str = "
 - **End to end, flatness.** The 1-service case sends to one destination,
   the larger ones to 64, so it runs a slightly different path; from 1,000 to
   1,000,000 services the figures stay within each other's ranges.
+- **Metrics scrape.** At 100k entries most of a scrape is reading the
+  per-rule counters: one `BPF_MAP_LOOKUP_BATCH` per 16k slots, but the
+  kernel's generic batch walks the per-CPU array element by element (next
+  key, per-CPU copy, two `copy_to_user`), about 300 ns per rule here;
+  rendering the 9 MB exposition from the kept labels takes a few ms. (Before
+  the daemon kept the config compiled, each scrape also parsed and compiled
+  it: about 180 ms at 100k entries, and read the counters one syscall per
+  rule.) Meeting 5 ms needs fewer counters to read per scrape: per-service
+  counters in the kernel, or an mmapable counter array.
 - **End-to-end figures** are differences of two noisy rates (each packet
   costs about 2.5 us on this VM's receive path, dominated by the AF_PACKET
   send and the veth/IP receive), so a few tens of ns either way are noise;

@@ -514,6 +514,7 @@ fn a_long_reload_blocks_neither_scrapes_nor_sigterm() {
         assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
         assert!(took < Duration::from_secs(1), "a scrape took {took:?}");
         assert!(body.contains(&generation(1)), "{body}");
+        eprintln!("scrape during the reload: {took:?}");
         during += 1;
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -551,6 +552,7 @@ fn a_long_reload_blocks_neither_scrapes_nor_sigterm() {
         log.find(reloaded) < log.find("SIGTERM: leaving marking in place"),
         "{log}"
     );
+    eprintln!("SIGTERM acted on {acted_after:?} after the reload ended");
     assert!(
         acted_after < Duration::from_secs(10),
         "SIGTERM acted on {acted_after:?} after the reload ended"

@@ -93,7 +93,7 @@ async fn serve(opts: Options) -> Result<()> {
     let requested = AttachMode::choose(opts.attach, kernel)?;
 
     let current = Arc::new(Current::default());
-    let (worker, logger) = worker::spawn(Setup {
+    let (mut worker, logger) = worker::spawn(Setup {
         paths: paths.clone(),
         opts: opts.clone(),
         requested,
@@ -134,15 +134,20 @@ async fn serve(opts: Options) -> Result<()> {
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut interface = tokio::time::interval(INTERFACE_INTERVAL);
     interface.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let jobs = worker.jobs();
     let which = loop {
         tokio::select! {
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
-            _ = interface.tick() => worker.send(Job::Interface),
+            e = worker.ended() => return Err(e.context(format!(
+                "fwmark run stops; marking on {} stays as it was",
+                opts.iface
+            ))),
+            _ = interface.tick() => jobs.send(Job::Interface),
             _ = hup.recv() => {
                 info!("SIGHUP: reloading {}", opts.config.display());
                 last_seen = file_stamp(&opts.config);
-                worker.send(Job::Reload);
+                jobs.send(Job::Reload);
             }
             _ = watch.tick(), if opts.watch => {
                 let stamp = file_stamp(&opts.config);
@@ -156,7 +161,7 @@ async fn serve(opts: Options) -> Result<()> {
                         );
                     } else {
                         info!("{} changed: reloading", opts.config.display());
-                        worker.send(Job::Reload);
+                        jobs.send(Job::Reload);
                     }
                 }
             }

@@ -63,12 +63,32 @@ pub struct Handle {
     done: oneshot::Receiver<Result<String>>,
 }
 
-impl Handle {
+/// Queues jobs for the worker.
+pub struct Jobs(mpsc::Sender<Job>);
+
+impl Jobs {
     /// Queues `job`; jobs of one kind queued while the worker is busy are
     /// done once.
     pub fn send(&self, job: Job) {
-        if self.jobs.send(job).is_err() {
+        if self.0.send(job).is_err() {
             error!("the worker thread has stopped: {job:?} is not done");
+        }
+    }
+}
+
+impl Handle {
+    /// Where to queue jobs.
+    pub fn jobs(&self) -> Jobs {
+        Jobs(self.jobs.clone())
+    }
+
+    /// Resolves only if the worker ends on its own (it panicked): the
+    /// daemon cannot go on.
+    pub async fn ended(&mut self) -> anyhow::Error {
+        match (&mut self.done).await {
+            Ok(Err(e)) => e,
+            Ok(Ok(_)) => anyhow!("the worker thread ended unasked"),
+            Err(_) => anyhow!("the worker thread stopped unexpectedly"),
         }
     }
 
@@ -96,6 +116,8 @@ pub async fn spawn(setup: Setup) -> Result<(Handle, Option<KernelLogger>)> {
                 let _apply = Lock::apply(&setup.paths)?;
                 start(&setup)
             })();
+            // The config read at start is live (or refused) now.
+            drop(setup);
             let mut live = match started {
                 Ok(live) => live,
                 Err(e) => {
