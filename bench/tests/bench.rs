@@ -30,6 +30,7 @@ fn quick_benchmark_report_is_well_formed() {
         "### 2. End to end",
         "### 3. Apply time",
         "### 4. Kernel memory",
+        "### 5. Metrics scrape",
     ] {
         assert!(md.contains(heading), "missing {heading}:\n{md}");
     }
@@ -57,12 +58,12 @@ fn quick_benchmark_report_is_well_formed() {
             );
         }
     }
-    assert_eq!(tables, 4, "{md}");
+    assert_eq!(tables, 5, "{md}");
     let targets = md
         .lines()
         .filter(|l| l.starts_with("- ") && (l.contains("met (") || l.contains("MISSED")))
         .count();
-    assert!(targets >= 5, "{md}");
+    assert!(targets >= 6, "{md}");
     let png = std::fs::read(dir.join("benchmarks.png")).unwrap();
     assert!(
         png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 5_000,

@@ -55,7 +55,7 @@ fn update_batch<K, V>(
     let mut done = 0;
     while done < keys.len() {
         let n = (keys.len() - done).min(CHUNK);
-        let batch = bpf_attr__bindgen_ty_3 {
+        let mut batch = bpf_attr__bindgen_ty_3 {
             in_batch: 0,
             out_batch: 0,
             keys: keys[done..].as_ptr() as u64,
@@ -65,7 +65,7 @@ fn update_batch<K, V>(
             elem_flags: 0,
             flags: 0,
         };
-        if let Err(error) = bpf_batch(bpf_cmd::BPF_MAP_UPDATE_BATCH, batch) {
+        if let Err(error) = bpf_batch(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut batch) {
             // The kernel reports a partial count only once it started; redo
             // the whole chunk one by one (inserting again is harmless).
             return Err((done, error));
@@ -77,12 +77,14 @@ fn update_batch<K, V>(
 
 /// The `bpf(2)` syscall with a `batch` command (`BPF_MAP_*_BATCH`, since
 /// Linux 5.6). The caller makes `batch.keys` and `batch.values` point at
-/// `batch.count` keys and values of the map's key and value sizes.
-fn bpf_batch(cmd: bpf_cmd, batch: bpf_attr__bindgen_ty_3) -> std::io::Result<()> {
+/// `batch.count` keys and values of the map's key and value sizes. The
+/// kernel's answer (the count done, the next token) is copied back into
+/// `batch`, also when it fails.
+fn bpf_batch(cmd: bpf_cmd, batch: &mut bpf_attr__bindgen_ty_3) -> std::io::Result<()> {
     // SAFETY: `bpf_attr` is a C union of plain integers: all zeroes is a
     // valid value (and what the kernel requires of the unused bytes).
     let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
-    attr.batch = batch;
+    attr.batch = *batch;
     // SAFETY: `attr` is a valid, fully initialized `bpf_attr` of the size
     // passed; the kernel reads `count` keys and values through the pointers
     // in it, which the caller made valid for that many elements.
@@ -94,11 +96,62 @@ fn bpf_batch(cmd: bpf_cmd, batch: bpf_attr__bindgen_ty_3) -> std::io::Result<()>
             std::mem::size_of::<bpf_attr>() as libc::c_uint,
         )
     };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
+    let error = std::io::Error::last_os_error();
+    // SAFETY: `batch` is the member written above, the one the kernel
+    // updates; it is plain integers, valid for any bits.
+    *batch = unsafe { attr.batch };
+    if rc < 0 { Err(error) } else { Ok(()) }
+}
+
+/// Reads the per-CPU values of array indexes `0..len` with
+/// `BPF_MAP_LOOKUP_BATCH`, many per syscall: `len * cpus` values, index
+/// by index (the kernel's per-CPU layout). `None` where the kernel
+/// refuses batches (the caller reads one by one).
+fn lookup_batch_per_cpu<V: bytemuck::Pod>(map: &MapData, len: u32, cpus: usize) -> Option<Vec<V>> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    const CHUNK: u32 = 16 * 1024;
+    // Per-CPU values are 8-byte aligned in the kernel's copy.
+    assert_eq!(
+        std::mem::size_of::<V>() % 8,
+        0,
+        "per-CPU values are 8-byte multiples"
+    );
+    let fd = map.fd().as_fd().as_raw_fd();
+    let mut values = vec![<V as bytemuck::Zeroable>::zeroed(); len as usize * cpus];
+    let mut keys = vec![0u32; CHUNK.min(len) as usize];
+    let mut done = 0u32;
+    let mut token = 0u32;
+    while done < len {
+        let n = (len - done).min(CHUNK);
+        let mut batch = bpf_attr__bindgen_ty_3 {
+            // No token the first time: start at index 0.
+            in_batch: if done == 0 {
+                0
+            } else {
+                &token as *const u32 as u64
+            },
+            out_batch: &mut token as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values[done as usize * cpus..].as_mut_ptr() as u64,
+            count: n,
+            map_fd: fd as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // The token is a u32 (the array's key size), `keys` has room for
+        // `n` keys and `values` for `n` per-CPU values of `cpus` CPUs of
+        // the map's value size (V is typed like the map).
+        let result = bpf_batch(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut batch);
+        let end = matches!(&result, Err(e) if e.raw_os_error() == Some(libc::ENOENT));
+        if result.is_err() && !end {
+            return None;
+        }
+        done += batch.count;
+        if end || batch.count == 0 {
+            break;
+        }
     }
+    (done >= len).then_some(values)
 }
 
 /// `BPF_F_NO_PREALLOC`: required by LPM tries.
@@ -382,7 +435,36 @@ impl Maps {
     }
 
     /// Counters of the given slots, summed over CPUs, in slot order given.
+    /// Reads every slot up to the highest given in a few batched syscalls
+    /// (a scrape of a large config), one by one where batches are refused.
     pub fn rule_counters(&self, slots: &[u32]) -> Result<Vec<RuleCounters>, DatapathError> {
+        let sum = |values: &[RuleCounters]| {
+            values
+                .iter()
+                .fold(RuleCounters::default(), |acc, c| RuleCounters {
+                    packets: acc.packets + c.packets,
+                    bytes: acc.bytes + c.bytes,
+                })
+        };
+        let Some(&top) = slots.iter().max() else {
+            return Ok(Vec::new());
+        };
+        let capacity = self.rule_capacity();
+        if top >= capacity {
+            return Err(DatapathError::SlotOutOfRange {
+                slot: top,
+                capacity,
+            });
+        }
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Cpus(e))?;
+        if let Some(all) =
+            lookup_batch_per_cpu::<RuleCounters>(self.rule_stats.map(), top + 1, cpus)
+        {
+            return Ok(slots
+                .iter()
+                .map(|&s| sum(&all[s as usize * cpus..(s as usize + 1) * cpus]))
+                .collect());
+        }
         slots
             .iter()
             .map(|&slot| {
@@ -390,12 +472,7 @@ impl Maps {
                     .rule_stats
                     .get(&slot, 0)
                     .map_err(map_err(map_names::RULE_STATS))?;
-                Ok(values
-                    .iter()
-                    .fold(RuleCounters::default(), |acc, c| RuleCounters {
-                        packets: acc.packets + c.packets,
-                        bytes: acc.bytes + c.bytes,
-                    }))
+                Ok(sum(&values))
             })
             .collect()
     }

@@ -6,6 +6,7 @@
 
 pub mod attach;
 pub mod cli;
+pub mod daemon;
 pub mod datapath;
 pub mod durable;
 pub mod failpoint;
@@ -16,6 +17,5 @@ pub mod metrics;
 pub mod perms;
 pub mod preflight;
 pub mod rtnl;
-pub mod run;
 pub mod state;
 pub mod status;

@@ -26,13 +26,9 @@ fn main() -> ExitCode {
     }
     logger.init();
     let result = match cli.command {
-        Command::Run(args) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(fwmark::run::run(args))),
+        Command::Run(args) => cmd::run::run(args),
         Command::Apply(args) => cmd::apply::apply(args),
-        Command::Status(args) => fwmark::status::status(&args.iface, args.json),
+        Command::Status(args) => cmd::status::status(args),
         Command::Detach(args) => cmd::detach::detach(&args.iface),
         Command::Check(args) => cmd::check::check(&args.config),
         Command::Import(args) => cmd::import::import(args),

@@ -1,9 +1,26 @@
 //! `fwmark run --metrics ADDR`: the counters in Prometheus text format at
 //! `GET /metrics`. A bare port binds 127.0.0.1; give an address to listen
-//! elsewhere. Each scrape reads the pinned maps and the state afresh, so it
-//! is right after an `fwmark apply` from another process too.
+//! elsewhere.
+//!
+//! The daemon keeps its live config compiled ([`Current`]): a scrape reads
+//! the counters from the maps and renders them, it never parses the config.
+//! A change made by another process (`fwmark apply`) is noticed by a cheap
+//! check of the state file and the `ACTIVE` map ([`Stamp`]); only then is
+//! the recorded config compiled again, once, by the scrape that noticed it.
+//! Scrapes run on tokio's blocking pool, never on the task that answers
+//! signals.
+
+use std::{
+    fmt::Write as _,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use anyhow::{Context as _, Result};
+use fwmark_common::GlobalCounters;
+use fwmark_core::text::mark as mark_text;
 use log::{info, warn};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -13,9 +30,9 @@ use tokio::{
 
 use crate::{
     datapath::Maps,
-    live,
-    state::{Lock, Paths},
-    status::Snapshot,
+    live::{self, PENDING_FILE},
+    state::Paths,
+    status::{Counts, LiveConfig},
 };
 
 /// `9469` -> `127.0.0.1:9469`; anything else is used as given.
@@ -27,8 +44,324 @@ pub fn listen_address(addr: &str) -> String {
     }
 }
 
-/// Binds and serves in a background task.
-pub async fn serve(addr: &str, paths: Paths) -> Result<JoinHandle<()>> {
+/// What the state of an interface looks like from outside, to notice a
+/// change without reading it: the state file and the pending file of an
+/// unfinished switch (inode, size, modification time), and the `ACTIVE`
+/// slot (a switch moves it). Every change of the live config writes a
+/// pending file and renames it over the state file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    state: Option<(u64, u64, i64, i64)>,
+    pending: Option<(u64, u64, i64, i64)>,
+    active: u32,
+}
+
+impl Stamp {
+    pub fn read(paths: &Paths, maps: &Maps) -> Result<Stamp> {
+        use std::os::unix::fs::MetadataExt as _;
+        let file = |path: std::path::PathBuf| {
+            std::fs::metadata(path)
+                .ok()
+                .map(|m| (m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
+        };
+        Ok(Stamp {
+            state: file(paths.state_file()),
+            pending: file(paths.run_dir.join(PENDING_FILE)),
+            active: maps.active_slot()?,
+        })
+    }
+}
+
+/// The live config the daemon keeps compiled: the worker replaces it after
+/// each switch, scrapes read it.
+#[derive(Debug, Default)]
+pub struct Current {
+    cache: Mutex<Cache>,
+    /// The worker is switching: readers use the config they have until it
+    /// says which one is live.
+    changing: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct Cache {
+    live: Option<Arc<LiveConfig>>,
+    /// How the state looked when `live` was known to be its config.
+    stamp: Option<Stamp>,
+}
+
+/// Marks the live config as changing while it lives (see [`Current::changing`]).
+pub struct Changing<'a>(&'a Current);
+
+impl Drop for Changing<'_> {
+    fn drop(&mut self) {
+        self.0.changing.store(false, Ordering::Release);
+    }
+}
+
+impl Current {
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        // A scrape that panicked leaves a cache that is still whole.
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Called by whoever switches the config, holding the apply lock: until
+    /// the guard drops, readers serve the config they have rather than
+    /// compiling the one being switched to from the state.
+    pub fn changing(&self) -> Changing<'_> {
+        self.changing.store(true, Ordering::Release);
+        Changing(self)
+    }
+
+    /// `live` is the live config now, as recorded in `paths` and `maps`
+    /// (called holding the apply lock, after the state is written).
+    pub fn set(&self, live: Option<Arc<LiveConfig>>, paths: &Paths, maps: &Maps) {
+        let stamp = Stamp::read(paths, maps).ok();
+        *self.cache() = Cache { live, stamp };
+    }
+
+    /// The state was written again with the same live config (e.g. a new
+    /// attachment recorded): remember how it looks now.
+    pub fn touch(&self, paths: &Paths, maps: &Maps) {
+        let stamp = Stamp::read(paths, maps).ok();
+        self.cache().stamp = stamp;
+    }
+
+    /// The live config as last set or compiled, without checking the state.
+    pub fn get(&self) -> Option<Arc<LiveConfig>> {
+        self.cache().live.clone()
+    }
+
+    /// The live config as the state records it now: the one kept, unless
+    /// another process changed it since, in which case it is compiled from
+    /// the state (once: later callers get that one).
+    pub fn fresh(&self, paths: &Paths, maps: &Maps) -> Result<Option<Arc<LiveConfig>>> {
+        let mut cache = self.cache();
+        if self.changing.load(Ordering::Acquire) {
+            return Ok(cache.live.clone());
+        }
+        let stamp = Stamp::read(paths, maps)?;
+        if cache.stamp == Some(stamp) {
+            return Ok(cache.live.clone());
+        }
+        let (state, _) = live::peek_state(paths, maps)?
+            .with_context(|| format!("no state for {}", paths.iface))?;
+        let kept = cache.live.as_ref().is_some_and(|l| l.is_of(&state));
+        if !kept {
+            cache.live = LiveConfig::of_state(&state)?.map(Arc::new);
+        }
+        cache.stamp = Some(stamp);
+        Ok(cache.live.clone())
+    }
+}
+
+/// What serves the scrapes of one interface: its maps (opened once) and
+/// the daemon's compiled live config.
+pub struct Metrics {
+    paths: Paths,
+    maps: Maps,
+    current: Arc<Current>,
+}
+
+impl Metrics {
+    /// Opens the interface's pinned maps.
+    pub fn open(paths: Paths, current: Arc<Current>) -> Result<Metrics> {
+        let maps = Maps::from_pins(&paths.pin_dir)
+            .with_context(|| format!("opening the maps pinned in {}", paths.pin_dir.display()))?;
+        Ok(Metrics {
+            paths,
+            maps,
+            current,
+        })
+    }
+
+    /// One scrape: the exposition with the counters as they are now.
+    pub fn exposition(&self) -> Result<String> {
+        let live = self.current.fresh(&self.paths, &self.maps)?;
+        Ok(exposition(&self.paths.iface, live.as_deref(), &self.maps)?)
+    }
+}
+
+/// Reads the counters of `live` (None: nothing is live) and renders them.
+pub fn exposition(
+    iface: &str,
+    live: Option<&LiveConfig>,
+    maps: &Maps,
+) -> Result<String, crate::datapath::DatapathError> {
+    let counts = match live {
+        Some(live) => live.counts(maps)?,
+        None => Counts {
+            global: maps.global_counters()?,
+            rules: Vec::new(),
+            services: Vec::new(),
+        },
+    };
+    Ok(render(iface, live, &counts))
+}
+
+/// The packet outcomes: every packet the classifier sees has exactly one,
+/// so they add up to `seen`.
+pub fn outcomes(g: &GlobalCounters) -> [(&'static str, u64); 4] {
+    [
+        ("marked", g.marked),
+        ("no_match", g.no_match),
+        ("non_ip", g.non_ip),
+        ("malformed", g.malformed),
+    ]
+}
+
+/// Prometheus text exposition format (version 0.0.4) of `counts`, the
+/// counters of `live` on `iface`.
+pub fn render(iface: &str, live: Option<&LiveConfig>, counts: &Counts) -> String {
+    let rules = live.map_or(0, |l| l.slots.len());
+    let mut out = String::with_capacity(4096 + rules * 96);
+    let mut num = itoa::Buffer::new();
+    let iface = escape(iface);
+    let header = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+    };
+    // `iface="…",service="…"` of every service, escaped once per scrape.
+    let service_labels: Vec<String> = live.map_or_else(Vec::new, |l| {
+        l.services
+            .iter()
+            .map(|s| format!("iface=\"{iface}\",service=\"{}\"", escape(&s.name)))
+            .collect()
+    });
+
+    for (name, help, bytes) in [
+        (
+            "fwmark_service_packets_total",
+            "Packets marked, per service.",
+            false,
+        ),
+        (
+            "fwmark_service_bytes_total",
+            "Bytes (from the IP header on) of packets marked, per service.",
+            true,
+        ),
+    ] {
+        header(&mut out, name, "counter", help);
+        if let Some(live) = live {
+            for ((s, labels), c) in live
+                .services
+                .iter()
+                .zip(&service_labels)
+                .zip(&counts.services)
+            {
+                let value = if bytes { c.bytes } else { c.packets };
+                let _ = writeln!(
+                    out,
+                    "{name}{{{labels},mark=\"{}\"}} {value}",
+                    mark_text(s.mark, s.mask)
+                );
+            }
+        }
+    }
+
+    let name = "fwmark_rule_packets_total";
+    header(
+        &mut out,
+        name,
+        "counter",
+        "Packets marked, per rule (service, address, protocol, ports).",
+    );
+    if let Some(live) = live {
+        for ((service, matches), c) in live.rules().zip(&counts.rules) {
+            out.push_str(name);
+            out.push('{');
+            out.push_str(&service_labels[service]);
+            out.push_str(",match=\"");
+            escape_into(&mut out, matches);
+            out.push_str("\"} ");
+            out.push_str(num.format(c.packets));
+            out.push('\n');
+        }
+    }
+
+    let name = "fwmark_packets_total";
+    header(
+        &mut out,
+        name,
+        "counter",
+        "Packets the classifier saw, by outcome (marked, no_match, non_ip, malformed); \
+         the outcomes add up to every packet seen.",
+    );
+    for (result, value) in outcomes(&counts.global) {
+        let _ = writeln!(
+            out,
+            "{name}{{iface=\"{iface}\",result=\"{result}\"}} {value}"
+        );
+    }
+
+    let name = "fwmark_later_fragments_total";
+    header(
+        &mut out,
+        name,
+        "counter",
+        "IP fragments at a non-zero offset (no ports: only all-ports services match them); \
+         each is also counted in fwmark_packets_total by its outcome.",
+    );
+    let _ = writeln!(
+        out,
+        "{name}{{iface=\"{iface}\"}} {}",
+        counts.global.later_fragment
+    );
+
+    let generation = live.map_or(0, |l| l.generation);
+    let name = "fwmark_config_generation";
+    header(
+        &mut out,
+        name,
+        "gauge",
+        "Generation of the live config (counts every switch).",
+    );
+    let _ = writeln!(out, "{name}{{iface=\"{iface}\"}} {generation}");
+
+    let name = "fwmark_config_info";
+    header(
+        &mut out,
+        name,
+        "gauge",
+        "The live config: the file it was read from, its SHA-256 and generation (always 1).",
+    );
+    if let Some(live) = live {
+        let _ = writeln!(
+            out,
+            "{name}{{iface=\"{iface}\",file=\"{}\",sha256=\"{}\",generation=\"{generation}\"}} 1",
+            escape(&live.path),
+            escape(&live.sha256)
+        );
+    }
+    out
+}
+
+/// Appends `s` as a Prometheus label value (backslash, double quote and
+/// newline escaped).
+fn escape_into(out: &mut String, s: &str) {
+    if !s.contains(['\\', '"', '\n']) {
+        out.push_str(s);
+        return;
+    }
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// `s` as a Prometheus label value.
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    escape_into(&mut out, s);
+    out
+}
+
+/// Binds and serves in a background task; each scrape runs on the blocking
+/// pool.
+pub async fn serve(addr: &str, metrics: Arc<Metrics>) -> Result<JoinHandle<()>> {
     let addr = listen_address(addr);
     let listener = TcpListener::bind(&addr)
         .await
@@ -38,9 +371,9 @@ pub async fn serve(addr: &str, paths: Paths) -> Result<JoinHandle<()>> {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
-                    let paths = paths.clone();
+                    let metrics = Arc::clone(&metrics);
                     tokio::spawn(async move {
-                        if let Err(e) = respond(stream, &paths).await {
+                        if let Err(e) = respond(stream, metrics).await {
                             warn!("metrics request failed: {e:#}");
                         }
                     });
@@ -51,15 +384,7 @@ pub async fn serve(addr: &str, paths: Paths) -> Result<JoinHandle<()>> {
     }))
 }
 
-/// The current exposition for the interface.
-pub fn exposition(paths: &Paths) -> Result<String> {
-    let maps = Maps::from_pins(&paths.pin_dir)?;
-    let (state, _) = live::peek_state(paths, &maps)?.context("no state")?;
-    let daemon = Lock::daemon_holder(paths).and_then(|p| p.parse().ok());
-    Ok(Snapshot::collect(&state, &maps, daemon)?.prometheus())
-}
-
-async fn respond(mut stream: TcpStream, paths: &Paths) -> Result<()> {
+async fn respond(mut stream: TcpStream, metrics: Arc<Metrics>) -> Result<()> {
     let mut buf = vec![0u8; 4096];
     let mut len = 0;
     // Read the request head (the first line is all that matters).
@@ -77,14 +402,20 @@ async fn respond(mut stream: TcpStream, paths: &Paths) -> Result<()> {
     let mut parts = head.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (status, content_type, body) = match (method, path.split('?').next().unwrap_or("")) {
-        ("GET", "/metrics") => match exposition(paths) {
-            Ok(body) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body),
-            Err(e) => (
-                "503 Service Unavailable",
-                "text/plain; charset=utf-8",
-                format!("fwmark: cannot read counters: {e:#}\n"),
-            ),
-        },
+        ("GET", "/metrics") => {
+            let scrape = tokio::task::spawn_blocking(move || metrics.exposition())
+                .await
+                .context("the scrape stopped")
+                .and_then(|r| r);
+            match scrape {
+                Ok(body) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body),
+                Err(e) => (
+                    "503 Service Unavailable",
+                    "text/plain; charset=utf-8",
+                    format!("fwmark: cannot read counters: {e:#}\n"),
+                ),
+            }
+        }
         ("GET", _) => (
             "404 Not Found",
             "text/plain; charset=utf-8",
@@ -96,21 +427,165 @@ async fn respond(mut stream: TcpStream, paths: &Paths) -> Result<()> {
             "GET only\n".to_string(),
         ),
     };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    stream.write_all(response.as_bytes()).await?;
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use fwmark_common::RuleCounters;
+
+    use super::*;
+    use fwmark_core::{config::Config, ruleset::Ruleset};
+
     #[test]
     fn a_bare_port_listens_on_loopback_only() {
         assert_eq!(super::listen_address("9469"), "127.0.0.1:9469");
         assert_eq!(super::listen_address("0.0.0.0:9469"), "0.0.0.0:9469");
         assert_eq!(super::listen_address("[::1]:9469"), "[::1]:9469");
+    }
+
+    const CONFIG: &str = "[[service]]\nname = \"we\\\"b\"\nvip = \"192.0.2.10\"\n\
+        proto = \"tcp\"\nports = [80, 443]\nmark = 80\n\n\
+        [[service]]\nname = \"dns\"\nvip = \"192.0.2.53\"\nproto = \"udp\"\nports = [53]\n\
+        mark = 0x35\nmask = 0xff\n";
+
+    fn live(path: &str) -> LiveConfig {
+        let config = Config::parse(CONFIG, path).unwrap();
+        let ruleset = Ruleset::compile(&config).unwrap();
+        LiveConfig::new(3, path, &"ab".repeat(32), vec![7, 1, 4], &config, &ruleset)
+    }
+
+    fn counts() -> Counts {
+        let rule = |packets, bytes| RuleCounters { packets, bytes };
+        Counts {
+            // 17 seen: 6 + 5 + 4 + 2; 3 later fragments among them.
+            global: GlobalCounters {
+                seen: 17,
+                marked: 6,
+                no_match: 5,
+                non_ip: 4,
+                later_fragment: 3,
+                malformed: 2,
+            },
+            rules: vec![rule(1, 60), rule(3, 180), rule(2, 120)],
+            services: vec![rule(4, 240), rule(2, 120)],
+        }
+    }
+
+    /// `name{labels} value` lines of one metric: labels -> value.
+    fn samples(text: &str, name: &str) -> BTreeMap<String, u64> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(name)?.strip_prefix('{'))
+            .map(|rest| {
+                let (labels, value) = rest.rsplit_once("} ").unwrap();
+                (labels.to_string(), value.parse().unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn outcomes_add_up_to_seen_and_later_fragments_stand_apart() {
+        let text = render("eth0", Some(&live("/etc/fwmark.toml")), &counts());
+        let outcomes = samples(&text, "fwmark_packets_total");
+        assert_eq!(
+            outcomes.keys().collect::<Vec<_>>(),
+            [
+                "iface=\"eth0\",result=\"malformed\"",
+                "iface=\"eth0\",result=\"marked\"",
+                "iface=\"eth0\",result=\"no_match\"",
+                "iface=\"eth0\",result=\"non_ip\"",
+            ]
+        );
+        assert_eq!(outcomes.values().sum::<u64>(), counts().global.seen);
+        assert_eq!(
+            samples(&text, "fwmark_later_fragments_total"),
+            BTreeMap::from([("iface=\"eth0\"".to_string(), 3)])
+        );
+        // Every family is declared once, with its type.
+        for (family, kind) in [
+            ("fwmark_packets_total", "counter"),
+            ("fwmark_later_fragments_total", "counter"),
+            ("fwmark_config_info", "gauge"),
+        ] {
+            assert_eq!(
+                text.matches(&format!("# TYPE {family} {kind}\n")).count(),
+                1,
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn services_rules_and_config_are_labelled_and_escaped() {
+        let text = render("eth0", Some(&live("/etc/fw\"mark\\new\n.toml")), &counts());
+        assert_eq!(
+            samples(&text, "fwmark_config_info"),
+            BTreeMap::from([(
+                format!(
+                    "iface=\"eth0\",file=\"/etc/fw\\\"mark\\\\new\\n.toml\",sha256=\"{}\",\
+                     generation=\"3\"",
+                    "ab".repeat(32)
+                ),
+                1
+            )])
+        );
+        assert!(text.contains("fwmark_config_generation{iface=\"eth0\"} 3\n"));
+        assert_eq!(
+            samples(&text, "fwmark_service_packets_total"),
+            BTreeMap::from([
+                (
+                    "iface=\"eth0\",service=\"dns\",mark=\"0x35/0xff\"".to_string(),
+                    2
+                ),
+                (
+                    "iface=\"eth0\",service=\"we\\\"b\",mark=\"0x50\"".to_string(),
+                    4
+                ),
+            ])
+        );
+        assert_eq!(
+            samples(&text, "fwmark_service_bytes_total")["iface=\"eth0\",service=\"we\\\"b\",mark=\"0x50\""],
+            240
+        );
+        assert_eq!(
+            samples(&text, "fwmark_rule_packets_total"),
+            BTreeMap::from([
+                (
+                    "iface=\"eth0\",service=\"we\\\"b\",match=\"192.0.2.10 tcp port 80\""
+                        .to_string(),
+                    1
+                ),
+                (
+                    "iface=\"eth0\",service=\"we\\\"b\",match=\"192.0.2.10 tcp port 443\""
+                        .to_string(),
+                    3
+                ),
+                (
+                    "iface=\"eth0\",service=\"dns\",match=\"192.0.2.53 udp port 53\"".to_string(),
+                    2
+                ),
+            ])
+        );
+    }
+
+    #[test]
+    fn nothing_live_yet_has_no_config_info() {
+        let counts = Counts {
+            global: GlobalCounters::default(),
+            rules: Vec::new(),
+            services: Vec::new(),
+        };
+        let text = render("e\"th0", None, &counts);
+        assert!(samples(&text, "fwmark_config_info").is_empty(), "{text}");
+        assert!(text.contains("fwmark_config_generation{iface=\"e\\\"th0\"} 0\n"));
     }
 }

@@ -1,13 +1,14 @@
-//! One snapshot of an interface's attachment, live config and counters, and
-//! its three renderings: the text table (in the spirit of
-//! `iptables -t mangle -L -n -v`), the `--json` document and the Prometheus
-//! exposition served by `--metrics`.
+//! The live config compiled into counter labels ([`LiveConfig`]), its
+//! counters read at one time ([`Counts`]), and one snapshot of an
+//! interface's attachment, live config and counters with two renderings:
+//! the text table (in the spirit of `iptables -t mangle -L -n -v`) and the
+//! `--json` document. The Prometheus exposition is in `metrics`.
 
 use std::fmt::Write as _;
 
 use anyhow::Result;
-use fwmark_common::GlobalCounters;
-use fwmark_core::text::mark as mark_text;
+use fwmark_common::{GlobalCounters, RuleCounters};
+use fwmark_core::{config::Config, ruleset::Ruleset, text::mark as mark_text};
 use serde::Serialize;
 
 use crate::{attach::AttachMode, datapath::Maps, live, state::State};
@@ -62,34 +63,172 @@ pub struct RuleCount {
     pub bytes: u64,
 }
 
-impl Snapshot {
-    /// Reads the counters of the live config described by `state`.
-    pub fn collect(state: &State, maps: &Maps, daemon_pid: Option<u32>) -> Result<Snapshot> {
-        let global = maps.global_counters()?;
-        let mut services = Vec::new();
-        if let Some((config, ruleset)) = live::live_config(state)? {
-            let counts = maps.rule_counters(&state.slots)?;
-            // Rules per service in one pass (not one scan of every rule per
-            // service: that is quadratic for large configs, on every scrape).
-            let mut per_service: Vec<Vec<RuleCount>> = vec![Vec::new(); config.services.len()];
-            for (r, c) in ruleset.rules.iter().zip(&counts) {
-                per_service[r.service].push(RuleCount {
-                    matches: r.to_string(),
-                    packets: c.packets,
-                    bytes: c.bytes,
-                });
-            }
-            for (service, rules) in config.services.iter().zip(per_service) {
-                services.push(ServiceCounters {
-                    name: service.name.clone(),
-                    mark: service.mark,
-                    mask: service.mask,
-                    packets: rules.iter().map(|r| r.packets).sum(),
-                    bytes: rules.iter().map(|r| r.bytes).sum(),
-                    rules,
-                });
-            }
+/// The live config compiled into what its counters are labelled with:
+/// services and, per rule, its service and what it matches. `fwmark run`
+/// keeps it (a scrape never parses the config); `status` builds it from
+/// the state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveConfig {
+    pub generation: u64,
+    pub path: String,
+    pub sha256: String,
+    /// Counter slot of every rule, in rule order.
+    pub slots: Vec<u32>,
+    pub services: Vec<ServiceLabel>,
+    /// Service index of every rule.
+    rule_service: Vec<u32>,
+    /// What every rule matches (`192.0.2.10 tcp port 80`), one after the
+    /// other (one allocation, not one per rule), ending at `rule_ends`.
+    rule_text: String,
+    rule_ends: Vec<usize>,
+}
+
+/// A service as its counters are labelled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceLabel {
+    pub name: String,
+    pub mark: u32,
+    pub mask: u32,
+}
+
+impl LiveConfig {
+    /// The labels of `config` compiled as `ruleset`, live as `generation`
+    /// with counter `slots` (one per rule).
+    pub fn new(
+        generation: u64,
+        path: &str,
+        sha256: &str,
+        slots: Vec<u32>,
+        config: &Config,
+        ruleset: &Ruleset,
+    ) -> LiveConfig {
+        let mut rule_text = String::new();
+        let mut rule_ends = Vec::with_capacity(ruleset.rules.len());
+        for r in &ruleset.rules {
+            let _ = write!(rule_text, "{r}");
+            rule_ends.push(rule_text.len());
         }
+        LiveConfig {
+            generation,
+            path: path.to_string(),
+            sha256: sha256.to_string(),
+            slots,
+            services: config
+                .services
+                .iter()
+                .map(|s| ServiceLabel {
+                    name: s.name.clone(),
+                    mark: s.mark,
+                    mask: s.mask,
+                })
+                .collect(),
+            rule_service: ruleset.rules.iter().map(|r| r.service as u32).collect(),
+            rule_text,
+            rule_ends,
+        }
+    }
+
+    /// The live config `state` records, parsed and compiled (None before
+    /// the first switch).
+    pub fn of_state(state: &State) -> Result<Option<LiveConfig>> {
+        Ok(live::live_config(state)?.map(|(config, ruleset)| {
+            LiveConfig::new(
+                state.generation,
+                &state.config_path,
+                &state.config_sha256,
+                state.slots.clone(),
+                &config,
+                &ruleset,
+            )
+        }))
+    }
+
+    /// Whether this is the live config `state` records.
+    pub fn is_of(&self, state: &State) -> bool {
+        self.generation == state.generation && self.sha256 == state.config_sha256
+    }
+
+    /// Every rule: its service's index and what it matches.
+    pub fn rules(&self) -> impl Iterator<Item = (usize, &str)> {
+        let starts = std::iter::once(0).chain(self.rule_ends.iter().copied());
+        self.rule_service
+            .iter()
+            .zip(starts.zip(&self.rule_ends))
+            .map(|(&service, (start, &end))| (service as usize, &self.rule_text[start..end]))
+    }
+
+    /// Reads its counters from the maps: the global ones and every rule's
+    /// and service's (the sum of its rules').
+    pub fn counts(&self, maps: &Maps) -> Result<Counts, crate::datapath::DatapathError> {
+        let global = maps.global_counters()?;
+        let rules = maps.rule_counters(&self.slots)?;
+        let mut services = vec![RuleCounters::default(); self.services.len()];
+        for (&service, c) in self.rule_service.iter().zip(&rules) {
+            let s = &mut services[service as usize];
+            s.packets += c.packets;
+            s.bytes += c.bytes;
+        }
+        Ok(Counts {
+            global,
+            rules,
+            services,
+        })
+    }
+}
+
+/// Counters of a [`LiveConfig`], read at one time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Counts {
+    pub global: GlobalCounters,
+    /// Per rule, in rule order.
+    pub rules: Vec<RuleCounters>,
+    /// Per service, in service order.
+    pub services: Vec<RuleCounters>,
+}
+
+impl Snapshot {
+    /// Reads the counters of the live config described by `state`
+    /// (compiling it from the state).
+    pub fn collect(state: &State, maps: &Maps, daemon_pid: Option<u32>) -> Result<Snapshot> {
+        let live = LiveConfig::of_state(state)?;
+        Snapshot::read(state, live.as_ref(), maps, daemon_pid)
+    }
+
+    /// Reads the counters of `live`, the live config of `state` compiled
+    /// already (None: nothing is live yet).
+    pub fn read(
+        state: &State,
+        live: Option<&LiveConfig>,
+        maps: &Maps,
+        daemon_pid: Option<u32>,
+    ) -> Result<Snapshot> {
+        let (global, services) = match live {
+            Some(live) => {
+                let counts = live.counts(maps)?;
+                let mut services: Vec<ServiceCounters> = live
+                    .services
+                    .iter()
+                    .zip(&counts.services)
+                    .map(|(s, c)| ServiceCounters {
+                        name: s.name.clone(),
+                        mark: s.mark,
+                        mask: s.mask,
+                        packets: c.packets,
+                        bytes: c.bytes,
+                        rules: Vec::new(),
+                    })
+                    .collect();
+                for ((service, matches), c) in live.rules().zip(&counts.rules) {
+                    services[service].rules.push(RuleCount {
+                        matches: matches.to_string(),
+                        packets: c.packets,
+                        bytes: c.bytes,
+                    });
+                }
+                (counts.global, services)
+            }
+            None => (maps.global_counters()?, Vec::new()),
+        };
         Ok(Snapshot {
             schema: JSON_SCHEMA,
             iface: state.iface.clone(),
@@ -174,114 +313,6 @@ impl Snapshot {
     pub fn json(&self) -> String {
         serde_json::to_string_pretty(self).expect("a snapshot always serializes")
     }
-
-    /// Prometheus text exposition format (version 0.0.4).
-    pub fn prometheus(&self) -> String {
-        let mut out = String::new();
-        let iface = escape(&self.iface);
-        let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, u64)>| {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            for (labels, value) in samples {
-                let _ = writeln!(out, "{name}{{{labels}}} {value}");
-            }
-        };
-        let service_labels = |s: &ServiceCounters| {
-            format!(
-                "iface=\"{iface}\",service=\"{}\",mark=\"{}\"",
-                escape(&s.name),
-                mark_text(s.mark, s.mask)
-            )
-        };
-        family(
-            "fwmark_service_packets_total",
-            "counter",
-            "Packets marked, per service.",
-            self.services
-                .iter()
-                .map(|s| (service_labels(s), s.packets))
-                .collect(),
-        );
-        family(
-            "fwmark_service_bytes_total",
-            "counter",
-            "Bytes (from the IP header on) of packets marked, per service.",
-            self.services
-                .iter()
-                .map(|s| (service_labels(s), s.bytes))
-                .collect(),
-        );
-        let rule_labels = |s: &ServiceCounters, r: &RuleCount| {
-            format!(
-                "iface=\"{iface}\",service=\"{}\",match=\"{}\"",
-                escape(&s.name),
-                escape(&r.matches)
-            )
-        };
-        family(
-            "fwmark_rule_packets_total",
-            "counter",
-            "Packets marked, per rule (service, address, protocol, ports).",
-            self.services
-                .iter()
-                .flat_map(|s| s.rules.iter().map(move |r| (rule_labels(s, r), r.packets)))
-                .collect(),
-        );
-        family(
-            "fwmark_packets_total",
-            "counter",
-            "Packets the classifier saw, by outcome (marked + no_match + non_ip + malformed = seen).",
-            GlobalCounters::NAMES
-                .iter()
-                .zip(self.global.values())
-                .map(|(n, v)| (format!("iface=\"{iface}\",result=\"{n}\""), v))
-                .collect(),
-        );
-        family(
-            "fwmark_config_generation",
-            "gauge",
-            "Generation of the live config (counts every switch).",
-            vec![(format!("iface=\"{iface}\""), self.config.generation)],
-        );
-        out
-    }
-}
-
-/// Escapes a Prometheus label value.
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// `fwmark status`.
-pub fn status(iface: &str, json: bool) -> Result<()> {
-    use anyhow::Context as _;
-    crate::preflight::check_privileges()?;
-    let paths = crate::state::Paths::new(iface)?;
-    let not_attached = || paths.not_attached();
-    if !paths.pin_dir.exists() {
-        return Err(not_attached().into());
-    }
-    let maps = Maps::from_pins(&paths.pin_dir).with_context(not_attached)?;
-    let (state, unrecorded) = live::peek_state(&paths, &maps)?.with_context(not_attached)?;
-    // A change in progress holds the apply lock between its switch and
-    // recording it: only a switch nobody is recording was interrupted.
-    if unrecorded && !crate::state::Lock::apply_busy(&paths) {
-        log::warn!(
-            "an interrupted change of {iface} switched to generation {} and is not recorded \
-             yet; the next `fwmark apply`, `run` or `detach` records it",
-            state.generation
-        );
-    }
-    let daemon = crate::state::Lock::daemon_holder(&paths).and_then(|p| p.parse().ok());
-    let snapshot = Snapshot::collect(&state, &maps, daemon)?;
-    if json {
-        println!("{}", snapshot.json());
-    } else {
-        print!("{}", snapshot.text());
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -327,6 +358,27 @@ mod tests {
     }
 
     #[test]
+    fn a_live_config_labels_every_rule_with_its_service() {
+        let text = "[[service]]\nname = \"web\"\nvip = [\"192.0.2.10\", \"2001:db8::/64\"]\n\
+                    proto = \"tcp\"\nports = [80, \"8000-8080\"]\nmark = 80\n\n\
+                    [[service]]\nvip = \"192.0.2.53\"\nproto = \"udp\"\nmark = 53\n";
+        let config = Config::parse(text, "t.toml").unwrap();
+        let ruleset = Ruleset::compile(&config).unwrap();
+        let slots: Vec<u32> = (0..ruleset.rules.len() as u32).rev().collect();
+        let live = LiveConfig::new(2, "t.toml", "00", slots.clone(), &config, &ruleset);
+        let rules: Vec<(usize, String)> = live.rules().map(|(s, m)| (s, m.to_string())).collect();
+        let expected: Vec<(usize, String)> = ruleset
+            .rules
+            .iter()
+            .map(|r| (r.service, r.to_string()))
+            .collect();
+        assert_eq!(rules, expected);
+        assert_eq!(rules.len(), 5, "{rules:?}");
+        assert_eq!(live.services[1].name, "service2");
+        assert_eq!(live.slots, slots);
+    }
+
+    #[test]
     fn json_schema_is_stable() {
         let v: serde_json::Value = serde_json::from_str(&sample().json()).unwrap();
         assert_eq!(v["schema"], 1);
@@ -339,16 +391,5 @@ mod tests {
             "192.0.2.10 tcp port 80"
         );
         assert_eq!(v["services"][0]["packets"], 6);
-    }
-
-    #[test]
-    fn prometheus_exposition() {
-        let p = sample().prometheus();
-        assert!(p.contains("# TYPE fwmark_service_packets_total counter\n"));
-        assert!(p.contains(
-            "fwmark_service_packets_total{iface=\"eth0\",service=\"we\\\"b\",mark=\"0x50\"} 6\n"
-        ));
-        assert!(p.contains("fwmark_packets_total{iface=\"eth0\",result=\"seen\"} 10\n"));
-        assert!(p.contains("fwmark_config_generation{iface=\"eth0\"} 3\n"));
     }
 }

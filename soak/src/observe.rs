@@ -258,8 +258,12 @@ impl Counters {
                     out.rules
                         .insert((label("service")?, label("match")?), (value, None));
                 }
+                // Outcomes; their sum is `seen` (added below).
                 "fwmark_packets_total" => {
                     out.global.insert(label("result")?, value);
+                }
+                "fwmark_later_fragments_total" => {
+                    out.global.insert("later_fragment".into(), value);
                 }
                 "fwmark_config_generation" => {
                     out.generation = value;
@@ -271,6 +275,12 @@ impl Counters {
         if !seen_generation {
             bail!("no fwmark_config_generation in the exposition:\n{body}");
         }
+        // Named like `status --json` names it, so readings of both compare.
+        let seen = ["marked", "no_match", "non_ip", "malformed"]
+            .iter()
+            .map(|o| out.global(o))
+            .sum();
+        out.global.insert("seen".into(), seen);
         Ok(out)
     }
 }
@@ -493,6 +503,8 @@ mod tests {
             fwmark_service_bytes_total{iface=\"i\",service=\"web\",mark=\"0x50\"} 700\n\
             fwmark_rule_packets_total{iface=\"i\",service=\"web\",match=\"192.0.2.10 tcp port 80\"} 7\n\
             fwmark_packets_total{iface=\"i\",result=\"marked\"} 9\n\
+            fwmark_packets_total{iface=\"i\",result=\"no_match\"} 4\n\
+            fwmark_later_fragments_total{iface=\"i\"} 2\n\
             fwmark_config_generation{iface=\"i\"} 3\n";
         let c = Counters::from_metrics(body).unwrap();
         assert_eq!(c.generation, 3);
@@ -502,6 +514,8 @@ mod tests {
             (7, None)
         );
         assert_eq!(c.global("marked"), 9);
+        assert_eq!(c.global("seen"), 13);
+        assert_eq!(c.global("later_fragment"), 2);
         assert!(Counters::from_metrics("# nothing\n").is_err());
     }
 

@@ -188,13 +188,22 @@ impl Daemon {
     /// Sends SIGTERM and waits (up to 20 s) for it to exit.
     pub fn stop(mut self) -> Result<Finished> {
         kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM)?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        self.wait(Duration::from_secs(20)).context("after SIGTERM")
+    }
+
+    /// Waits (up to `timeout`) for it to exit, e.g. after a signal sent
+    /// with [`Daemon::signal`].
+    pub fn wait(&mut self, timeout: Duration) -> Result<Finished> {
+        let deadline = std::time::Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {
                 return Ok(self.collect(status));
             }
             if std::time::Instant::now() > deadline {
-                bail!("fwmark did not exit within 20 s of SIGTERM");
+                bail!(
+                    "fwmark did not exit within {timeout:?}:\n{}",
+                    self.stderr_so_far()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

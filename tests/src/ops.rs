@@ -3,6 +3,7 @@
 //! state fwmark keeps for an interface, and traffic from the client.
 
 use std::{
+    fmt::Write as _,
     net::IpAddr,
     path::{Path, PathBuf},
     process::{Child, Output, Stdio},
@@ -204,4 +205,36 @@ pub fn state_text(lab: &Lab) -> Option<String> {
 /// Whether an interrupted change left `state.pending.json`.
 pub fn pending_exists(lab: &Lab) -> bool {
     run_dir(lab).join("state.pending.json").exists()
+}
+
+/// The i-th of `n` addresses of a family: 198.18.0.0/15 for IPv4,
+/// 2001:db8:f00::/48 for IPv6.
+pub fn nth_addr(v6: bool, i: usize) -> IpAddr {
+    if v6 {
+        IpAddr::V6((0x2001_0db8_0f00_0000_0000_0000_0000_0000u128 + i as u128).into())
+    } else {
+        IpAddr::V4((0xc612_0000u32 + i as u32).into())
+    }
+}
+
+/// A config of `n` TCP port-80 entries: services of up to 1,000 VIPs each.
+pub fn config_of(n: usize, mark_base: u32) -> String {
+    let mut s = String::new();
+    let mut i = 0;
+    let mut service = 0;
+    while i < n {
+        let k = (n - i).min(1000);
+        let vips: Vec<String> = (i..i + k)
+            .map(|j| format!("\"{}\"", nth_addr(false, j)))
+            .collect();
+        let _ = writeln!(
+            s,
+            "[[service]]\nname = \"s{service}\"\nvip = [{}]\nproto = \"tcp\"\nports = [80]\nmark = {}\n",
+            vips.join(", "),
+            mark_base + service as u32
+        );
+        i += k;
+        service += 1;
+    }
+    s
 }

@@ -257,10 +257,28 @@ fn status_and_metrics_count_what_was_sent() {
             "fwmark_service_packets_total{{iface=\"{iface}\",service=\"dns\",mark=\"0x35\"}} 2"
         ),
         format!("fwmark_packets_total{{iface=\"{iface}\",result=\"marked\"}} 9"),
+        format!("fwmark_later_fragments_total{{iface=\"{iface}\"}} 0"),
         format!("fwmark_config_generation{{iface=\"{iface}\"}} 1"),
+        format!(
+            "fwmark_config_info{{iface=\"{iface}\",file=\"{a}\",sha256=\"{}\",\
+             generation=\"1\"}} 1",
+            status["config"]["sha256"].as_str().unwrap()
+        ),
     ] {
         assert!(body.contains(&line), "missing {line} in\n{body}");
     }
+    // The outcomes add up to every packet seen (`status` reads `seen`).
+    let outcomes: u64 = body
+        .lines()
+        .filter(|l| l.starts_with("fwmark_packets_total{"))
+        .map(|l| l.rsplit_once(' ').unwrap().1.parse::<u64>().unwrap())
+        .sum();
+    let seen = status_json(&lab)["global"]["seen"].as_u64().unwrap();
+    assert!(
+        outcomes > 0 && outcomes <= seen,
+        "outcomes {outcomes}, seen {seen}:\n{body}"
+    );
+    assert!(!body.contains("result=\"seen\""), "{body}");
 
     // Counters of a service that survives an apply keep counting.
     let b = files.write("b.toml", &config(81));
@@ -447,4 +465,114 @@ fn a_bad_metrics_address_fails_but_leaves_marking_in_place() {
     ok(fwmark(&lab, &["detach", "--iface", &lab.director_if]));
     send(&lab, &web);
     assert_eq!(counters.read().unwrap()[0].by_mark[&0], 1);
+}
+
+/// A reload of a million entries runs on the daemon's worker thread: scrapes
+/// are answered within a second while it runs, and a SIGTERM sent during it
+/// is acted on as soon as it ends, with the new generation recorded (not
+/// cut off half-way).
+#[test]
+fn a_long_reload_blocks_neither_scrapes_nor_sigterm() {
+    use nix::sys::signal::Signal;
+    use std::time::Instant;
+
+    let Some((lab, files, a)) = setup("long_reload", &["ip", "nft", "nsenter"]) else {
+        return;
+    };
+    let big = files.write("big.toml", &fwmark_testlab::ops::config_of(1_000_000, 100));
+    let mut daemon = Daemon::run_on(
+        &lab,
+        &a,
+        &[
+            "--no-watch",
+            "--keep",
+            "--metrics",
+            "9469",
+            "--max-rules",
+            "1000000",
+        ],
+    )
+    .unwrap();
+    daemon
+        .wait_for_log("serving metrics at", Duration::from_secs(10))
+        .unwrap();
+    let iface = lab.director_if.clone();
+    let generation = |g: u64| format!("fwmark_config_generation{{iface=\"{iface}\"}} {g}\n");
+    let reloaded = "is live as generation 2";
+
+    std::fs::rename(&big, &a).unwrap();
+    daemon.signal(Signal::SIGHUP).unwrap();
+    daemon
+        .wait_for_log("SIGHUP: reloading", Duration::from_secs(10))
+        .unwrap();
+
+    // Scrapes while the reload runs: answered at once, from generation 1.
+    let scrape = || {
+        let started = Instant::now();
+        let body = get_metrics(&lab.director, "127.0.0.1:9469").unwrap();
+        (started.elapsed(), body)
+    };
+    let mut during = 0;
+    while during < 3 {
+        let (took, body) = scrape();
+        if daemon.stderr_so_far().contains(reloaded) {
+            break;
+        }
+        assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+        assert!(took < Duration::from_secs(1), "a scrape took {took:?}");
+        assert!(body.contains(&generation(1)), "{body}");
+        eprintln!("scrape during the reload: {took:?}");
+        during += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        during,
+        3,
+        "the reload ended before three scrapes (too fast to test?):\n{}",
+        daemon.stderr_so_far()
+    );
+
+    daemon.signal(Signal::SIGTERM).unwrap();
+    assert!(
+        !daemon.stderr_so_far().contains(reloaded),
+        "the reload ended before SIGTERM was sent"
+    );
+    // Still answered after SIGTERM, until the reload ends.
+    let (took, body) = scrape();
+    if !daemon.stderr_so_far().contains(reloaded) {
+        assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+        assert!(took < Duration::from_secs(1), "a scrape took {took:?}");
+    }
+
+    daemon
+        .wait_for_log(reloaded, Duration::from_secs(600))
+        .unwrap();
+    let live_at = Instant::now();
+    daemon
+        .wait_for_log("SIGTERM: leaving marking in place", Duration::from_secs(60))
+        .unwrap();
+    let acted_after = live_at.elapsed();
+    let finished = daemon.wait(Duration::from_secs(120)).unwrap();
+    assert!(finished.status.success(), "{}", finished.stderr);
+    let log = &finished.stderr;
+    assert!(
+        log.find(reloaded) < log.find("SIGTERM: leaving marking in place"),
+        "{log}"
+    );
+    eprintln!("SIGTERM acted on {acted_after:?} after the reload ended");
+    assert!(
+        acted_after < Duration::from_secs(10),
+        "SIGTERM acted on {acted_after:?} after the reload ended"
+    );
+    // The new generation is recorded, with nothing left half-way, and its
+    // counters were printed on the way out.
+    assert!(!fwmark_testlab::ops::pending_exists(&lab));
+    let status = status_json(&lab);
+    assert_eq!(status["config"]["generation"], 2, "{status}");
+    assert_eq!(status["services"].as_array().unwrap().len(), 1000);
+    assert_eq!(
+        fwmark_testlab::daemon::service_total(&finished.stdout, "s999"),
+        Some(0)
+    );
+    ok(fwmark(&lab, &["detach", "--iface", &iface]));
 }

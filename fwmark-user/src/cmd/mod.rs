@@ -1,5 +1,6 @@
-//! One file per subcommand: each reads its arguments, calls the library
-//! and prints. No command imports another.
+//! One file per subcommand: each turns its clap arguments into a call of
+//! the library, prints, and is the edge where errors become messages. No
+//! command imports another.
 
 pub mod apply;
 pub mod check;
@@ -7,3 +8,5 @@ pub mod detach;
 pub mod explain;
 pub mod export;
 pub mod import;
+pub mod run;
+pub mod status;

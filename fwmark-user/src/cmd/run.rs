@@ -1,0 +1,20 @@
+//! `fwmark run`: the daemon (see `fwmark::daemon`).
+
+use anyhow::Result;
+use fwmark::{
+    cli::RunArgs,
+    daemon::{self, Options},
+};
+
+pub fn run(args: RunArgs) -> Result<()> {
+    daemon::run(Options {
+        iface: args.iface,
+        config: args.config,
+        attach: args.attach.mode(),
+        keep: args.keep,
+        watch: !args.no_watch,
+        metrics: args.metrics,
+        kernel_log: args.log_level.level(),
+        max_rules: args.max_rules,
+    })
+}

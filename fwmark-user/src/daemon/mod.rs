@@ -1,0 +1,248 @@
+//! The daemon behind `fwmark run`: take over or create the interface's
+//! attachment, keep its config in line with the file (SIGHUP, file changes),
+//! follow the interface, serve metrics, forward the classifier's log, and on
+//! SIGINT/SIGTERM detach (or, with `keep`, leave marking in place).
+//!
+//! Two threads. The async loop (a current-thread tokio runtime) only waits:
+//! for signals, link notifications, the file-watch tick, metrics connections and
+//! the kernel log; it never does slow work. Everything slow (start,
+//! reloads, re-attachment, the final detach) runs on the [`worker`] thread,
+//! which owns the loaded program, its maps and the attachment, and takes
+//! [`Job`]s over a channel one at a time. Scrapes run on tokio's blocking
+//! pool and read the compiled live config the worker publishes
+//! ([`metrics::Current`]). So a reload of a million entries, or a reload
+//! waiting on another process's `fwmark apply`, delays neither scrapes nor
+//! log forwarding, and a SIGTERM that arrives meanwhile is acted on as soon
+//! as the job at hand ends.
+
+mod worker;
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::{Context as _, Result, anyhow};
+use log::{error, info, warn};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    attach::AttachMode,
+    datapath::KernelLogger,
+    live, markers,
+    metrics::{self, Current, Metrics},
+    preflight,
+    rtnl::LinkEvents,
+    state::{Lock, Paths},
+};
+
+use worker::{Follow, Job, Setup, Stop};
+
+/// How often the config file is checked for changes.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// How often attaching to the interface again is retried after it failed
+/// (the interface itself is followed by link notifications).
+const REATTACH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What `fwmark run` is asked to do.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The interface that receives the VIP traffic.
+    pub iface: String,
+    /// The config file.
+    pub config: PathBuf,
+    /// How to attach; None: tcx where the kernel has it, else netlink.
+    pub attach: Option<AttachMode>,
+    /// Leave marking in place on exit.
+    pub keep: bool,
+    /// Reload when the config file changes (not only on SIGHUP).
+    pub watch: bool,
+    /// Serve Prometheus metrics at this address (a bare port: 127.0.0.1).
+    pub metrics: Option<String>,
+    /// Kernel-side log records up to this level (None: compiled out).
+    pub kernel_log: Option<aya_log::Level>,
+    /// Room for this many rules in the counter map (None: twice the
+    /// config's, at least the minimum).
+    pub max_rules: Option<usize>,
+}
+
+/// Runs the daemon until SIGINT/SIGTERM; prints the counter table on exit.
+pub fn run(opts: Options) -> Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(serve(opts))
+}
+
+async fn serve(opts: Options) -> Result<()> {
+    // Handlers first: a signal that arrives while starting must not kill the
+    // process half-way (it is acted on once the start is complete).
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    // The file as it is before it is read: a change made while starting
+    // is noticed by the first check.
+    let mut last_seen = file_stamp(&opts.config);
+    // Subscribed before the interface is looked up: a change from then on
+    // is reported.
+    let mut links = Some(LinkEvents::subscribe().context("subscribing to link notifications")?);
+    let new = live::read_config(&opts.config)?;
+    preflight::check_privileges()?;
+    let kernel = preflight::check_kernel()?;
+    let ifindex = preflight::check_interface(&opts.iface)?;
+    if preflight::ensure_bpffs()? {
+        info!("mounted bpffs at {}", preflight::BPFFS);
+    }
+    let paths = Paths::new(&opts.iface)?;
+    let _daemon = Lock::daemon(&paths).context("another fwmark run manages this interface")?;
+    markers::warn_other_markers(&opts.iface);
+    let requested = AttachMode::choose(opts.attach, kernel)?;
+
+    let current = Arc::new(Current::default());
+    let follow = Arc::new(Follow::default());
+    let (mut worker, logger) = worker::spawn(Setup {
+        paths: paths.clone(),
+        opts: opts.clone(),
+        requested,
+        new,
+        ifindex,
+        current: Arc::clone(&current),
+        follow: Arc::clone(&follow),
+    })
+    .await?;
+
+    // Marking is in place: a failure to start the extras leaves it there
+    // (as --keep would) rather than removing it on the way out.
+    let extras = async {
+        let log_task = match logger {
+            Some(logger) => Some(spawn_kernel_log(logger)?),
+            None => None,
+        };
+        let metrics_task = match &opts.metrics {
+            Some(addr) => {
+                let metrics = Metrics::open(paths.clone(), Arc::clone(&current))?;
+                Some(metrics::serve(addr, Arc::new(metrics)).await?)
+            }
+            None => None,
+        };
+        Ok::<_, anyhow::Error>((log_task, metrics_task))
+    };
+    let (log_task, metrics_task) = match extras.await {
+        Ok(tasks) => tasks,
+        Err(e) => {
+            let _ = worker.finish(Stop::Keep).await;
+            return Err(e.context(format!(
+                "marking stays in place on {}; `fwmark detach --iface {}` removes it",
+                opts.iface, opts.iface
+            )));
+        }
+    };
+
+    let mut watch = tokio::time::interval(WATCH_INTERVAL);
+    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Link notifications start following the interface; this timer retries
+    // a failed re-attach (no notification may come to retry it), and checks
+    // every second if the notifications fail.
+    let mut retry = tokio::time::interval(REATTACH_INTERVAL);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let jobs = worker.jobs();
+    let which = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            e = worker.ended() => return Err(e.context(format!(
+                "fwmark run stops; marking on {} stays as it was",
+                opts.iface
+            ))),
+            events = async {
+                match links.as_mut() {
+                    Some(links) => links.next().await,
+                    None => std::future::pending().await,
+                }
+            }, if links.is_some() => match events {
+                Ok(events) => {
+                    if events.iter().any(|e| e.concerns(&opts.iface, follow.ifindex())) {
+                        jobs.send(Job::Interface);
+                    }
+                }
+                Err(e) => {
+                    error!("{e}: checking {} every second from now on", opts.iface);
+                    links = None;
+                    jobs.send(Job::Interface);
+                }
+            },
+            _ = retry.tick() => {
+                if links.is_none() || follow.retrying() {
+                    jobs.send(Job::Interface);
+                }
+            }
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading {}", opts.config.display());
+                last_seen = file_stamp(&opts.config);
+                jobs.send(Job::Reload);
+            }
+            _ = watch.tick(), if opts.watch => {
+                let stamp = file_stamp(&opts.config);
+                if stamp != last_seen {
+                    last_seen = stamp;
+                    if stamp.is_none() {
+                        warn!(
+                            "config {} is gone: the running config stays; it is read again \
+                             when the file is back",
+                            opts.config.display()
+                        );
+                    } else {
+                        info!("{} changed: reloading", opts.config.display());
+                        jobs.send(Job::Reload);
+                    }
+                }
+            }
+        }
+    };
+    // The worker acts on it once the job at hand ends; metrics and the
+    // kernel log are served until then.
+    let table = worker.finish(Stop::Signal(which)).await;
+    for task in [metrics_task, log_task].into_iter().flatten() {
+        task.abort();
+    }
+    print!("{}", table?);
+    Ok(())
+}
+
+/// Forwards the classifier's log records to the log output as they come.
+fn spawn_kernel_log(logger: KernelLogger) -> Result<tokio::task::JoinHandle<()>> {
+    use tokio::io::{Interest, unix::AsyncFd};
+    // SAFETY: the logger owns its ring buffer's fd, which stays open and the
+    // same for the logger's whole life, and the AsyncFd owns the logger.
+    let mut logger = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
+        .map_err(|e| anyhow!("watching the kernel log ring buffer: {e}"))?;
+    Ok(tokio::spawn(async move {
+        loop {
+            match logger.readable_mut().await {
+                Ok(mut guard) => {
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+                Err(e) => {
+                    warn!("kernel log reader stopped: {e}");
+                    return;
+                }
+            }
+        }
+    }))
+}
+
+/// Size, modification and change times and inode of the config file, to
+/// notice changes: an editor's rename counts, and so does a change of mode
+/// or owner (ctime), which can make the file unreadable or readable again.
+/// None when it is gone.
+fn file_stamp(path: &std::path::Path) -> Option<(u64, i64, i64, i64, i64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some((
+        m.len(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+        m.ino(),
+    ))
+}

@@ -1,0 +1,645 @@
+//! The daemon's worker thread: it owns the loaded program, its maps and the
+//! attachment, and does everything slow, one [`Job`] at a time: the start,
+//! reloads, following the interface, and the final detach.
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+        mpsc,
+    },
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use fwmark_common::ABI_VERSION;
+use fwmark_core::{Loaded, diff::Diff};
+use log::{error, info, warn};
+use tokio::sync::oneshot;
+
+use crate::{
+    attach::{self, AttachMode, Attached},
+    datapath::{self, Datapath, KernelLogger, MAP_NAMES, Maps},
+    ingress, live,
+    metrics::Current,
+    preflight,
+    state::{Lock, Paths, State},
+    status::{LiveConfig, Snapshot},
+};
+
+use super::Options;
+
+/// Work for the worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Job {
+    /// Read the config file again and switch to it if it changed.
+    Reload,
+    /// The interface may have gone, come back or been renamed.
+    Interface,
+    /// Stop: acted on once the job at hand ends, before any other queued.
+    Stop(Stop),
+}
+
+/// How the worker stops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// On this signal: detach (unless `keep`) and return the counter table.
+    Signal(&'static str),
+    /// Leave marking in place, quietly (the daemon failed after starting).
+    Keep,
+}
+
+/// What the async side needs to know to follow the interface: the index
+/// the worker is attached to, and whether a re-attachment failed (then it
+/// is retried every second: no link notification may come to retry it).
+#[derive(Debug, Default)]
+pub struct Follow {
+    /// 0: nothing attached (the interface is gone).
+    ifindex: AtomicU32,
+    retry: AtomicBool,
+}
+
+impl Follow {
+    /// The index of the device the worker is attached to.
+    pub fn ifindex(&self) -> Option<u32> {
+        Some(self.ifindex.load(Ordering::Relaxed)).filter(|i| *i != 0)
+    }
+
+    /// Whether the last re-attachment failed.
+    pub fn retrying(&self) -> bool {
+        self.retry.load(Ordering::Relaxed)
+    }
+}
+
+/// What the worker starts from.
+pub struct Setup {
+    pub paths: Paths,
+    pub opts: Options,
+    pub requested: AttachMode,
+    /// The config read at start.
+    pub new: Loaded,
+    pub ifindex: u32,
+    pub current: Arc<Current>,
+    pub follow: Arc<Follow>,
+}
+
+/// The async side's hold on the worker.
+pub struct Handle {
+    jobs: mpsc::Sender<Job>,
+    /// The counter table (or the error) the worker ends with.
+    done: oneshot::Receiver<Result<String>>,
+}
+
+/// Queues jobs for the worker.
+pub struct Jobs(mpsc::Sender<Job>);
+
+impl Jobs {
+    /// Queues `job`; jobs of one kind queued while the worker is busy are
+    /// done once.
+    pub fn send(&self, job: Job) {
+        if self.0.send(job).is_err() {
+            error!("the worker thread has stopped: {job:?} is not done");
+        }
+    }
+}
+
+impl Handle {
+    /// Where to queue jobs.
+    pub fn jobs(&self) -> Jobs {
+        Jobs(self.jobs.clone())
+    }
+
+    /// Resolves only if the worker ends on its own (it panicked): the
+    /// daemon cannot go on.
+    pub async fn ended(&mut self) -> anyhow::Error {
+        match (&mut self.done).await {
+            Ok(Err(e)) => e,
+            Ok(Ok(_)) => anyhow!("the worker thread ended unasked"),
+            Err(_) => anyhow!("the worker thread stopped unexpectedly"),
+        }
+    }
+
+    /// Stops the worker once its current job ends; returns the counter
+    /// table it printed on the way out.
+    pub async fn finish(self, stop: Stop) -> Result<String> {
+        let _ = self.jobs.send(Job::Stop(stop));
+        self.done
+            .await
+            .map_err(|_| anyhow!("the worker thread stopped unexpectedly"))?
+    }
+}
+
+/// Starts the worker thread: it takes over or creates the attachment and
+/// makes the config live, then waits for jobs. Returns once marking is in
+/// place, with the kernel log reader for the async side.
+pub async fn spawn(setup: Setup) -> Result<(Handle, Option<KernelLogger>)> {
+    let (jobs, queue) = mpsc::channel();
+    let (started_tx, started) = oneshot::channel();
+    let (done_tx, done) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("fwmark-worker".into())
+        .spawn(move || {
+            let started = (|| {
+                let _apply = Lock::apply(&setup.paths)?;
+                start(&setup)
+            })();
+            // The config read at start is live (or refused) now.
+            drop(setup);
+            let mut live = match started {
+                Ok(live) => live,
+                Err(e) => {
+                    let _ = started_tx.send(Err(e));
+                    return;
+                }
+            };
+            let logger = live.datapath.logger.take();
+            if started_tx.send(Ok(logger)).is_err() {
+                // Nobody to take jobs from: leave marking as it is.
+                live.stop(Stop::Keep).ok();
+                return;
+            }
+            let _ = done_tx.send(live.serve(&queue));
+        })
+        .context("starting the worker thread")?;
+    let logger = started
+        .await
+        .map_err(|_| anyhow!("the worker thread stopped while starting"))??;
+    Ok((Handle { jobs, done }, logger))
+}
+
+/// The daemon's hold on the interface.
+struct Live {
+    paths: Paths,
+    datapath: Datapath,
+    /// None while the interface is gone (or re-attaching to it failed).
+    attached: Option<Attached>,
+    /// Index of the interface attached to; None while it is gone.
+    ifindex: Option<u32>,
+    /// The last re-attach failure, logged once until it changes.
+    reattach_error: Option<String>,
+    config: PathBuf,
+    keep: bool,
+    /// The compiled live config, shared with the scrapes.
+    current: Arc<Current>,
+    /// What the async side follows the interface by.
+    follow: Arc<Follow>,
+}
+
+impl Live {
+    /// Does jobs until told to stop (or until nobody can send any more).
+    fn serve(mut self, queue: &mpsc::Receiver<Job>) -> Result<String> {
+        loop {
+            self.publish_follow();
+            let mut jobs: Vec<Job> = match queue.recv() {
+                Ok(job) => vec![job],
+                Err(_) => vec![Job::Stop(Stop::Keep)],
+            };
+            // Whatever queued up meanwhile: a stop first, each kind once.
+            jobs.extend(queue.try_iter());
+            if let Some(stop) = jobs.iter().find_map(|j| match j {
+                Job::Stop(stop) => Some(*stop),
+                _ => None,
+            }) {
+                return self.stop(stop);
+            }
+            if jobs.contains(&Job::Interface) {
+                follow_interface(&mut self);
+            }
+            if jobs.contains(&Job::Reload) {
+                let config = self.config.clone();
+                reload(&mut self, &config);
+            }
+        }
+    }
+
+    /// Tells the async side where the attachment is now.
+    fn publish_follow(&self) {
+        let index = if self.attached.is_some() {
+            self.ifindex.unwrap_or(0)
+        } else {
+            0
+        };
+        self.follow.ifindex.store(index, Ordering::Relaxed);
+        self.follow
+            .retry
+            .store(self.reattach_error.is_some(), Ordering::Relaxed);
+    }
+
+    /// Detaches (unless `keep`) or leaves marking in place; returns the
+    /// counter table (empty for [`Stop::Keep`]).
+    fn stop(mut self, stop: Stop) -> Result<String> {
+        let which = match stop {
+            Stop::Keep => {
+                if let Some(attached) = self.attached.take() {
+                    attached.keep();
+                }
+                return Ok(String::new());
+            }
+            Stop::Signal(which) => which,
+        };
+        let iface = self.paths.iface.clone();
+        let _apply = Lock::apply(&self.paths)?;
+        let state = live::load_state(&self.paths, Some(&self.datapath.maps))?
+            .context("the state file vanished")?;
+        match self.attached.take() {
+            Some(attached) if self.keep => {
+                info!(
+                    "{which}: leaving marking in place on {iface} (--keep); `fwmark detach \
+                     --iface {iface}` removes it"
+                );
+                attached.keep();
+            }
+            Some(attached) => {
+                info!("{which}: detaching from {iface}");
+                attached
+                    .detach(&iface, state.program_id)
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| format!("detaching from {iface} failed"))?;
+            }
+            None => info!(
+                "{which}: {iface} is gone, nothing is attached to it{}",
+                if self.keep {
+                    "; the pins and state stay (--keep): the next `fwmark run` attaches with them"
+                } else {
+                    ""
+                }
+            ),
+        }
+        // The final counters: this process holds the maps, also once their
+        // pins are gone.
+        let table = self
+            .table(&state)
+            .unwrap_or_else(|e| format!("(counters unavailable: {e:#})\n"));
+        if !self.keep {
+            self.paths
+                .remove()
+                .with_context(|| format!("removing {}", self.paths.pin_dir.display()))?;
+        }
+        Ok(table)
+    }
+
+    /// The counter table of the live config `state` records.
+    fn table(&self, state: &State) -> Result<String> {
+        let live = match self.current.get() {
+            Some(live) if live.is_of(state) => Some(live),
+            // Changed by another process since: compile what it recorded.
+            _ => LiveConfig::of_state(state)?.map(Arc::new),
+        };
+        Ok(Snapshot::read(state, live.as_deref(), &self.datapath.maps, None)?.table())
+    }
+}
+
+/// Takes over what a previous fwmark left on the interface, or attaches
+/// afresh; then makes `new` the live config.
+fn start(setup: &Setup) -> Result<Live> {
+    let Setup {
+        paths,
+        opts,
+        requested,
+        new,
+        ifindex,
+        current,
+        follow,
+    } = setup;
+    let (requested, ifindex) = (*requested, *ifindex);
+    let pins_present = MAP_NAMES.iter().all(|n| paths.pin(n).exists());
+    // Recover an interrupted switch before reading the state.
+    let maps = if pins_present {
+        datapath::Maps::from_pins(&paths.pin_dir).ok()
+    } else {
+        None
+    };
+    let state = live::load_state(paths, maps.as_ref())?;
+    drop(maps);
+
+    let adoptable = match &state {
+        Some(s) if pins_present && s.abi == ABI_VERSION => true,
+        Some(s) if pins_present => bail!(
+            "{} holds pins of an incompatible fwmark (layout {}, this one uses {}): run \
+             `fwmark detach --iface {}` first (marking stops until this run attaches)",
+            paths.pin_dir.display(),
+            s.abi,
+            ABI_VERSION,
+            paths.iface
+        ),
+        _ => false,
+    };
+    if !adoptable && (state.is_some() || paths.pin_dir.exists()) {
+        warn!(
+            "removing an incomplete previous attachment's pins and state for {}",
+            paths.iface
+        );
+        if let Some(s) = &state {
+            let _ = attach::remove_left(&paths.iface, s.mode, &paths.pin("link"), s.program_id);
+        }
+        paths.remove()?;
+    }
+
+    if let (true, Some(mut state)) = (adoptable, state) {
+        if opts.attach.is_some() && state.mode != requested {
+            bail!(
+                "{} is attached with {} already; `fwmark detach --iface {}` first to change to {}",
+                paths.iface,
+                state.mode,
+                paths.iface,
+                requested
+            );
+        }
+        let mut datapath =
+            Datapath::load(state.rule_capacity, Some(&paths.pin_dir), opts.kernel_log)?;
+        let program = datapath.program_mut()?;
+        let attached = attach::adopt(
+            program,
+            &paths.iface,
+            state.mode,
+            &paths.pin("link"),
+            state.netlink,
+        )?;
+        state.program_id = program.info().map(|i| i.id()).unwrap_or_default();
+        state.netlink = attached.netlink();
+        let mut live = Live {
+            paths: paths.clone(),
+            datapath,
+            attached: Some(attached),
+            ifindex: Some(ifindex),
+            reattach_error: None,
+            config: opts.config.clone(),
+            keep: opts.keep,
+            current: Arc::clone(current),
+            follow: Arc::clone(follow),
+        };
+        // From here on the new program marks: an error must not take the
+        // attachment (and so the marking) away with it.
+        let finish = |live: &mut Live, state: &mut State| -> Result<()> {
+            state.save(paths)?;
+            info!(
+                "adopted the {} attachment on {} (generation {}, program id {} now)",
+                state.mode, paths.iface, state.generation, state.program_id
+            );
+            if state.config_sha256 == new.sha256 {
+                info!("config {} unchanged", new.path);
+                let labels = LiveConfig::new(
+                    state.generation,
+                    &state.config_path,
+                    &state.config_sha256,
+                    state.slots.clone(),
+                    &new.config,
+                    &new.ruleset,
+                );
+                live.current
+                    .set(Some(Arc::new(labels)), paths, &live.datapath.maps);
+            } else {
+                switch_logged(live, state, new)?;
+            }
+            Ok(())
+        };
+        if let Err(e) = finish(&mut live, &mut state) {
+            if let Some(attached) = live.attached.take() {
+                attached.keep();
+            }
+            return Err(e);
+        }
+        ready(&state);
+        return Ok(live);
+    }
+
+    // Fresh: maps created and pinned, config published, then attached, so
+    // the first packet the program sees is already classified. A failure on
+    // the way removes what it created.
+    paths.create_dirs()?;
+    let fresh = attach_fresh(setup, requested, ifindex);
+    if fresh.is_err() {
+        let _ = paths.remove();
+    }
+    fresh
+}
+
+fn attach_fresh(setup: &Setup, requested: AttachMode, ifindex: u32) -> Result<Live> {
+    let Setup {
+        paths,
+        opts,
+        new,
+        current,
+        follow,
+        ..
+    } = setup;
+    let capacity =
+        datapath::rule_capacity(opts.max_rules.unwrap_or(0).max(new.ruleset.rules.len()));
+    let mut datapath = Datapath::load(capacity, Some(&paths.pin_dir), opts.kernel_log)?;
+    let mut state = live::initial_state(&paths.iface, requested, capacity);
+    switch(current, paths, &mut datapath.maps, &mut state, new)?;
+    let program = datapath.program_mut()?;
+    let attached = attach::attach(program, &paths.iface, requested, &paths.pin("link"))?;
+    state.program_id = program.info().map(|i| i.id()).unwrap_or_default();
+    state.netlink = attached.netlink();
+    state.attached_at = live::now();
+    state.save(paths)?;
+    info!(
+        "attached to {} ingress via {} (program id {}): {} services, {} rules, {} exact + {} \
+         prefix entries from {} (generation {})",
+        paths.iface,
+        requested,
+        state.program_id,
+        new.config.len(),
+        new.ruleset.rules.len(),
+        new.ruleset.exact.len(),
+        new.ruleset.prefix.len(),
+        new.path,
+        state.generation
+    );
+    if requested == AttachMode::Tcx {
+        ingress::log_after_tcx(&paths.iface, state.program_id);
+    }
+    ready(&state);
+    Ok(Live {
+        paths: paths.clone(),
+        datapath,
+        attached: Some(attached),
+        ifindex: Some(ifindex),
+        reattach_error: None,
+        config: opts.config.clone(),
+        keep: opts.keep,
+        current: Arc::clone(current),
+        follow: Arc::clone(follow),
+    })
+}
+
+/// The line that says the daemon is up (tests and operators wait for it),
+/// after the start and after each re-attachment. Readiness for a service
+/// manager (systemd's READY=1) would be reported here.
+fn ready(state: &State) {
+    info!(
+        "marking on {} ({} attachment, program id {}, generation {})",
+        state.iface, state.mode, state.program_id, state.generation
+    );
+}
+
+/// Switches the live config to `new` (the caller holds the apply lock) and
+/// publishes it, compiled, to the scrapes. The labels are built before the
+/// switch; while it runs, scrapes serve the config they have.
+fn switch(
+    current: &Current,
+    paths: &Paths,
+    maps: &mut Maps,
+    state: &mut State,
+    new: &Loaded,
+) -> Result<Diff> {
+    let mut labels = LiveConfig::new(
+        0,
+        &new.path,
+        &new.sha256,
+        Vec::new(),
+        &new.config,
+        &new.ruleset,
+    );
+    let _changing = current.changing();
+    let diff = live::switch(paths, maps, state, new)?;
+    labels.generation = state.generation;
+    labels.slots = state.slots.clone();
+    current.set(Some(Arc::new(labels)), paths, maps);
+    Ok(diff)
+}
+
+fn switch_logged(live: &mut Live, state: &mut State, new: &Loaded) -> Result<()> {
+    let diff = switch(
+        &live.current,
+        &live.paths,
+        &mut live.datapath.maps,
+        state,
+        new,
+    )?;
+    for line in &diff.lines {
+        info!("  {line}");
+    }
+    info!(
+        "config {} is live as generation {} ({})",
+        new.path,
+        state.generation,
+        diff.to_string().lines().last().unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// Re-reads the config and switches to it; on any problem the running
+/// config stays and the reason is logged. (A service manager's RELOADING=1
+/// would be reported at the start, READY=1 at the end.)
+fn reload(live: &mut Live, path: &std::path::Path) {
+    let result = (|| -> Result<()> {
+        let new = live::read_config(path)?;
+        let _apply = Lock::apply(&live.paths)?;
+        let mut state = live::load_state(&live.paths, Some(&live.datapath.maps))?
+            .context("the state file vanished")?;
+        if state.config_sha256 == new.sha256 {
+            info!(
+                "config {} unchanged (generation {})",
+                new.path, state.generation
+            );
+            return Ok(());
+        }
+        switch_logged(live, &mut state, &new)
+    })();
+    if let Err(e) = result {
+        error!("reload failed, the running config stays: {e:#}");
+    }
+}
+
+/// Notices the interface going away (its attachment goes with it) and
+/// coming back (deleted and created again: a new index), and attaches to
+/// the new one with the same maps, config and counters.
+fn follow_interface(live: &mut Live) {
+    let iface = live.paths.iface.clone();
+    let now = preflight::interface_index(&iface).ok();
+    if now.is_some() && now == live.ifindex {
+        return;
+    }
+    if let Some(old) = live.ifindex.take() {
+        let generation = State::load(&live.paths)
+            .ok()
+            .flatten()
+            .map_or(0, |s| s.generation);
+        if preflight::index_exists(old) {
+            // Renamed (or the name moved elsewhere): the device and fwmark's
+            // attachment on it live on, so take the attachment off it.
+            warn!(
+                "{iface} no longer names the device with index {old} (renamed?): removing \
+                 fwmark's attachment from that device; {}",
+                match now {
+                    Some(new) => format!("attaching to the new {iface} (index {new})"),
+                    None => format!(
+                        "waiting for {iface} to appear (generation {generation} stays loaded)"
+                    ),
+                }
+            );
+            if let Some(attached) = live.attached.take()
+                && let Err(e) = attached.remove_now(&live.paths.pin("link"))
+            {
+                error!(
+                    "removing fwmark from the device with index {old} failed: {e}; check \
+                     `tc filter show dev <its name> ingress`"
+                );
+            }
+        } else {
+            match now {
+                None => warn!(
+                    "{iface} is gone (it had index {old}), and fwmark's attachment with it: \
+                     nothing is marked there now; waiting for it to come back (generation \
+                     {generation} stays loaded)"
+                ),
+                Some(new) => warn!(
+                    "{iface} was replaced (index {old} -> {new}), and fwmark's attachment \
+                     went with the old one; attaching to the new one (generation {generation})"
+                ),
+            }
+            if let Some(attached) = live.attached.take() {
+                attached.abandon(&live.paths.pin("link"));
+            }
+        }
+    }
+    let Some(index) = now else {
+        return;
+    };
+    match reattach(live, index) {
+        Ok(state) => {
+            live.reattach_error = None;
+            info!(
+                "{iface} is back (index {index}): attached again via {} (program id {}, \
+                 generation {})",
+                state.mode, state.program_id, state.generation
+            );
+            ready(&state);
+        }
+        Err(e) => {
+            let e = format!("{e:#}");
+            if live.reattach_error.as_ref() != Some(&e) {
+                error!("attaching to {iface} again failed: {e}; retrying every second");
+                live.reattach_error = Some(e);
+            }
+        }
+    }
+}
+
+/// Attaches the loaded program to the interface as it is now (`index`),
+/// in the recorded mode, and records the new attachment.
+fn reattach(live: &mut Live, index: u32) -> Result<State> {
+    let iface = live.paths.iface.clone();
+    preflight::check_interface(&iface)?;
+    let _apply = Lock::apply(&live.paths)?;
+    let mut state = live::load_state(&live.paths, Some(&live.datapath.maps))?
+        .context("the state file vanished")?;
+    let program = live.datapath.program_mut()?;
+    let attached = attach::attach(program, &iface, state.mode, &live.paths.pin("link"))?;
+    state.netlink = attached.netlink();
+    state.attached_at = live::now();
+    // An attachment the state does not record could not be adopted or
+    // detached later: take it off again and retry at the next check.
+    if let Err(e) = state.save(&live.paths) {
+        if let Err(d) = attached.remove_now(&live.paths.pin("link")) {
+            error!("taking the unrecorded attachment off {iface} failed: {d}");
+        }
+        return Err(e).context("recording the new attachment failed, so it was removed");
+    }
+    live.current.touch(&live.paths, &live.datapath.maps);
+    live.attached = Some(attached);
+    live.ifindex = Some(index);
+    Ok(state)
+}
