@@ -11,70 +11,18 @@
 //! filter at priority 1, or the lowest priority no other filter uses
 //! (see `ingress`); such a filter lives until it is deleted.
 
-use std::{fmt, path::Path};
+use std::path::Path;
 
-use aya::{
-    programs::{
-        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
-        links::{FdLink, LinkError, PinnedLink},
-        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError},
-    },
-    util::KernelVersion,
+use aya::programs::{
+    LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+    links::{FdLink, LinkError, PinnedLink},
+    tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError},
 };
 
-use crate::{ingress, preflight, rtnl};
-
-/// The first kernel with tcx.
-pub const TCX_KERNEL: KernelVersion = KernelVersion::new(6, 6, 0);
-
-/// How the program is attached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AttachMode {
-    /// A tcx link (Linux >= 6.6).
-    Tcx,
-    /// A netlink `cls_bpf` filter on the `clsact` qdisc.
-    Netlink,
-}
-
-impl fmt::Display for AttachMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            AttachMode::Tcx => "tcx",
-            AttachMode::Netlink => "netlink clsact",
-        })
-    }
-}
-
-impl AttachMode {
-    /// The best mode this kernel supports.
-    pub fn for_kernel(kernel: KernelVersion) -> AttachMode {
-        if kernel >= TCX_KERNEL {
-            AttachMode::Tcx
-        } else {
-            AttachMode::Netlink
-        }
-    }
-
-    /// The mode to use on this kernel: `requested`, or the best one for
-    /// `None` (auto).
-    pub fn choose(
-        requested: Option<AttachMode>,
-        kernel: KernelVersion,
-    ) -> Result<AttachMode, AttachError> {
-        match requested {
-            None => Ok(AttachMode::for_kernel(kernel)),
-            Some(AttachMode::Netlink) => Ok(AttachMode::Netlink),
-            Some(AttachMode::Tcx) if kernel >= TCX_KERNEL => Ok(AttachMode::Tcx),
-            Some(AttachMode::Tcx) => Err(AttachError::NoTcx { kernel }),
-        }
-    }
-}
+use crate::{ingress, mode::AttachMode, preflight, rtnl};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
-    #[error("tcx needs Linux >= {TCX_KERNEL}, this is {kernel}; use --attach netlink (or auto)")]
-    NoTcx { kernel: KernelVersion },
     #[error("adding the clsact qdisc to {iface} failed")]
     Qdisc {
         iface: String,

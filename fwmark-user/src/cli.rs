@@ -124,11 +124,11 @@ pub enum AttachArg {
 
 impl AttachArg {
     /// The mode asked for; None for auto (the best this kernel has).
-    pub fn mode(self) -> Option<crate::attach::AttachMode> {
+    pub fn mode(self) -> Option<fwmark::mode::AttachMode> {
         match self {
             AttachArg::Auto => None,
-            AttachArg::Tcx => Some(crate::attach::AttachMode::Tcx),
-            AttachArg::Netlink => Some(crate::attach::AttachMode::Netlink),
+            AttachArg::Tcx => Some(fwmark::mode::AttachMode::Tcx),
+            AttachArg::Netlink => Some(fwmark::mode::AttachMode::Netlink),
         }
     }
 }

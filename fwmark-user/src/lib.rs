@@ -5,7 +5,6 @@
 //! (`src/cmd/`).
 
 pub mod attach;
-pub mod cli;
 pub mod daemon;
 pub mod datapath;
 pub mod durable;
@@ -14,6 +13,7 @@ pub mod ingress;
 pub mod live;
 pub mod markers;
 pub mod metrics;
+pub mod mode;
 pub mod perms;
 pub mod preflight;
 pub mod rtnl;

@@ -29,9 +29,9 @@ use fwmark_core::{
 };
 
 use crate::{
-    attach::AttachMode,
     datapath::Maps,
     durable, failpoint,
+    mode::AttachMode,
     state::{Paths, STATE_VERSION, State},
 };
 

@@ -1,14 +1,13 @@
 //! The `fwmark` binary: parse the command line, set up logging, dispatch
 //! to `cmd/`.
 
+mod cli;
 mod cmd;
 
 use std::process::ExitCode;
 
 use clap::{CommandFactory as _, Parser as _};
-use fwmark::cli::{self, Cli, Command};
-
-// `crate::cli` for the commands (the clap types).
+use cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

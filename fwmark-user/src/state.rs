@@ -21,7 +21,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::attach::AttachMode;
+use crate::mode::AttachMode;
 
 /// Root of fwmark's pins on bpffs.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/fwmark";

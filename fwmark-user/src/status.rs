@@ -11,7 +11,7 @@ use fwmark_common::{GlobalCounters, RuleCounters};
 use fwmark_core::{config::Config, ruleset::Ruleset, text::mark as mark_text};
 use serde::Serialize;
 
-use crate::{attach::AttachMode, datapath::Maps, live, state::State};
+use crate::{datapath::Maps, live, mode::AttachMode, state::State};
 
 /// Version of the `--json` schema; bumped only on incompatible changes.
 pub const JSON_SCHEMA: u32 = 1;

@@ -472,6 +472,7 @@ fn a_bad_metrics_address_fails_but_leaves_marking_in_place() {
 /// is acted on as soon as it ends, with the new generation recorded (not
 /// cut off half-way).
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn a_long_reload_blocks_neither_scrapes_nor_sigterm() {
     use nix::sys::signal::Signal;
     use std::time::Instant;

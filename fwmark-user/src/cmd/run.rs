@@ -1,10 +1,9 @@
 //! `fwmark run`: the daemon (see `fwmark::daemon`).
 
 use anyhow::Result;
-use fwmark::{
-    cli::RunArgs,
-    daemon::{self, Options},
-};
+use fwmark::daemon::{self, Options};
+
+use crate::cli::RunArgs;
 
 pub fn run(args: RunArgs) -> Result<()> {
     daemon::run(Options {

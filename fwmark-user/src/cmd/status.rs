@@ -3,12 +3,13 @@
 
 use anyhow::{Context as _, Result, bail};
 use fwmark::{
-    cli::StatusArgs,
     datapath::Maps,
     live, preflight,
     state::{Lock, Paths},
     status::Snapshot,
 };
+
+use crate::cli::StatusArgs;
 
 pub fn status(args: StatusArgs) -> Result<()> {
     let iface = &args.iface;

@@ -24,10 +24,10 @@ use log::{error, info, warn};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    attach::AttachMode,
     datapath::KernelLogger,
     live, markers,
     metrics::{self, Current, Metrics},
+    mode::AttachMode,
     preflight,
     rtnl::LinkEvents,
     state::{Lock, Paths},

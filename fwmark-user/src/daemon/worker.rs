@@ -18,10 +18,11 @@ use log::{error, info, warn};
 use tokio::sync::oneshot;
 
 use crate::{
-    attach::{self, AttachMode, Attached},
+    attach::{self, Attached},
     datapath::{self, Datapath, KernelLogger, MAP_NAMES, Maps},
     ingress, live,
     metrics::Current,
+    mode::AttachMode,
     preflight,
     state::{Lock, Paths, State},
     status::{LiveConfig, Snapshot},
