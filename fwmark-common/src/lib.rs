@@ -201,10 +201,7 @@ pub struct RuleCounters {
 /// subset of `marked + no_match`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[cfg_attr(
-    feature = "user",
-    derive(bytemuck::Pod, bytemuck::Zeroable, serde::Serialize)
-)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct GlobalCounters {
     /// Every packet the classifier ran on.
     pub seen: u64,

@@ -13,6 +13,16 @@ use serde::Serialize;
 
 use crate::{datapath::Maps, live, mode::AttachMode, state::State};
 
+/// The global counters as a JSON object of their names.
+fn global_counters<S: serde::Serializer>(g: &GlobalCounters, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap as _;
+    let mut map = s.serialize_map(Some(GlobalCounters::NAMES.len()))?;
+    for (name, value) in GlobalCounters::NAMES.iter().zip(g.values()) {
+        map.serialize_entry(name, &value)?;
+    }
+    map.end()
+}
+
 /// Version of the `--json` schema; bumped only on incompatible changes.
 pub const JSON_SCHEMA: u32 = 1;
 
@@ -22,6 +32,8 @@ pub struct Snapshot {
     pub iface: String,
     pub attach: AttachInfo,
     pub config: ConfigInfo,
+    /// `{"seen": N, "marked": N, ...}`, in [`GlobalCounters::NAMES`] order.
+    #[serde(serialize_with = "global_counters")]
     pub global: GlobalCounters,
     pub services: Vec<ServiceCounters>,
 }
