@@ -187,6 +187,22 @@ struct Live {
 }
 
 impl Live {
+    /// The daemon's hold once `attached` marks on the interface `setup`
+    /// names.
+    fn new(setup: &Setup, datapath: Datapath, attached: Attached) -> Live {
+        Live {
+            paths: setup.paths.clone(),
+            datapath,
+            attached: Some(attached),
+            ifindex: Some(setup.ifindex),
+            reattach_error: None,
+            config: setup.opts.config.clone(),
+            keep: setup.opts.keep,
+            current: Arc::clone(&setup.current),
+            follow: Arc::clone(&setup.follow),
+        }
+    }
+
     /// Does jobs until told to stop (or until nobody can send any more).
     fn serve(mut self, queue: &mpsc::Receiver<Job>) -> Result<String> {
         loop {
@@ -298,11 +314,9 @@ fn start(setup: &Setup) -> Result<Live> {
         opts,
         requested,
         new,
-        ifindex,
-        current,
-        follow,
+        ..
     } = setup;
-    let (requested, ifindex) = (*requested, *ifindex);
+    let requested = *requested;
     let pins_present = MAP_NAMES.iter().all(|n| paths.pin(n).exists());
     // Recover an interrupted switch before reading the state.
     let maps = if pins_present {
@@ -358,17 +372,7 @@ fn start(setup: &Setup) -> Result<Live> {
         )?;
         state.program_id = program.info().map(|i| i.id()).unwrap_or_default();
         state.netlink = attached.netlink();
-        let mut live = Live {
-            paths: paths.clone(),
-            datapath,
-            attached: Some(attached),
-            ifindex: Some(ifindex),
-            reattach_error: None,
-            config: opts.config.clone(),
-            keep: opts.keep,
-            current: Arc::clone(current),
-            follow: Arc::clone(follow),
-        };
+        let mut live = Live::new(setup, datapath, attached);
         // From here on the new program marks: an error must not take the
         // attachment (and so the marking) away with it.
         let finish = |live: &mut Live, state: &mut State| -> Result<()> {
@@ -408,20 +412,19 @@ fn start(setup: &Setup) -> Result<Live> {
     // the first packet the program sees is already classified. A failure on
     // the way removes what it created.
     paths.create_dirs()?;
-    let fresh = attach_fresh(setup, requested, ifindex);
+    let fresh = attach_fresh(setup, requested);
     if fresh.is_err() {
         let _ = paths.remove();
     }
     fresh
 }
 
-fn attach_fresh(setup: &Setup, requested: AttachMode, ifindex: u32) -> Result<Live> {
+fn attach_fresh(setup: &Setup, requested: AttachMode) -> Result<Live> {
     let Setup {
         paths,
         opts,
         new,
         current,
-        follow,
         ..
     } = setup;
     let capacity =
@@ -452,17 +455,7 @@ fn attach_fresh(setup: &Setup, requested: AttachMode, ifindex: u32) -> Result<Li
         ingress::log_after_tcx(&paths.iface, state.program_id);
     }
     ready(&state);
-    Ok(Live {
-        paths: paths.clone(),
-        datapath,
-        attached: Some(attached),
-        ifindex: Some(ifindex),
-        reattach_error: None,
-        config: opts.config.clone(),
-        keep: opts.keep,
-        current: Arc::clone(current),
-        follow: Arc::clone(follow),
-    })
+    Ok(Live::new(setup, datapath, attached))
 }
 
 /// The line that says the daemon is up (tests and operators wait for it),
