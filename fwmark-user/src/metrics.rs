@@ -14,8 +14,9 @@ use std::{
     fmt::Write as _,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
     },
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
@@ -77,10 +78,17 @@ impl Stamp {
 #[derive(Debug, Default)]
 pub struct Current {
     cache: Mutex<Cache>,
-    /// The worker is switching: readers use the config they have until it
-    /// says which one is live.
+    /// The worker is switching: readers use the config they have while the
+    /// kernel does (`ACTIVE` still at `changing_from`), and wait for the
+    /// worker to publish the new one once it moved.
     changing: AtomicBool,
+    /// The `ACTIVE` slot when the switch began.
+    changing_from: AtomicU32,
 }
+
+/// How long a scrape waits for the worker to publish the config the kernel
+/// switched to (it records the state first: a rename and an fsync).
+const PUBLISH_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Default)]
 struct Cache {
@@ -104,10 +112,17 @@ impl Current {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Called by whoever switches the config, holding the apply lock: until
-    /// the guard drops, readers serve the config they have rather than
-    /// compiling the one being switched to from the state.
-    pub fn changing(&self) -> Changing<'_> {
+    /// Called by whoever switches the config, holding the apply lock, before
+    /// the switch: until the guard drops, readers serve the config they
+    /// have while the kernel uses it, rather than compiling the one being
+    /// switched to from the state, and wait for [`Current::set`] once the
+    /// kernel uses the new one (so a scrape never shows an older generation
+    /// than `fwmark status`, which follows `ACTIVE`).
+    pub fn changing(&self, maps: &Maps) -> Changing<'_> {
+        // Unreadable (it never is while the maps are open): any slot read
+        // later differs, and the reader waits for the worker.
+        let from = maps.active_slot().unwrap_or(u32::MAX);
+        self.changing_from.store(from, Ordering::Release);
         self.changing.store(true, Ordering::Release);
         Changing(self)
     }
@@ -135,10 +150,18 @@ impl Current {
     /// another process changed it since, in which case it is compiled from
     /// the state (once: later callers get that one).
     pub fn fresh(&self, paths: &Paths, maps: &Maps) -> Result<Option<Arc<LiveConfig>>> {
-        let mut cache = self.cache();
         if self.changing.load(Ordering::Acquire) {
-            return Ok(cache.live.clone());
+            if maps.active_slot()? == self.changing_from.load(Ordering::Acquire) {
+                // The kernel still classifies by the config we have.
+                return Ok(self.cache().live.clone());
+            }
+            // Switched: the worker publishes the new config in a moment.
+            let deadline = Instant::now() + PUBLISH_WAIT;
+            while self.changing.load(Ordering::Acquire) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
+        let mut cache = self.cache();
         let stamp = Stamp::read(paths, maps)?;
         if cache.stamp == Some(stamp) {
             return Ok(cache.live.clone());

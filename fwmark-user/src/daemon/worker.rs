@@ -486,7 +486,7 @@ fn switch(
         &new.config,
         &new.ruleset,
     );
-    let _changing = current.changing();
+    let _changing = current.changing(maps);
     let diff = live::switch(paths, maps, state, new)?;
     labels.generation = state.generation;
     labels.slots = state.slots.clone();
