@@ -11,29 +11,109 @@
 //! removes its pending file itself.
 
 use std::{
-    fs,
-    path::Path,
+    fs, io,
+    path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context as _, Result};
 use fwmark_common::ABI_VERSION;
 use log::warn;
 
 use fwmark_core::{
     Loaded, LoadedError,
-    config::Config,
+    config::{Config, ConfigErrors},
     diff::{self, Diff},
-    ruleset::Ruleset,
-    slots,
+    ruleset::{Ruleset, RulesetError},
+    slots::{self, OutOfSlots},
 };
 
 use crate::{
-    datapath::Maps,
+    datapath::{DatapathError, Maps},
     durable, failpoint,
     mode::AttachMode,
     state::{Paths, STATE_VERSION, State},
 };
+
+/// Why the live configuration of an interface cannot be read or changed.
+/// Each message names the file or interface and, where the user can do
+/// something, what.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    #[error("reading {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("writing {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("recording the new state in {}", path.display())]
+    Record {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("removing {} (a change of {iface} that had not switched)", path.display())]
+    Discard {
+        iface: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "reading {}: it does not parse ({error}); it is the state an interrupted change of \
+         {iface} was switching to: move it aside, then make the live config known again with \
+         `fwmark apply --iface {iface} --config FILE`",
+        path.display()
+    )]
+    PendingCorrupt {
+        iface: String,
+        path: PathBuf,
+        error: serde_json::Error,
+    },
+    /// `error` names the file (see [`State::load`]).
+    #[error(
+        "the recorded state of {iface} does not parse ({error}); move it aside, then \
+         `fwmark detach --iface {iface}` removes the stale pins and `fwmark run` attaches afresh"
+    )]
+    StateCorrupt { iface: String, error: io::Error },
+    #[error("serializing the new state of {iface}")]
+    Serialize {
+        iface: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(
+        "the recorded live config no longer parses (interface {iface}, generation \
+         {generation}); to replace it, `fwmark detach --iface {iface}` and start `fwmark run` \
+         again"
+    )]
+    RecordedConfig {
+        iface: String,
+        generation: u64,
+        #[source]
+        source: ConfigErrors,
+    },
+    #[error(
+        "the recorded live config no longer compiles (interface {iface}, generation \
+         {generation}); to replace it, `fwmark detach --iface {iface}` and start `fwmark run` \
+         again"
+    )]
+    RecordedRuleset {
+        iface: String,
+        generation: u64,
+        #[source]
+        source: RulesetError,
+    },
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    OutOfSlots(#[from] OutOfSlots),
+}
 
 /// Reads, validates and compiles the config at `path`, logging what is
 /// legal but worth telling: who besides root can change the file, and the
@@ -93,25 +173,50 @@ struct Interrupted {
     switched: bool,
 }
 
-fn interrupted(paths: &Paths, maps: &Maps) -> Result<Option<Interrupted>> {
+fn interrupted(paths: &Paths, maps: &Maps) -> Result<Option<Interrupted>, LiveError> {
     let pending_path = pending_file(paths);
     let text = match fs::read_to_string(&pending_path) {
         Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", pending_path.display())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(LiveError::Read {
+                path: pending_path,
+                source,
+            });
+        }
     };
-    let state: State = serde_json::from_str(&text)
-        .with_context(|| format!("reading {}", pending_path.display()))?;
+    let state: State = serde_json::from_str(&text).map_err(|error| LiveError::PendingCorrupt {
+        iface: paths.iface.clone(),
+        path: pending_path.clone(),
+        error,
+    })?;
     // Each switch moves to the other slot: it happened exactly when the
     // active slot is the pending one.
     let switched = maps.active_slot()? == state.slot && maps.is_published()?;
     Ok(Some(Interrupted { state, switched }))
 }
 
+/// The recorded state (`state.json`); `Ok(None)` when there is none.
+fn recorded(paths: &Paths) -> Result<Option<State>, LiveError> {
+    State::load(paths).map_err(|error| {
+        if error.kind() == io::ErrorKind::InvalidData {
+            LiveError::StateCorrupt {
+                iface: paths.iface.clone(),
+                error,
+            }
+        } else {
+            LiveError::Read {
+                path: paths.state_file(),
+                source: error,
+            }
+        }
+    })
+}
+
 /// Reads the state, finishing or discarding an interrupted switch first
 /// (callers hold the apply lock). Without `maps` a pending switch is left
 /// for the next caller that has them.
-pub fn load_state(paths: &Paths, maps: Option<&Maps>) -> Result<Option<State>> {
+pub fn load_state(paths: &Paths, maps: Option<&Maps>) -> Result<Option<State>, LiveError> {
     if let Some(maps) = maps
         && let Some(pending) = interrupted(paths, maps)?
     {
@@ -120,36 +225,54 @@ pub fn load_state(paths: &Paths, maps: Option<&Maps>) -> Result<Option<State>> {
                 "an interrupted change of {} had switched already: recording generation {}",
                 paths.iface, pending.state.generation
             );
-            durable::rename(&pending_file(paths), &paths.state_file())?;
+            durable::rename(&pending_file(paths), &paths.state_file()).map_err(|source| {
+                LiveError::Record {
+                    path: paths.state_file(),
+                    source,
+                }
+            })?;
         } else {
             warn!(
                 "an interrupted change of {} had not switched: the live config stays",
                 paths.iface
             );
-            fs::remove_file(pending_file(paths))?;
+            fs::remove_file(pending_file(paths)).map_err(|source| LiveError::Discard {
+                iface: paths.iface.clone(),
+                path: pending_file(paths),
+                source,
+            })?;
         }
     }
-    Ok(State::load(paths)?)
+    recorded(paths)
 }
 
 /// The state as it is in the kernel, for readers (`status`, metrics): an
 /// interrupted switch that happened counts, without changing any file.
 /// The flag says the state came from such a switch (not recorded yet).
-pub fn peek_state(paths: &Paths, maps: &Maps) -> Result<Option<(State, bool)>> {
+pub fn peek_state(paths: &Paths, maps: &Maps) -> Result<Option<(State, bool)>, LiveError> {
     match interrupted(paths, maps)? {
         Some(pending) if pending.switched => Ok(Some((pending.state, true))),
-        _ => Ok(State::load(paths)?.map(|s| (s, false))),
+        _ => Ok(recorded(paths)?.map(|s| (s, false))),
     }
 }
 
 /// The live config of `state`, compiled (None before the first switch).
-pub fn live_config(state: &State) -> Result<Option<(Config, Ruleset)>> {
+pub fn live_config(state: &State) -> Result<Option<(Config, Ruleset)>, LiveError> {
     if state.generation == 0 {
         return Ok(None);
     }
-    let config = Config::parse(&state.config_text, &state.config_path)
-        .context("the recorded live config no longer parses")?;
-    let ruleset = Ruleset::compile(&config)?;
+    let config = Config::parse(&state.config_text, &state.config_path).map_err(|source| {
+        LiveError::RecordedConfig {
+            iface: state.iface.clone(),
+            generation: state.generation,
+            source,
+        }
+    })?;
+    let ruleset = Ruleset::compile(&config).map_err(|source| LiveError::RecordedRuleset {
+        iface: state.iface.clone(),
+        generation: state.generation,
+        source,
+    })?;
     Ok(Some((config, ruleset)))
 }
 
@@ -160,7 +283,12 @@ pub fn nothing_live() -> (Config, Ruleset) {
 
 /// Switches the live config to `new`: diff, counter slots, generation
 /// switch, state. Nothing changes when it fails before the switch.
-pub fn switch(paths: &Paths, maps: &mut Maps, state: &mut State, new: &Loaded) -> Result<Diff> {
+pub fn switch(
+    paths: &Paths,
+    maps: &mut Maps,
+    state: &mut State,
+    new: &Loaded,
+) -> Result<Diff, LiveError> {
     let live = live_config(state)?;
     let nothing = nothing_live();
     let (old_c, old_r) = live.as_ref().unwrap_or(&nothing);
@@ -210,19 +338,71 @@ pub fn switch(paths: &Paths, maps: &mut Maps, state: &mut State, new: &Loaded) -
     };
     debug_assert_eq!(slot, next.slot);
     failpoint::pause(failpoint::step::AFTER_SWITCH);
-    durable::rename(&pending_file(paths), &paths.state_file()).with_context(|| {
-        format!(
-            "recording the new state in {}",
-            paths.state_file().display()
-        )
+    durable::rename(&pending_file(paths), &paths.state_file()).map_err(|source| {
+        LiveError::Record {
+            path: paths.state_file(),
+            source,
+        }
     })?;
     *state = next;
     Ok(diff)
 }
 
-fn write_pending(paths: &Paths, next: &State) -> Result<()> {
+fn write_pending(paths: &Paths, next: &State) -> Result<(), LiveError> {
     // Root only, like state.json (it becomes state.json).
-    let text = serde_json::to_string_pretty(next)?;
-    durable::write(&pending_file(paths), text.as_bytes(), 0o600)
-        .with_context(|| format!("writing {}", pending_file(paths).display()))
+    let text = serde_json::to_string_pretty(next).map_err(|source| LiveError::Serialize {
+        iface: paths.iface.clone(),
+        source,
+    })?;
+    durable::write(&pending_file(paths), text.as_bytes(), 0o600).map_err(|source| {
+        LiveError::Write {
+            path: pending_file(paths),
+            source,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_that_does_not_parse_names_the_file_the_interface_and_what_to_do() {
+        let dir = std::env::temp_dir().join(format!("fwmark-live-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let paths = Paths {
+            iface: "eth7".into(),
+            pin_dir: dir.join("pins"),
+            run_dir: dir.clone(),
+        };
+        assert!(recorded(&paths).unwrap().is_none());
+        fs::write(paths.state_file(), "{ not json").unwrap();
+        let e = recorded(&paths).unwrap_err();
+        fs::remove_dir_all(&dir).unwrap();
+        assert!(matches!(e, LiveError::StateCorrupt { .. }), "{e:?}");
+        let text = e.to_string();
+        assert!(
+            text.contains(&paths.state_file().display().to_string()),
+            "{text}"
+        );
+        assert!(text.contains("fwmark detach --iface eth7"), "{text}");
+    }
+
+    #[test]
+    fn a_recorded_config_that_no_longer_parses_names_the_interface_and_the_file() {
+        let mut state = initial_state("eth7", AttachMode::Tcx, 16);
+        assert!(live_config(&state).unwrap().is_none());
+        state.generation = 3;
+        state.config_path = "/etc/fwmark/old.toml".into();
+        state.config_text = "[[service]]\nname = 1\n".into();
+        let e = live_config(&state).unwrap_err();
+        assert!(matches!(e, LiveError::RecordedConfig { .. }), "{e:?}");
+        let chain = format!("{:#}", anyhow::Error::from(e));
+        assert!(
+            chain.contains("the recorded live config no longer parses"),
+            "{chain}"
+        );
+        assert!(chain.contains("interface eth7, generation 3"), "{chain}");
+        assert!(chain.contains("/etc/fwmark/old.toml"), "{chain}");
+    }
 }
