@@ -19,3 +19,29 @@ pub mod preflight;
 pub mod rtnl;
 pub mod state;
 pub mod status;
+
+/// An error with its causes, `outer: inner: innermost`, as the binary
+/// prints them (`{:#}` of anyhow), for messages the library logs or sends
+/// itself (a typed error's `Display` is its outermost message only).
+pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn chain_shows_every_cause_like_the_binary() {
+        let io = std::io::Error::other("disk on fire");
+        let e = anyhow::Error::new(io).context("writing /run/x");
+        let typed: &(dyn std::error::Error + 'static) = e.as_ref();
+        assert_eq!(super::chain(typed), format!("{e:#}"));
+        assert_eq!(super::chain(typed), "writing /run/x: disk on fire");
+    }
+}

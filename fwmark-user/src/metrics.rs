@@ -19,7 +19,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
 use fwmark_common::GlobalCounters;
 use fwmark_core::text::mark as mark_text;
 use log::{info, warn};
@@ -30,11 +29,45 @@ use tokio::{
 };
 
 use crate::{
-    datapath::Maps,
-    live::{self, PENDING_FILE},
+    datapath::{DatapathError, Maps},
+    live::{self, LiveError, PENDING_FILE},
     state::Paths,
     status::{Counts, LiveConfig},
 };
+
+/// Why the metrics cannot be served or one scrape cannot be answered.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error(
+        "no state for {iface} in {}, though fwmark run serves its metrics (was the directory \
+         removed?); restart `fwmark run --iface {iface}`",
+        run_dir.display()
+    )]
+    NoState {
+        iface: String,
+        run_dir: std::path::PathBuf,
+    },
+    #[error("opening the maps pinned in {}", pin_dir.display())]
+    Open {
+        pin_dir: std::path::PathBuf,
+        #[source]
+        source: Box<DatapathError>,
+    },
+    #[error("--metrics: cannot listen on {addr}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the scrape stopped")]
+    ScrapeStopped(#[source] tokio::task::JoinError),
+    #[error("reading the request or writing the response")]
+    Connection(#[from] std::io::Error),
+    #[error(transparent)]
+    Live(#[from] LiveError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+}
 
 /// `9469` -> `127.0.0.1:9469`; anything else is used as given.
 pub fn listen_address(addr: &str) -> String {
@@ -58,7 +91,7 @@ pub struct Stamp {
 }
 
 impl Stamp {
-    pub fn read(paths: &Paths, maps: &Maps) -> Result<Stamp> {
+    pub fn read(paths: &Paths, maps: &Maps) -> Result<Stamp, DatapathError> {
         use std::os::unix::fs::MetadataExt as _;
         let file = |path: std::path::PathBuf| {
             std::fs::metadata(path)
@@ -149,7 +182,11 @@ impl Current {
     /// The live config as the state records it now: the one kept, unless
     /// another process changed it since, in which case it is compiled from
     /// the state (once: later callers get that one).
-    pub fn fresh(&self, paths: &Paths, maps: &Maps) -> Result<Option<Arc<LiveConfig>>> {
+    pub fn fresh(
+        &self,
+        paths: &Paths,
+        maps: &Maps,
+    ) -> Result<Option<Arc<LiveConfig>>, MetricsError> {
         if self.changing.load(Ordering::Acquire) {
             if maps.active_slot()? == self.changing_from.load(Ordering::Acquire) {
                 // The kernel still classifies by the config we have.
@@ -166,8 +203,10 @@ impl Current {
         if cache.stamp == Some(stamp) {
             return Ok(cache.live.clone());
         }
-        let (state, _) = live::peek_state(paths, maps)?
-            .with_context(|| format!("no state for {}", paths.iface))?;
+        let (state, _) = live::peek_state(paths, maps)?.ok_or_else(|| MetricsError::NoState {
+            iface: paths.iface.clone(),
+            run_dir: paths.run_dir.clone(),
+        })?;
         let kept = cache.live.as_ref().is_some_and(|l| l.is_of(&state));
         if !kept {
             cache.live = LiveConfig::of_state(&state)?.map(Arc::new);
@@ -187,9 +226,11 @@ pub struct Metrics {
 
 impl Metrics {
     /// Opens the interface's pinned maps.
-    pub fn open(paths: Paths, current: Arc<Current>) -> Result<Metrics> {
-        let maps = Maps::from_pins(&paths.pin_dir)
-            .with_context(|| format!("opening the maps pinned in {}", paths.pin_dir.display()))?;
+    pub fn open(paths: Paths, current: Arc<Current>) -> Result<Metrics, MetricsError> {
+        let maps = Maps::from_pins(&paths.pin_dir).map_err(|source| MetricsError::Open {
+            pin_dir: paths.pin_dir.clone(),
+            source: Box::new(source),
+        })?;
         Ok(Metrics {
             paths,
             maps,
@@ -198,7 +239,7 @@ impl Metrics {
     }
 
     /// One scrape: the exposition with the counters as they are now.
-    pub fn exposition(&self) -> Result<String> {
+    pub fn exposition(&self) -> Result<String, MetricsError> {
         let live = self.current.fresh(&self.paths, &self.maps)?;
         Ok(exposition(&self.paths.iface, live.as_deref(), &self.maps)?)
     }
@@ -209,7 +250,7 @@ pub fn exposition(
     iface: &str,
     live: Option<&LiveConfig>,
     maps: &Maps,
-) -> Result<String, crate::datapath::DatapathError> {
+) -> Result<String, DatapathError> {
     let counts = match live {
         Some(live) => live.counts(maps)?,
         None => Counts {
@@ -384,11 +425,14 @@ fn escape(s: &str) -> String {
 
 /// Binds and serves in a background task; each scrape runs on the blocking
 /// pool.
-pub async fn serve(addr: &str, metrics: Arc<Metrics>) -> Result<JoinHandle<()>> {
+pub async fn serve(addr: &str, metrics: Arc<Metrics>) -> Result<JoinHandle<()>, MetricsError> {
     let addr = listen_address(addr);
     let listener = TcpListener::bind(&addr)
         .await
-        .with_context(|| format!("--metrics: cannot listen on {addr}"))?;
+        .map_err(|source| MetricsError::Listen {
+            addr: addr.clone(),
+            source,
+        })?;
     info!("serving metrics at http://{addr}/metrics");
     Ok(tokio::spawn(async move {
         loop {
@@ -397,7 +441,7 @@ pub async fn serve(addr: &str, metrics: Arc<Metrics>) -> Result<JoinHandle<()>> 
                     let metrics = Arc::clone(&metrics);
                     tokio::spawn(async move {
                         if let Err(e) = respond(stream, metrics).await {
-                            warn!("metrics request failed: {e:#}");
+                            warn!("metrics request failed: {}", crate::chain(&e));
                         }
                     });
                 }
@@ -407,7 +451,7 @@ pub async fn serve(addr: &str, metrics: Arc<Metrics>) -> Result<JoinHandle<()>> 
     }))
 }
 
-async fn respond(mut stream: TcpStream, metrics: Arc<Metrics>) -> Result<()> {
+async fn respond(mut stream: TcpStream, metrics: Arc<Metrics>) -> Result<(), MetricsError> {
     let mut buf = vec![0u8; 4096];
     let mut len = 0;
     // Read the request head (the first line is all that matters).
@@ -428,14 +472,14 @@ async fn respond(mut stream: TcpStream, metrics: Arc<Metrics>) -> Result<()> {
         ("GET", "/metrics") => {
             let scrape = tokio::task::spawn_blocking(move || metrics.exposition())
                 .await
-                .context("the scrape stopped")
+                .map_err(MetricsError::ScrapeStopped)
                 .and_then(|r| r);
             match scrape {
                 Ok(body) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body),
                 Err(e) => (
                     "503 Service Unavailable",
                     "text/plain; charset=utf-8",
-                    format!("fwmark: cannot read counters: {e:#}\n"),
+                    format!("fwmark: cannot read counters: {}\n", crate::chain(&e)),
                 ),
             }
         }

@@ -6,12 +6,16 @@
 
 use std::fmt::Write as _;
 
-use anyhow::Result;
 use fwmark_common::{GlobalCounters, RuleCounters};
 use fwmark_core::{config::Config, ruleset::Ruleset, text::mark as mark_text};
 use serde::Serialize;
 
-use crate::{datapath::Maps, live, mode::AttachMode, state::State};
+use crate::{
+    datapath::{DatapathError, Maps},
+    live::{self, LiveError},
+    mode::AttachMode,
+    state::State,
+};
 
 /// The global counters as a JSON object of their names.
 fn global_counters<S: serde::Serializer>(g: &GlobalCounters, s: S) -> Result<S::Ok, S::Error> {
@@ -142,7 +146,7 @@ impl LiveConfig {
 
     /// The live config `state` records, parsed and compiled (None before
     /// the first switch).
-    pub fn of_state(state: &State) -> Result<Option<LiveConfig>> {
+    pub fn of_state(state: &State) -> Result<Option<LiveConfig>, LiveError> {
         Ok(live::live_config(state)?.map(|(config, ruleset)| {
             LiveConfig::new(
                 state.generation,
@@ -171,7 +175,7 @@ impl LiveConfig {
 
     /// Reads its counters from the maps: the global ones and every rule's
     /// and service's (the sum of its rules').
-    pub fn counts(&self, maps: &Maps) -> Result<Counts, crate::datapath::DatapathError> {
+    pub fn counts(&self, maps: &Maps) -> Result<Counts, DatapathError> {
         let global = maps.global_counters()?;
         let rules = maps.rule_counters(&self.slots)?;
         let mut services = vec![RuleCounters::default(); self.services.len()];
@@ -201,9 +205,13 @@ pub struct Counts {
 impl Snapshot {
     /// Reads the counters of the live config described by `state`
     /// (compiling it from the state).
-    pub fn collect(state: &State, maps: &Maps, daemon_pid: Option<u32>) -> Result<Snapshot> {
+    pub fn collect(
+        state: &State,
+        maps: &Maps,
+        daemon_pid: Option<u32>,
+    ) -> Result<Snapshot, LiveError> {
         let live = LiveConfig::of_state(state)?;
-        Snapshot::read(state, live.as_ref(), maps, daemon_pid)
+        Ok(Snapshot::read(state, live.as_ref(), maps, daemon_pid)?)
     }
 
     /// Reads the counters of `live`, the live config of `state` compiled
@@ -213,7 +221,7 @@ impl Snapshot {
         live: Option<&LiveConfig>,
         maps: &Maps,
         daemon_pid: Option<u32>,
-    ) -> Result<Snapshot> {
+    ) -> Result<Snapshot, DatapathError> {
         let (global, services) = match live {
             Some(live) => {
                 let counts = live.counts(maps)?;
