@@ -397,7 +397,7 @@ mod tests {
         state.config_text = "[[service]]\nname = 1\n".into();
         let e = live_config(&state).unwrap_err();
         assert!(matches!(e, LiveError::RecordedConfig { .. }), "{e:?}");
-        let chain = format!("{:#}", anyhow::Error::from(e));
+        let chain = crate::chain(&e);
         assert!(
             chain.contains("the recorded live config no longer parses"),
             "{chain}"

@@ -6,7 +6,7 @@ use fwmark::daemon::{self, Options};
 use crate::cli::RunArgs;
 
 pub fn run(args: RunArgs) -> Result<()> {
-    daemon::run(Options {
+    Ok(daemon::run(Options {
         iface: args.iface,
         config: args.config,
         attach: args.attach.mode(),
@@ -15,5 +15,5 @@ pub fn run(args: RunArgs) -> Result<()> {
         metrics: args.metrics,
         kernel_log: args.log_level.level(),
         max_rules: args.max_rules,
-    })
+    })?)
 }

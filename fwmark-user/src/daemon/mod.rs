@@ -17,21 +17,152 @@
 
 mod worker;
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{io, path::PathBuf, sync::Arc, time::Duration};
 
-use anyhow::{Context as _, Result, anyhow};
+use fwmark_core::LoadedError;
 use log::{error, info, warn};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    datapath::KernelLogger,
-    live, markers,
-    metrics::{self, Current, Metrics},
-    mode::AttachMode,
-    preflight,
-    rtnl::LinkEvents,
-    state::{Lock, Paths},
+    attach::AttachError,
+    datapath::{DatapathError, KernelLogger},
+    live::{self, LiveError},
+    markers,
+    metrics::{self, Current, Metrics, MetricsError},
+    mode::{AttachMode, NoTcx},
+    preflight::{self, PreflightError},
+    rtnl::{LinkEvents, RtnlError},
+    state::{InvalidIface, Lock, LockError, Paths},
 };
+
+/// Why `fwmark run` cannot start or go on. Each message names the
+/// interface or file and, where the user can do something, what.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("starting the async runtime")]
+    Runtime(#[source] io::Error),
+    #[error("installing the {0} handler")]
+    Signal(&'static str, #[source] io::Error),
+    #[error("subscribing to link notifications")]
+    Subscribe(#[source] RtnlError),
+    #[error("another fwmark run manages this interface")]
+    Busy(#[source] LockError),
+    #[error("watching the kernel log ring buffer: {0}")]
+    KernelLog(String),
+    #[error("starting the worker thread")]
+    Thread(#[source] io::Error),
+    #[error("the worker thread stopped while starting")]
+    WorkerStarting,
+    #[error("the worker thread stopped unexpectedly")]
+    WorkerGone,
+    #[error("the worker thread ended unasked")]
+    WorkerEnded,
+    #[error("marking stays in place on {iface}; `fwmark detach --iface {iface}` removes it")]
+    Extras {
+        iface: String,
+        #[source]
+        source: Box<DaemonError>,
+    },
+    #[error("fwmark run stops; marking on {iface} stays as it was")]
+    Stopped {
+        iface: String,
+        #[source]
+        source: Box<DaemonError>,
+    },
+    #[error(
+        "the state file vanished ({} was removed while fwmark run manages {iface})",
+        path.display()
+    )]
+    StateVanished { iface: String, path: PathBuf },
+    #[error(
+        "{} holds pins of an incompatible fwmark (layout {abi}, this one uses {ours}): run \
+         `fwmark detach --iface {iface}` first (marking stops until this run attaches)",
+        pin_dir.display()
+    )]
+    Incompatible {
+        iface: String,
+        pin_dir: PathBuf,
+        abi: u32,
+        ours: u32,
+    },
+    #[error(
+        "{iface} is attached with {mode} already; `fwmark detach --iface {iface}` first to \
+         change to {requested}"
+    )]
+    ModeMismatch {
+        iface: String,
+        mode: AttachMode,
+        requested: AttachMode,
+    },
+    #[error("detaching from {iface} failed: {error}")]
+    Detach { iface: String, error: String },
+    #[error("removing {}", path.display())]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("creating {} and {}", pin_dir.display(), run_dir.display())]
+    CreateDirs {
+        pin_dir: PathBuf,
+        run_dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("recording the state in {}", path.display())]
+    Save {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "recording the new attachment in {} failed, so it was removed",
+        path.display()
+    )]
+    SaveAttachment {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    #[error(transparent)]
+    InvalidIface(#[from] InvalidIface),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error(transparent)]
+    NoTcx(#[from] NoTcx),
+    #[error(transparent)]
+    Loaded(#[from] LoadedError),
+    #[error(transparent)]
+    Live(#[from] LiveError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+}
+
+impl DaemonError {
+    fn remove(paths: &Paths) -> impl FnOnce(io::Error) -> DaemonError {
+        let path = paths.pin_dir.clone();
+        move |source| DaemonError::Remove { path, source }
+    }
+
+    fn save(paths: &Paths) -> impl FnOnce(io::Error) -> DaemonError {
+        let path = paths.state_file();
+        move |source| DaemonError::Save { path, source }
+    }
+
+    fn vanished(paths: &Paths) -> impl FnOnce() -> DaemonError {
+        let iface = paths.iface.clone();
+        let path = paths.state_file();
+        move || DaemonError::StateVanished { iface, path }
+    }
+}
+
+type Result<T, E = DaemonError> = std::result::Result<T, E>;
 
 use worker::{Follow, Job, Setup, Stop};
 
@@ -68,22 +199,23 @@ pub fn run(opts: Options) -> Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("starting the async runtime")?
+        .map_err(DaemonError::Runtime)?
         .block_on(serve(opts))
 }
 
 async fn serve(opts: Options) -> Result<()> {
     // Handlers first: a signal that arrives while starting must not kill the
     // process half-way (it is acted on once the start is complete).
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let handler = |kind, name| signal(kind).map_err(|e| DaemonError::Signal(name, e));
+    let mut term = handler(SignalKind::terminate(), "SIGTERM")?;
+    let mut int = handler(SignalKind::interrupt(), "SIGINT")?;
+    let mut hup = handler(SignalKind::hangup(), "SIGHUP")?;
     // The file as it is before it is read: a change made while starting
     // is noticed by the first check.
     let mut last_seen = file_stamp(&opts.config);
     // Subscribed before the interface is looked up: a change from then on
     // is reported.
-    let mut links = Some(LinkEvents::subscribe().context("subscribing to link notifications")?);
+    let mut links = Some(LinkEvents::subscribe().map_err(DaemonError::Subscribe)?);
     let new = live::read_config(&opts.config)?;
     preflight::check_privileges()?;
     let kernel = preflight::check_kernel()?;
@@ -92,7 +224,7 @@ async fn serve(opts: Options) -> Result<()> {
         info!("mounted bpffs at {}", preflight::BPFFS);
     }
     let paths = Paths::new(&opts.iface)?;
-    let _daemon = Lock::daemon(&paths).context("another fwmark run manages this interface")?;
+    let _daemon = Lock::daemon(&paths).map_err(DaemonError::Busy)?;
     markers::warn_other_markers(&opts.iface);
     let requested = AttachMode::choose(opts.attach, kernel)?;
 
@@ -123,16 +255,16 @@ async fn serve(opts: Options) -> Result<()> {
             }
             None => None,
         };
-        Ok::<_, anyhow::Error>((log_task, metrics_task))
+        Ok::<_, DaemonError>((log_task, metrics_task))
     };
     let (log_task, metrics_task) = match extras.await {
         Ok(tasks) => tasks,
         Err(e) => {
             let _ = worker.finish(Stop::Keep).await;
-            return Err(e.context(format!(
-                "marking stays in place on {}; `fwmark detach --iface {}` removes it",
-                opts.iface, opts.iface
-            )));
+            return Err(DaemonError::Extras {
+                iface: opts.iface.clone(),
+                source: Box::new(e),
+            });
         }
     };
 
@@ -148,10 +280,10 @@ async fn serve(opts: Options) -> Result<()> {
         tokio::select! {
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
-            e = worker.ended() => return Err(e.context(format!(
-                "fwmark run stops; marking on {} stays as it was",
-                opts.iface
-            ))),
+            e = worker.ended() => return Err(DaemonError::Stopped {
+                iface: opts.iface.clone(),
+                source: Box::new(e),
+            }),
             events = async {
                 match links.as_mut() {
                     Some(links) => links.next().await,
@@ -213,7 +345,7 @@ fn spawn_kernel_log(logger: KernelLogger) -> Result<tokio::task::JoinHandle<()>>
     // SAFETY: the logger owns its ring buffer's fd, which stays open and the
     // same for the logger's whole life, and the AsyncFd owns the logger.
     let mut logger = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
-        .map_err(|e| anyhow!("watching the kernel log ring buffer: {e}"))?;
+        .map_err(|e| DaemonError::KernelLog(e.to_string()))?;
     Ok(tokio::spawn(async move {
         loop {
             match logger.readable_mut().await {

@@ -11,7 +11,6 @@ use std::{
     },
 };
 
-use anyhow::{Context as _, Result, anyhow, bail};
 use fwmark_common::ABI_VERSION;
 use fwmark_core::{Loaded, diff::Diff};
 use log::{error, info, warn};
@@ -28,7 +27,7 @@ use crate::{
     status::{LiveConfig, Snapshot},
 };
 
-use super::Options;
+use super::{DaemonError, Options, Result};
 
 /// Work for the worker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,11 +111,11 @@ impl Handle {
 
     /// Resolves only if the worker ends on its own (it panicked): the
     /// daemon cannot go on.
-    pub async fn ended(&mut self) -> anyhow::Error {
+    pub async fn ended(&mut self) -> DaemonError {
         match (&mut self.done).await {
             Ok(Err(e)) => e,
-            Ok(Ok(_)) => anyhow!("the worker thread ended unasked"),
-            Err(_) => anyhow!("the worker thread stopped unexpectedly"),
+            Ok(Ok(_)) => DaemonError::WorkerEnded,
+            Err(_) => DaemonError::WorkerGone,
         }
     }
 
@@ -124,9 +123,7 @@ impl Handle {
     /// table it printed on the way out.
     pub async fn finish(self, stop: Stop) -> Result<String> {
         let _ = self.jobs.send(Job::Stop(stop));
-        self.done
-            .await
-            .map_err(|_| anyhow!("the worker thread stopped unexpectedly"))?
+        self.done.await.map_err(|_| DaemonError::WorkerGone)?
     }
 }
 
@@ -161,10 +158,8 @@ pub async fn spawn(setup: Setup) -> Result<(Handle, Option<KernelLogger>)> {
             }
             let _ = done_tx.send(live.serve(&queue));
         })
-        .context("starting the worker thread")?;
-    let logger = started
-        .await
-        .map_err(|_| anyhow!("the worker thread stopped while starting"))??;
+        .map_err(DaemonError::Thread)?;
+    let logger = started.await.map_err(|_| DaemonError::WorkerStarting)??;
     Ok((Handle { jobs, done }, logger))
 }
 
@@ -257,7 +252,7 @@ impl Live {
         let iface = self.paths.iface.clone();
         let _apply = Lock::apply(&self.paths)?;
         let state = live::load_state(&self.paths, Some(&self.datapath.maps))?
-            .context("the state file vanished")?;
+            .ok_or_else(DaemonError::vanished(&self.paths))?;
         match self.attached.take() {
             Some(attached) if self.keep => {
                 info!(
@@ -270,8 +265,10 @@ impl Live {
                 info!("{which}: detaching from {iface}");
                 attached
                     .detach(&iface, state.program_id)
-                    .map_err(anyhow::Error::msg)
-                    .with_context(|| format!("detaching from {iface} failed"))?;
+                    .map_err(|error| DaemonError::Detach {
+                        iface: iface.clone(),
+                        error,
+                    })?;
             }
             None => info!(
                 "{which}: {iface} is gone, nothing is attached to it{}",
@@ -286,11 +283,11 @@ impl Live {
         // pins are gone.
         let table = self
             .table(&state)
-            .unwrap_or_else(|e| format!("(counters unavailable: {e:#})\n"));
+            .unwrap_or_else(|e| format!("(counters unavailable: {})\n", crate::chain(&e)));
         if !self.keep {
             self.paths
                 .remove()
-                .with_context(|| format!("removing {}", self.paths.pin_dir.display()))?;
+                .map_err(DaemonError::remove(&self.paths))?;
         }
         Ok(table)
     }
@@ -329,14 +326,14 @@ fn start(setup: &Setup) -> Result<Live> {
 
     let adoptable = match &state {
         Some(s) if pins_present && s.abi == ABI_VERSION => true,
-        Some(s) if pins_present => bail!(
-            "{} holds pins of an incompatible fwmark (layout {}, this one uses {}): run \
-             `fwmark detach --iface {}` first (marking stops until this run attaches)",
-            paths.pin_dir.display(),
-            s.abi,
-            ABI_VERSION,
-            paths.iface
-        ),
+        Some(s) if pins_present => {
+            return Err(DaemonError::Incompatible {
+                iface: paths.iface.clone(),
+                pin_dir: paths.pin_dir.clone(),
+                abi: s.abi,
+                ours: ABI_VERSION,
+            });
+        }
         _ => false,
     };
     if !adoptable && (state.is_some() || paths.pin_dir.exists()) {
@@ -347,18 +344,16 @@ fn start(setup: &Setup) -> Result<Live> {
         if let Some(s) = &state {
             let _ = attach::remove_left(&paths.iface, s.mode, &paths.pin("link"), s.program_id);
         }
-        paths.remove()?;
+        paths.remove().map_err(DaemonError::remove(paths))?;
     }
 
     if let (true, Some(mut state)) = (adoptable, state) {
         if opts.attach.is_some() && state.mode != requested {
-            bail!(
-                "{} is attached with {} already; `fwmark detach --iface {}` first to change to {}",
-                paths.iface,
-                state.mode,
-                paths.iface,
-                requested
-            );
+            return Err(DaemonError::ModeMismatch {
+                iface: paths.iface.clone(),
+                mode: state.mode,
+                requested,
+            });
         }
         let mut datapath =
             Datapath::load(state.rule_capacity, Some(&paths.pin_dir), opts.kernel_log)?;
@@ -376,7 +371,7 @@ fn start(setup: &Setup) -> Result<Live> {
         // From here on the new program marks: an error must not take the
         // attachment (and so the marking) away with it.
         let finish = |live: &mut Live, state: &mut State| -> Result<()> {
-            state.save(paths)?;
+            state.save(paths).map_err(DaemonError::save(paths))?;
             info!(
                 "adopted the {} attachment on {} (generation {}, program id {} now)",
                 state.mode, paths.iface, state.generation, state.program_id
@@ -411,7 +406,13 @@ fn start(setup: &Setup) -> Result<Live> {
     // Fresh: maps created and pinned, config published, then attached, so
     // the first packet the program sees is already classified. A failure on
     // the way removes what it created.
-    paths.create_dirs()?;
+    paths
+        .create_dirs()
+        .map_err(|source| DaemonError::CreateDirs {
+            pin_dir: paths.pin_dir.clone(),
+            run_dir: paths.run_dir.clone(),
+            source,
+        })?;
     let fresh = attach_fresh(setup, requested);
     if fresh.is_err() {
         let _ = paths.remove();
@@ -437,7 +438,7 @@ fn attach_fresh(setup: &Setup, requested: AttachMode) -> Result<Live> {
     state.program_id = program.info().map(|i| i.id()).unwrap_or_default();
     state.netlink = attached.netlink();
     state.attached_at = live::now();
-    state.save(paths)?;
+    state.save(paths).map_err(DaemonError::save(paths))?;
     info!(
         "attached to {} ingress via {} (program id {}): {} services, {} rules, {} exact + {} \
          prefix entries from {} (generation {})",
@@ -522,7 +523,7 @@ fn reload(live: &mut Live, path: &std::path::Path) {
         let new = live::read_config(path)?;
         let _apply = Lock::apply(&live.paths)?;
         let mut state = live::load_state(&live.paths, Some(&live.datapath.maps))?
-            .context("the state file vanished")?;
+            .ok_or_else(DaemonError::vanished(&live.paths))?;
         if state.config_sha256 == new.sha256 {
             info!(
                 "config {} unchanged (generation {})",
@@ -533,7 +534,10 @@ fn reload(live: &mut Live, path: &std::path::Path) {
         switch_logged(live, &mut state, &new)
     })();
     if let Err(e) = result {
-        error!("reload failed, the running config stays: {e:#}");
+        error!(
+            "reload failed, the running config stays: {}",
+            crate::chain(&e)
+        );
     }
 }
 
@@ -603,7 +607,7 @@ fn follow_interface(live: &mut Live) {
             ready(&state);
         }
         Err(e) => {
-            let e = format!("{e:#}");
+            let e = crate::chain(&e);
             if live.reattach_error.as_ref() != Some(&e) {
                 error!("attaching to {iface} again failed: {e}; retrying every second");
                 live.reattach_error = Some(e);
@@ -619,7 +623,7 @@ fn reattach(live: &mut Live, index: u32) -> Result<State> {
     preflight::check_interface(&iface)?;
     let _apply = Lock::apply(&live.paths)?;
     let mut state = live::load_state(&live.paths, Some(&live.datapath.maps))?
-        .context("the state file vanished")?;
+        .ok_or_else(DaemonError::vanished(&live.paths))?;
     let program = live.datapath.program_mut()?;
     let attached = attach::attach(program, &iface, state.mode, &live.paths.pin("link"))?;
     state.netlink = attached.netlink();
@@ -630,7 +634,10 @@ fn reattach(live: &mut Live, index: u32) -> Result<State> {
         if let Err(d) = attached.remove_now(&live.paths.pin("link")) {
             error!("taking the unrecorded attachment off {iface} failed: {d}");
         }
-        return Err(e).context("recording the new attachment failed, so it was removed");
+        return Err(DaemonError::SaveAttachment {
+            path: live.paths.state_file(),
+            source: e,
+        });
     }
     live.current.touch(&live.paths, &live.datapath.maps);
     live.attached = Some(attached);
