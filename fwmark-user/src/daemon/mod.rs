@@ -96,9 +96,14 @@ pub enum DaemonError {
     },
     #[error("detaching from {iface} failed: {error}")]
     Detach { iface: String, error: String },
-    #[error("removing {}", path.display())]
+    #[error(
+        "removing the pins in {} and the state in {}",
+        pin_dir.display(),
+        run_dir.display()
+    )]
     Remove {
-        path: PathBuf,
+        pin_dir: PathBuf,
+        run_dir: PathBuf,
         #[source]
         source: io::Error,
     },
@@ -146,8 +151,12 @@ pub enum DaemonError {
 
 impl DaemonError {
     fn remove(paths: &Paths) -> impl FnOnce(io::Error) -> DaemonError {
-        let path = paths.pin_dir.clone();
-        move |source| DaemonError::Remove { path, source }
+        let (pin_dir, run_dir) = (paths.pin_dir.clone(), paths.run_dir.clone());
+        move |source| DaemonError::Remove {
+            pin_dir,
+            run_dir,
+            source,
+        }
     }
 
     fn save(paths: &Paths) -> impl FnOnce(io::Error) -> DaemonError {
