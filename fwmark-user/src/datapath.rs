@@ -40,14 +40,17 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub static FLOOR_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fwmark-floor"));
 
-/// Inserts `keys[i] -> values[i]` with `BPF_MAP_UPDATE_BATCH`, many entries
-/// per syscall. On an error, returns where the failed chunk starts (all
-/// before it were inserted), with the error.
-fn update_batch<K, V>(
-    map: &MapData,
-    keys: &[K],
-    values: &[V],
+/// Inserts `keys[i] -> values[i]` into an exact-entry map with
+/// `BPF_MAP_UPDATE_BATCH`, many entries per syscall. On an error, returns
+/// where the failed chunk starts (all before it were inserted), with the
+/// error. The map is typed, so its key and value sizes are those of
+/// `ServiceKey` and `Target` (aya checks them when the map is made).
+fn update_batch(
+    map: &HashMap<MapData, ServiceKey, Target>,
+    keys: &[ServiceKey],
+    values: &[Target],
 ) -> Result<(), (usize, std::io::Error)> {
+    let map = map.map();
     use std::os::fd::{AsFd as _, AsRawFd as _};
     const CHUNK: usize = 16 * 1024;
     assert_eq!(keys.len(), values.len(), "one value per key");
@@ -65,7 +68,9 @@ fn update_batch<K, V>(
             elem_flags: 0,
             flags: 0,
         };
-        if let Err(error) = bpf_batch(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut batch) {
+        // SAFETY: `keys` and `values` hold at least `n` elements from `done`
+        // on, of the map's key and value sizes (the map is typed).
+        if let Err(error) = unsafe { bpf_batch(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut batch) } {
             // The kernel reports a partial count only once it started; redo
             // the whole chunk one by one (inserting again is harmless).
             return Err((done, error));
@@ -76,18 +81,25 @@ fn update_batch<K, V>(
 }
 
 /// The `bpf(2)` syscall with a `batch` command (`BPF_MAP_*_BATCH`, since
-/// Linux 5.6). The caller makes `batch.keys` and `batch.values` point at
-/// `batch.count` keys and values of the map's key and value sizes. The
-/// kernel's answer (the count done, the next token) is copied back into
-/// `batch`, also when it fails.
-fn bpf_batch(cmd: bpf_cmd, batch: &mut bpf_attr__bindgen_ty_3) -> std::io::Result<()> {
+/// Linux 5.6). The kernel's answer (the count done, the next token) is
+/// copied back into `batch`, also when it fails.
+///
+/// # Safety
+///
+/// `batch.keys` and `batch.values` point at room for `batch.count` keys
+/// and values of the map's (`batch.map_fd`'s) key and value sizes (for a
+/// per-CPU map, values of the value size rounded up to 8 bytes, times the
+/// possible CPUs), readable for an update and writable for a lookup; a
+/// non-zero `in_batch`/`out_batch` points at a key.
+unsafe fn bpf_batch(cmd: bpf_cmd, batch: &mut bpf_attr__bindgen_ty_3) -> std::io::Result<()> {
     // SAFETY: `bpf_attr` is a C union of plain integers: all zeroes is a
     // valid value (and what the kernel requires of the unused bytes).
     let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
     attr.batch = *batch;
     // SAFETY: `attr` is a valid, fully initialized `bpf_attr` of the size
-    // passed; the kernel reads `count` keys and values through the pointers
-    // in it, which the caller made valid for that many elements.
+    // passed; the kernel reads or writes `count` keys and values through
+    // the pointers in it, which the caller made valid for that many
+    // elements (this function's contract).
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -107,7 +119,12 @@ fn bpf_batch(cmd: bpf_cmd, batch: &mut bpf_attr__bindgen_ty_3) -> std::io::Resul
 /// `BPF_MAP_LOOKUP_BATCH`, many per syscall: `len * cpus` values, index
 /// by index (the kernel's per-CPU layout). `None` where the kernel
 /// refuses batches (the caller reads one by one).
-fn lookup_batch_per_cpu<V: bytemuck::Pod>(map: &MapData, len: u32, cpus: usize) -> Option<Vec<V>> {
+fn lookup_batch_per_cpu<V: aya::Pod + bytemuck::Pod>(
+    map: &PerCpuArray<MapData, V>,
+    len: u32,
+    cpus: usize,
+) -> Option<Vec<V>> {
+    let map = map.map();
     use std::os::fd::{AsFd as _, AsRawFd as _};
     const CHUNK: u32 = 16 * 1024;
     // Per-CPU values are 8-byte aligned in the kernel's copy.
@@ -141,7 +158,12 @@ fn lookup_batch_per_cpu<V: bytemuck::Pod>(map: &MapData, len: u32, cpus: usize) 
         // The token is a u32 (the array's key size), `keys` has room for
         // `n` keys and `values` for `n` per-CPU values of `cpus` CPUs of
         // the map's value size (V is typed like the map).
-        let result = bpf_batch(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut batch);
+        // SAFETY: the token is a u32 (an array's key), `keys` has room for
+        // `n` keys and `values` for `n` per-CPU values of `cpus` CPUs of the
+        // map's value size: the map is typed with V (aya checks the size)
+        // and V is a multiple of 8 bytes (asserted above), so the kernel's
+        // rounding adds nothing.
+        let result = unsafe { bpf_batch(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut batch) };
         let end = matches!(&result, Err(e) if e.raw_os_error() == Some(libc::ENOENT));
         if result.is_err() && !end {
             return None;
@@ -326,7 +348,7 @@ impl Maps {
         let keys: Vec<ServiceKey> = ruleset.exact.iter().map(|(k, _)| *k).collect();
         let values: Vec<Target> = ruleset.exact.iter().map(|(_, t)| target(t)).collect();
         // Many entries per syscall; one by one where batches are refused.
-        if let Err((done, _)) = update_batch(exact.map(), &keys, &values) {
+        if let Err((done, _)) = update_batch(&exact, &keys, &values) {
             for (key, value) in keys.iter().zip(&values).skip(done) {
                 exact
                     .insert(key, value, 0)
@@ -457,9 +479,7 @@ impl Maps {
             });
         }
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Cpus(e))?;
-        if let Some(all) =
-            lookup_batch_per_cpu::<RuleCounters>(self.rule_stats.map(), top + 1, cpus)
-        {
+        if let Some(all) = lookup_batch_per_cpu::<RuleCounters>(&self.rule_stats, top + 1, cpus) {
             return Ok(slots
                 .iter()
                 .map(|&s| sum(&all[s as usize * cpus..(s as usize + 1) * cpus]))

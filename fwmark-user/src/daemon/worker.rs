@@ -181,6 +181,18 @@ struct Live {
     follow: Arc<Follow>,
 }
 
+/// An attachment goes only by an explicit detach (or `remove_now`,
+/// `abandon`): a `Live` dropped any other way (an error on the way out, a
+/// panic of the worker) leaves marking in place, as after `kill -9`, and
+/// the next `fwmark run` adopts it.
+impl Drop for Live {
+    fn drop(&mut self) {
+        if let Some(attached) = self.attached.take() {
+            attached.keep();
+        }
+    }
+}
+
 impl Live {
     /// The daemon's hold once `attached` marks on the interface `setup`
     /// names.
@@ -545,10 +557,24 @@ fn reload(live: &mut Live, path: &std::path::Path) {
 /// coming back (deleted and created again: a new index), and attaches to
 /// the new one with the same maps, config and counters.
 fn follow_interface(live: &mut Live) {
+    // A rename while re-attaching is notified before the async side knows
+    // the new index (it drops that event): look again after attaching, a
+    // few times at most (an interface that keeps flapping is followed by
+    // its next notifications).
+    for _ in 0..4 {
+        if !follow_interface_once(live) {
+            break;
+        }
+    }
+}
+
+/// One look at the interface; true when it re-attached and the name
+/// names another device since.
+fn follow_interface_once(live: &mut Live) -> bool {
     let iface = live.paths.iface.clone();
     let now = preflight::interface_index(&iface).ok();
     if now.is_some() && now == live.ifindex {
-        return;
+        return false;
     }
     if let Some(old) = live.ifindex.take() {
         let generation = State::load(&live.paths)
@@ -593,11 +619,11 @@ fn follow_interface(live: &mut Live) {
             }
         }
     }
-    let Some(index) = now else {
-        return;
-    };
-    match reattach(live, index) {
-        Ok(state) => {
+    if now.is_none() {
+        return false;
+    }
+    match reattach(live) {
+        Ok((state, index)) => {
             live.reattach_error = None;
             info!(
                 "{iface} is back (index {index}): attached again via {} (program id {}, \
@@ -605,6 +631,8 @@ fn follow_interface(live: &mut Live) {
                 state.mode, state.program_id, state.generation
             );
             ready(&state);
+            live.publish_follow();
+            preflight::interface_index(&iface).ok() != Some(index)
         }
         Err(e) => {
             let e = crate::chain(&e);
@@ -612,15 +640,17 @@ fn follow_interface(live: &mut Live) {
                 error!("attaching to {iface} again failed: {e}; retrying every second");
                 live.reattach_error = Some(e);
             }
+            false
         }
     }
 }
 
-/// Attaches the loaded program to the interface as it is now (`index`),
-/// in the recorded mode, and records the new attachment.
-fn reattach(live: &mut Live, index: u32) -> Result<State> {
+/// Attaches the loaded program to the interface as it is now, in the
+/// recorded mode, and records the new attachment; returns the state and the
+/// interface's index.
+fn reattach(live: &mut Live) -> Result<(State, u32)> {
     let iface = live.paths.iface.clone();
-    preflight::check_interface(&iface)?;
+    let index = preflight::check_interface(&iface)?;
     let _apply = Lock::apply(&live.paths)?;
     let mut state = live::load_state(&live.paths, Some(&live.datapath.maps))?
         .ok_or_else(DaemonError::vanished(&live.paths))?;
@@ -642,5 +672,5 @@ fn reattach(live: &mut Live, index: u32) -> Result<State> {
     live.current.touch(&live.paths, &live.datapath.maps);
     live.attached = Some(attached);
     live.ifindex = Some(index);
-    Ok(state)
+    Ok((state, index))
 }
