@@ -380,14 +380,6 @@ fn five_thousand_rules() -> String {
     s
 }
 
-/// Writes the generated rule set where a person can run it by hand.
-#[test]
-#[ignore = "writes target/five-thousand.rules for manual runs"]
-fn write_five_thousand_rules() {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/five-thousand.rules");
-    std::fs::write(path, five_thousand_rules()).unwrap();
-}
-
 #[test]
 #[ignore = "needs root: `cargo xtask test` runs it"]
 fn five_thousand_rules_differential() {
