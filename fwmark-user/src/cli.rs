@@ -50,7 +50,7 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the man page (roff).
+    /// Print the man page, fwmark(8) (roff).
     Man,
 }
 

@@ -37,7 +37,9 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut Cli::command(), "fwmark", &mut std::io::stdout());
             Ok(())
         }
+        // fwmark(8): a system administration command.
         Command::Man => clap_mangen::Man::new(Cli::command())
+            .section("8")
             .render(&mut std::io::stdout())
             .map_err(anyhow::Error::from),
     };
