@@ -179,7 +179,9 @@ impl fmt::Display for ConfigErrors {
 pub enum LoadError {
     #[error("cannot read config {path}: {error}{hint}", hint = read_hint(error))]
     Read { path: String, error: std::io::Error },
-    #[error("{0}")]
+    // Transparent: with `#[error("{0}")]` the errors would also be the
+    // source, and `{:#}` would print every one of them twice.
+    #[error(transparent)]
     Invalid(#[from] ConfigErrors),
 }
 
@@ -636,6 +638,19 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigErrors> {
         Config::parse(text, "test.toml")
+    }
+
+    #[test]
+    fn a_load_error_says_each_problem_once_through_its_causes() {
+        // What `{:#}` prints at the command edge: the error, then each source.
+        let error = LoadError::from(parse("x = 1\n").expect_err("unknown field"));
+        let mut text = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            text = format!("{text}: {cause}");
+            source = cause.source();
+        }
+        assert_eq!(text.matches("unknown field `x`").count(), 1, "{text}");
     }
 
     fn one_error(text: &str) -> ConfigError {
