@@ -171,6 +171,9 @@ impl NftTable {
 /// the nftables tables.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
+    /// Whether IPVS is there at all (the `ip_vs` module loaded); without
+    /// it `services` is empty.
+    pub loaded: bool,
     pub services: Vec<IpvsService>,
     pub nft_tables: Vec<NftTable>,
 }
@@ -262,6 +265,8 @@ pub const FOREIGN_BITS: &[ForeignBits] = &[
 /// says what to change.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Finding {
+    /// No IPVS in the kernel: nothing takes the marked packets.
+    IpvsNotLoaded,
     /// A service's mark that no IPVS fwmark service of a family it has VIPs
     /// in uses: IPVS leaves those packets alone.
     NoIpvsService {
@@ -298,6 +303,7 @@ impl Finding {
     /// A short stable name (`--json`, tests).
     pub fn kind(&self) -> &'static str {
         match self {
+            Finding::IpvsNotLoaded => "ipvs_not_loaded",
             Finding::NoIpvsService { .. } => "no_ipvs_service",
             Finding::NotMarked { .. } => "not_marked",
             Finding::MixedProtocols { .. } => "mixed_protocols",
@@ -311,6 +317,10 @@ impl Finding {
 impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Finding::IpvsNotLoaded => f.write_str(
+                "IPVS is not loaded: `modprobe ip_vs` (keepalived loads it when it starts); \
+                 until then no marked packet reaches a virtual service",
+            ),
             Finding::NoIpvsService {
                 service,
                 mark,
@@ -388,15 +398,20 @@ impl fmt::Display for Finding {
 
 /// Everything worth a warning about `marks` (a config's services) against
 /// `ipvs`, in a stable order: per service first, then per IPVS service,
-/// then the nftables tables.
+/// then the nftables tables. Without IPVS loaded that is said once,
+/// instead of once per mark.
 pub fn check(marks: &[MarkUse], ipvs: &Snapshot) -> Vec<Finding> {
     let mut findings = Vec::new();
+    if !ipvs.loaded {
+        findings.push(Finding::IpvsNotLoaded);
+    }
     // Marks IPVS does not use, and marks with foreign bits.
     for m in marks {
         for &family in &m.families {
-            if !ipvs
-                .fwmark_services()
-                .any(|s| s.family == family && m.feeds(s))
+            if ipvs.loaded
+                && !ipvs
+                    .fwmark_services()
+                    .any(|s| s.family == family && m.feeds(s))
             {
                 findings.push(Finding::NoIpvsService {
                     service: m.service.clone(),
@@ -516,6 +531,7 @@ mod tests {
         let marks = config(WEB);
         assert_eq!(marks[0].families, vec![Family::V4, Family::V6]);
         let mut ipvs = Snapshot {
+            loaded: true,
             services: vec![
                 fwm(80, Family::V4, vec![dest(2), dest(3)]),
                 fwm(80, Family::V6, vec![dest(4)]),
@@ -553,6 +569,7 @@ mod tests {
         tcp.port = 80;
         assert_eq!(tcp.label(), "TCP 192.0.2.10:80");
         let ipvs = Snapshot {
+            loaded: true,
             services: vec![tcp, fwm(80, Family::V6, vec![dest(3)])],
             nft_tables: vec![],
         };
@@ -563,6 +580,7 @@ mod tests {
     fn unmarked_and_empty_ipvs_services_are_reported() {
         let marks = config(WEB);
         let ipvs = Snapshot {
+            loaded: true,
             services: vec![
                 fwm(80, Family::V4, vec![]),
                 fwm(80, Family::V6, vec![dest(2)]),
@@ -589,6 +607,7 @@ mod tests {
         let v4_only =
             config("[[service]]\nvip = \"192.0.2.10\"\nproto = \"tcp\"\nports = [80]\nmark = 80\n");
         let ipvs = Snapshot {
+            loaded: true,
             services: vec![
                 fwm(80, Family::V4, vec![dest(2)]),
                 fwm(80, Family::V6, vec![dest(2)]),
@@ -613,6 +632,7 @@ mod tests {
              [[service]]\nname = \"web\"\nvip = \"192.0.2.80\"\nproto = \"tcp\"\nports = [80, 443]\nmark = 80\n",
         );
         let ipvs = Snapshot {
+            loaded: true,
             services: vec![
                 fwm(53, Family::V4, vec![dest(2)]),
                 fwm(54, Family::V4, vec![dest(2)]),
@@ -647,6 +667,7 @@ mod tests {
              [[service]]\nname = \"plain\"\nvip = \"192.0.2.5\"\nproto = \"tcp\"\nmark = 0xff\n",
         );
         let ipvs = Snapshot {
+            loaded: true,
             services: [0x4001, 0x10000, 0x100, 0x4000, 0xff]
                 .into_iter()
                 .map(|m| fwm(m, Family::V4, vec![dest(2)]))
@@ -673,6 +694,7 @@ mod tests {
             "[[service]]\nname = \"low\"\nvip = \"192.0.2.1\"\nproto = \"tcp\"\nmark = 0x100\nmask = 0xffff\n",
         );
         let ipvs = Snapshot {
+            loaded: true,
             services: vec![
                 fwm(0x100, Family::V4, vec![dest(2)]),
                 fwm(0x2_0100, Family::V4, vec![dest(2)]),
@@ -694,6 +716,7 @@ mod tests {
     fn keepalived_table_is_reported_per_family_and_others_are_not() {
         let marks = config(WEB);
         let ipvs = Snapshot {
+            loaded: true,
             services: vec![
                 fwm(80, Family::V4, vec![dest(2)]),
                 fwm(80, Family::V6, vec![dest(2)]),
@@ -719,6 +742,36 @@ mod tests {
             f[1].to_string().contains("`ip6 keepalived_ipvs`"),
             "{}",
             f[1]
+        );
+    }
+
+    #[test]
+    fn without_ipvs_that_is_said_once_and_config_findings_remain() {
+        let marks = config(
+            "[[service]]\nname = \"a\"\nvip = \"192.0.2.1\"\nproto = [\"tcp\", \"udp\"]\nmark = 80\n\n\
+             [[service]]\nname = \"b\"\nvip = \"2001:db8::1\"\nproto = \"tcp\"\nmark = 0x4000\n",
+        );
+        let ipvs = Snapshot {
+            loaded: false,
+            services: vec![],
+            nft_tables: vec![NftTable {
+                family: 2,
+                name: KEEPALIVED_TABLE.into(),
+            }],
+        };
+        let f = check(&marks, &ipvs);
+        assert_eq!(
+            kinds(&f),
+            vec![
+                "ipvs_not_loaded",
+                "foreign_bits",
+                "mixed_protocols",
+                "keepalived_table"
+            ]
+        );
+        assert!(
+            f[0].to_string()
+                .starts_with("IPVS is not loaded: `modprobe ip_vs`")
         );
     }
 

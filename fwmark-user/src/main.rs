@@ -29,7 +29,7 @@ fn main() -> ExitCode {
         Command::Apply(args) => cmd::apply::apply(args),
         Command::Status(args) => cmd::status::status(args),
         Command::Detach(args) => cmd::detach::detach(&args.iface),
-        Command::Check(args) => cmd::check::check(&args.config),
+        Command::Check(args) => cmd::check::check(&args),
         Command::Import(args) => cmd::import::import(args),
         Command::Export(args) => cmd::export::export(args),
         Command::Explain(args) => cmd::explain::explain(args),
