@@ -614,3 +614,143 @@ pub fn parse_message(bytes: &[u8]) -> Result<IpvsMessage, String> {
         other => Err(format!("not an IPVS message: {other:?}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An attribute as the kernel lays it out (`nla_put`): length, type,
+    /// value, padding to 4 bytes.
+    fn put(out: &mut Vec<u8>, kind: u16, value: &[u8]) {
+        out.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
+        out.extend_from_slice(&kind.to_ne_bytes());
+        out.extend_from_slice(value);
+        out.resize(out.len().div_ceil(4) * 4, 0);
+    }
+
+    /// A whole netlink message of family `id`, command `cmd`, with one
+    /// nested attribute `outer` holding `inner`.
+    fn message(id: u16, cmd: u8, outer: u16, inner: &[u8]) -> Vec<u8> {
+        let mut attrs = Vec::new();
+        put(&mut attrs, outer, inner);
+        let mut m = Vec::new();
+        m.extend_from_slice(&((16 + 4 + attrs.len()) as u32).to_ne_bytes());
+        m.extend_from_slice(&id.to_ne_bytes());
+        m.extend_from_slice(&2u16.to_ne_bytes()); // NLM_F_MULTI
+        m.extend_from_slice(&1u32.to_ne_bytes());
+        m.extend_from_slice(&77u32.to_ne_bytes());
+        m.extend_from_slice(&[cmd, VERSION, 0, 0]);
+        m.extend_from_slice(&attrs);
+        m
+    }
+
+    /// A fwmark service as ip_vs_genl_fill_service() writes it: family,
+    /// mark, scheduler, flags {flags, mask}, timeout, netmask, and the
+    /// nested statistics (skipped by the parser).
+    #[test]
+    fn a_fwmark_service_and_its_real_server_parse_as_the_kernel_sends_them() {
+        let mut svc = Vec::new();
+        put(&mut svc, IPVS_SVC_ATTR_AF, &AF_INET6.to_ne_bytes());
+        put(&mut svc, IPVS_SVC_ATTR_FWMARK, &86u32.to_ne_bytes());
+        put(&mut svc, IPVS_SVC_ATTR_SCHED_NAME, b"wlc\0");
+        let mut flags = 1u32.to_ne_bytes().to_vec();
+        flags.extend_from_slice(&u32::MAX.to_ne_bytes());
+        put(&mut svc, IPVS_SVC_ATTR_FLAGS, &flags);
+        put(&mut svc, IPVS_SVC_ATTR_TIMEOUT, &300u32.to_ne_bytes());
+        put(&mut svc, 9, &128u32.to_be_bytes()); // NETMASK
+        let mut stats = Vec::new();
+        put(&mut stats, 1, &5u32.to_ne_bytes());
+        put(&mut svc, 10, &stats); // STATS
+        let bytes = message(0x1d, IPVS_CMD_NEW_SERVICE, IPVS_CMD_ATTR_SERVICE, &svc);
+        let parsed = parse_service(&parse_message(&bytes).unwrap()).unwrap();
+        assert_eq!(
+            parsed,
+            IpvsService {
+                family: Family::V6,
+                fwmark: 86,
+                protocol: 0,
+                addr: None,
+                port: 0,
+                scheduler: "wlc".into(),
+                flags: 1,
+                timeout: 300,
+                dests: vec![],
+            }
+        );
+        assert_eq!(parsed.label(), "FWM 86 IPv6");
+
+        let mut dest = Vec::new();
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&[10, 0, 2, 2]);
+        put(&mut dest, IPVS_DEST_ATTR_ADDR, &addr);
+        put(&mut dest, IPVS_DEST_ATTR_PORT, &0u16.to_be_bytes());
+        put(&mut dest, IPVS_DEST_ATTR_FWD_METHOD, &0u32.to_ne_bytes());
+        put(&mut dest, IPVS_DEST_ATTR_WEIGHT, &3u32.to_ne_bytes());
+        put(&mut dest, IPVS_DEST_ATTR_ACTIVE_CONNS, &7u32.to_ne_bytes());
+        put(&mut dest, IPVS_DEST_ATTR_INACT_CONNS, &9u32.to_ne_bytes());
+        put(&mut dest, IPVS_DEST_ATTR_PERSIST_CONNS, &2u32.to_ne_bytes());
+        put(
+            &mut dest,
+            IPVS_DEST_ATTR_ADDR_FAMILY,
+            &AF_INET.to_ne_bytes(),
+        );
+        let bytes = message(0x1d, IPVS_CMD_NEW_DEST, IPVS_CMD_ATTR_DEST, &dest);
+        // An IPv4 real server of the IPv6 service: its own family decides.
+        let d = parse_dest(&parse_message(&bytes).unwrap(), Family::V6).unwrap();
+        assert_eq!(d.addr, IpAddr::from([10, 0, 2, 2]));
+        assert_eq!(
+            (d.weight, d.active_conns, d.inactive_conns, d.persist_conns),
+            (3, 7, 9, 2)
+        );
+        assert_eq!(d.forward_name(), "Masq");
+    }
+
+    #[test]
+    fn an_address_port_service_parses_and_truncated_values_are_refused() {
+        let mut svc = Vec::new();
+        put(&mut svc, IPVS_SVC_ATTR_AF, &AF_INET.to_ne_bytes());
+        put(&mut svc, IPVS_SVC_ATTR_PROTOCOL, &17u16.to_ne_bytes());
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&[192, 0, 2, 53]);
+        put(&mut svc, IPVS_SVC_ATTR_ADDR, &addr);
+        put(&mut svc, IPVS_SVC_ATTR_PORT, &53u16.to_be_bytes());
+        let bytes = message(0x1d, IPVS_CMD_NEW_SERVICE, IPVS_CMD_ATTR_SERVICE, &svc);
+        let parsed = parse_service(&parse_message(&bytes).unwrap()).unwrap();
+        assert_eq!(parsed.label(), "UDP 192.0.2.53:53");
+
+        let mut bad = Vec::new();
+        put(&mut bad, IPVS_SVC_ATTR_AF, &AF_INET.to_ne_bytes());
+        put(&mut bad, IPVS_SVC_ATTR_FWMARK, &[1, 2]);
+        let bytes = message(0x1d, IPVS_CMD_NEW_SERVICE, IPVS_CMD_ATTR_SERVICE, &bad);
+        let e = parse_service(&parse_message(&bytes).unwrap()).unwrap_err();
+        assert!(e.contains("IPVS_SVC_ATTR_FWMARK: 2 bytes"), "{e}");
+    }
+
+    /// The destination request names the service the way
+    /// ip_vs_genl_parse_service() needs: family and mark, nested.
+    #[test]
+    fn the_dest_request_names_a_fwmark_service_by_family_and_mark() {
+        let svc = IpvsService {
+            family: Family::V4,
+            fwmark: 80,
+            protocol: 0,
+            addr: None,
+            port: 0,
+            scheduler: "rr".into(),
+            flags: 0,
+            timeout: 0,
+            dests: vec![],
+        };
+        let mut m = GenlMessage::from_payload(dest_request(0x1d, &svc));
+        m.finalize();
+        let bytes = serialize(m, NLM_F_DUMP, 1);
+        assert_eq!(u16::from_ne_bytes([bytes[4], bytes[5]]), 0x1d);
+        assert_eq!(bytes[16], IPVS_CMD_GET_DEST);
+        let mut inner = Vec::new();
+        put(&mut inner, IPVS_SVC_ATTR_AF, &AF_INET.to_ne_bytes());
+        put(&mut inner, IPVS_SVC_ATTR_FWMARK, &80u32.to_ne_bytes());
+        let mut want = Vec::new();
+        put(&mut want, IPVS_CMD_ATTR_SERVICE, &inner);
+        assert_eq!(&bytes[20..], &want[..]);
+    }
+}
