@@ -22,7 +22,7 @@ use std::{io, net::IpAddr};
 
 use fwmark_core::ipvs_check::{Family, IpvsDest, IpvsService, NftTable, Snapshot};
 use netlink_packet_core::{
-    DecodeError, Emitable, NLA_TYPE_MASK, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
+    DecodeError, Emitable, NLA_TYPE_MASK, NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
     NetlinkDeserializable, NetlinkHeader, NetlinkMessage, NetlinkPayload, NetlinkSerializable, Nla,
     NlasIterator, ParseableParametrized,
 };
@@ -80,6 +80,8 @@ const AF_INET6: u16 = libc::AF_INET6 as u16;
 /// A dump the kernel marks as interrupted (what it lists changed while it
 /// was read) is read again, at most this many times.
 const DUMP_ATTEMPTS: usize = 5;
+/// How long one read of an answer may wait.
+const RECV_TIMEOUT_SECS: i64 = 5;
 
 /// Why IPVS (or the nftables tables) could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -427,6 +429,14 @@ where
         why,
     };
     let mut socket = Socket::new(protocol).map_err(kernel)?;
+    // A kernel that never ends its answer must not hang `status` or a
+    // scrape thread.
+    nix::sys::socket::setsockopt(
+        &socket,
+        nix::sys::socket::sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(RECV_TIMEOUT_SECS, 0),
+    )
+    .map_err(|e| kernel(e.into()))?;
     socket.bind_auto().map_err(kernel)?;
     socket.connect(&SocketAddr::new(0, 0)).map_err(kernel)?;
     let seq = 1;
@@ -498,7 +508,9 @@ pub fn family_id() -> Result<u16, IpvsError> {
         nlas: vec![GenlCtrlAttrs::FamilyName(FAMILY_NAME.to_string())],
     });
     request.finalize();
-    let replies = match exchange(NETLINK_GENERIC, request, 0, what) {
+    // NLM_F_ACK: a lookup that succeeds ends with the acknowledgement (it
+    // is no dump, so no NLMSG_DONE follows the answer).
+    let replies = match exchange(NETLINK_GENERIC, request, NLM_F_ACK, what) {
         Err(IpvsError::Kernel { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
             return Err(IpvsError::NotLoaded);
         }
