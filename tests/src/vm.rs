@@ -1170,7 +1170,7 @@ fn ipvs_check_step(fwmark: &Path, example: &Path, moved: &Path) -> Result<()> {
     // keepalived with `virtual_server fwmark 53` makes the missing service.
     let mut keepalived = Keepalived::start(
         "fwm53",
-        "virtual_server fwmark 53 {\n  lb_algo rr\n  lb_kind NAT\n  protocol UDP\n\
+        "virtual_server fwmark 53 {\n  lb_algo rr\n  lb_kind NAT\n\
          real_server 10.0.2.2 53 {\n  }\n  real_server 10.0.3.2 53 {\n  }\n}\n",
     )?;
     keepalived.wait("FWM 53", || has_fwm(53))?;
