@@ -17,6 +17,8 @@
 //!   the kernel program is tested against);
 //! - [`explain`]: one packet through the model, in words;
 //! - [`import`] / [`export`]: iptables rules in and out;
+//! - [`ipvs_check`]: a config's marks against what IPVS (and keepalived's
+//!   nftables table) does with them;
 //! - [`loaded`]: a config file read, hashed and compiled.
 
 pub mod config;
@@ -25,6 +27,7 @@ pub mod explain;
 pub mod export;
 pub mod frame;
 pub mod import;
+pub mod ipvs_check;
 pub mod loaded;
 pub mod model;
 pub mod precedence;

@@ -213,6 +213,14 @@ pub struct CheckArgs {
     /// Config file.
     #[arg(long, short = 'c', value_name = "FILE", default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
+    /// Also compare the marks with IPVS's fwmark services (and look for
+    /// keepalived's nftables marking table); prints warnings. Reads the
+    /// kernel: needs root or CAP_NET_ADMIN.
+    #[arg(long)]
+    pub ipvs: bool,
+    /// With --ipvs: exit 1 when there is any warning.
+    #[arg(long, requires = "ipvs")]
+    pub strict: bool,
 }
 
 #[derive(Debug, clap::Args)]

@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod durable;
 pub mod failpoint;
 pub mod ingress;
+pub mod ipvs;
 pub mod live;
 pub mod markers;
 pub mod metrics;

@@ -32,7 +32,7 @@ fn main() -> ExitCode {
             Some(iface) => cmd::detach::detach(&iface),
             None => cmd::detach::detach_all(),
         },
-        Command::Check(args) => cmd::check::check(&args.config),
+        Command::Check(args) => cmd::check::check(&args),
         Command::Import(args) => cmd::import::import(args),
         Command::Export(args) => cmd::export::export(args),
         Command::Explain(args) => cmd::explain::explain(args),

@@ -8,7 +8,8 @@
 //! check of the state file and the `ACTIVE` map ([`Stamp`]); only then is
 //! the recorded config compiled again, once, by the scrape that noticed it.
 //! Scrapes run on tokio's blocking pool, never on the task that answers
-//! signals.
+//! signals; each also reads IPVS (two short netlink dumps, `crate::ipvs`)
+//! for the `fwmark_ipvs_*` gauges.
 
 use std::{
     fmt::Write as _,
@@ -20,7 +21,7 @@ use std::{
 };
 
 use fwmark_common::GlobalCounters;
-use fwmark_core::text::mark as mark_text;
+use fwmark_core::{ipvs_check, text::mark as mark_text};
 use log::{info, warn};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -238,10 +239,22 @@ impl Metrics {
         })
     }
 
-    /// One scrape: the exposition with the counters as they are now.
+    /// One scrape: the exposition with the counters as they are now, and
+    /// what IPVS has for the live config's marks (left out, with a
+    /// warning in the log, when IPVS cannot be read).
     pub fn exposition(&self) -> Result<String, MetricsError> {
         let live = self.current.fresh(&self.paths, &self.maps)?;
-        Ok(exposition(&self.paths.iface, live.as_deref(), &self.maps)?)
+        let mut text = exposition(&self.paths.iface, live.as_deref(), &self.maps)?;
+        if let Some(live) = live.as_deref() {
+            match crate::ipvs::read() {
+                Ok(ipvs) => render_ipvs(&mut text, &self.paths.iface, live, &ipvs),
+                Err(e) => warn!(
+                    "metrics: IPVS left out of this scrape: {}",
+                    crate::chain(&e)
+                ),
+            }
+        }
+        Ok(text)
     }
 }
 
@@ -397,6 +410,64 @@ pub fn render(iface: &str, live: Option<&LiveConfig>, counts: &Counts) -> String
         );
     }
     out
+}
+
+/// Appends the IPVS gauges for the marks of `live`: whether IPVS is
+/// loaded, per service and family whether an IPVS fwmark service takes
+/// its mark, and per mark and family how many real servers those IPVS
+/// services have.
+pub fn render_ipvs(out: &mut String, iface: &str, live: &LiveConfig, ipvs: &ipvs_check::Snapshot) {
+    let iface = escape(iface);
+    let header = |out: &mut String, name: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+    };
+    let name = "fwmark_ipvs_loaded";
+    header(
+        out,
+        name,
+        "Whether the kernel has IPVS (the ip_vs module): 1 or 0.",
+    );
+    let _ = writeln!(out, "{name}{{iface=\"{iface}\"}} {}", u8::from(ipvs.loaded));
+
+    let name = "fwmark_ipvs_service_present";
+    header(
+        out,
+        name,
+        "Whether IPVS has a fwmark service of the family for the service's mark: 1 or 0.",
+    );
+    // Real servers per (mark, family), each mark once.
+    let mut servers: std::collections::BTreeMap<(String, &str), usize> = Default::default();
+    for (label, m) in live.services.iter().zip(&live.marks) {
+        let mark = mark_text(m.mark, m.mask);
+        for &family in &m.families {
+            let fed: Vec<&ipvs_check::IpvsService> = ipvs_check::fed_by(m, ipvs)
+                .filter(|s| s.family == family)
+                .collect();
+            let _ = writeln!(
+                out,
+                "{name}{{iface=\"{iface}\",service=\"{}\",mark=\"{mark}\",family=\"{}\"}} {}",
+                escape(&label.name),
+                family.name(),
+                u8::from(!fed.is_empty())
+            );
+            servers
+                .entry((mark.clone(), family.name()))
+                .or_insert_with(|| fed.iter().map(|s| s.dests.len()).sum());
+        }
+    }
+    let name = "fwmark_ipvs_real_servers";
+    header(
+        out,
+        name,
+        "Real servers of the IPVS fwmark services that take a mark, per mark and family.",
+    );
+    for ((mark, family), n) in servers {
+        let _ = writeln!(
+            out,
+            "{name}{{iface=\"{iface}\",mark=\"{mark}\",family=\"{family}\"}} {n}"
+        );
+    }
 }
 
 /// Appends `s` as a Prometheus label value (backslash, double quote and
@@ -641,6 +712,83 @@ mod tests {
                     2
                 ),
             ])
+        );
+    }
+
+    #[test]
+    fn ipvs_gauges_say_which_marks_ipvs_takes_and_how_many_real_servers() {
+        use fwmark_core::ipvs_check::{Family, IpvsDest, IpvsService, Snapshot};
+        let dest = IpvsDest {
+            addr: "10.0.2.2".parse().unwrap(),
+            port: 0,
+            forward: 0,
+            weight: 1,
+            active_conns: 0,
+            inactive_conns: 0,
+            persist_conns: 0,
+        };
+        let fwm = |fwmark, n| IpvsService {
+            family: Family::V4,
+            fwmark,
+            protocol: 0,
+            addr: None,
+            port: 0,
+            scheduler: "rr".into(),
+            flags: 0,
+            timeout: 0,
+            dests: vec![dest.clone(); n],
+        };
+        // 80 taken by one service with 2 real servers; 0x35/0xff by two
+        // (0x35 and 0x135), 1 + 3 real servers.
+        let ipvs = Snapshot {
+            loaded: true,
+            services: vec![fwm(80, 2), fwm(0x35, 1), fwm(0x135, 3), fwm(99, 1)],
+            nft_tables: vec![],
+        };
+        let mut text = String::new();
+        render_ipvs(&mut text, "eth0", &live("t.toml"), &ipvs);
+        assert_eq!(
+            samples(&text, "fwmark_ipvs_service_present"),
+            BTreeMap::from([
+                (
+                    "iface=\"eth0\",service=\"dns\",mark=\"0x35/0xff\",family=\"ipv4\"".to_string(),
+                    1
+                ),
+                (
+                    "iface=\"eth0\",service=\"we\\\"b\",mark=\"0x50\",family=\"ipv4\"".to_string(),
+                    1
+                ),
+            ])
+        );
+        assert_eq!(
+            samples(&text, "fwmark_ipvs_real_servers"),
+            BTreeMap::from([
+                (
+                    "iface=\"eth0\",mark=\"0x35/0xff\",family=\"ipv4\"".to_string(),
+                    4
+                ),
+                (
+                    "iface=\"eth0\",mark=\"0x50\",family=\"ipv4\"".to_string(),
+                    2
+                ),
+            ])
+        );
+        assert!(text.contains("fwmark_ipvs_loaded{iface=\"eth0\"} 1\n"));
+
+        let mut text = String::new();
+        render_ipvs(&mut text, "eth0", &live("t.toml"), &Snapshot::default());
+        assert!(text.contains("fwmark_ipvs_loaded{iface=\"eth0\"} 0\n"));
+        assert_eq!(
+            samples(&text, "fwmark_ipvs_service_present")
+                .values()
+                .sum::<u64>(),
+            0
+        );
+        assert_eq!(
+            samples(&text, "fwmark_ipvs_real_servers")
+                .values()
+                .sum::<u64>(),
+            0
         );
     }
 

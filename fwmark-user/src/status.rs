@@ -7,11 +7,17 @@
 use std::fmt::Write as _;
 
 use fwmark_common::{GlobalCounters, RuleCounters};
-use fwmark_core::{config::Config, ruleset::Ruleset, text::mark as mark_text};
+use fwmark_core::{
+    config::Config,
+    ipvs_check::{self, MarkUse},
+    ruleset::Ruleset,
+    text::mark as mark_text,
+};
 use serde::Serialize;
 
 use crate::{
     datapath::{DatapathError, Maps},
+    ipvs::IpvsError,
     live::{self, LiveError},
     mode::AttachMode,
     state::State,
@@ -40,6 +46,42 @@ pub struct Snapshot {
     #[serde(serialize_with = "global_counters")]
     pub global: GlobalCounters,
     pub services: Vec<ServiceCounters>,
+    /// What IPVS does with the marks (`fwmark status`; absent from the
+    /// daemon's exit table).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipvs: Option<IpvsReport>,
+}
+
+/// IPVS as `status` saw it: loaded or not, and the check's findings.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct IpvsReport {
+    /// Whether the kernel has IPVS (the `ip_vs` module).
+    pub loaded: bool,
+    /// Why IPVS could not be read, when it could not (the counters are
+    /// shown all the same).
+    pub error: Option<String>,
+    /// Warnings of `fwmark check --ipvs` for the live config.
+    pub findings: Vec<FindingInfo>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct FindingInfo {
+    /// e.g. `no_ipvs_service`, `not_marked`, `keepalived_table`.
+    pub kind: String,
+    pub message: String,
+}
+
+/// An IPVS fwmark service a service's packets reach, with its connection
+/// counts summed over its real servers, as `ipvsadm -L -n` shows them.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct IpvsFeed {
+    /// `ipv4` or `ipv6`.
+    pub family: &'static str,
+    pub fwmark: u32,
+    pub scheduler: String,
+    pub real_servers: usize,
+    pub active_conns: u64,
+    pub inactive_conns: u64,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -68,6 +110,10 @@ pub struct ServiceCounters {
     pub packets: u64,
     pub bytes: u64,
     pub rules: Vec<RuleCount>,
+    /// The IPVS fwmark services it feeds (with `status`, when IPVS could
+    /// be read).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipvs: Option<Vec<IpvsFeed>>,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -91,6 +137,9 @@ pub struct LiveConfig {
     /// Counter slot of every rule, in rule order.
     pub slots: Vec<u32>,
     pub services: Vec<ServiceLabel>,
+    /// How every service uses its mark (families, protocols), for the
+    /// IPVS check, in service order.
+    pub marks: Vec<MarkUse>,
     /// Service index of every rule.
     rule_service: Vec<u32>,
     /// What every rule matches (`192.0.2.10 tcp port 80`), one after the
@@ -138,6 +187,7 @@ impl LiveConfig {
                     mask: s.mask,
                 })
                 .collect(),
+            marks: MarkUse::of_config(config),
             rule_service: ruleset.rules.iter().map(|r| r.service as u32).collect(),
             rule_text,
             rule_ends,
@@ -204,14 +254,18 @@ pub struct Counts {
 
 impl Snapshot {
     /// Reads the counters of the live config described by `state`
-    /// (compiling it from the state).
+    /// (compiling it from the state), and what IPVS does with its marks.
     pub fn collect(
         state: &State,
         maps: &Maps,
         daemon_pid: Option<u32>,
     ) -> Result<Snapshot, LiveError> {
         let live = LiveConfig::of_state(state)?;
-        Ok(Snapshot::read(state, live.as_ref(), maps, daemon_pid)?)
+        let mut snapshot = Snapshot::read(state, live.as_ref(), maps, daemon_pid)?;
+        if let Some(live) = &live {
+            snapshot.add_ipvs(live, crate::ipvs::read());
+        }
+        Ok(snapshot)
     }
 
     /// Reads the counters of `live`, the live config of `state` compiled
@@ -236,6 +290,7 @@ impl Snapshot {
                         packets: c.packets,
                         bytes: c.bytes,
                         rules: Vec::new(),
+                        ipvs: None,
                     })
                     .collect();
                 for ((service, matches), c) in live.rules().zip(&counts.rules) {
@@ -265,7 +320,55 @@ impl Snapshot {
             },
             global,
             services,
+            ipvs: None,
         })
+    }
+
+    /// Adds what IPVS does with the marks of `live` (the live config this
+    /// snapshot counts): per service the IPVS fwmark services it feeds,
+    /// and the check's findings. `read` is what reading IPVS gave.
+    pub fn add_ipvs(&mut self, live: &LiveConfig, read: Result<ipvs_check::Snapshot, IpvsError>) {
+        for service in &mut self.services {
+            service.ipvs = None;
+        }
+        let ipvs = match read {
+            Ok(ipvs) => ipvs,
+            Err(e) => {
+                self.ipvs = Some(IpvsReport {
+                    loaded: false,
+                    error: Some(crate::chain(&e)),
+                    findings: Vec::new(),
+                });
+                return;
+            }
+        };
+        if ipvs.loaded {
+            for (service, m) in self.services.iter_mut().zip(&live.marks) {
+                service.ipvs = Some(
+                    ipvs_check::fed_by(m, &ipvs)
+                        .map(|s| IpvsFeed {
+                            family: s.family.name(),
+                            fwmark: s.fwmark,
+                            scheduler: s.scheduler.clone(),
+                            real_servers: s.dests.len(),
+                            active_conns: s.active_conns(),
+                            inactive_conns: s.inactive_conns(),
+                        })
+                        .collect(),
+                );
+            }
+        }
+        self.ipvs = Some(IpvsReport {
+            loaded: ipvs.loaded,
+            error: None,
+            findings: ipvs_check::check(&live.marks, &ipvs)
+                .iter()
+                .map(|f| FindingInfo {
+                    kind: f.kind().to_string(),
+                    message: f.to_string(),
+                })
+                .collect(),
+        });
     }
 
     /// The header lines and the counter table.
@@ -312,6 +415,27 @@ impl Snapshot {
                 mark_text(s.mark, s.mask),
                 s.name
             );
+            if let Some(feeds) = &s.ipvs {
+                let blank = "";
+                if feeds.is_empty() {
+                    let _ = writeln!(
+                        out,
+                        "{blank:>12} {blank:>14}  {blank:<10} {blank:<20} -> IPVS: no fwmark service for this mark"
+                    );
+                }
+                for f in feeds {
+                    let _ = writeln!(
+                        out,
+                        "{blank:>12} {blank:>14}  {blank:<10} {blank:<20} -> IPVS FWM {}{} {}: {} real servers, ActiveConn {} InActConn {}",
+                        f.fwmark,
+                        if f.family == "ipv6" { " IPv6" } else { "" },
+                        f.scheduler,
+                        f.real_servers,
+                        f.active_conns,
+                        f.inactive_conns
+                    );
+                }
+            }
             for r in &s.rules {
                 let _ = writeln!(
                     out,
@@ -326,6 +450,22 @@ impl Snapshot {
             .map(|(n, v)| format!("{n}={v}"))
             .collect();
         let _ = writeln!(out, "global: {}", global.join(" "));
+        if let Some(ipvs) = &self.ipvs {
+            match &ipvs.error {
+                Some(e) => {
+                    let _ = writeln!(out, "ipvs: cannot read: {e}");
+                }
+                None if !ipvs.loaded => {
+                    let _ = writeln!(out, "ipvs: IPVS is not loaded: `modprobe ip_vs`");
+                }
+                None => {
+                    let _ = writeln!(out, "ipvs: {} warnings", ipvs.findings.len());
+                }
+            }
+            for f in ipvs.findings.iter().filter(|f| f.kind != "ipvs_not_loaded") {
+                let _ = writeln!(out, "warning: {}", f.message);
+            }
+        }
         out
     }
 
@@ -373,7 +513,9 @@ mod tests {
                     packets: 6,
                     bytes: 360,
                 }],
+                ipvs: None,
             }],
+            ipvs: None,
         }
     }
 
@@ -396,6 +538,85 @@ mod tests {
         assert_eq!(rules.len(), 5, "{rules:?}");
         assert_eq!(live.services[1].name, "service2");
         assert_eq!(live.slots, slots);
+    }
+
+    #[test]
+    fn status_shows_the_ipvs_service_each_service_feeds_and_the_findings() {
+        use fwmark_core::ipvs_check::{Family, IpvsDest, IpvsService};
+        let text = "[[service]]\nname = \"web\"\nvip = \"192.0.2.10\"\nproto = \"tcp\"\n\
+                    ports = [80]\nmark = 80\n\n\
+                    [[service]]\nname = \"dns\"\nvip = \"192.0.2.53\"\nproto = \"udp\"\nmark = 53\n";
+        let config = Config::parse(text, "t.toml").unwrap();
+        let ruleset = Ruleset::compile(&config).unwrap();
+        let live = LiveConfig::new(1, "t.toml", "00", vec![0, 1], &config, &ruleset);
+        let mut snap = sample();
+        snap.services = ["web", "dns"]
+            .iter()
+            .zip([80, 53])
+            .map(|(n, mark)| ServiceCounters {
+                name: n.to_string(),
+                mark,
+                mask: u32::MAX,
+                packets: 0,
+                bytes: 0,
+                rules: vec![],
+                ipvs: None,
+            })
+            .collect();
+        let dest = |active, inactive| IpvsDest {
+            addr: "10.0.2.2".parse().unwrap(),
+            port: 0,
+            forward: 0,
+            weight: 1,
+            active_conns: active,
+            inactive_conns: inactive,
+            persist_conns: 0,
+        };
+        let ipvs = ipvs_check::Snapshot {
+            loaded: true,
+            services: vec![IpvsService {
+                family: Family::V4,
+                fwmark: 80,
+                protocol: 0,
+                addr: None,
+                port: 0,
+                scheduler: "rr".into(),
+                flags: 0,
+                timeout: 0,
+                dests: vec![dest(1, 2), dest(3, 4)],
+            }],
+            nft_tables: vec![],
+        };
+        snap.add_ipvs(&live, Ok(ipvs));
+        let table = snap.table();
+        assert!(
+            table.contains("-> IPVS FWM 80 rr: 2 real servers, ActiveConn 4 InActConn 6"),
+            "{table}"
+        );
+        assert!(
+            table.contains("-> IPVS: no fwmark service for this mark"),
+            "{table}"
+        );
+        assert!(table.contains("ipvs: 1 warnings"), "{table}");
+        let v: serde_json::Value = serde_json::from_str(&snap.json()).unwrap();
+        assert_eq!(v["services"][0]["ipvs"][0]["active_conns"], 4);
+        assert_eq!(v["services"][0]["ipvs"][0]["family"], "ipv4");
+        assert_eq!(v["services"][1]["ipvs"], serde_json::json!([]));
+        assert_eq!(v["ipvs"]["findings"][0]["kind"], "no_ipvs_service");
+
+        snap.add_ipvs(&live, Err(IpvsError::NotLoaded));
+        assert!(
+            snap.table()
+                .contains("ipvs: cannot read: IPVS is not loaded")
+        );
+        let not_loaded = ipvs_check::Snapshot::default();
+        snap.add_ipvs(&live, Ok(not_loaded));
+        let table = snap.table();
+        assert!(
+            table.contains("ipvs: IPVS is not loaded: `modprobe ip_vs`"),
+            "{table}"
+        );
+        assert!(!table.contains("warning: IPVS is not loaded"), "{table}");
     }
 
     #[test]

@@ -29,6 +29,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 /// Where the guest image puts the tools (the xtask copies them there).
 pub const IP: &str = "/usr/sbin/ip";
 pub const IPVSADM: &str = "/usr/sbin/ipvsadm";
+pub const KEEPALIVED: &str = "/usr/sbin/keepalived";
 pub const TC: &str = "/usr/sbin/tc";
 
 /// The director's client-facing interface, where fwmark attaches.
@@ -577,10 +578,16 @@ struct Fwmark {
 
 impl Fwmark {
     fn start(bin: &Path, config: &Path) -> Result<Fwmark> {
+        Fwmark::start_with(bin, config, &[])
+    }
+
+    /// `fwmark run` with `extra` arguments.
+    fn start_with(bin: &Path, config: &Path, extra: &[&str]) -> Result<Fwmark> {
         let log = PathBuf::from("/tmp/fwmark-run.log");
         let child = Command::new(bin)
             .args(["run", "--iface", IFACE, "--keep", "--no-watch", "--config"])
             .arg(config)
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(File::create(&log)?)
@@ -866,10 +873,404 @@ pub fn scenario(fwmark_bin: &Path, example: &Path) -> Result<()> {
     println!("vm: ok: detach removed the filter; traffic unmarked, IPVS idle");
 
     ledger.check_stats()?;
+
+    // 7. What fwmark knows of IPVS: every finding of `check --ipvs` made
+    // by a real misconfiguration (ipvsadm, keepalived) and gone once fixed.
+    ipvs_check_step(fwmark_bin, example, &moved_path)?;
     println!(
         "vm: scenario passed in {:.1} s",
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// The findings `fwmark check --config CONFIG --ipvs` prints, by kind
+/// (the word of each `warning:` line that names it), and whether
+/// `--strict` failed.
+fn ipvs_findings(fwmark: &Path, config: &Path) -> Result<(Vec<String>, String)> {
+    let bin = fwmark.to_str().context("fwmark path")?;
+    let config = config.to_str().context("config path")?;
+    let text = sh(bin, &["check", "--config", config, "--ipvs"])?;
+    let mut kinds: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("warning: "))
+        .map(finding_kind)
+        .collect();
+    kinds.sort();
+    // --strict agrees: exit 1 exactly when there is a finding.
+    let strict = Command::new(bin)
+        .args(["check", "--config", config, "--ipvs", "--strict"])
+        .output()?;
+    ensure!(
+        strict.status.success() == kinds.is_empty(),
+        "check --ipvs --strict exited {} with findings {kinds:?}:\n{text}",
+        strict.status
+    );
+    Ok((kinds, text))
+}
+
+/// The kind of a finding from its message (the messages are fwmark-core's
+/// `ipvs_check::Finding` texts).
+fn finding_kind(message: &str) -> String {
+    let kind = if message.starts_with("IPVS is not loaded") {
+        "ipvs_not_loaded"
+    } else if message.contains("but IPVS has no") {
+        "no_ipvs_service"
+    } else if message.contains("gets no packets from fwmark") {
+        "not_marked"
+    } else if message.contains("has no real server") {
+        "no_destinations"
+    } else if message.contains("one IPVS fwmark service receives") {
+        "mixed_protocols"
+    } else if message.contains("which includes bits") {
+        "foreign_bits"
+    } else if message.contains("keepalived's fwmark marking") {
+        "keepalived_table"
+    } else {
+        "unknown"
+    };
+    kind.to_string()
+}
+
+/// Expects exactly `want` (finding kinds, sorted) from `check --ipvs`.
+fn expect_findings(fwmark: &Path, config: &Path, want: &[&str], why: &str) -> Result<()> {
+    let (found, text) = ipvs_findings(fwmark, config)?;
+    let kinds: Vec<&str> = found.iter().map(String::as_str).collect();
+    ensure!(
+        kinds == want,
+        "{why}: check --ipvs found {kinds:?}, expected {want:?}:\n{text}"
+    );
+    println!("vm: ok: {why}: findings {kinds:?}");
+    Ok(())
+}
+
+/// A copy of the config at `base` with `edit` applied to its `[[service]]`
+/// array, written to `path`.
+fn config_variant(
+    base: &Path,
+    path: &str,
+    edit: impl FnOnce(&mut Vec<toml::Value>),
+) -> Result<PathBuf> {
+    let mut doc: toml::Table = std::fs::read_to_string(base)?.parse()?;
+    let services = doc
+        .get_mut("service")
+        .and_then(|s| s.as_array_mut())
+        .context("no [[service]]")?;
+    edit(services);
+    std::fs::write(path, toml::to_string(&doc)?)?;
+    Ok(PathBuf::from(path))
+}
+
+fn service(name: &str, vip: &str, proto: &str, port: i64, mark: i64) -> toml::Value {
+    let mut t = toml::Table::new();
+    t.insert("name".into(), name.into());
+    t.insert("vip".into(), vip.into());
+    t.insert("proto".into(), proto.into());
+    t.insert(
+        "ports".into(),
+        toml::Value::Array(vec![toml::Value::Integer(port)]),
+    );
+    t.insert("mark".into(), toml::Value::Integer(mark));
+    toml::Value::Table(t)
+}
+
+/// keepalived (Debian's package) run in the foreground with `config`,
+/// checker process only; stopped (SIGTERM, so it removes what it made) on
+/// drop.
+struct Keepalived {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Keepalived {
+    fn start(name: &str, config: &str) -> Result<Keepalived> {
+        let conf = PathBuf::from(format!("/tmp/keepalived-{name}.conf"));
+        std::fs::write(&conf, config)?;
+        let log = PathBuf::from(format!("/tmp/keepalived-{name}.log"));
+        let out = File::create(&log)?;
+        let child = Command::new(KEEPALIVED)
+            .args(["--dont-fork", "--log-console", "--log-detail", "--check"])
+            .arg("--use-file")
+            .arg(&conf)
+            .args([
+                "--pid=/tmp/keepalived.pid",
+                "--checkers_pid=/tmp/keepalived-check.pid",
+            ])
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("starting keepalived")?;
+        Ok(Keepalived {
+            child: Some(child),
+            log,
+        })
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `ready` holds (keepalived has made its IPVS services).
+    fn wait(&mut self, what: &str, ready: impl Fn() -> Result<bool>) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if ready()? {
+                return Ok(());
+            }
+            if let Some(status) = self.child.as_mut().expect("child").try_wait()? {
+                bail!(
+                    "keepalived exited ({status}) before {what}:\n{}",
+                    self.log_text()
+                );
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "keepalived: no {what} after 30 s:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGTERM and wait: keepalived removes its IPVS services and nftables
+    /// table on the way out.
+    fn stop(&mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        let status = child.wait()?;
+        ensure!(
+            status.success(),
+            "keepalived exited with {status}:\n{}",
+            self.log_text()
+        );
+        Ok(())
+    }
+}
+
+impl Drop for Keepalived {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Whether `ipvsadm -L -n` lists the IPv4 fwmark service `mark`.
+fn has_fwm(mark: u32) -> Result<bool> {
+    Ok(parse_ipvs_conns(&sh(IPVSADM, &["-L", "-n"])?)?.contains_key(&(mark, false)))
+}
+
+/// `GET /metrics` from the daemon.
+fn scrape(addr: &str) -> Result<String> {
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    ensure!(text.starts_with("HTTP/1.1 200"), "metrics: {text}");
+    Ok(text)
+}
+
+/// The value of the sample of `metric` whose labels contain `labels`.
+fn sample(text: &str, metric: &str, labels: &str) -> Option<u64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")) && l.contains(labels))
+        .find_map(|l| l.rsplit_once(' ')?.1.parse().ok())
+}
+
+/// Step 7: `fwmark check --ipvs`, `status` and the metrics against real
+/// IPVS, with ipvsadm and Debian's keepalived making each finding.
+fn ipvs_check_step(fwmark: &Path, example: &Path, moved: &Path) -> Result<()> {
+    println!("vm: step 7: fwmark knows IPVS");
+    // The moved config matches build_topology's IPVS exactly.
+    expect_findings(fwmark, moved, &[], "matching config and IPVS")?;
+    // The example lacks the moved mark 90, which IPVS has.
+    expect_findings(
+        fwmark,
+        example,
+        &["not_marked"],
+        "IPVS FWM 90 that nothing marks",
+    )?;
+
+    // A mark IPVS has no service for, and the service back.
+    ipvsadm(&["-D", "-f", "53"])?;
+    expect_findings(fwmark, moved, &["no_ipvs_service"], "FWM 53 deleted")?;
+
+    // status and metrics while the dns mark has no IPVS service.
+    let metrics_addr = "127.0.0.1:9469";
+    let mut daemon = Fwmark::start_with(fwmark, moved, &["--metrics", metrics_addr])?;
+    let status = status_json(&daemon)?;
+    let services = status["services"].as_array().context("status services")?;
+    let by_name = |name: &str| {
+        services
+            .iter()
+            .find(|s| s["name"] == name)
+            .with_context(|| format!("status has no service {name}: {status}"))
+    };
+    ensure!(
+        by_name("dns")?["ipvs"] == serde_json::json!([]),
+        "dns feeds no IPVS service now: {}",
+        by_name("dns")?
+    );
+    let web = &by_name("web")?["ipvs"][0];
+    let conns = ipvs_conns()?;
+    ensure!(
+        web["fwmark"] == 80 && web["family"] == "ipv4" && web["real_servers"] == 2,
+        "web's IPVS service in status: {web}"
+    );
+    let shown = web["active_conns"].as_u64().context("active_conns")?
+        + web["inactive_conns"].as_u64().context("inactive_conns")?;
+    ensure!(
+        shown == conns[&(80, false)],
+        "status shows {shown} connections on FWM 80, ipvsadm -L -n {}",
+        conns[&(80, false)]
+    );
+    ensure!(
+        status["ipvs"]["findings"][0]["kind"] == "no_ipvs_service",
+        "status findings: {}",
+        status["ipvs"]
+    );
+    let text = daemon.cmd(&["status", "--iface", IFACE])?;
+    ensure!(
+        text.contains("-> IPVS: no fwmark service for this mark")
+            && text.contains("-> IPVS FWM 80 rr: 2 real servers"),
+        "status text:\n{text}"
+    );
+    let m = scrape(metrics_addr)?;
+    let present = |m: &str, svc: &str| {
+        sample(
+            m,
+            "fwmark_ipvs_service_present",
+            &format!("service=\"{svc}\""),
+        )
+    };
+    ensure!(
+        present(&m, "dns") == Some(0) && present(&m, "web") == Some(1),
+        "metrics without FWM 53: dns {:?} web {:?}",
+        present(&m, "dns"),
+        present(&m, "web")
+    );
+    ensure!(
+        sample(&m, "fwmark_ipvs_real_servers", "mark=\"0x50\"") == Some(2),
+        "real servers of 0x50: {m}"
+    );
+    println!(
+        "vm: ok: status shows FWM 80 with {shown} connections as ipvsadm does, dns without an IPVS service; metrics present 0/1"
+    );
+
+    // keepalived with `virtual_server fwmark 53` makes the missing service.
+    let mut keepalived = Keepalived::start(
+        "fwm53",
+        "virtual_server fwmark 53 {\n  lb_algo rr\n  lb_kind NAT\n\
+         real_server 10.0.2.2 53 {\n  }\n  real_server 10.0.3.2 53 {\n  }\n}\n",
+    )?;
+    keepalived.wait("FWM 53", || has_fwm(53))?;
+    expect_findings(
+        fwmark,
+        moved,
+        &[],
+        "keepalived's virtual_server fwmark 53 up",
+    )?;
+    let m = scrape(metrics_addr)?;
+    ensure!(
+        present(&m, "dns") == Some(1)
+            && sample(&m, "fwmark_ipvs_real_servers", "mark=\"0x35\"") == Some(2),
+        "metrics with keepalived's FWM 53:\n{m}"
+    );
+    let dns = &status_json(&daemon)?["services"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "dns").cloned())
+        .context("dns in status")?["ipvs"][0];
+    ensure!(
+        dns["fwmark"] == 53 && dns["real_servers"] == 2,
+        "status of dns with keepalived: {dns}"
+    );
+    println!("vm: ok: status and metrics follow keepalived's FWM 53 (2 real servers)");
+    keepalived.stop()?;
+    ensure!(!has_fwm(53)?, "keepalived left FWM 53 behind");
+    expect_findings(fwmark, moved, &["no_ipvs_service"], "keepalived stopped")?;
+    let m = scrape(metrics_addr)?;
+    ensure!(
+        present(&m, "dns") == Some(0),
+        "metrics after keepalived stopped:\n{m}"
+    );
+    ipvsadm(&["-A", "-f", "53", "-s", "rr"])?;
+    // Without real servers first.
+    expect_findings(
+        fwmark,
+        moved,
+        &["no_destinations"],
+        "FWM 53 without real servers",
+    )?;
+    for rs in ["10.0.2.2", "10.0.3.2"] {
+        ipvsadm(&["-a", "-f", "53", "-r", rs, "-m"])?;
+    }
+    expect_findings(fwmark, moved, &[], "FWM 53 restored")?;
+    daemon.stop()?;
+    daemon.cmd(&["detach", "--iface", IFACE])?;
+
+    // One mark for TCP and UDP.
+    let mixed = config_variant(moved, "/tmp/fwmark-mixed.toml", |s| {
+        s.push(service("dns-tcp", "192.0.2.53", "tcp", 53, 53));
+    })?;
+    expect_findings(
+        fwmark,
+        &mixed,
+        &["mixed_protocols"],
+        "mark 53 for udp and tcp",
+    )?;
+    // Bits kube-proxy owns (0x4000), with the IPVS service for the mark.
+    let kube = config_variant(moved, "/tmp/fwmark-kube.toml", |s| {
+        s.push(service("kube", "192.0.2.99", "tcp", 80, 0x4050));
+    })?;
+    ipvsadm(&["-A", "-f", &0x4050.to_string(), "-s", "rr"])?;
+    ipvsadm(&["-a", "-f", &0x4050.to_string(), "-r", "10.0.2.2", "-m"])?;
+    expect_findings(
+        fwmark,
+        &kube,
+        &["foreign_bits"],
+        "mark 0x4050 has kube-proxy's bit",
+    )?;
+    ipvsadm(&["-D", "-f", &0x4050.to_string()])?;
+    expect_findings(fwmark, moved, &[], "kube-proxy's bit gone")?;
+
+    // keepalived marking by itself through nftables (`nftables_ipvs`, a
+    // virtual server group with an address range): its table is found,
+    // and its own fwmark service is one fwmark does not mark for.
+    let mut keepalived = Keepalived::start(
+        "nft",
+        "global_defs {\n  nftables_ipvs\n}\n\
+         virtual_server_group RANGE {\n  192.0.2.60-62 80\n}\n\
+         virtual_server group RANGE {\n  lb_algo rr\n  lb_kind NAT\n  protocol TCP\n\
+         real_server 10.0.2.2 80 {\n  }\n}\n",
+    )?;
+    let ka_mark = || -> Result<Option<u32>> {
+        Ok(parse_ipvs_conns(&sh(IPVSADM, &["-L", "-n"])?)?
+            .keys()
+            .map(|&(mark, _)| mark)
+            .find(|&mark| mark >= 1000))
+    };
+    keepalived.wait("its nftables fwmark service", || Ok(ka_mark()?.is_some()))?;
+    let mark = ka_mark()?.context("keepalived's mark")?;
+    let (found, text) = ipvs_findings(fwmark, moved)?;
+    ensure!(
+        found == ["keepalived_table", "not_marked"] && text.contains("`ip keepalived_ipvs`"),
+        "keepalived with nftables_ipvs (FWM {mark}):\n{text}"
+    );
+    println!(
+        "vm: ok: keepalived's nftables table `ip keepalived_ipvs` (its FWM {mark}) is reported"
+    );
+    keepalived.stop()?;
+    expect_findings(fwmark, moved, &[], "keepalived (nftables) stopped")?;
     Ok(())
 }
 

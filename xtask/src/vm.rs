@@ -3,7 +3,8 @@
 //!
 //! Everything comes from Debian packages, fetched with `apt-get download`
 //! and unpacked with `dpkg -x` (nothing is installed into /boot): the cloud
-//! kernel and its modules, busybox-static, ipvsadm and its libraries. The
+//! kernel and its modules, busybox-static, ipvsadm, keepalived and their
+//! libraries. The
 //! downloads are cached in `.cache/vm/` (git-ignored). Each run builds an
 //! initramfs with the modules IPVS and fwmark need (order from
 //! `modprobe --show-depends`), iproute2 and the freshly built `fwmark` and
@@ -27,13 +28,20 @@ use crate::util::{self, have, output, run};
 /// The kernel metapackage; its first dependency is the kernel itself.
 const KERNEL_META: &str = "linux-image-cloud-amd64";
 /// Userspace for the guest besides the kernel: busybox (shell, mount,
-/// insmod, cpio), ipvsadm and the libraries ipvsadm links.
+/// insmod, cpio), ipvsadm, keepalived and the libraries they link that a
+/// Debian 12 host may lack (`ldd` finds the rest on the host).
 const GUEST_PACKAGES: &[&str] = &[
     "busybox-static",
     "ipvsadm",
     "libnl-3-200",
     "libnl-genl-3-200",
     "libpopt0",
+    "keepalived",
+    "libmnl0",
+    "libnftnl11",
+    "libsnmp40",
+    "libpci3",
+    "libwrap0",
 ];
 /// What the scenario loads; `modprobe --show-depends` adds the rest
 /// (conntrack, defrag, crc32c).
@@ -44,6 +52,8 @@ const MODULES: &[&str] = &[
     "veth",
     "sch_ingress",
     "cls_bpf",
+    // keepalived's `nftables_ipvs` marking table.
+    "nf_tables",
 ];
 /// A guest that has not finished by then is killed and the run fails.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
@@ -371,6 +381,13 @@ fn initramfs(root: &Path, kver: &str, fwmark: &Path, guest: &Path) -> Result<Pat
         &image,
         &root.join("sbin/ipvsadm"),
         "/usr/sbin/ipvsadm",
+        &libs,
+        false,
+    )?;
+    copy_with_libs(
+        &image,
+        &root.join("usr/sbin/keepalived"),
+        "/usr/sbin/keepalived",
         &libs,
         false,
     )?;

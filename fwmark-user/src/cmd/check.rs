@@ -1,12 +1,15 @@
-//! `fwmark check`: validate and compile a config without touching the kernel.
+//! `fwmark check`: validate and compile a config without touching the
+//! kernel; with `--ipvs`, also compare its marks with what IPVS (and
+//! keepalived's nftables table) has.
 
-use std::path::Path;
+use anyhow::{Result, bail};
+use fwmark::{ipvs, live};
+use fwmark_core::ipvs_check::{self, MarkUse};
 
-use anyhow::Result;
-use fwmark::live;
+use crate::cli::CheckArgs;
 
-pub fn check(path: &Path) -> Result<()> {
-    let loaded = live::read_config(path)?;
+pub fn check(args: &CheckArgs) -> Result<()> {
+    let loaded = live::read_config(&args.config)?;
     println!(
         "{}: OK: {} services, {} rules, {} exact + {} prefix entries",
         loaded.path,
@@ -15,5 +18,31 @@ pub fn check(path: &Path) -> Result<()> {
         loaded.ruleset.exact.len(),
         loaded.ruleset.prefix.len()
     );
+    if !args.ipvs {
+        return Ok(());
+    }
+    let snapshot = ipvs::read()?;
+    let findings = ipvs_check::check(&MarkUse::of_config(&loaded.config), &snapshot);
+    for f in &findings {
+        println!("warning: {f}");
+    }
+    let fwm = snapshot.fwmark_services().count();
+    println!(
+        "IPVS: {}, {fwm} fwmark services, {} other; {} findings",
+        if snapshot.loaded {
+            "loaded"
+        } else {
+            "not loaded"
+        },
+        snapshot.services.len() - fwm,
+        findings.len()
+    );
+    if args.strict && !findings.is_empty() {
+        bail!(
+            "{} IPVS findings for {} (--strict makes them fatal)",
+            findings.len(),
+            loaded.path
+        );
+    }
     Ok(())
 }
