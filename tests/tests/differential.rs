@@ -340,6 +340,7 @@ fn diff_global(after: &GlobalCounters, before: &GlobalCounters) -> GlobalCounter
         non_ip: after.non_ip - before.non_ip,
         later_fragment: after.later_fragment - before.later_fragment,
         malformed: after.malformed - before.malformed,
+        icmp_error: after.icmp_error - before.icmp_error,
     }
 }
 
@@ -487,6 +488,7 @@ fn kernel_agrees_with_the_model_on_generated_frames() {
                 .map(|(a, b)| RuleCounters {
                     packets: a.packets - b.packets,
                     bytes: a.bytes - b.bytes,
+                    icmp_errors: a.icmp_errors - b.icmp_errors,
                 })
                 .collect();
             if got != want || got_rules != want_rules {
