@@ -818,7 +818,7 @@ mark = 0x50
         assert_eq!(e.field.as_deref(), Some("icmp_errors"));
         assert!(e.message.contains("icmp_errors = true"), "{e}");
         assert!(
-            e.to_string().starts_with("t.toml:2:15: icmp_errors: "),
+            e.to_string().starts_with("test.toml:2:15: icmp_errors: "),
             "{e}"
         );
         // Not a per-service key.
