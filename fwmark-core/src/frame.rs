@@ -24,6 +24,9 @@ pub const SRC_V6: [u8; 16] = [
 const SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
 const DST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
 
+/// Source port of every TCP, UDP and SCTP frame unless set ([`Frame::from_port`]).
+pub const SRC_PORT: u16 = 40000;
+
 /// TPID of an 802.1Q tag.
 pub const TPID_8021Q: u16 = 0x8100;
 
@@ -69,15 +72,15 @@ impl L4 {
         }
     }
 
-    fn bytes(self, payload_len: usize) -> Vec<u8> {
+    fn bytes(self, src_port: u16, payload_len: usize) -> Vec<u8> {
         match self {
             L4::Tcp(port) => {
-                let mut h = TcpHeader::new(40000, port, 1, 64240);
+                let mut h = TcpHeader::new(src_port, port, 1, 64240);
                 h.syn = true;
                 h.to_bytes().to_vec()
             }
             L4::Udp(port) => UdpHeader {
-                source_port: 40000,
+                source_port: src_port,
                 destination_port: port,
                 length: (UdpHeader::LEN + payload_len) as u16,
                 checksum: 0,
@@ -86,7 +89,7 @@ impl L4 {
             .to_vec(),
             L4::Sctp(port) => {
                 let mut h = Vec::with_capacity(12);
-                h.extend_from_slice(&40000u16.to_be_bytes());
+                h.extend_from_slice(&src_port.to_be_bytes());
                 h.extend_from_slice(&port.to_be_bytes());
                 h.extend_from_slice(&0x1234_5678u32.to_be_bytes()); // verification tag
                 h.extend_from_slice(&0u32.to_be_bytes()); // checksum (not checked here)
@@ -188,6 +191,8 @@ pub struct Frame {
     pub vlans: Vec<Tag>,
     /// Source address: [`SRC_V4`] / [`SRC_V6`] unless set.
     pub src: Option<IpAddr>,
+    /// Source port of TCP, UDP and SCTP ([`SRC_PORT`] unless set).
+    pub src_port: u16,
     pub dst: IpAddr,
     /// An ICMP message in place of `l4` (whose protocol it replaces with
     /// ICMP or ICMPv6 by the family of `dst`).
@@ -216,6 +221,7 @@ impl Frame {
         Frame {
             vlans: Vec::new(),
             src: None,
+            src_port: SRC_PORT,
             dst,
             icmp: None,
             l4,
@@ -265,6 +271,12 @@ impl Frame {
     /// From `src` instead of the client address.
     pub fn from(mut self, src: IpAddr) -> Frame {
         self.src = Some(src);
+        self
+    }
+
+    /// From source port `port`.
+    pub fn from_port(mut self, port: u16) -> Frame {
+        self.src_port = port;
         self
     }
 
@@ -408,7 +420,7 @@ impl Frame {
         } else if let Some(icmp) = &self.icmp {
             self.icmp_bytes(icmp)
         } else {
-            self.l4.bytes(self.payload_len)
+            self.l4.bytes(self.src_port, self.payload_len)
         };
         let src = self.source();
         let payload = vec![0x5a; self.payload_len];
