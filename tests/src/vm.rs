@@ -912,11 +912,10 @@ impl IcmpCounter {
                     } else {
                         usize::from(buf[0] & 0x0f) * 4
                     };
-                    let hit = match (v6, buf.get(at..n.min(at + 2))) {
-                        (false, Some([3, 4])) => true,
-                        (true, Some([2, _])) => true,
-                        _ => false,
-                    };
+                    let hit = matches!(
+                        (v6, buf.get(at..n.min(at + 2))),
+                        (false, Some([3, 4])) | (true, Some([2, _]))
+                    );
                     if hit {
                         count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
