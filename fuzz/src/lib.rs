@@ -22,6 +22,14 @@
 //!   evaluation of the parsed rules in iptables order (last match wins, masks
 //!   applied in turn, jumps, RETURN, ACCEPT).
 //!
+//! - `frame`: any bytes are a frame for the reference classifier
+//!   (`fwmark_core::model`, what `fwmark explain --hex` runs), with
+//!   `icmp_errors` on and off: a marked frame's mark is the compiled
+//!   lookup's for its key, or for an ICMP error's quoted key; the flag
+//!   changes nothing but ICMP of the frame's own family; an ICMP error
+//!   marked whole is malformed when cut anywhere before the end of its 8
+//!   quoted transport bytes; `explain` renders every frame.
+//!
 //! Work per input is bounded (see `BUDGET`), so a slow input does not stall
 //! the fuzzer: probes are then sampled evenly.
 
@@ -32,7 +40,7 @@ use std::{
 
 use fwmark_core::{
     config::{Config, DEFAULT_MASK, PortRange, Proto},
-    diff, export,
+    diff, explain, export,
     import::{
         self, ImportError,
         parse::{Action, Family, Parsed},
@@ -547,5 +555,132 @@ pub fn import(data: &[u8]) {
             want.1,
             imported.config_text
         );
+    }
+}
+
+/// The config the `frame` target classifies by: exact addresses, a port
+/// range, every-port services and prefixes of both families, a partial mask.
+const FRAME_CONFIG: &str = r#"
+[[service]]
+name = "web"
+vip = ["192.0.2.10", "2001:db8::10"]
+proto = "tcp"
+ports = [80, 443]
+mark = 80
+
+[[service]]
+name = "dns"
+vip = ["192.0.2.53", "2001:db8::53"]
+proto = ["udp", "tcp"]
+ports = [53]
+mark = 53
+
+[[service]]
+name = "sig"
+vip = "2001:db8::90"
+proto = "sctp"
+ports = ["2905-2910"]
+mark = 90
+
+[[service]]
+name = "net"
+vip = ["198.51.100.0/24", "2001:db8:1::/48"]
+proto = ["tcp", "udp", "sctp"]
+mark = 0x4000
+mask = 0xff00
+"#;
+
+/// The configs of the `frame` target: `icmp_errors` off and on, compiled.
+struct FrameSetup {
+    off: (Config, Ruleset, fwmark_core::model::Model),
+    on: (Config, Ruleset, fwmark_core::model::Model),
+}
+
+fn frame_setup() -> &'static FrameSetup {
+    static SETUP: std::sync::OnceLock<FrameSetup> = std::sync::OnceLock::new();
+    SETUP.get_or_init(|| {
+        let make = |text: &str| {
+            let config = Config::parse(text, "frame.toml").expect("the frame config is valid");
+            let ruleset = Ruleset::compile(&config).expect("the frame config compiles");
+            let model = fwmark_core::model::Model::new(&config);
+            (config, ruleset, model)
+        };
+        FrameSetup {
+            off: make(FRAME_CONFIG),
+            on: make(&format!("icmp_errors = true\n{FRAME_CONFIG}")),
+        }
+    })
+}
+
+/// The `frame` target: the first 4 bytes are the mark the frame arrives
+/// with, the rest the frame.
+pub fn frame(data: &[u8]) {
+    use fwmark_core::model::{Icmp, Outcome, Parse, is_icmp};
+    let Some((mark, frame)) = data.split_first_chunk::<4>() else {
+        return;
+    };
+    let mark = u32::from_le_bytes(*mark);
+    let setup = frame_setup();
+    let mut decisions = Vec::new();
+    for (config, ruleset, model) in [&setup.off, &setup.on] {
+        let d = model.classify(frame, mark);
+        // The compiled entries' lookup agrees with the model's, by the
+        // quoted key for an ICMP error.
+        if let Parse::Ip(key) = &d.parsed.result {
+            let looked_up = match (&d.icmp, d.outcome) {
+                (_, Outcome::Malformed) => None,
+                (Some(Icmp::Error { quoted, .. }), _) => {
+                    Some(ruleset.classify(quoted.src, quoted.proto, quoted.port))
+                }
+                _ => Some(ruleset.classify(key.dst, key.proto, key.port)),
+            };
+            if let Some(target) = looked_up {
+                let want = target.map_or(mark, |t| (mark & !t.mask) | (t.mark & t.mask));
+                assert_eq!(d.mark, want, "model and compiled lookup differ: {d:?}");
+            }
+            if d.icmp.is_some() {
+                assert!(config.icmp_errors && is_icmp(key), "{d:?}");
+            }
+        } else {
+            assert_eq!(d.mark, mark);
+        }
+        // Counted once, as the classifier counts.
+        let mut c = fwmark_common::GlobalCounters::default();
+        d.count(&mut c);
+        assert_eq!(c.seen, c.marked + c.no_match + c.non_ip + c.malformed);
+        assert!(c.icmp_error <= c.marked);
+        // `fwmark explain --hex` of any frame renders.
+        let text = explain::explain(config, frame, mark);
+        assert!(text.starts_with("frame: "));
+        decisions.push(d);
+    }
+    let (off, on) = (&decisions[0], &decisions[1]);
+    // The flag changes ICMP of the frame's own family only.
+    let icmp = matches!(&off.parsed.result, Parse::Ip(k) if is_icmp(k));
+    if !icmp {
+        assert_eq!((off.outcome, off.mark), (on.outcome, on.mark));
+    }
+    // An ICMP error marked whole is malformed cut anywhere before the end
+    // of its 8 quoted transport bytes (sampled: 16 cuts).
+    if let (true, Some(Icmp::Error { quoted, .. })) = (on.icmp_error(), &on.icmp) {
+        if quoted.port.is_some() {
+            let Some(fwmark_core::model::Layer::QuotedPorts { offset, .. }) = on
+                .parsed
+                .layers
+                .iter()
+                .find(|l| matches!(l, fwmark_core::model::Layer::QuotedPorts { .. }))
+            else {
+                panic!("a marked ICMP error with a port has its quoted ports: {on:?}");
+            };
+            let end = offset + 8;
+            let Parse::Ip(key) = &on.parsed.result else {
+                unreachable!()
+            };
+            let step = (end / 16).max(1);
+            for len in (key.l4_offset..end).step_by(step) {
+                let cut = setup.on.2.classify(&frame[..len], mark);
+                assert_eq!(cut.outcome, Outcome::Malformed, "cut at {len}: {cut:?}");
+            }
+        }
     }
 }

@@ -24,7 +24,7 @@ pub mod map_names {
 /// Version of the pinned maps' layout (their names, key and value types,
 /// the `ACTIVE` word). The loader records it in the interface's state and
 /// refuses to adopt pins of another version; change it with any of those.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Name of the classifier program in the eBPF object.
 pub const PROGRAM_NAME: &str = "fwmark";
@@ -50,6 +50,12 @@ pub const ACTIVE_GENERATION_MASK: u32 = 0xff;
 /// this flag is one 32-bit write, so a packet never sees one without the other.
 pub const ACTIVE_HAS_PREFIX: u32 = 1 << 8;
 
+/// Set in the `ACTIVE` value when the active generation's config has
+/// `icmp_errors = true`: ICMP errors get the mark of the service their
+/// embedded packet came from. Part of the same 32-bit word as the generation,
+/// so turning it on or off switches atomically with the entries.
+pub const ACTIVE_ICMP_ERRORS: u32 = 1 << 9;
+
 /// Value of [`ServiceKey::family`] for IPv4.
 pub const FAMILY_IPV4: u8 = 4;
 /// Value of [`ServiceKey::family`] for IPv6.
@@ -61,6 +67,25 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 /// SCTP.
 pub const IPPROTO_SCTP: u8 = 132;
+/// ICMP (inside IPv4).
+pub const IPPROTO_ICMP: u8 = 1;
+/// ICMPv6 (inside IPv6).
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// Whether an ICMP message of type `ty` is an error that quotes the packet
+/// it is about, as IPVS handles them (`ip_vs_in_icmp`, `ip_vs_in_icmp_v6`):
+/// ICMPv4 destination unreachable (3), source quench (4) and time exceeded
+/// (11); ICMPv6 destination unreachable (1), packet too big (2), time
+/// exceeded (3) and parameter problem (4). Everything else (echo, router
+/// and neighbour discovery, ...) is informational and never marked.
+#[inline(always)]
+pub const fn is_icmp_error(ipv6: bool, ty: u8) -> bool {
+    if ipv6 {
+        matches!(ty, 1..=4)
+    } else {
+        matches!(ty, 3 | 4 | 11)
+    }
+}
 
 /// Header formats the classifier parses: lengths, ethertypes and IPv6
 /// extension header numbers (the IP protocol numbers are [`IPPROTO_TCP`]
@@ -83,6 +108,13 @@ pub mod wire {
     pub const UDP_HLEN: usize = 8;
     /// The SCTP common header.
     pub const SCTP_HLEN: usize = 12;
+    /// The ICMP and ICMPv6 header: type, code, checksum and 4 bytes that
+    /// depend on the type; an error's quoted packet follows it.
+    pub const ICMP_HLEN: usize = 8;
+    /// Bytes of the quoted packet's transport header an ICMP error must
+    /// carry (RFC 792 quotes "the first 64 bits"): enough for TCP's, UDP's
+    /// and SCTP's source and destination ports.
+    pub const EMBEDDED_L4_MIN: usize = 8;
 
     /// Ethertype of IPv4 (`ETH_P_IP`).
     pub const ETHERTYPE_IPV4: u16 = 0x0800;
@@ -185,7 +217,9 @@ pub struct Target {
 pub type TargetBytes = [u8; size_of::<Target>()];
 
 /// Per-rule counters, like `iptables -L -v` shows per rule. Bytes count from
-/// the IP header on, as iptables counts them.
+/// the IP header on, as iptables counts them. ICMP errors marked by the rule
+/// (`icmp_errors = true`) are counted in `packets` and `bytes` too, and again
+/// in `icmp_errors`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -194,11 +228,14 @@ pub struct RuleCounters {
     pub packets: u64,
     /// Their bytes from the IP header on.
     pub bytes: u64,
+    /// Of `packets`, the ICMP errors marked because the packet they quote
+    /// came from this rule's address, protocol and port.
+    pub icmp_errors: u64,
 }
 
 /// The classifier's global counters, one per CPU in `GLOBAL_STATS[0]`.
 /// `seen = marked + no_match + non_ip + malformed`; `later_fragment` counts a
-/// subset of `marked + no_match`.
+/// subset of `marked + no_match`, `icmp_error` a subset of `marked`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -214,22 +251,28 @@ pub struct GlobalCounters {
     /// IP fragments at a non-zero offset (only all-ports services can match them).
     pub later_fragment: u64,
     /// Truncated or malformed headers; such packets are never marked.
+    /// With `icmp_errors = true` this includes ICMP errors whose quoted
+    /// headers are truncated or malformed.
     pub malformed: u64,
+    /// ICMP errors marked by the service of the packet they quote (a subset
+    /// of `marked`; only with `icmp_errors = true`).
+    pub icmp_error: u64,
 }
 
 impl GlobalCounters {
     /// Field names, in declaration order, as `fwmark` prints them.
-    pub const NAMES: [&'static str; 6] = [
+    pub const NAMES: [&'static str; 7] = [
         "seen",
         "marked",
         "no_match",
         "non_ip",
         "later_fragment",
         "malformed",
+        "icmp_error",
     ];
 
     /// Values in [`Self::NAMES`] order.
-    pub fn values(&self) -> [u64; 6] {
+    pub fn values(&self) -> [u64; 7] {
         [
             self.seen,
             self.marked,
@@ -237,6 +280,7 @@ impl GlobalCounters {
             self.non_ip,
             self.later_fragment,
             self.malformed,
+            self.icmp_error,
         ]
     }
 }
@@ -246,12 +290,14 @@ const _: () = assert!(size_of::<ServiceKey>() == 20);
 const _: () = assert!(align_of::<ServiceKey>() == 4);
 const _: () = assert!(size_of::<Target>() == 16);
 const _: () = assert!(align_of::<Target>() == 4);
-const _: () = assert!(size_of::<RuleCounters>() == 16);
+const _: () = assert!(size_of::<RuleCounters>() == 24);
 const _: () = assert!(align_of::<RuleCounters>() == 8);
-const _: () = assert!(size_of::<GlobalCounters>() == 48);
+const _: () = assert!(size_of::<GlobalCounters>() == 56);
 const _: () = assert!(align_of::<GlobalCounters>() == 8);
 const _: () = assert!(GENERATIONS - 1 <= ACTIVE_GENERATION_MASK);
 const _: () = assert!(ACTIVE_HAS_PREFIX & ACTIVE_GENERATION_MASK == 0);
+const _: () = assert!(ACTIVE_ICMP_ERRORS & (ACTIVE_GENERATION_MASK | ACTIVE_HAS_PREFIX) == 0);
+const _: () = assert!(wire::EMBEDDED_L4_MIN <= wire::UDP_HLEN);
 const _: () = assert!(LPM_LOOKUP_PREFIX_LEN as usize == size_of::<ServiceKey>() * 8);
 
 // aya requires map keys and values to be plain old data: `#[repr(C)]`,

@@ -2,6 +2,7 @@
 //!
 //! ```toml
 //! mask = 0xffffffff          # optional default for every service
+//! icmp_errors = false        # optional: mark ICMP errors by the packet they quote
 //!
 //! [[service]]
 //! name  = "web"              # optional label
@@ -35,6 +36,12 @@ pub struct Config {
     pub source: String,
     /// The services, in file order.
     pub services: Vec<Service>,
+    /// `icmp_errors = true`: ICMP errors (ICMPv4 3, 4, 11; ICMPv6 1-4) get
+    /// the mark of the service their quoted packet came from (its source
+    /// address, protocol and source port), for IPVS's `schedule_icmp`.
+    /// One switch for the whole config (see the README for why there is no
+    /// per-service override).
+    pub icmp_errors: bool,
 }
 
 /// One `[[service]]` table.
@@ -239,6 +246,7 @@ impl Config {
         Config {
             source: String::new(),
             services: Vec::new(),
+            icmp_errors: false,
         }
     }
 
@@ -277,6 +285,7 @@ impl LineIndex {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     mask: Option<Spanned<i64>>,
+    icmp_errors: Option<Spanned<toml::Value>>,
     #[serde(default)]
     service: Vec<Spanned<RawService>>,
 }
@@ -371,6 +380,23 @@ impl Validator<'_> {
             None => DEFAULT_MASK,
             Some(m) => self.mask(&m, "mask".into()).unwrap_or(DEFAULT_MASK),
         };
+        let icmp_errors = match raw.icmp_errors {
+            None => false,
+            Some(v) => match v.get_ref() {
+                toml::Value::Boolean(b) => *b,
+                other => {
+                    self.error(
+                        v.span(),
+                        "icmp_errors".into(),
+                        format!(
+                            "{other} is not a boolean; write `icmp_errors = true` to mark ICMP \
+                             errors by the packet they quote, or `false` (the default)"
+                        ),
+                    );
+                    false
+                }
+            },
+        };
         let mut services = Vec::new();
         let mut names: HashMap<String, usize> = HashMap::new();
         for (i, raw_service) in raw.service.into_iter().enumerate() {
@@ -407,6 +433,7 @@ impl Validator<'_> {
             Ok(Config {
                 source: self.file.to_string(),
                 services,
+                icmp_errors,
             })
         } else {
             Err(ConfigErrors(self.errors))
@@ -785,6 +812,33 @@ mark = 0x50
         let e =
             one_error("mask = 0\n[[service]]\nvip = \"192.0.2.1\"\nproto = \"tcp\"\nmark = 1\n");
         assert_eq!(e.field.as_deref(), Some("mask"));
+    }
+
+    #[test]
+    fn icmp_errors_is_a_top_level_boolean_default_off() {
+        let svc = "[[service]]\nvip = \"192.0.2.1\"\nproto = \"tcp\"\nmark = 1\n";
+        assert!(!parse(svc).unwrap().icmp_errors);
+        assert!(
+            parse(&format!("icmp_errors = true\n{svc}"))
+                .unwrap()
+                .icmp_errors
+        );
+        assert!(
+            !parse(&format!("icmp_errors = false\n{svc}"))
+                .unwrap()
+                .icmp_errors
+        );
+        let e = one_error(&format!("mask = 0xff\nicmp_errors = \"yes\"\n{svc}"));
+        assert_eq!((e.line, e.column), (2, 15), "{e}");
+        assert_eq!(e.field.as_deref(), Some("icmp_errors"));
+        assert!(e.message.contains("icmp_errors = true"), "{e}");
+        assert!(
+            e.to_string().starts_with("test.toml:2:15: icmp_errors: "),
+            "{e}"
+        );
+        // Not a per-service key.
+        let e = one_error(&format!("{svc}icmp_errors = true\n"));
+        assert!(e.message.contains("icmp_errors"), "{e}");
     }
 
     #[test]

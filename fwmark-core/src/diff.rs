@@ -108,6 +108,12 @@ pub fn diff(old: Compiled<'_>, new: Compiled<'_>) -> Diff {
             .collect()
     };
     let (old_i, new_i) = (index(old.0), index(new.0));
+    if old.0.icmp_errors != new.0.icmp_errors {
+        d.lines.push(format!(
+            "~ icmp_errors {} -> {}",
+            old.0.icmp_errors, new.0.icmp_errors
+        ));
+    }
     let old_rules = by_service(old.1, old.0.services.len());
     let new_rules = by_service(new.1, new.0.services.len());
     for (name, &ni) in &new_i {
@@ -221,5 +227,16 @@ mod tests {
         let d = diff((&c, &r), (&c, &r));
         assert!(d.is_empty());
         assert_eq!(d.entries_unchanged, 1);
+    }
+
+    #[test]
+    fn turning_icmp_errors_on_is_a_change() {
+        let svc = "[[service]]\nvip = \"192.0.2.1\"\nproto = \"tcp\"\nmark = 1\n";
+        let (ca, ra) = compile(svc);
+        let (cb, rb) = compile(&format!("icmp_errors = true\n{svc}"));
+        let d = diff((&ca, &ra), (&cb, &rb));
+        assert_eq!(d.lines, vec!["~ icmp_errors false -> true"]);
+        assert_eq!(d.entries_unchanged, 1);
+        assert!(rb.icmp_errors && !ra.icmp_errors);
     }
 }

@@ -14,7 +14,10 @@ use std::{fmt::Write as _, net::IpAddr};
 use crate::{
     config::Config,
     frame::{Ext, Frame, L4},
-    model::{Model, Outcome, Parse, Stage, apply_mark, transport_header_len},
+    model::{
+        Icmp, Key, Model, Outcome, Parse, Stage, apply_mark, icmp_is_error, is_icmp,
+        transport_header_len,
+    },
     text::{self, proto_name},
 };
 
@@ -279,8 +282,67 @@ pub fn explain(config: &Config, frame: &[u8], mark: u32) -> String {
             let _ = writeln!(w, "result: not IP, not looked up; mark stays {mark:#x}");
             let _ = writeln!(w, "counters: seen, non_ip");
         }
+        Parse::Ip(key) if matches!(decision.icmp, Some(Icmp::Malformed(_))) => {
+            let Some(Icmp::Malformed(why)) = &decision.icmp else {
+                unreachable!("matched above");
+            };
+            let _ = writeln!(w, "  malformed ICMP error: {why}");
+            let _ = writeln!(
+                w,
+                "result: icmp_errors = true reads ICMP errors whole (the ICMP header, the quoted \
+                 IP headers and 8 bytes of the quoted transport header); this one is cut or \
+                 malformed, so it is not looked up and never marked; mark stays {mark:#x}"
+            );
+            let _ = writeln!(w, "  ({key} as a packet)");
+            let _ = writeln!(w, "counters: seen, malformed");
+        }
         Parse::Ip(key) => {
-            let _ = writeln!(w, "lookup key: {key}");
+            // An ICMP error is looked up by the packet it quotes.
+            let (addr, proto, port, later_fragment) = match &decision.icmp {
+                Some(Icmp::Error { ty, code, quoted }) => {
+                    let _ = writeln!(
+                        w,
+                        "icmp_errors = true: ICMP type {ty} code {code} is an error, looked up by \
+                         the packet it quotes: its source address, protocol and source port (the \
+                         service side of a packet sent from the VIP), so IPVS's schedule_icmp \
+                         finds the same fwmark service"
+                    );
+                    let _ = writeln!(w, "lookup key: {quoted} (the quoted packet's source)");
+                    if quoted.later_fragment {
+                        let _ = writeln!(
+                            w,
+                            "  the quoted packet is a later fragment: only every-port entries can match"
+                        );
+                    }
+                    (quoted.src, quoted.proto, quoted.port, false)
+                }
+                Some(Icmp::Informational { ty }) => {
+                    let _ = writeln!(
+                        w,
+                        "icmp_errors = true, but ICMP type {ty} is informational: looked up as \
+                         itself (no service matches ICMP)"
+                    );
+                    let _ = writeln!(w, "lookup key: {key}");
+                    (key.dst, key.proto, key.port, key.later_fragment)
+                }
+                _ => {
+                    if let Some(ty) = icmp_error_type(frame, key) {
+                        let _ = writeln!(
+                            w,
+                            "ICMP type {ty} is an error, but icmp_errors is off: looked up as \
+                             itself (set icmp_errors = true to mark it like the packet it quotes)"
+                        );
+                    }
+                    let _ = writeln!(w, "lookup key: {key}");
+                    (key.dst, key.proto, key.port, key.later_fragment)
+                }
+            };
+            let key = &Lookup {
+                dst: addr,
+                proto,
+                port,
+                later_fragment,
+            };
             if key.later_fragment {
                 let _ = writeln!(
                     w,
@@ -321,7 +383,12 @@ pub fn explain(config: &Config, frame: &[u8], mark: u32) -> String {
                             );
                         }
                     }
-                    let _ = writeln!(w, "counters: seen, marked{later}");
+                    let icmp = if decision.icmp_error() {
+                        ", icmp_error (and the rule's icmp_errors)"
+                    } else {
+                        ""
+                    };
+                    let _ = writeln!(w, "counters: seen, marked{later}{icmp}");
                 }
                 _ => {
                     let _ = writeln!(
@@ -342,6 +409,24 @@ pub fn explain(config: &Config, frame: &[u8], mark: u32) -> String {
         }
     }
     out
+}
+
+/// What is looked up: the packet's own key, or an ICMP error's quoted one.
+struct Lookup {
+    dst: IpAddr,
+    proto: u8,
+    port: Option<u16>,
+    later_fragment: bool,
+}
+
+/// The type of an ICMP error of the packet's own family, if `key` is one
+/// (read whether or not `icmp_errors` is on, for the hint).
+fn icmp_error_type(frame: &[u8], key: &Key) -> Option<u8> {
+    if !is_icmp(key) {
+        return None;
+    }
+    let ty = *frame.get(key.l4_offset)?;
+    icmp_is_error(key.dst.is_ipv6(), ty).then_some(ty)
 }
 
 /// Other rules that match the key, in precedence order, without `winner`
@@ -384,4 +469,65 @@ fn near_misses(model: &Model, dst: IpAddr, proto: u8, port: Option<u16>) -> Vec<
         })
         .take(8)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMPV6_PACKET_TOO_BIG};
+
+    const CONFIG: &str = "[[service]]\nname = \"web\"\nvip = [\"192.0.2.10\", \"2001:db8::10\"]\n\
+                          proto = \"tcp\"\nports = [443]\nmark = 80\n";
+
+    fn error_frame(vip: &str, client: &str, ty: u8, code: u8) -> Vec<u8> {
+        let quoted = Frame::new(client, L4::Tcp(40000))
+            .from(vip.parse().unwrap())
+            .from_port(443);
+        let router: IpAddr = if vip.contains(':') {
+            "2001:db8:ffff::1".parse().unwrap()
+        } else {
+            "198.51.100.1".parse().unwrap()
+        };
+        let ip_len = quoted.l4_offset() - crate::frame::l3_offset(0);
+        Frame::icmp_error(router, ty, code, [0, 0, 5, 0xdc], &quoted, ip_len + 8).build()
+    }
+
+    #[test]
+    fn an_icmp_error_is_explained_by_the_quoted_packet() {
+        let on = Config::parse(&format!("icmp_errors = true\n{CONFIG}"), "f.toml").unwrap();
+        let f = error_frame(
+            "192.0.2.10",
+            "203.0.113.5",
+            ICMP_DEST_UNREACH,
+            ICMP_FRAG_NEEDED,
+        );
+        let text = explain(&on, &f, 0);
+        for want in [
+            "ICMP at byte 34, type 3 code 4: an error",
+            "quoted IPv4 at byte 42, header 20 bytes, dst 203.0.113.5, tcp, src 192.0.2.10",
+            "source port 443, destination port 40000",
+            "lookup key: IPv4 192.0.2.10 tcp port 443 (the quoted packet's source)",
+            "service \"web\" (f.toml line 2): 192.0.2.10 tcp port 443",
+            "= 0x50",
+            "counters: seen, marked, icmp_error",
+        ] {
+            assert!(text.contains(want), "{want:?} not in:\n{text}");
+        }
+        let f6 = error_frame("2001:db8::10", "2001:db8:c::5", ICMPV6_PACKET_TOO_BIG, 0);
+        let text = explain(&on, &f6, 0);
+        assert!(text.contains("ICMPv6 at byte 54, type 2 code 0"), "{text}");
+        assert!(text.contains("= 0x50"), "{text}");
+        // Cut inside the quoted TCP ports: malformed, and said so.
+        let text = explain(&on, &f[..f.len() - 1], 7);
+        assert!(
+            text.contains("malformed ICMP error: truncated quoted transport header"),
+            "{text}"
+        );
+        assert!(text.contains("counters: seen, malformed"), "{text}");
+        // Off: the hint, and no match.
+        let off = Config::parse(CONFIG, "f.toml").unwrap();
+        let text = explain(&off, &f, 7);
+        assert!(text.contains("icmp_errors is off"), "{text}");
+        assert!(text.contains("no match"), "{text}");
+    }
 }

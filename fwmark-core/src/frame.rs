@@ -1,6 +1,7 @@
 //! Ethernet frames built from a description, from etherparse's header
 //! types (etherparse has no SCTP: its 12-byte common header is the one part
-//! written here). The one frame builder: `fwmark explain` builds the frame
+//! written here). An ICMP error ([`Frame::icmp_error`]) quotes another
+//! frame's IP packet, with a correct ICMP/ICMPv6 checksum (IPVS checks it). The one frame builder: `fwmark explain` builds the frame
 //! of a described packet with it, and the test lab its classifier,
 //! differential, benchmark and end-to-end frames.
 
@@ -9,9 +10,9 @@ use std::net::IpAddr;
 use fwmark_common::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
 use etherparse::{
-    EtherType, Ethernet2Header, IpFragOffset, IpNumber, Ipv4Header, Ipv4Options, Ipv6FlowLabel,
-    Ipv6FragmentHeader, Ipv6Header, Ipv6RawExtHeader, SingleVlanHeader, TcpHeader, UdpHeader,
-    VlanId,
+    EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, Icmpv6Header, Icmpv6Type, IpFragOffset,
+    IpNumber, Ipv4Header, Ipv4Options, Ipv6FlowLabel, Ipv6FragmentHeader, Ipv6Header,
+    Ipv6RawExtHeader, SingleVlanHeader, TcpHeader, UdpHeader, VlanId,
 };
 
 /// Client address every frame comes from.
@@ -22,6 +23,9 @@ pub const SRC_V6: [u8; 16] = [
 ];
 const SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
 const DST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
+
+/// Source port of every TCP, UDP and SCTP frame unless set ([`Frame::from_port`]).
+pub const SRC_PORT: u16 = 40000;
 
 /// TPID of an 802.1Q tag.
 pub const TPID_8021Q: u16 = 0x8100;
@@ -68,15 +72,15 @@ impl L4 {
         }
     }
 
-    fn bytes(self, payload_len: usize) -> Vec<u8> {
+    fn bytes(self, src_port: u16, payload_len: usize) -> Vec<u8> {
         match self {
             L4::Tcp(port) => {
-                let mut h = TcpHeader::new(40000, port, 1, 64240);
+                let mut h = TcpHeader::new(src_port, port, 1, 64240);
                 h.syn = true;
                 h.to_bytes().to_vec()
             }
             L4::Udp(port) => UdpHeader {
-                source_port: 40000,
+                source_port: src_port,
                 destination_port: port,
                 length: (UdpHeader::LEN + payload_len) as u16,
                 checksum: 0,
@@ -85,7 +89,7 @@ impl L4 {
             .to_vec(),
             L4::Sctp(port) => {
                 let mut h = Vec::with_capacity(12);
-                h.extend_from_slice(&40000u16.to_be_bytes());
+                h.extend_from_slice(&src_port.to_be_bytes());
                 h.extend_from_slice(&port.to_be_bytes());
                 h.extend_from_slice(&0x1234_5678u32.to_be_bytes()); // verification tag
                 h.extend_from_slice(&0u32.to_be_bytes()); // checksum (not checked here)
@@ -162,12 +166,37 @@ pub struct Tag {
     pub vid: u16,
 }
 
+/// An ICMP (IPv4) or ICMPv6 (IPv6) message in place of the transport
+/// header: its type, code, bytes 4..8 (the MTU of "fragmentation needed"
+/// and "packet too big") and what follows: for an error, the quoted packet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Icmp {
+    pub ty: u8,
+    pub code: u8,
+    pub rest: [u8; 4],
+    pub body: Vec<u8>,
+}
+
+/// ICMPv4 destination unreachable.
+pub const ICMP_DEST_UNREACH: u8 = 3;
+/// Its code "fragmentation needed and DF set".
+pub const ICMP_FRAG_NEEDED: u8 = 4;
+/// ICMPv6 packet too big.
+pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+
 /// Everything a frame can vary.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frame {
     /// VLAN tags, outermost first.
     pub vlans: Vec<Tag>,
+    /// Source address: [`SRC_V4`] / [`SRC_V6`] unless set.
+    pub src: Option<IpAddr>,
+    /// Source port of TCP, UDP and SCTP ([`SRC_PORT`] unless set).
+    pub src_port: u16,
     pub dst: IpAddr,
+    /// An ICMP message in place of `l4` (whose protocol it replaces with
+    /// ICMP or ICMPv6 by the family of `dst`).
+    pub icmp: Option<Icmp>,
     pub l4: L4,
     /// IPv4 options (a multiple of 4 bytes, at most 40).
     pub ipv4_options: Vec<u8>,
@@ -191,7 +220,10 @@ impl Frame {
     pub fn to(dst: IpAddr, l4: L4) -> Frame {
         Frame {
             vlans: Vec::new(),
+            src: None,
+            src_port: SRC_PORT,
             dst,
+            icmp: None,
             l4,
             ipv4_options: Vec::new(),
             ipv4_fragment: (0, false),
@@ -234,6 +266,111 @@ impl Frame {
     pub fn ipv6_ext(mut self, ext: &[Ext]) -> Frame {
         self.ipv6_ext = ext.to_vec();
         self
+    }
+
+    /// From `src` instead of the client address.
+    pub fn from(mut self, src: IpAddr) -> Frame {
+        self.src = Some(src);
+        self
+    }
+
+    /// From source port `port`.
+    pub fn from_port(mut self, port: u16) -> Frame {
+        self.src_port = port;
+        self
+    }
+
+    /// The source address.
+    pub fn source(&self) -> IpAddr {
+        self.src.unwrap_or(match self.dst {
+            IpAddr::V4(_) => IpAddr::from(SRC_V4),
+            IpAddr::V6(_) => IpAddr::from(SRC_V6),
+        })
+    }
+
+    /// An ICMP message (ICMPv6 for an IPv6 `dst`) from `router` to `dst`
+    /// with type `ty`, code `code`, bytes 4..8 `rest` and `body` after the
+    /// 8-byte header.
+    pub fn icmp(
+        router: IpAddr,
+        dst: IpAddr,
+        ty: u8,
+        code: u8,
+        rest: [u8; 4],
+        body: &[u8],
+    ) -> Frame {
+        let proto = if dst.is_ipv6() { 58 } else { 1 };
+        let mut f = Frame::to(dst, L4::Other(proto)).from(router);
+        f.icmp = Some(Icmp {
+            ty,
+            code,
+            rest,
+            body: body.to_vec(),
+        });
+        f.payload_len = 0;
+        f
+    }
+
+    /// An ICMP error about `quoted` (a packet the director sent, from the
+    /// VIP to a client), as a router on the way sends it back: from
+    /// `router` to `quoted`'s source, quoting the first `quoted_len` bytes
+    /// of `quoted`'s IP packet (all of it if shorter).
+    pub fn icmp_error(
+        router: IpAddr,
+        ty: u8,
+        code: u8,
+        rest: [u8; 4],
+        quoted: &Frame,
+        quoted_len: usize,
+    ) -> Frame {
+        let ip = quoted.ip_packet();
+        let body = &ip[..quoted_len.min(ip.len())];
+        Frame::icmp(router, quoted.source(), ty, code, rest, body)
+    }
+
+    /// The IP packet: the frame without its Ethernet header and tags.
+    pub fn ip_packet(&self) -> Vec<u8> {
+        self.build()[l3_offset(self.vlans.len())..].to_vec()
+    }
+
+    /// Offset of the transport header (or ICMP header) in the frame.
+    pub fn l4_offset(&self) -> usize {
+        let ip = match self.dst {
+            IpAddr::V4(_) => 20 + self.ipv4_options.len(),
+            IpAddr::V6(_) => 40 + self.ipv6_ext.iter().map(|e| e.header_len()).sum::<usize>(),
+        };
+        l3_offset(self.vlans.len()) + ip
+    }
+
+    /// The ICMP header and body, with its checksum.
+    fn icmp_bytes(&self, icmp: &Icmp) -> Vec<u8> {
+        let mut out = match (self.source(), self.dst) {
+            (IpAddr::V6(src), IpAddr::V6(dst)) => Icmpv6Header::with_checksum(
+                Icmpv6Type::Unknown {
+                    type_u8: icmp.ty,
+                    code_u8: icmp.code,
+                    bytes5to8: icmp.rest,
+                },
+                src.octets(),
+                dst.octets(),
+                &icmp.body,
+            )
+            .expect("ICMPv6 body fits")
+            .to_bytes()
+            .to_vec(),
+            _ => Icmpv4Header::with_checksum(
+                Icmpv4Type::Unknown {
+                    type_u8: icmp.ty,
+                    code_u8: icmp.code,
+                    bytes5to8: icmp.rest,
+                },
+                &icmp.body,
+            )
+            .to_bytes()
+            .to_vec(),
+        };
+        out.extend_from_slice(&icmp.body);
+        out
     }
 
     /// A fragment at a non-zero offset: 8 bytes of payload stand where the
@@ -280,9 +417,12 @@ impl Frame {
         // A later fragment carries payload where the L4 header would be.
         let l4 = if self.later_fragment() {
             vec![0xab; 8]
+        } else if let Some(icmp) = &self.icmp {
+            self.icmp_bytes(icmp)
         } else {
-            self.l4.bytes(self.payload_len)
+            self.l4.bytes(self.src_port, self.payload_len)
         };
+        let src = self.source();
         let payload = vec![0x5a; self.payload_len];
 
         match self.dst {
@@ -291,7 +431,10 @@ impl Frame {
                     (l4.len() + payload.len()) as u16,
                     64,
                     self.l4.number(),
-                    SRC_V4,
+                    match src {
+                        IpAddr::V4(a) => a.octets(),
+                        IpAddr::V6(_) => SRC_V4,
+                    },
                     dst.octets(),
                 )
                 .expect("ipv4 payload fits");
@@ -323,7 +466,10 @@ impl Frame {
                         .first()
                         .map_or(self.l4.number(), |e| e.number()),
                     hop_limit: 64,
-                    source: SRC_V6,
+                    source: match src {
+                        IpAddr::V6(a) => a.octets(),
+                        IpAddr::V4(_) => SRC_V6,
+                    },
                     destination: dst.octets(),
                 };
                 out.extend_from_slice(&ip.to_bytes());

@@ -19,6 +19,15 @@
 //!   exact address every port, then the longest prefix, a port entry before
 //!   an every-port entry at equal length; among equals the first rule in
 //!   config order owns the entry;
+//! - ICMP errors (`icmp_errors = true`): an ICMPv4 message of type 3, 4 or
+//!   11 in IPv4, or an ICMPv6 message of type 1 to 4 in IPv6, not a later
+//!   fragment, is looked up by the packet it quotes: that packet's source
+//!   address, protocol and source port, by the same lookup. The 8-byte ICMP
+//!   header, the quoted IP header (IPv4 options, IPv6 extension headers, the
+//!   same walk and limits) and the first 8 bytes of a quoted TCP, UDP or
+//!   SCTP header must be in the frame; otherwise it is malformed. A quoted
+//!   later fragment is looked up without a port. Other ICMP is looked up as
+//!   itself (and no service matches ICMP);
 //! - the mark, `(old & !mask) | (value & mask)`, and which global counter
 //!   the frame adds to.
 
@@ -28,11 +37,12 @@ use std::{
 };
 
 use fwmark_common::{
-    GlobalCounters, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, MAX_IPV6_EXT_HEADERS, MAX_VLAN_TAGS,
+    GlobalCounters, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    MAX_IPV6_EXT_HEADERS, MAX_VLAN_TAGS,
     wire::{
-        ETH_HLEN, ETHERTYPE_IPV4, ETHERTYPE_IPV6, IPV4_MIN_HLEN, IPV6_DEST_OPTIONS, IPV6_FRAG_HLEN,
-        IPV6_FRAGMENT, IPV6_HLEN, IPV6_HOP_BY_HOP, IPV6_ROUTING, SCTP_HLEN, TCP_HLEN, TPID_8021AD,
-        TPID_8021Q, UDP_HLEN, VLAN_HLEN,
+        EMBEDDED_L4_MIN, ETH_HLEN, ETHERTYPE_IPV4, ETHERTYPE_IPV6, ICMP_HLEN, IPV4_MIN_HLEN,
+        IPV6_DEST_OPTIONS, IPV6_FRAG_HLEN, IPV6_FRAGMENT, IPV6_HLEN, IPV6_HOP_BY_HOP, IPV6_ROUTING,
+        SCTP_HLEN, TCP_HLEN, TPID_8021AD, TPID_8021Q, UDP_HLEN, VLAN_HLEN,
     },
 };
 use ipnet::IpNet;
@@ -70,6 +80,7 @@ pub enum Layer {
     Ipv4 {
         offset: usize,
         header_len: usize,
+        src: Ipv4Addr,
         dst: Ipv4Addr,
         proto: u8,
         /// Fragment offset in 8-byte units.
@@ -78,6 +89,7 @@ pub enum Layer {
     },
     Ipv6 {
         offset: usize,
+        src: Ipv6Addr,
         dst: Ipv6Addr,
         next: u8,
     },
@@ -99,6 +111,24 @@ pub enum Layer {
         offset: usize,
         proto: u8,
         port: u16,
+    },
+    /// An ICMP or ICMPv6 header (read only with `icmp_errors = true`).
+    Icmp {
+        offset: usize,
+        ipv6: bool,
+        ty: u8,
+        code: u8,
+        /// One of the error types looked up by the packet they quote.
+        error: bool,
+    },
+    /// A header of the packet an ICMP error quotes.
+    Quoted(Box<Layer>),
+    /// The first 8 bytes of the quoted packet's TCP, UDP or SCTP header.
+    QuotedPorts {
+        offset: usize,
+        proto: u8,
+        src_port: u16,
+        dst_port: u16,
     },
 }
 
@@ -135,6 +165,7 @@ impl fmt::Display for Layer {
                 proto,
                 fragment_offset,
                 more_fragments,
+                ..
             } => {
                 write!(
                     f,
@@ -155,7 +186,9 @@ impl fmt::Display for Layer {
                 }
                 Ok(())
             }
-            Layer::Ipv6 { offset, dst, next } => {
+            Layer::Ipv6 {
+                offset, dst, next, ..
+            } => {
                 write!(f, "IPv6 at byte {offset}, dst {dst}, next header {next}")
             }
             Layer::Ipv6Ext {
@@ -190,6 +223,38 @@ impl fmt::Display for Layer {
             } => write!(
                 f,
                 "{} at byte {offset}, destination port {port}",
+                proto_name(*proto).to_uppercase()
+            ),
+            Layer::Icmp {
+                offset,
+                ipv6,
+                ty,
+                code,
+                error,
+            } => write!(
+                f,
+                "{} at byte {offset}, type {ty} code {code}: {}",
+                if *ipv6 { "ICMPv6" } else { "ICMP" },
+                if *error {
+                    "an error, quoting the packet it is about"
+                } else {
+                    "informational"
+                }
+            ),
+            Layer::Quoted(inner) => match &**inner {
+                Layer::Ipv4 { src, .. } => write!(f, "quoted {inner}, src {src}"),
+                Layer::Ipv6 { src, .. } => write!(f, "quoted {inner}, src {src}"),
+                _ => write!(f, "quoted {inner}"),
+            },
+            Layer::QuotedPorts {
+                offset,
+                proto,
+                src_port,
+                dst_port,
+            } => write!(
+                f,
+                "quoted {} at byte {offset} (first 8 bytes), source port {src_port}, \
+                 destination port {dst_port}",
                 proto_name(*proto).to_uppercase()
             ),
         }
@@ -257,6 +322,8 @@ pub struct Key {
     pub later_fragment: bool,
     /// Where the IP header starts (bytes are counted from there).
     pub l3_offset: usize,
+    /// Where the header after the IP header(s) starts.
+    pub l4_offset: usize,
 }
 
 impl fmt::Display for Key {
@@ -341,6 +408,7 @@ fn ipv4(frame: &[u8], offset: usize) -> Result<Layer, Malformed> {
     Ok(Layer::Ipv4 {
         offset,
         header_len,
+        src: Ipv4Addr::new(h[12], h[13], h[14], h[15]),
         dst: Ipv4Addr::new(h[16], h[17], h[18], h[19]),
         proto: h[9],
         fragment_offset: flags_fragment & 0x1fff,
@@ -355,10 +423,13 @@ fn ipv6(frame: &[u8], offset: usize) -> Result<Layer, Malformed> {
     if version != 6 {
         return Err(Malformed::BadVersion { offset, version });
     }
+    let mut src = [0u8; 16];
+    src.copy_from_slice(&h[8..24]);
     let mut dst = [0u8; 16];
     dst.copy_from_slice(&h[24..40]);
     Ok(Layer::Ipv6 {
         offset,
+        src: Ipv6Addr::from(src),
         dst: Ipv6Addr::from(dst),
         next: h[6],
     })
@@ -490,7 +561,168 @@ fn parse_into(frame: &[u8], layers: &mut Vec<Layer>) -> Result<Parse, Malformed>
         port,
         later_fragment,
         l3_offset,
+        l4_offset,
     }))
+}
+
+/// What the packet an ICMP error quotes is looked up by: its source (the
+/// service side of a packet the director's real server sent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quoted {
+    pub src: IpAddr,
+    pub proto: u8,
+    /// Source port; `None` for a quoted later fragment or a protocol
+    /// without ports.
+    pub port: Option<u16>,
+    pub later_fragment: bool,
+}
+
+impl fmt::Display for Quoted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let family = if self.src.is_ipv4() { "IPv4" } else { "IPv6" };
+        write!(f, "{family} {} {}", self.src, proto_name(self.proto))?;
+        match self.port {
+            Some(p) => write!(f, " port {p}"),
+            None if self.later_fragment => write!(f, " (quoted later fragment: no port)"),
+            None => write!(f, " (no ports)"),
+        }
+    }
+}
+
+/// An ICMP message as `icmp_errors = true` reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Icmp {
+    /// Not an error: looked up as itself.
+    Informational { ty: u8 },
+    /// An error, looked up by the packet it quotes.
+    Error { ty: u8, code: u8, quoted: Quoted },
+    /// Its header or the quoted headers are truncated or malformed.
+    Malformed(Malformed),
+}
+
+/// Whether ICMP type `ty` (ICMPv6 if `ipv6`) is an error that quotes the
+/// packet it is about: ICMPv4 destination unreachable, source quench and
+/// time exceeded; ICMPv6 destination unreachable, packet too big, time
+/// exceeded and parameter problem (as IPVS reads them).
+pub fn icmp_is_error(ipv6: bool, ty: u8) -> bool {
+    const V4: [u8; 3] = [3, 4, 11];
+    const V6: [u8; 4] = [1, 2, 3, 4];
+    if ipv6 {
+        V6.contains(&ty)
+    } else {
+        V4.contains(&ty)
+    }
+}
+
+/// Whether `key` is an ICMP message of its own family with its header in
+/// this packet (ICMP in IPv4, ICMPv6 in IPv6, not a later fragment): the
+/// packets `icmp_errors` reads.
+pub fn is_icmp(key: &Key) -> bool {
+    !key.later_fragment
+        && match key.dst {
+            IpAddr::V4(_) => key.proto == IPPROTO_ICMP,
+            IpAddr::V6(_) => key.proto == IPPROTO_ICMPV6,
+        }
+}
+
+/// The ICMP message of `key` (see [`is_icmp`]), with its layers.
+pub fn icmp(frame: &[u8], key: &Key, layers: &mut Vec<Layer>) -> Icmp {
+    icmp_into(frame, key, layers).unwrap_or_else(Icmp::Malformed)
+}
+
+fn icmp_into(frame: &[u8], key: &Key, layers: &mut Vec<Layer>) -> Result<Icmp, Malformed> {
+    let ipv6 = key.dst.is_ipv6();
+    let offset = key.l4_offset;
+    let name = if ipv6 { "ICMPv6 header" } else { "ICMP header" };
+    let h = bytes(frame, name, offset, ICMP_HLEN)?;
+    let (ty, code) = (h[0], h[1]);
+    let error = icmp_is_error(ipv6, ty);
+    layers.push(Layer::Icmp {
+        offset,
+        ipv6,
+        ty,
+        code,
+        error,
+    });
+    if !error {
+        return Ok(Icmp::Informational { ty });
+    }
+    // The quoted packet: the same header walk as the packet itself.
+    let inner = offset + ICMP_HLEN;
+    let mut quoted_layers = Vec::new();
+    let walked = quoted_ip(frame, inner, ipv6, &mut quoted_layers);
+    layers.extend(
+        quoted_layers
+            .into_iter()
+            .map(|l| Layer::Quoted(Box::new(l))),
+    );
+    let (src, proto, l4, later_fragment) = walked?;
+    let port = if !later_fragment && transport_header_len(proto).is_some() {
+        let h = bytes(
+            frame,
+            "quoted transport header (its first 8 bytes)",
+            l4,
+            EMBEDDED_L4_MIN,
+        )?;
+        let (src_port, dst_port) = (be16(h, 0), be16(h, 2));
+        layers.push(Layer::QuotedPorts {
+            offset: l4,
+            proto,
+            src_port,
+            dst_port,
+        });
+        Some(src_port)
+    } else {
+        None
+    };
+    Ok(Icmp::Error {
+        ty,
+        code,
+        quoted: Quoted {
+            src,
+            proto,
+            port,
+            later_fragment,
+        },
+    })
+}
+
+/// The quoted IP header at `offset` (IPv6 with its extension headers):
+/// (source, protocol, transport offset, later fragment).
+fn quoted_ip(
+    frame: &[u8],
+    offset: usize,
+    ipv6: bool,
+    layers: &mut Vec<Layer>,
+) -> Result<(IpAddr, u8, usize, bool), Malformed> {
+    if ipv6 {
+        let layer = self::ipv6(frame, offset)?;
+        let Layer::Ipv6 { src, next, .. } = layer else {
+            unreachable!("ipv6() returns an IPv6 layer");
+        };
+        layers.push(layer);
+        let (proto, l4, later) = ipv6_chain(frame, offset + IPV6_HLEN, next, layers)?;
+        Ok((IpAddr::V6(src), proto, l4, later))
+    } else {
+        let layer = self::ipv4(frame, offset)?;
+        let Layer::Ipv4 {
+            src,
+            header_len,
+            proto,
+            fragment_offset,
+            ..
+        } = layer
+        else {
+            unreachable!("ipv4() returns an IPv4 layer");
+        };
+        layers.push(layer);
+        Ok((
+            IpAddr::V4(src),
+            proto,
+            offset + header_len,
+            fragment_offset != 0,
+        ))
+    }
 }
 
 /// Walks the IPv6 extension headers from `offset`, `next` being the first
@@ -608,6 +840,9 @@ pub enum Outcome {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decision {
     pub parsed: Parsed,
+    /// The ICMP message, read when `icmp_errors = true` and the packet is
+    /// ICMP of its family ([`is_icmp`]).
+    pub icmp: Option<Icmp>,
     pub outcome: Outcome,
     /// The mark the frame came with.
     pub old_mark: u32,
@@ -628,9 +863,20 @@ impl Decision {
         )
     }
 
+    /// Marked as an ICMP error, by the packet it quotes.
+    pub fn icmp_error(&self) -> bool {
+        matches!(
+            (&self.outcome, &self.icmp),
+            (Outcome::Marked(_), Some(Icmp::Error { .. }))
+        )
+    }
+
     /// Adds this frame to the global counters, as the classifier does.
     pub fn count(&self, c: &mut GlobalCounters) {
         c.seen += 1;
+        if self.icmp_error() {
+            c.icmp_error += 1;
+        }
         match self.outcome {
             Outcome::Marked(_) => c.marked += 1,
             Outcome::NoMatch => c.no_match += 1,
@@ -647,6 +893,8 @@ impl Decision {
 #[derive(Clone, Debug)]
 pub struct Model {
     pub rules: Vec<ModelRule>,
+    /// The config's `icmp_errors`.
+    pub icmp_errors: bool,
 }
 
 impl Model {
@@ -666,7 +914,10 @@ impl Model {
                 }
             })
             .collect();
-        Model { rules }
+        Model {
+            rules,
+            icmp_errors: config.icmp_errors,
+        }
     }
 
     /// The stage at which `rule` would match (dst, proto, port), if it does.
@@ -726,14 +977,25 @@ impl Model {
 
     /// What the classifier does with `frame` arriving with `mark`.
     pub fn classify(&self, frame: &[u8], mark: u32) -> Decision {
-        let parsed = parse(frame);
-        let outcome = match &parsed.result {
+        let mut parsed = parse(frame);
+        let mut icmp = None;
+        let found = |hit: Option<Hit>| hit.map_or(Outcome::NoMatch, Outcome::Marked);
+        let outcome = match parsed.result.clone() {
             Parse::NonIp { .. } => Outcome::NonIp,
             Parse::Malformed(_) => Outcome::Malformed,
-            Parse::Ip(key) => match self.lookup(key.dst, key.proto, key.port) {
-                Some(hit) => Outcome::Marked(hit),
-                None => Outcome::NoMatch,
-            },
+            Parse::Ip(key) if self.icmp_errors && is_icmp(&key) => {
+                let message = self::icmp(frame, &key, &mut parsed.layers);
+                let outcome = match &message {
+                    Icmp::Malformed(_) => Outcome::Malformed,
+                    Icmp::Informational { .. } => found(self.lookup(key.dst, key.proto, key.port)),
+                    Icmp::Error { quoted, .. } => {
+                        found(self.lookup(quoted.src, quoted.proto, quoted.port))
+                    }
+                };
+                icmp = Some(message);
+                outcome
+            }
+            Parse::Ip(key) => found(self.lookup(key.dst, key.proto, key.port)),
         };
         let new_mark = match outcome {
             Outcome::Marked(hit) => apply_mark(mark, hit.mark, hit.mask),
@@ -741,6 +1003,7 @@ impl Model {
         };
         Decision {
             parsed,
+            icmp,
             outcome,
             old_mark: mark,
             mark: new_mark,
@@ -1070,5 +1333,166 @@ mark = 9
             hits += usize::from(modelled.is_some());
         }
         assert!(hits > 1_000, "only {hits} hits: the keys miss the rules");
+    }
+
+    /// An ICMP error from 198.51.100.1 to `vip`, quoting `quoted` (an IP
+    /// packet), assembled by hand.
+    fn icmp4_error(ty: u8, vip: [u8; 4], quoted: &[u8]) -> Vec<u8> {
+        let mut ip = ipv4(vip, 1, 0, 0);
+        ip[12..16].copy_from_slice(&[198, 51, 100, 1]);
+        [
+            eth(0x0800),
+            ip,
+            vec![ty, 4, 0, 0, 0, 0, 0x05, 0xdc],
+            quoted.to_vec(),
+        ]
+        .concat()
+    }
+
+    /// A quoted IPv4 packet from `vip`:`sport` to the client, with
+    /// `options` bytes of options.
+    fn quoted4(vip: [u8; 4], proto: u8, sport: u16, options: usize) -> Vec<u8> {
+        let mut ip = ipv4([203, 0, 113, 7], proto, options, 0);
+        ip[12..16].copy_from_slice(&vip);
+        [
+            ip,
+            sport.to_be_bytes().to_vec(),
+            vec![0x9c, 0x40, 0, 0, 0, 1],
+        ]
+        .concat()
+    }
+
+    fn icmp_model(on: bool) -> Model {
+        let text = format!("icmp_errors = {on}\n{CONFIG}");
+        Model::new(&Config::parse(&text, "t.toml").unwrap())
+    }
+
+    #[test]
+    fn icmp_errors_take_the_mark_of_the_quoted_source() {
+        let m = icmp_model(true);
+        // Fragmentation needed about 192.0.2.10:443 -> client, quoted
+        // with 8 bytes of IPv4 options: web.
+        let f = icmp4_error(3, [192, 0, 2, 10], &quoted4([192, 0, 2, 10], 6, 443, 8));
+        let d = m.classify(&f, 0xdead_0000);
+        assert_eq!(d.mark, 80, "{d:?}");
+        assert!(d.icmp_error());
+        let mut c = GlobalCounters::default();
+        d.count(&mut c);
+        assert_eq!((c.seen, c.marked, c.icmp_error), (1, 1, 1));
+        // Source quench and time exceeded too; the quoted source port
+        // decides, not the destination port.
+        for ty in [4, 11] {
+            assert_eq!(
+                mark_of(
+                    &m,
+                    &icmp4_error(ty, [192, 0, 2, 10], &quoted4([192, 0, 2, 10], 6, 80, 0))
+                ),
+                Some(80)
+            );
+        }
+        let by_dst_port = icmp4_error(3, [192, 0, 2, 10], &quoted4([192, 0, 2, 10], 6, 40000, 0));
+        assert_eq!(m.classify(&by_dst_port, 0).outcome, Outcome::NoMatch);
+        // The quoted SOURCE address decides, not the error's destination.
+        let other_vip = icmp4_error(3, [192, 0, 2, 10], &quoted4([192, 0, 2, 77], 17, 5353, 0));
+        assert_eq!(mark_of(&m, &other_vip), Some(77));
+        // Informational ICMP (echo request 8, echo reply 0, 12 is not one
+        // IPVS reads) is never marked.
+        for ty in [0, 8, 12, 5] {
+            let f = icmp4_error(ty, [192, 0, 2, 10], &quoted4([192, 0, 2, 10], 6, 443, 0));
+            let d = m.classify(&f, 0);
+            assert_eq!(d.outcome, Outcome::NoMatch, "type {ty}");
+            assert_eq!(d.icmp, Some(Icmp::Informational { ty }));
+        }
+        // Off: the same error is ICMP to the VIP, which no service matches.
+        let off = icmp_model(false);
+        let d = off.classify(&f, 0);
+        assert_eq!((d.outcome, d.icmp), (Outcome::NoMatch, None));
+    }
+
+    #[test]
+    fn icmpv6_errors_walk_the_quoted_extension_headers() {
+        let m = icmp_model(true);
+        let quoted = |sport: u16, exts: usize| {
+            let mut ip = ipv6("2001:db8:ff::7", if exts > 0 { 60 } else { 6 });
+            ip[8..24].copy_from_slice(&"2001:db8::10".parse::<Ipv6Addr>().unwrap().octets());
+            let mut q = ip;
+            for i in 0..exts {
+                q.extend(ext(if i + 1 == exts { 6 } else { 0 }, 0));
+            }
+            q.extend(sport.to_be_bytes());
+            q.extend([0x9c, 0x40, 0, 0, 0, 1]);
+            q
+        };
+        let error = |ty: u8, q: &[u8]| {
+            let mut ip = ipv6("2001:db8::10", 58);
+            ip[8..24].copy_from_slice(&"2001:db8:1::1".parse::<Ipv6Addr>().unwrap().octets());
+            [
+                eth(0x86dd),
+                ip,
+                vec![ty, 0, 0, 0, 0, 0, 0x05, 0x00],
+                q.to_vec(),
+            ]
+            .concat()
+        };
+        for ty in 1..=4 {
+            assert_eq!(
+                mark_of(&m, &error(ty, &quoted(443, 0))),
+                Some(80),
+                "type {ty}"
+            );
+        }
+        assert_eq!(mark_of(&m, &error(2, &quoted(443, 3))), Some(80));
+        assert_eq!(mark_of(&m, &error(2, &quoted(443, 8))), Some(80));
+        assert!(matches!(
+            m.classify(&error(2, &quoted(443, 9)), 0).icmp,
+            Some(Icmp::Malformed(Malformed::TooManyExtHeaders { .. }))
+        ));
+        // Echo request/reply, neighbour solicitation: informational.
+        for ty in [128, 129, 135, 0, 5] {
+            assert_eq!(
+                m.classify(&error(ty, &quoted(443, 0)), 0).outcome,
+                Outcome::NoMatch,
+                "type {ty}"
+            );
+        }
+        // An ICMPv4 type number in ICMPv6 means something else: 11 is not an error.
+        assert_eq!(
+            m.classify(&error(11, &quoted(443, 0)), 0).outcome,
+            Outcome::NoMatch
+        );
+        // ICMPv4 quoting IPv6 is malformed (the quoted version is wrong).
+        let mixed = icmp4_error(3, [192, 0, 2, 10], &quoted(443, 0));
+        assert_eq!(m.classify(&mixed, 0).outcome, Outcome::Malformed);
+    }
+
+    #[test]
+    fn icmp_errors_truncated_anywhere_are_malformed() {
+        let m = icmp_model(true);
+        let full = icmp4_error(3, [192, 0, 2, 10], &quoted4([192, 0, 2, 10], 6, 443, 12));
+        let icmp_at = 14 + 20;
+        let ports_end = icmp_at + 8 + 32 + 8;
+        assert_eq!(full.len(), ports_end);
+        for len in 0..=full.len() {
+            let d = m.classify(&full[..len], 7);
+            let want = if len < icmp_at {
+                Outcome::Malformed
+            } else if len < ports_end {
+                // Outer IP whole: the ICMP header or the quote is cut.
+                Outcome::Malformed
+            } else {
+                d.outcome
+            };
+            assert_eq!(d.outcome, want, "len {len}");
+            assert_eq!(d.mark == 80, len == ports_end, "len {len}");
+        }
+        // Extra bytes after the 8 quoted ones change nothing.
+        let longer = [full.clone(), vec![0; 40]].concat();
+        assert_eq!(mark_of(&m, &longer), Some(80));
+        // Off: a cut quote is not looked at, so not malformed.
+        let off = icmp_model(false);
+        assert_eq!(
+            off.classify(&full[..icmp_at + 3], 0).outcome,
+            Outcome::NoMatch
+        );
     }
 }

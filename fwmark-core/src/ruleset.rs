@@ -99,6 +99,9 @@ pub struct Ruleset {
     pub prefix: Vec<PrefixEntry>,
     /// Things that are legal but worth telling the operator.
     pub warnings: Vec<String>,
+    /// The config's `icmp_errors`: published with the entries, in the same
+    /// generation word.
+    pub icmp_errors: bool,
 }
 
 /// Two services claim one entry with different marks.
@@ -196,7 +199,10 @@ impl Ruleset {
         // (prefix_len, key) -> index in exact/prefix and owning rule.
         let mut owner: HashMap<(u32, ServiceKey), (bool, usize, usize)> =
             HashMap::with_capacity(entries);
-        let mut rs = Ruleset::default();
+        let mut rs = Ruleset {
+            icmp_errors: config.icmp_errors,
+            ..Ruleset::default()
+        };
         for rule in rules(config) {
             let service = &config.services[rule.service];
             let (vip, proto, ports) = (&rule.vip, rule.proto, rule.ports);

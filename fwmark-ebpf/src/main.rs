@@ -17,6 +17,12 @@
 //! IP fragments at a non-zero offset carry no L4 header: they are looked up
 //! with "all ports" only (like iptables, whose port matches never match them).
 //!
+//! With `icmp_errors = true` (a flag in the `ACTIVE` word, so it switches
+//! with the entries), an ICMP error (ICMPv4 3, 4, 11; ICMPv6 1-4) is looked
+//! up by the packet it quotes: its family, protocol, SOURCE port and SOURCE
+//! address, by the same lookup. IPVS's `schedule_icmp` then finds the
+//! fwmark service by the error's mark. The flag is read only for ICMP.
+//!
 //! Debug logging (aya-log) is compiled in but gated by `AYA_LOG_LEVEL`, a
 //! read-only global the loader sets before loading (off unless
 //! `--log-level` says otherwise); the verifier then removes the disabled
@@ -35,10 +41,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, trace};
 use fwmark_common::{
-    ACTIVE_GENERATION_MASK, ACTIVE_HAS_PREFIX, ALL_PORTS, GENERATIONS, GlobalCounters,
-    LPM_LOOKUP_PREFIX_LEN, RuleCounters, ServiceKey, Target, TargetBytes,
+    ACTIVE_GENERATION_MASK, ACTIVE_HAS_PREFIX, ACTIVE_ICMP_ERRORS, ALL_PORTS, GENERATIONS,
+    GlobalCounters, LPM_LOOKUP_PREFIX_LEN, RuleCounters, ServiceKey, Target, TargetBytes,
 };
-use parse::{Packet, Parsed};
+use parse::{Icmp, Parsed};
 
 /// Index of the generation in use, plus `ACTIVE_HAS_PREFIX`. Read once per
 /// packet, so every lookup of one packet sees one whole configuration.
@@ -81,19 +87,47 @@ pub fn fwmark(ctx: TcContext) -> i32 {
             if pkt.later_fragment {
                 global.later_fragment += 1;
             }
-            match lookup(&pkt) {
+            // One read of the generation word per packet: the entries, the
+            // has-prefix flag and the icmp_errors flag of one config.
+            let Some(&active) = ACTIVE.get(0) else {
+                global.no_match += 1;
+                return TC_ACT_UNSPEC;
+            };
+            let mut key = pkt.key;
+            let mut with_port = !pkt.later_fragment;
+            let mut icmp = false;
+            // The flag is read only for ICMP: other packets pay one compare.
+            if parse::is_icmp(&pkt) && active & ACTIVE_ICMP_ERRORS != 0 {
+                match parse::icmp_error(ctx.data(), ctx.data_end(), &pkt) {
+                    Icmp::Informational => {}
+                    Icmp::Error(quoted, later_fragment) => {
+                        key = quoted;
+                        with_port = !later_fragment;
+                        icmp = true;
+                    }
+                    Icmp::Malformed => {
+                        global.malformed += 1;
+                        return TC_ACT_UNSPEC;
+                    }
+                }
+            }
+            match lookup(active, &key, with_port) {
                 Some(target) => {
-                    mark(&ctx, &target, &pkt);
+                    mark(&ctx, &target, pkt.l3_offset, icmp);
                     global.marked += 1;
+                    if icmp {
+                        global.icmp_error += 1;
+                    }
                     debug!(
                         &ctx,
-                        "marked: family {} proto {} port {} rule {} mark {:x}/{:x}",
-                        pkt.key.family,
-                        pkt.key.proto,
-                        u16::from_be_bytes(pkt.key.port),
+                        "marked: family {} proto {} port {} rule {} mark {:x}/{:x} icmp error {}",
+                        key.family,
+                        key.proto,
+                        u16::from_be_bytes(key.port),
                         target.rule,
                         target.mark,
-                        target.mask
+                        target.mask,
+                        u8::from(icmp)
                     );
                 }
                 None => {
@@ -101,9 +135,9 @@ pub fn fwmark(ctx: TcContext) -> i32 {
                     trace!(
                         &ctx,
                         "no match: family {} proto {} port {}",
-                        pkt.key.family,
-                        pkt.key.proto,
-                        u16::from_be_bytes(pkt.key.port)
+                        key.family,
+                        key.proto,
+                        u16::from_be_bytes(key.port)
                     );
                 }
             }
@@ -113,7 +147,7 @@ pub fn fwmark(ctx: TcContext) -> i32 {
 }
 
 #[inline(always)]
-fn mark(ctx: &TcContext, target: &Target, pkt: &Packet) {
+fn mark(ctx: &TcContext, target: &Target, l3_offset: u32, icmp: bool) {
     // SAFETY: `skb` is the context pointer the kernel passed to this program.
     let old = unsafe { (*ctx.skb.skb).mark };
     ctx.set_mark((old & !target.mask) | (target.mark & target.mask));
@@ -121,7 +155,10 @@ fn mark(ctx: &TcContext, target: &Target, pkt: &Packet) {
         // SAFETY: a per-CPU array slot, owned by this CPU while the program runs.
         unsafe {
             (*stats).packets += 1;
-            (*stats).bytes += u64::from(ctx.len().saturating_sub(pkt.l3_offset));
+            (*stats).bytes += u64::from(ctx.len().saturating_sub(l3_offset));
+            if icmp {
+                (*stats).icmp_errors += 1;
+            }
         }
     }
 }
@@ -130,15 +167,13 @@ fn mark(ctx: &TcContext, target: &Target, pkt: &Packet) {
 // stack slot, which costs instructions on every packet.
 #[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(always)]
-fn lookup(pkt: &Packet) -> Option<Target> {
-    let active = *ACTIVE.get(0)?;
+fn lookup(active: u32, key: &ServiceKey, with_port: bool) -> Option<Target> {
     let generation = active & ACTIVE_GENERATION_MASK;
-    let mut key = pkt.key;
+    let mut key = *key;
+    let port = key.port;
 
     if let Some(exact) = EXACT.get(generation) {
-        if !pkt.later_fragment
-            && let Some(target) = exact.get_ptr(&key)
-        {
+        if with_port && let Some(target) = exact.get_ptr(&key) {
             return Some(read_target(target));
         }
         key.port = ALL_PORTS.to_be_bytes();
@@ -151,11 +186,12 @@ fn lookup(pkt: &Packet) -> Option<Target> {
         return None;
     }
     let prefix = PREFIX.get(generation)?;
-    let mut lpm_key = Key::new(LPM_LOOKUP_PREFIX_LEN, pkt.key);
-    let with_port = if pkt.later_fragment {
-        None
-    } else {
+    key.port = port;
+    let mut lpm_key = Key::new(LPM_LOOKUP_PREFIX_LEN, key);
+    let with_port = if with_port {
         prefix.get(&lpm_key).map(|t| read_target(t))
+    } else {
+        None
     };
     lpm_key.data.port = ALL_PORTS.to_be_bytes();
     let all_ports = prefix.get(&lpm_key).map(|t| read_target(t));

@@ -3,16 +3,20 @@
 //! fixed loop bounds. Every header walked must be whole (IPv4 options, IPv6
 //! extension headers, the fixed TCP/UDP/SCTP header): a truncated one makes
 //! the packet malformed.
+//!
+//! The IP parsers take the offset of the address they read as a const
+//! parameter: the destination of the packet itself, the source of the packet
+//! an ICMP error quotes (`icmp_error`), with the same header walk.
 
 use core::ptr::read_unaligned;
 
 use fwmark_common::{
-    ALL_PORTS, FAMILY_IPV4, FAMILY_IPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
-    MAX_IPV6_EXT_HEADERS, MAX_VLAN_TAGS, ServiceKey,
+    ALL_PORTS, FAMILY_IPV4, FAMILY_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP,
+    IPPROTO_UDP, MAX_IPV6_EXT_HEADERS, MAX_VLAN_TAGS, ServiceKey, is_icmp_error,
     wire::{
-        ETH_HLEN, ETHERTYPE_IPV4, ETHERTYPE_IPV6, IPV4_MIN_HLEN, IPV6_DEST_OPTIONS, IPV6_FRAG_HLEN,
-        IPV6_FRAGMENT, IPV6_HLEN, IPV6_HOP_BY_HOP, IPV6_ROUTING, SCTP_HLEN, TCP_HLEN, TPID_8021AD,
-        TPID_8021Q, UDP_HLEN, VLAN_HLEN,
+        EMBEDDED_L4_MIN, ETH_HLEN, ETHERTYPE_IPV4, ETHERTYPE_IPV6, ICMP_HLEN, IPV4_MIN_HLEN,
+        IPV6_DEST_OPTIONS, IPV6_FRAG_HLEN, IPV6_FRAGMENT, IPV6_HLEN, IPV6_HOP_BY_HOP, IPV6_ROUTING,
+        SCTP_HLEN, TCP_HLEN, TPID_8021AD, TPID_8021Q, UDP_HLEN, VLAN_HLEN,
     },
 };
 
@@ -25,7 +29,15 @@ pub struct Packet {
     pub later_fragment: bool,
     /// Offset of the IP header; bytes are counted from there, like iptables.
     pub l3_offset: u32,
+    /// Offset of the header after the IP header(s): where an ICMP message starts.
+    pub l4_offset: usize,
 }
+
+/// Offsets in the IPv4 and IPv6 headers of the addresses the parsers read.
+const IPV4_SRC: usize = 12;
+const IPV4_DST: usize = 16;
+const IPV6_SRC: usize = 8;
+const IPV6_DST: usize = 24;
 
 pub enum Parsed {
     Ip(Packet),
@@ -77,10 +89,15 @@ fn ethernet(data: usize, end: usize) -> Option<(u16, usize)> {
     Some((proto, off))
 }
 
-/// IPv4 with any IHL: fills family and address, returns (protocol, L4 offset,
-/// later fragment).
+/// IPv4 with any IHL: fills family and the address at `ADDR`, returns
+/// (protocol, L4 offset, later fragment).
 #[inline(always)]
-fn ipv4(data: usize, end: usize, off: usize, key: &mut ServiceKey) -> Option<(u8, usize, bool)> {
+fn ipv4<const ADDR: usize>(
+    data: usize,
+    end: usize,
+    off: usize,
+    key: &mut ServiceKey,
+) -> Option<(u8, usize, bool)> {
     let ip = header::<IPV4_MIN_HLEN>(data, end, off)?;
     // SAFETY: bounds checked by `header`.
     let (ver_ihl, frag, proto, daddr) = unsafe {
@@ -88,7 +105,7 @@ fn ipv4(data: usize, end: usize, off: usize, key: &mut ServiceKey) -> Option<(u8
             (*ip)[0],
             be16((*ip)[6], (*ip)[7]),
             (*ip)[9],
-            read_unaligned(ip.cast::<u8>().add(16).cast::<[u8; 4]>()),
+            read_unaligned(ip.cast::<u8>().add(ADDR).cast::<[u8; 4]>()),
         )
     };
     let ihl = usize::from(ver_ihl & 0x0f) * 4;
@@ -102,16 +119,22 @@ fn ipv4(data: usize, end: usize, off: usize, key: &mut ServiceKey) -> Option<(u8
 }
 
 /// IPv6 plus its extension headers (hop-by-hop, routing, destination
-/// options, fragment), at most [`MAX_IPV6_EXT_HEADERS`] of them.
+/// options, fragment), at most [`MAX_IPV6_EXT_HEADERS`] of them; fills family
+/// and the address at `ADDR`.
 #[inline(always)]
-fn ipv6(data: usize, end: usize, off: usize, key: &mut ServiceKey) -> Option<(u8, usize, bool)> {
+fn ipv6<const ADDR: usize>(
+    data: usize,
+    end: usize,
+    off: usize,
+    key: &mut ServiceKey,
+) -> Option<(u8, usize, bool)> {
     let ip = header::<IPV6_HLEN>(data, end, off)?;
     // SAFETY: bounds checked by `header`.
     let (version, mut next, daddr) = unsafe {
         (
             (*ip)[0] >> 4,
             (*ip)[6],
-            read_unaligned(ip.cast::<u8>().add(24).cast::<[[u8; 4]; 4]>()),
+            read_unaligned(ip.cast::<u8>().add(ADDR).cast::<[[u8; 4]; 4]>()),
         )
     };
     if version != 6 {
@@ -191,8 +214,8 @@ pub fn packet(data: usize, data_end: usize) -> Parsed {
         addr: [0; 4],
     };
     let l3_result = match ethertype {
-        ETHERTYPE_IPV4 => ipv4(data, data_end, l3, &mut key),
-        ETHERTYPE_IPV6 => ipv6(data, data_end, l3, &mut key),
+        ETHERTYPE_IPV4 => ipv4::<IPV4_DST>(data, data_end, l3, &mut key),
+        ETHERTYPE_IPV6 => ipv6::<IPV6_DST>(data, data_end, l3, &mut key),
         _ => return Parsed::NonIp,
     };
     let Some((proto, l4, later_fragment)) = l3_result else {
@@ -209,5 +232,70 @@ pub fn packet(data: usize, data_end: usize) -> Parsed {
         key,
         later_fragment,
         l3_offset: l3 as u32,
+        l4_offset: l4,
     })
+}
+
+/// Whether `pkt` is an ICMP message of its own family (ICMP in IPv4,
+/// ICMPv6 in IPv6) with its header in this packet: the only packets
+/// [`icmp_error`] looks at. One compare on every other packet.
+#[inline(always)]
+pub fn is_icmp(pkt: &Packet) -> bool {
+    !pkt.later_fragment
+        && ((pkt.key.proto == IPPROTO_ICMP && pkt.key.family == FAMILY_IPV4)
+            || (pkt.key.proto == IPPROTO_ICMPV6 && pkt.key.family == FAMILY_IPV6))
+}
+
+/// What an ICMP message looks like under `icmp_errors = true`.
+pub enum Icmp {
+    /// Informational (echo, neighbour discovery, ...): looked up as it is.
+    Informational,
+    /// An error: the key of the packet it quotes (its family, protocol,
+    /// SOURCE port and SOURCE address), and whether that packet is a later
+    /// fragment (looked up without its port).
+    Error(ServiceKey, bool),
+    /// The ICMP header or the quoted headers are truncated or malformed.
+    Malformed,
+}
+
+/// The ICMP message at `pkt.l4_offset`: its 8-byte header must be whole; an
+/// error's quoted packet is parsed by the same IP parsers as the packet
+/// itself (IPv4 options, IPv6 extension headers), reading the source
+/// address, and must carry [`EMBEDDED_L4_MIN`] bytes of its TCP, UDP or
+/// SCTP header, of which the source port is the key's port.
+#[inline(always)]
+pub fn icmp_error(data: usize, end: usize, pkt: &Packet) -> Icmp {
+    let Some(icmp) = header::<ICMP_HLEN>(data, end, pkt.l4_offset) else {
+        return Icmp::Malformed;
+    };
+    let v6 = pkt.key.family == FAMILY_IPV6;
+    // SAFETY: bounds checked by `header`.
+    let ty = unsafe { (*icmp)[0] };
+    if !is_icmp_error(v6, ty) {
+        return Icmp::Informational;
+    }
+    let mut key = ServiceKey {
+        family: 0,
+        proto: 0,
+        port: ALL_PORTS.to_be_bytes(),
+        addr: [0; 4],
+    };
+    let inner = pkt.l4_offset + ICMP_HLEN;
+    let quoted = if v6 {
+        ipv6::<IPV6_SRC>(data, end, inner, &mut key)
+    } else {
+        ipv4::<IPV4_SRC>(data, end, inner, &mut key)
+    };
+    let Some((proto, l4, later_fragment)) = quoted else {
+        return Icmp::Malformed;
+    };
+    key.proto = proto;
+    if !later_fragment && matches!(proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+        let Some(l4) = header::<EMBEDDED_L4_MIN>(data, end, l4) else {
+            return Icmp::Malformed;
+        };
+        // SAFETY: bounds checked by `header`; the source port is bytes 0..2.
+        key.port = unsafe { [(*l4)[0], (*l4)[1]] };
+    }
+    Icmp::Error(key, later_fragment)
 }

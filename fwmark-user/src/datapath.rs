@@ -25,8 +25,8 @@ use aya::{
 };
 use aya_obj::generated::{bpf_attr, bpf_attr__bindgen_ty_3, bpf_cmd};
 use fwmark_common::{
-    ACTIVE_GENERATION_MASK, ACTIVE_HAS_PREFIX, GENERATIONS, GlobalCounters, RuleCounters,
-    ServiceKey, Target, map_names,
+    ACTIVE_GENERATION_MASK, ACTIVE_HAS_PREFIX, ACTIVE_ICMP_ERRORS, GENERATIONS, GlobalCounters,
+    RuleCounters, ServiceKey, Target, map_names,
 };
 
 use fwmark_core::ruleset::Ruleset;
@@ -376,11 +376,16 @@ impl Maps {
         self.prefix
             .set(next, prefix.map(), 0)
             .map_err(map_err(map_names::PREFIX))?;
-        let flags = if ruleset.prefix.is_empty() {
+        let mut flags = if ruleset.prefix.is_empty() {
             0
         } else {
             ACTIVE_HAS_PREFIX
         };
+        if ruleset.icmp_errors {
+            // In the same word: ICMP errors are marked from exactly the
+            // packet that first sees these entries.
+            flags |= ACTIVE_ICMP_ERRORS;
+        }
         crate::failpoint::pause(crate::failpoint::step::BEFORE_SWITCH);
         self.active
             .set(0, next | flags, 0)
@@ -453,6 +458,7 @@ impl Maps {
                 non_ip: a.non_ip + c.non_ip,
                 later_fragment: a.later_fragment + c.later_fragment,
                 malformed: a.malformed + c.malformed,
+                icmp_error: a.icmp_error + c.icmp_error,
             }))
     }
 
@@ -466,6 +472,7 @@ impl Maps {
                 .fold(RuleCounters::default(), |acc, c| RuleCounters {
                     packets: acc.packets + c.packets,
                     bytes: acc.bytes + c.bytes,
+                    icmp_errors: acc.icmp_errors + c.icmp_errors,
                 })
         };
         let Some(&top) = slots.iter().max() else {

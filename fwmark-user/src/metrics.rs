@@ -335,6 +335,30 @@ pub fn render(iface: &str, live: Option<&LiveConfig>, counts: &Counts) -> String
         }
     }
 
+    let name = "fwmark_service_icmp_errors_total";
+    header(
+        &mut out,
+        name,
+        "counter",
+        "ICMP errors marked by the packet they quote (icmp_errors = true), per service; \
+         also counted in fwmark_service_packets_total.",
+    );
+    if let Some(live) = live {
+        for ((s, labels), c) in live
+            .services
+            .iter()
+            .zip(&service_labels)
+            .zip(&counts.services)
+        {
+            let _ = writeln!(
+                out,
+                "{name}{{{labels},mark=\"{}\"}} {}",
+                mark_text(s.mark, s.mask),
+                c.icmp_errors
+            );
+        }
+    }
+
     let name = "fwmark_rule_packets_total";
     header(
         &mut out,
@@ -603,7 +627,11 @@ mod tests {
     }
 
     fn counts() -> Counts {
-        let rule = |packets, bytes| RuleCounters { packets, bytes };
+        let rule = |packets, bytes| RuleCounters {
+            packets,
+            bytes,
+            icmp_errors: packets / 2,
+        };
         Counts {
             // 17 seen: 6 + 5 + 4 + 2; 3 later fragments among them.
             global: GlobalCounters {
@@ -613,6 +641,7 @@ mod tests {
                 non_ip: 4,
                 later_fragment: 3,
                 malformed: 2,
+                icmp_error: 1,
             },
             rules: vec![rule(1, 60), rule(3, 180), rule(2, 120)],
             services: vec![rule(4, 240), rule(2, 120)],
@@ -693,6 +722,19 @@ mod tests {
         assert_eq!(
             samples(&text, "fwmark_service_bytes_total")["iface=\"eth0\",service=\"we\\\"b\",mark=\"0x50\""],
             240
+        );
+        assert_eq!(
+            samples(&text, "fwmark_service_icmp_errors_total"),
+            BTreeMap::from([
+                (
+                    "iface=\"eth0\",service=\"dns\",mark=\"0x35/0xff\"".to_string(),
+                    1
+                ),
+                (
+                    "iface=\"eth0\",service=\"we\\\"b\",mark=\"0x50\"".to_string(),
+                    2
+                ),
+            ])
         );
         assert_eq!(
             samples(&text, "fwmark_rule_packets_total"),

@@ -109,6 +109,9 @@ pub struct ServiceCounters {
     pub mask: u32,
     pub packets: u64,
     pub bytes: u64,
+    /// Of `packets`, ICMP errors marked by the packet they quote
+    /// (`icmp_errors = true`).
+    pub icmp_errors: u64,
     pub rules: Vec<RuleCount>,
     /// The IPVS fwmark services it feeds (with `status`, when IPVS could
     /// be read).
@@ -123,6 +126,7 @@ pub struct RuleCount {
     pub matches: String,
     pub packets: u64,
     pub bytes: u64,
+    pub icmp_errors: u64,
 }
 
 /// The live config compiled into what its counters are labelled with:
@@ -233,6 +237,7 @@ impl LiveConfig {
             let s = &mut services[service as usize];
             s.packets += c.packets;
             s.bytes += c.bytes;
+            s.icmp_errors += c.icmp_errors;
         }
         Ok(Counts {
             global,
@@ -289,6 +294,7 @@ impl Snapshot {
                         mask: s.mask,
                         packets: c.packets,
                         bytes: c.bytes,
+                        icmp_errors: c.icmp_errors,
                         rules: Vec::new(),
                         ipvs: None,
                     })
@@ -298,6 +304,7 @@ impl Snapshot {
                         matches: matches.to_string(),
                         packets: c.packets,
                         bytes: c.bytes,
+                        icmp_errors: c.icmp_errors,
                     });
                 }
                 (counts.global, services)
@@ -407,7 +414,7 @@ impl Snapshot {
             "pkts", "bytes", "mark", "service"
         );
         for s in &self.services {
-            let _ = writeln!(
+            let _ = write!(
                 out,
                 "{:>12} {:>14}  {:<10} {:<20} (total)",
                 s.packets,
@@ -415,6 +422,10 @@ impl Snapshot {
                 mark_text(s.mark, s.mask),
                 s.name
             );
+            if s.icmp_errors > 0 {
+                let _ = write!(out, " of which {} ICMP errors", s.icmp_errors);
+            }
+            out.push('\n');
             if let Some(feeds) = &s.ipvs {
                 let blank = "";
                 if feeds.is_empty() {
@@ -501,6 +512,7 @@ mod tests {
                 non_ip: 1,
                 later_fragment: 0,
                 malformed: 0,
+                icmp_error: 0,
             },
             services: vec![ServiceCounters {
                 name: "we\"b".into(),
@@ -508,10 +520,12 @@ mod tests {
                 mask: u32::MAX,
                 packets: 6,
                 bytes: 360,
+                icmp_errors: 2,
                 rules: vec![RuleCount {
                     matches: "192.0.2.10 tcp port 80".into(),
                     packets: 6,
                     bytes: 360,
+                    icmp_errors: 2,
                 }],
                 ipvs: None,
             }],
@@ -627,6 +641,9 @@ mod tests {
         assert_eq!(v["attach"]["daemon_pid"], 42);
         assert_eq!(v["config"]["generation"], 3);
         assert_eq!(v["global"]["marked"], 6);
+        assert_eq!(v["global"]["icmp_error"], 0);
+        assert_eq!(v["services"][0]["icmp_errors"], 2);
+        assert_eq!(v["services"][0]["rules"][0]["icmp_errors"], 2);
         assert_eq!(
             v["services"][0]["rules"][0]["match"],
             "192.0.2.10 tcp port 80"

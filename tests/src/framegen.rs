@@ -40,10 +40,15 @@ pub enum Kind {
     RandomBytes,
     /// An Ethernet header saying IPv4/IPv6 followed by random bytes.
     RandomAfterEthernet,
+    /// An ICMP message quoting a packet from a target address and port:
+    /// errors and informational types of both families, quotes of every
+    /// length (cut inside the quoted headers too), the other family quoted
+    /// now and then. (Other kinds mutate such frames as well.)
+    IcmpError,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 15] = [
         Kind::WellFormed,
         Kind::Truncated,
         Kind::BadIhl,
@@ -58,6 +63,7 @@ impl Kind {
         Kind::ByteFlip,
         Kind::RandomBytes,
         Kind::RandomAfterEthernet,
+        Kind::IcmpError,
     ];
 }
 
@@ -232,8 +238,75 @@ impl Generator {
         }
     }
 
-    /// A well-formed frame description of either family.
+    /// A well-formed frame description of either family; now and then an
+    /// ICMP message about another one.
     fn frame(&mut self) -> Frame {
+        if self.chance(10) {
+            self.icmp_frame()
+        } else {
+            self.plain_frame()
+        }
+    }
+
+    /// An ICMP message (mostly an error) about a packet from a target
+    /// address and port to a client, as a router sends it back.
+    fn icmp_frame(&mut self) -> Frame {
+        let mut q = self.plain_frame();
+        q.vlans.clear();
+        let v6 = q.dst.is_ipv6();
+        let (service, client): (IpAddr, IpAddr) = if v6 {
+            (self.v6().into(), Ipv6Addr::from(self.rng.u128(..)).into())
+        } else {
+            (self.v4().into(), Ipv4Addr::from(self.rng.u32(..)).into())
+        };
+        q.src = Some(service);
+        q.dst = client;
+        q.src_port = self.port();
+        let ty = if v6 {
+            self.pick(&[1, 2, 3, 4, 1, 2, 3, 4, 0, 5, 11, 128, 129, 135])
+        } else {
+            self.pick(&[3, 4, 11, 3, 4, 11, 3, 11, 0, 1, 2, 5, 8, 12])
+        };
+        let ip_len = q.l4_offset() - l3_offset(0);
+        let whole = q.ip_packet().len();
+        let quoted_len = match self.rng.u32(..10) {
+            0..=5 => ip_len + 8,
+            6..=7 => whole,
+            _ => self.rng.usize(..=whole),
+        };
+        let router: IpAddr = if v6 {
+            Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 1).into()
+        } else {
+            Ipv4Addr::new(198, 51, 100, 254).into()
+        };
+        let code = self.rng.u8(..5);
+        let mut f = Frame::icmp_error(router, ty, code, [0, 0, 5, 0xdc], &q, quoted_len);
+        if self.chance(5) {
+            // The other family's ICMP around this quote.
+            let other: IpAddr = if v6 {
+                IpAddr::V4(self.v4())
+            } else {
+                IpAddr::V6(self.v6())
+            };
+            f = Frame::icmp(router, other, ty, code, [0; 4], &f.icmp.expect("icmp").body);
+        }
+        let tags = self.rng.usize(..=2);
+        let tpids: Vec<u16> = (0..tags).map(|_| self.pick(&TPIDS)).collect();
+        f = f.vlans(&tpids);
+        if f.dst.is_ipv6() {
+            if self.chance(20) {
+                let n = self.rng.usize(1..=3);
+                f.ipv6_ext = (0..n).map(|i| self.ext(i + 1 == n)).collect();
+            }
+        } else if self.chance(20) {
+            let words = self.rng.usize(1..=10);
+            f.ipv4_options = (0..words * 4).map(|_| self.rng.u8(..)).collect();
+        }
+        f
+    }
+
+    /// A well-formed frame description of either family.
+    fn plain_frame(&mut self) -> Frame {
         let l4 = self.l4();
         let v6 = self.chance(45);
         let dst = if v6 {
@@ -313,7 +386,8 @@ impl Generator {
 
     fn kind(&mut self) -> Kind {
         match self.rng.u32(..100) {
-            0..=33 => Kind::WellFormed,
+            0..=27 => Kind::WellFormed,
+            28..=33 => Kind::IcmpError,
             34..=51 => Kind::Truncated,
             52..=55 => Kind::BadIhl,
             56..=57 => Kind::BadIpv6Version,
@@ -339,6 +413,7 @@ impl Generator {
         let mark = self.mark();
         let frame = match kind {
             Kind::WellFormed => self.frame().build(),
+            Kind::IcmpError => self.icmp_frame().build(),
             Kind::Truncated if self.rng.u32(..1000) < 3 => {
                 // Now and then every truncation of one frame, in order.
                 let full = self.frame().build();

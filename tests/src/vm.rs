@@ -715,9 +715,9 @@ fn status_json(fwmark: &Fwmark) -> Result<serde_json::Value> {
 /// The whole scenario; any failed check is an error.
 pub fn scenario(fwmark_bin: &Path, example: &Path) -> Result<()> {
     let started = Instant::now();
-    let moved = example_and_moved(example)?;
+    let moved_text = example_and_moved(example)?;
     let moved_path = PathBuf::from("/tmp/fwmark-moved.toml");
-    std::fs::write(&moved_path, moved)?;
+    std::fs::write(&moved_path, &moved_text)?;
 
     build_topology()?;
     let tcp_ports = [21, 80, 443, 9999, 10000, 20000, 20001];
@@ -877,6 +877,9 @@ pub fn scenario(fwmark_bin: &Path, example: &Path) -> Result<()> {
     // 7. What fwmark knows of IPVS: every finding of `check --ipvs` made
     // by a real misconfiguration (ipvsadm, keepalived) and gone once fixed.
     ipvs_check_step(fwmark_bin, example, &moved_path)?;
+    // 8. ICMP errors under schedule_icmp (after the IPVS totals: IPVS
+    // counts the connections it schedules for them).
+    icmp_errors(fwmark_bin, &moved_text)?;
     println!(
         "vm: scenario passed in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -1271,6 +1274,211 @@ fn ipvs_check_step(fwmark: &Path, example: &Path, moved: &Path) -> Result<()> {
     );
     keepalived.stop()?;
     expect_findings(fwmark, moved, &[], "keepalived (nftables) stopped")?;
+/// Counts ICMP errors arriving in a real server's namespace: ICMP type 3
+/// code 4 ("fragmentation needed") and ICMPv6 type 2 ("packet too big"), on
+/// raw sockets read by two threads.
+struct IcmpCounter {
+    v4: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    v6: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl IcmpCounter {
+    fn start(ns: &'static str) -> Result<IcmpCounter> {
+        use std::sync::{Arc, atomic::AtomicU64};
+        let (s4, s6) = crate::netns::run_in(ns, || -> std::io::Result<(Socket, Socket)> {
+            Ok((
+                Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?,
+                Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))?,
+            ))
+        })?
+        .with_context(|| format!("{ns}: raw ICMP sockets"))?;
+        let counter = IcmpCounter {
+            v4: Arc::new(AtomicU64::new(0)),
+            v6: Arc::new(AtomicU64::new(0)),
+        };
+        for (sock, count, v6) in [
+            (s4, counter.v4.clone(), false),
+            (s6, counter.v6.clone(), true),
+        ] {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while let Ok(n) = (&sock).read(&mut buf) {
+                    // IPv4 raw sockets get the IP header, IPv6 ones do not.
+                    let at = if v6 {
+                        0
+                    } else {
+                        usize::from(buf[0] & 0x0f) * 4
+                    };
+                    let hit = matches!(
+                        (v6, buf.get(at..n.min(at + 2))),
+                        (false, Some([3, 4])) | (true, Some([2, _]))
+                    );
+                    if hit {
+                        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+        Ok(counter)
+    }
+
+    fn counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.v4.load(Relaxed), self.v6.load(Relaxed))
+    }
+}
+
+/// Frames of a router's ICMP errors about packets the director sent from
+/// the web VIPs' port 443 to a client's port `client_port`: "fragmentation
+/// needed" (IPv4, quoting 192.0.2.10:443 -> 10.0.1.41) and "packet too big"
+/// (IPv6, quoting [2001:db8::10]:443 -> [fd00:1::41]), from routers on the
+/// client link, to the director's MAC.
+fn router_errors(client_port: u16, director_mac: [u8; 6]) -> Vec<Vec<u8>> {
+    use crate::packets::{Frame, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMPV6_PACKET_TOO_BIG, L4};
+    let quoted4 = Frame::to(client_v4(41), L4::Tcp(client_port))
+        .from(IpAddr::V4(WEB_VIP))
+        .from_port(443);
+    let quoted6 = Frame::to(client_v6(41), L4::Tcp(client_port))
+        .from(IpAddr::V6(WEB6_VIP))
+        .from_port(443);
+    [
+        Frame::icmp_error(
+            IpAddr::V4(Ipv4Addr::new(10, 0, 1, 254)),
+            ICMP_DEST_UNREACH,
+            ICMP_FRAG_NEEDED,
+            [0, 0, 0x05, 0x78], // next-hop MTU 1400
+            &quoted4,
+            20 + 20,
+        ),
+        Frame::icmp_error(
+            IpAddr::V6(Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0x254)),
+            ICMPV6_PACKET_TOO_BIG,
+            0,
+            [0, 0, 0x05, 0x00], // MTU 1280
+            &quoted6,
+            40 + 20,
+        ),
+    ]
+    .iter()
+    .map(|f| {
+        let mut b = f.build();
+        b[..6].copy_from_slice(&director_mac);
+        b
+    })
+    .collect()
+}
+
+/// Sends `frames` from the client namespace's link to the director.
+fn send_from_client(frames: Vec<Vec<u8>>) -> Result<()> {
+    crate::netns::run_in("vmclient", move || {
+        crate::recorder::RawSocket::open("vmc0")?.send(&frames)
+    })?
+    .context("sending frames from vmclient")
+}
+
+/// Step 7: with `net.ipv4.vs.schedule_icmp=1` (IPVS reads the same sysctl
+/// for IPv6), a "fragmentation needed" and a "packet too big" about packets
+/// from the web VIPs' port 443 reach the director, which holds no
+/// connection for them. IPVS then finds a fwmark service by the ICMP
+/// packet's own mark. With `icmp_errors` off they are unmarked and go
+/// nowhere; turned on by `fwmark apply`, they get the mark of the service
+/// the quoted packet came from (443 -> FWM 90, served by rs2 alone; web6 ->
+/// FWM 86) and IPVS forwards them to a real server, where they arrive.
+fn icmp_errors(fwmark_bin: &Path, moved: &str) -> Result<()> {
+    println!("vm: step 8: ICMP errors with schedule_icmp=1");
+    std::fs::write("/proc/sys/net/ipv4/vs/schedule_icmp", "1")
+        .context("setting net.ipv4.vs.schedule_icmp")?;
+    let off = PathBuf::from("/tmp/fwmark-icmp-off.toml");
+    let on = PathBuf::from("/tmp/fwmark-icmp-on.toml");
+    std::fs::write(&off, moved)?;
+    std::fs::write(&on, format!("icmp_errors = true\n{moved}"))?;
+    let mac_text = std::fs::read_to_string(format!("/sys/class/net/{IFACE}/address"))?;
+    let mac: Vec<u8> = mac_text
+        .trim()
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("MAC {mac_text:?}"))?;
+    let mac: [u8; 6] = mac
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("MAC {mac_text:?}"))?;
+    let rs1 = IcmpCounter::start("rs1")?;
+    let rs2 = IcmpCounter::start("rs2")?;
+    let arrived = || {
+        let ((a4, a6), (b4, b6)) = (rs1.counts(), rs2.counts());
+        (a4 + b4, a6 + b6, b4)
+    };
+    let icmp_counts = |d: &Fwmark| -> Result<(u64, u64, u64)> {
+        let s = status_json(d)?;
+        let service = |name: &str| {
+            s["services"]
+                .as_array()
+                .and_then(|all| all.iter().find(|x| x["name"] == name))
+                .and_then(|x| x["icmp_errors"].as_u64())
+                .unwrap_or(u64::MAX)
+        };
+        Ok((
+            s["global"]["icmp_error"]
+                .as_u64()
+                .context("status global.icmp_error")?,
+            service("web-tls"),
+            service("web6"),
+        ))
+    };
+
+    // Off: unmarked, IPVS finds no service; nothing reaches a real server.
+    let mut daemon = Fwmark::start(fwmark_bin, &off)?;
+    send_from_client(router_errors(50001, mac))?;
+    std::thread::sleep(Duration::from_secs(2));
+    ensure!(
+        arrived() == (0, 0, 0),
+        "with icmp_errors off, ICMP errors reached a real server: {:?}",
+        arrived()
+    );
+    ensure!(
+        icmp_counts(&daemon)? == (0, 0, 0),
+        "fwmark counted ICMP errors with icmp_errors off: {:?}",
+        icmp_counts(&daemon)?
+    );
+    println!(
+        "vm: ok: icmp_errors off: frag-needed and packet-too-big unmarked, no real server got them"
+    );
+
+    // On, by apply: marked, scheduled by IPVS, forwarded to a real server.
+    let out = daemon.cmd(&[
+        "apply",
+        "--iface",
+        IFACE,
+        "--config",
+        on.to_str().expect("utf-8"),
+    ])?;
+    ensure!(
+        out.contains("icmp_errors false -> true"),
+        "apply did not report the icmp_errors change:\n{out}"
+    );
+    send_from_client(router_errors(50002, mac))?;
+    let deadline = Instant::now() + PROBE_TIMEOUT;
+    while arrived() != (1, 1, 1) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ensure!(
+        arrived() == (1, 1, 1),
+        "with icmp_errors on, (v4, v6, v4 at rs2) errors arrived at the real servers: {:?}, \
+         want (1, 1, 1)",
+        arrived()
+    );
+    ensure!(
+        icmp_counts(&daemon)? == (2, 1, 1),
+        "fwmark's ICMP error counters (global, web-tls, web6): {:?}, want (2, 1, 1)",
+        icmp_counts(&daemon)?
+    );
+    println!(
+        "vm: ok: icmp_errors on: frag-needed -> FWM 90 -> rs2, packet-too-big -> FWM 86 -> \
+         {}; fwmark counted 1 for web-tls, 1 for web6",
+        if rs1.counts().1 == 1 { "rs1" } else { "rs2" }
+    );
+    daemon.stop()?;
+    daemon.cmd(&["detach", "--iface", IFACE])?;
     Ok(())
 }
 

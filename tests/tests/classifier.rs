@@ -2,7 +2,7 @@
 //! is built with etherparse headers, run once, and the mark is read back from
 //! the `__sk_buff` context.
 
-use fwmark_core::precedence::examples;
+use fwmark_core::{model::Model, precedence::examples};
 use fwmark_testlab::{
     harness::{Harness, TC_ACT_UNSPEC, Verdict},
     kernel,
@@ -742,4 +742,287 @@ fn the_userspace_reference_agrees_with_the_kernel() {
         }
     }
     assert_eq!(checked, 45);
+}
+
+// ---- ICMP errors (`icmp_errors = true`) ------------------------------------
+
+/// A router on the way from the director to its clients.
+const ROUTER_V4: &str = "198.51.100.1";
+const ROUTER_V6: &str = "2001:db8:ffff::1";
+/// A client of the services.
+const CLIENT_V4: &str = "203.0.113.50";
+const CLIENT_V6: &str = "2001:db8:c::50";
+
+/// A packet the director (its real server) sent: from `vip` and the port
+/// of `l4` to a client's port 40000, as an ICMP error quotes it.
+fn reply(vip: &str, l4: L4) -> Frame {
+    let client = if vip.contains(':') {
+        CLIENT_V6
+    } else {
+        CLIENT_V4
+    };
+    let (client_l4, port) = match l4 {
+        L4::Tcp(p) => (L4::Tcp(40000), p),
+        L4::Udp(p) => (L4::Udp(40000), p),
+        L4::Sctp(p) => (L4::Sctp(40000), p),
+        other => (other, 0),
+    };
+    Frame::new(client, client_l4)
+        .from(vip.parse().unwrap())
+        .from_port(port)
+}
+
+/// An ICMP error of type `ty` about `quoted`, quoting its IP header and
+/// `quoted_l4` bytes after it (8 as ICMPv4 routers do).
+fn error_about(ty: u8, quoted: &Frame, quoted_l4: usize) -> Frame {
+    let router = if quoted.dst.is_ipv6() {
+        ROUTER_V6
+    } else {
+        ROUTER_V4
+    };
+    let ip_len = quoted.l4_offset() - l3_offset(quoted.vlans.len());
+    Frame::icmp_error(
+        router.parse().unwrap(),
+        ty,
+        0,
+        [0, 0, 0x05, 0x78],
+        quoted,
+        ip_len + quoted_l4,
+    )
+}
+
+fn icmp_config() -> String {
+    format!("icmp_errors = true\n{CONFIG}")
+}
+
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn icmp_errors_take_the_mark_of_the_quoted_source() {
+    let Some(h) = harness("icmp_errors", &icmp_config()) else {
+        return;
+    };
+    let before = h.global().unwrap();
+    // Fragmentation needed, source quench, time exceeded about web's
+    // 192.0.2.10:443 -> client, quoted with every IPv4 header length.
+    let mut marked = 0;
+    for ty in [3, 4, 11] {
+        for opts in (0..=40).step_by(4) {
+            let q = reply("192.0.2.10", L4::Tcp(443)).ipv4_options(&vec![1; opts]);
+            assert_marked(&h, &error_about(ty, &q, 8), 80);
+            marked += 1;
+        }
+    }
+    // Behind VLAN tags, with IPv4 options on the error itself.
+    let q = reply("192.0.2.53", L4::Udp(53));
+    assert_marked(
+        &h,
+        &error_about(3, &q, 8)
+            .vlans(&[0x88a8, 0x8100])
+            .ipv4_options(&[1, 1, 1, 0]),
+        53,
+    );
+    marked += 1;
+    // SCTP, and IPv6 errors 1-4 with quoted extension headers.
+    assert_marked(
+        &h,
+        &error_about(11, &reply("192.0.2.90", L4::Sctp(2905)), 8),
+        90,
+    );
+    marked += 1;
+    for ty in 1..=4 {
+        for ext in [
+            vec![],
+            vec![Ext::HopByHop, Ext::Routing, Ext::DestOptions],
+            vec![
+                Ext::HopByHop,
+                Ext::Fragment {
+                    offset: 0,
+                    more: true,
+                },
+            ],
+        ] {
+            let q = reply("2001:db8::10", L4::Tcp(80)).ipv6_ext(&ext);
+            assert_marked(&h, &error_about(ty, &q, 8), 86);
+            let q = reply("2001:db8::53", L4::Udp(53)).ipv6_ext(&ext);
+            assert_marked(&h, &error_about(ty, &q, 8).ipv6_ext(&ext), 53);
+            marked += 2;
+        }
+    }
+    // A quoted later fragment has no port: only every-port services.
+    let frag = reply("192.0.2.77", L4::Tcp(80)).ipv4_fragment(185, false);
+    assert_marked(&h, &error_about(3, &frag, 8), 77);
+    marked += 1;
+    let frag = reply("192.0.2.10", L4::Tcp(443)).ipv4_fragment(185, false);
+    assert_untouched(&h, &error_about(3, &frag, 8));
+    // The SOURCE port and address decide: a quoted packet TO the VIP's
+    // port (the client's side), or from another port, is not the service's.
+    let towards = Frame::new("192.0.2.10", L4::Tcp(443)).from(CLIENT_V4.parse().unwrap());
+    assert_untouched(&h, &error_about(3, &towards, 8));
+    let towards6 = Frame::new("2001:db8::10", L4::Tcp(443)).from(CLIENT_V6.parse().unwrap());
+    assert_untouched(&h, &error_about(2, &towards6, 8));
+    let other_port = reply("192.0.2.10", L4::Tcp(8443));
+    assert_untouched(&h, &error_about(3, &other_port, 8));
+    // Informational ICMP is never marked, whatever follows its header.
+    let q = reply("192.0.2.10", L4::Tcp(443));
+    for ty in [0, 5, 8, 12, 13, 14] {
+        assert_untouched(&h, &error_about(ty, &q, 8));
+    }
+    let q6 = reply("2001:db8::10", L4::Tcp(443));
+    for ty in [0, 5, 11, 128, 129, 133, 135, 136] {
+        assert_untouched(&h, &error_about(ty, &q6, 8));
+    }
+    // ICMPv4 in IPv6 or ICMPv6 in IPv4 is not an ICMP error of its packet.
+    let mut v4_in_v6 = error_about(3, &q, 8);
+    v4_in_v6.dst = "2001:db8::10".parse().unwrap();
+    v4_in_v6.src = None;
+    v4_in_v6.l4 = L4::Other(1);
+    assert_untouched(&h, &v4_in_v6);
+    // ICMPv4 quoting IPv6 is malformed.
+    let wrong = error_about(3, &q6, 8);
+    let mut wrong = Frame::icmp(
+        ROUTER_V4.parse().unwrap(),
+        "192.0.2.10".parse().unwrap(),
+        3,
+        4,
+        [0; 4],
+        &wrong.ip_packet(),
+    );
+    wrong.vlans.clear();
+    let m = h.global().unwrap().malformed;
+    assert_untouched(&h, &wrong);
+    assert_eq!(h.global().unwrap().malformed, m + 1);
+
+    let after = h.global().unwrap();
+    assert_eq!(after.icmp_error - before.icmp_error, marked);
+    assert_eq!(after.marked - before.marked, marked);
+    // Per service: web's rules counted every web error.
+    let web: u64 = h
+        .ruleset
+        .rules
+        .iter()
+        .zip(h.rules().unwrap())
+        .filter(|(r, _)| h.config.services[r.service].name == "web")
+        .map(|(_, c)| c.icmp_errors)
+        .sum();
+    assert_eq!(web, 33);
+}
+
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn icmp_errors_off_leaves_them_unmarked_and_switches_with_the_entries() {
+    let Some(mut h) = harness("icmp_errors_off", CONFIG) else {
+        return;
+    };
+    let error = error_about(3, &reply("192.0.2.10", L4::Tcp(443)), 8);
+    let cut = {
+        let mut b = error.build();
+        b.truncate(14 + 20 + 8 + 10);
+        b
+    };
+    let g = h.global().unwrap();
+    assert_untouched(&h, &error);
+    // Off, a cut quote is not read: no match, not malformed.
+    assert_eq!(h.run(&cut, PRESET).unwrap().mark, PRESET);
+    let after = h.global().unwrap();
+    assert_eq!(
+        (after.no_match - g.no_match, after.malformed - g.malformed),
+        (2, 0)
+    );
+    // Turned on by a new generation, off again by the next.
+    let on = fwmark_core::ruleset::Ruleset::compile(
+        &fwmark_core::config::Config::parse(&icmp_config(), "on").unwrap(),
+    )
+    .unwrap();
+    let off = h.ruleset.clone();
+    h.datapath.publish_simple(&on).unwrap();
+    assert_marked(&h, &error, 80);
+    let g = h.global().unwrap();
+    assert_eq!(h.run(&cut, PRESET).unwrap().mark, PRESET);
+    assert_eq!(h.global().unwrap().malformed, g.malformed + 1);
+    h.datapath.publish_simple(&off).unwrap();
+    assert_untouched(&h, &error);
+}
+
+/// An ICMP error cut at every length: the kernel agrees with the model on
+/// the mark and on every global counter, and marks exactly when the quoted
+/// packet's first 8 transport bytes are there.
+fn check_icmp_truncations(h: &Harness, model: &Model, frame: &Frame, quoted_l4: usize) {
+    let full = frame.build();
+    let mut marked_at = None;
+    for len in 14..=full.len() {
+        let before = h.global().unwrap();
+        let got = h.try_run(&full[..len], PRESET).unwrap();
+        let want = model.classify(&full[..len], PRESET);
+        let Ok(v) = got else {
+            // BPF_PROG_TEST_RUN refuses untagged frames shorter than the
+            // fixed IP header; the tagged cases cover those lengths.
+            assert!(len < l3_offset(frame.vlans.len()) + 40, "len {len} refused");
+            continue;
+        };
+        let after = h.global().unwrap();
+        assert_eq!(v.ret, TC_ACT_UNSPEC, "len {len}");
+        assert_eq!(v.mark, want.mark, "len {len}: kernel vs model {want:?}");
+        let mut counted = fwmark_common::GlobalCounters::default();
+        want.count(&mut counted);
+        assert_eq!(
+            (
+                after.seen - before.seen,
+                after.marked - before.marked,
+                after.no_match - before.no_match,
+                after.malformed - before.malformed,
+                after.icmp_error - before.icmp_error,
+            ),
+            (
+                counted.seen,
+                counted.marked,
+                counted.no_match,
+                counted.malformed,
+                counted.icmp_error
+            ),
+            "len {len}"
+        );
+        if v.mark != PRESET && marked_at.is_none() {
+            marked_at = Some(len);
+        }
+    }
+    assert_eq!(
+        marked_at,
+        Some(quoted_l4 + 8),
+        "marked from the first length that holds 8 quoted transport bytes"
+    );
+}
+
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn icmp_errors_truncated_at_every_length_kernel_equals_model() {
+    let Some(h) = harness("icmp_truncated", &icmp_config()) else {
+        return;
+    };
+    let model = Model::new(&h.config);
+    // IPv4 error with a quoted IPv4 header with 12 bytes of options, behind
+    // a VLAN tag (so every length from 14 runs).
+    let q = reply("192.0.2.10", L4::Tcp(443)).ipv4_options(&[1; 12]);
+    let f = error_about(3, &q, 8).vlans(&[0x8100]);
+    check_icmp_truncations(&h, &model, &f, 18 + 20 + 8 + 32);
+    // A whole quoted TCP header (routers may quote more): still 8 decide.
+    let f = error_about(11, &q, 20);
+    check_icmp_truncations(&h, &model, &f, 14 + 20 + 8 + 32);
+    // IPv6 packet too big quoting a packet with extension headers, the
+    // error itself with a hop-by-hop header, tagged.
+    let exts = [
+        Ext::HopByHop,
+        Ext::Routing,
+        Ext::Fragment {
+            offset: 0,
+            more: true,
+        },
+    ];
+    let q6 = reply("2001:db8::53", L4::Udp(53)).ipv6_ext(&exts);
+    let f = error_about(2, &q6, 8)
+        .ipv6_ext(&[Ext::HopByHop])
+        .vlans(&[0x8100]);
+    check_icmp_truncations(&h, &model, &f, 18 + 40 + 16 + 8 + 40 + 16 + 8 + 8);
+    let q6 = reply("2001:db8::90", L4::Sctp(2905)).ipv6_ext(&[Ext::DestOptions]);
+    let f = error_about(1, &q6, 12).vlans(&[0x8100]);
+    check_icmp_truncations(&h, &model, &f, 18 + 40 + 8 + 40 + 16);
 }

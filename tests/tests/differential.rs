@@ -18,7 +18,7 @@ use std::{
 use fwmark_common::{GlobalCounters, RuleCounters, ServiceKey, Target};
 use fwmark_core::{
     config::Config,
-    model::{Decision, Model, Outcome, Parse},
+    model::{Decision, Icmp, Model, Outcome, Parse},
     ruleset::Ruleset,
     text::parse_u64,
 };
@@ -29,8 +29,11 @@ use fwmark_testlab::{
 };
 
 /// Exact ports, ranges, every-port services, nested v4 and v6 prefixes with
-/// exact-address overrides, and masks.
+/// exact-address overrides, and masks; ICMP errors marked by the packet they
+/// quote (B and the example leave them off, so the flag switches too).
 const RICH_A: &str = r#"
+icmp_errors = true
+
 [[service]]
 name = "web"
 vip = ["192.0.2.10", "2001:db8::10"]
@@ -340,6 +343,7 @@ fn diff_global(after: &GlobalCounters, before: &GlobalCounters) -> GlobalCounter
         non_ip: after.non_ip - before.non_ip,
         later_fragment: after.later_fragment - before.later_fragment,
         malformed: after.malformed - before.malformed,
+        icmp_error: after.icmp_error - before.icmp_error,
     }
 }
 
@@ -374,11 +378,24 @@ fn check_frame(h: &Harness, setup: &Setup, f: &Failure<'_>) -> Option<Decision> 
             verdict.mark, decision.mark
         ));
     }
-    // A third opinion on the lookup: the compiled entries' userspace lookup.
-    if let Parse::Ip(key) = &decision.parsed.result {
+    // A third opinion on the lookup: the compiled entries' userspace lookup,
+    // by the quoted packet's key for an ICMP error.
+    if let (Parse::Ip(key), false) = (
+        &decision.parsed.result,
+        decision.outcome == Outcome::Malformed,
+    ) {
+        let (addr, proto, port, what) = match &decision.icmp {
+            Some(Icmp::Error { quoted, .. }) => (
+                quoted.src,
+                quoted.proto,
+                quoted.port,
+                format!("{quoted} (quoted by an ICMP error)"),
+            ),
+            _ => (key.dst, key.proto, key.port, key.to_string()),
+        };
         let compiled = setup
             .ruleset
-            .classify_with(&setup.exact, key.dst, key.proto, key.port)
+            .classify_with(&setup.exact, addr, proto, port)
             .map(|t| (t.mark, t.mask, t.rule as usize));
         let modelled = match decision.outcome {
             Outcome::Marked(hit) => Some((hit.mark, hit.mask, hit.rule)),
@@ -386,7 +403,7 @@ fn check_frame(h: &Harness, setup: &Setup, f: &Failure<'_>) -> Option<Decision> 
         };
         if compiled != modelled {
             f.fail(&format!(
-                "Ruleset::classify {compiled:?} and the model {modelled:?} disagree on {key}"
+                "Ruleset::classify {compiled:?} and the model {modelled:?} disagree on {what}"
             ));
         }
     }
@@ -466,6 +483,9 @@ fn kernel_agrees_with_the_model_on_generated_frames() {
                         };
                         want_rules[hit.rule].packets += 1;
                         want_rules[hit.rule].bytes += (g.frame.len() - key.l3_offset) as u64;
+                        if d.icmp_error() {
+                            want_rules[hit.rule].icmp_errors += 1;
+                        }
                     }
                     Outcome::NoMatch => row.no_match += 1,
                     Outcome::NonIp => row.non_ip += 1,
@@ -487,6 +507,7 @@ fn kernel_agrees_with_the_model_on_generated_frames() {
                 .map(|(a, b)| RuleCounters {
                     packets: a.packets - b.packets,
                     bytes: a.bytes - b.bytes,
+                    icmp_errors: a.icmp_errors - b.icmp_errors,
                 })
                 .collect();
             if got != want || got_rules != want_rules {
@@ -506,6 +527,7 @@ fn kernel_agrees_with_the_model_on_generated_frames() {
                 t.non_ip += d.non_ip;
                 t.later_fragment += d.later_fragment;
                 t.malformed += d.malformed;
+                t.icmp_error += d.icmp_error;
             }
             done += n;
         }
@@ -577,6 +599,7 @@ fn kernel_agrees_with_the_model_on_generated_frames() {
         ("malformed", total_row.malformed),
         ("later_fragment", total_row.later_fragment),
         ("refused", total_row.refused),
+        ("icmp_error", kernel_total.icmp_error),
     ] {
         assert!(
             n > total as u64 / 1000,

@@ -17,7 +17,7 @@ use crate::util::{output, root, run};
 pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Every target in `fuzz/fuzz_targets/`.
-pub const TARGETS: [&str; 2] = ["config", "import"];
+pub const TARGETS: [&str; 3] = ["config", "import", "frame"];
 
 /// Seconds per target in `cargo xtask test`.
 pub const TEST_SECONDS: u64 = 30;

@@ -56,7 +56,7 @@ enum Task {
     /// qemu from a cached busybox initramfs and run the IPVS scenario there
     /// (tests/src/vm.rs). Part of `test`.
     VmTest,
-    /// Run the cargo-fuzz targets (config, import) with nightly from the
+    /// Run the cargo-fuzz targets (config, import, frame) with nightly from the
     /// committed corpus; a crash fails and names its reproducer.
     Fuzz {
         /// Only this target.
