@@ -573,6 +573,7 @@ mod tests {
                 mask: u32::MAX,
                 packets: 0,
                 bytes: 0,
+                icmp_errors: 0,
                 rules: vec![],
                 ipvs: None,
             })

@@ -1274,6 +1274,9 @@ fn ipvs_check_step(fwmark: &Path, example: &Path, moved: &Path) -> Result<()> {
     );
     keepalived.stop()?;
     expect_findings(fwmark, moved, &[], "keepalived (nftables) stopped")?;
+    Ok(())
+}
+
 /// Counts ICMP errors arriving in a real server's namespace: ICMP type 3
 /// code 4 ("fragmentation needed") and ICMPv6 type 2 ("packet too big"), on
 /// raw sockets read by two threads.
@@ -1376,7 +1379,7 @@ fn send_from_client(frames: Vec<Vec<u8>>) -> Result<()> {
     .context("sending frames from vmclient")
 }
 
-/// Step 7: with `net.ipv4.vs.schedule_icmp=1` (IPVS reads the same sysctl
+/// Step 8: with `net.ipv4.vs.schedule_icmp=1` (IPVS reads the same sysctl
 /// for IPv6), a "fragmentation needed" and a "packet too big" about packets
 /// from the web VIPs' port 443 reach the director, which holds no
 /// connection for them. IPVS then finds a fwmark service by the ICMP
