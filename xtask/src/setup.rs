@@ -46,6 +46,16 @@ pub fn setup() -> Result<()> {
             .context("installing nightly's rust-src failed")?;
     }
 
+    // 1b. The musl target for the static fwmark (the VM test's guests).
+    let targets = output(rustup().args(["target", "list", "--installed"]))?;
+    if targets.lines().any(|l| l.trim() == util::MUSL) {
+        eprintln!("setup: {}: present", util::MUSL);
+    } else {
+        eprintln!("setup: {}: installing", util::MUSL);
+        run(rustup().args(["target", "add", util::MUSL]))
+            .with_context(|| format!("adding the {} target failed", util::MUSL))?;
+    }
+
     // 2. bpf-linker linked against nightly's own libLLVM.
     ensure_bpf_linker()?;
 

@@ -114,17 +114,26 @@ pub fn build_demo() -> Result<PathBuf> {
     Ok(root().join("target/debug/fwmark-demo"))
 }
 
-/// Builds the VM test's guest scenario (`tests/src/bin/fwmark-vm-guest.rs`);
-/// returns its path.
-pub fn build_vm_guest() -> Result<PathBuf> {
+/// The target of the static builds.
+pub const MUSL: &str = "x86_64-unknown-linux-musl";
+
+/// Builds `bin` of `package` as a static x86_64 binary (musl, release
+/// profile); returns its path. `cargo xtask setup` adds the target.
+pub fn build_musl(package: &str, bin: &str) -> Result<PathBuf> {
     run(cargo().args([
         "build",
+        "--release",
+        "--target",
+        MUSL,
         "--package",
-        "fwmark-testlab",
+        package,
         "--bin",
-        "fwmark-vm-guest",
-    ]))?;
-    Ok(root().join("target/debug/fwmark-vm-guest"))
+        bin,
+    ]))
+    .with_context(|| {
+        format!("building {bin} for {MUSL} failed (`cargo xtask setup` adds the target)")
+    })?;
+    Ok(root().join("target").join(MUSL).join("release").join(bin))
 }
 
 /// Builds the benchmark (`bench/`, release); returns its path.
