@@ -713,7 +713,8 @@ fn ingress_bpf(mode: AttachMode) -> Result<usize> {
             .len(),
         AttachMode::Netlink => sh(TC, &["filter", "show", "dev", IFACE, "ingress"])?
             .lines()
-            .filter(|l| l.contains(" bpf "))
+            // "filter … bpf chain 0" heads each filter's own "… handle …" line.
+            .filter(|l| l.contains(" bpf ") && l.contains(" handle "))
             .count(),
     })
 }

@@ -241,6 +241,8 @@ impl Apt {
             format!("deb [signed-by={KEYRING}] {mirror} {suite} main\n"),
         )?;
         let at = |sub: &str| dir.join(sub).display().to_string();
+        // Package lists stay compressed and apt keeps no binary caches, so
+        // a suite's apt directory is its compressed lists only.
         let mut conf = format!(
             "Dir::Etc::Parts \"{empty}\";\n\
              Dir::Etc::SourceList \"{sources}\";\n\
@@ -251,7 +253,10 @@ impl Apt {
              Dir::State::status \"/dev/null\";\n\
              Dir::Cache \"{cache}\";\n\
              APT::Sandbox::User \"root\";\n\
-             Acquire::Languages \"none\";\n",
+             Acquire::Languages \"none\";\n\
+             Acquire::GzipIndexes \"true\";\n\
+             Dir::Cache::pkgcache \"\";\n\
+             Dir::Cache::srcpkgcache \"\";\n",
             empty = at("empty"),
             sources = at("sources.list"),
             lists = at("lists"),
