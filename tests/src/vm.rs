@@ -883,7 +883,7 @@ pub fn scenario(fwmark_bin: &Path, example: &Path, mode: AttachMode) -> Result<(
         "after detach 80 must no longer reach IPVS: {gone:?}"
     );
     ledger.check_live()?;
-    println!("vm: ok: detach removed the filter; traffic unmarked, IPVS idle");
+    println!("vm: ok: detach removed the {mode} program; traffic unmarked, IPVS idle");
 
     ledger.check_stats()?;
     println!(
