@@ -650,6 +650,7 @@ fn initramfs(
         .write_all(paths.join("\n").as_bytes())?;
     let status = child.wait()?;
     ensure!(status.success(), "busybox cpio failed: {status}");
+    std::fs::remove_dir_all(&image)?;
     Ok(archive)
 }
 
@@ -772,10 +773,13 @@ pub struct Outcome {
     pub log: PathBuf,
 }
 
-/// The attach mode the guest's scenario saw (`vm: ok: attached through
-/// …; status says "tcx"; …`).
+/// The attach mode the guest's scenario saw: what `fwmark status --json`
+/// said (`vm: ok: attached through …; status says "tcx"; …`), else what
+/// fwmark's log said (`marking on vmd0 (tcx attachment, …`) when the
+/// scenario stopped before asking.
 fn attach_seen(log: &str) -> Option<String> {
-    log.lines()
+    let status = log
+        .lines()
         .find_map(|l| l.strip_prefix("vm: ok: attached through "))
         .and_then(|l| l.split_once("status says "))
         .map(|(_, rest)| {
@@ -784,7 +788,18 @@ fn attach_seen(log: &str) -> Option<String> {
                 .unwrap_or_default()
                 .trim_matches('"')
                 .to_string()
-        })
+        });
+    status.or_else(|| {
+        log.lines()
+            .find_map(|l| {
+                l.split_once("marking on ")?
+                    .1
+                    .split_once('(')?
+                    .1
+                    .split_once(" attachment")
+            })
+            .map(|(mode, _)| format!("{mode} (fwmark's log)"))
+    })
 }
 
 /// How many guests boot at once: `FWMARK_VM_JOBS`, else one at a time
@@ -923,4 +938,34 @@ pub fn vm_test(fwmark: &Path, guest: &Path, suites: &[Suite]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{attach_seen, suite};
+
+    #[test]
+    fn kernel_names_pick_a_suite() {
+        for which in ["5.10", "bullseye", "11"] {
+            assert_eq!(suite(which).unwrap().name, "bullseye");
+        }
+        assert_eq!(suite("6.12").unwrap().attach, "tcx");
+        assert_eq!(suite("6.1").unwrap().name, "bookworm");
+        let err = suite("6.6").unwrap_err().to_string();
+        assert!(err.contains("5.10 (bullseye)"), "{err}");
+    }
+
+    #[test]
+    fn attach_mode_from_the_console() {
+        let passed = "vm: fwmark: [..] marking on vmd0 (tcx attachment, program id 5, generation 1)\n\
+                      vm: ok: attached through tcx; status says \"tcx\"; the kernel lists 1 tcx program\n";
+        assert_eq!(attach_seen(passed).as_deref(), Some("tcx"));
+        let stopped = "vm: fwmark: [..] marking on vmd0 (netlink clsact attachment, program id 4, generation 1)\n\
+                       FWMARK-VM: FAIL: on this kernel fwmark must attach through tcx:\n";
+        assert_eq!(
+            attach_seen(stopped).as_deref(),
+            Some("netlink clsact (fwmark's log)")
+        );
+        assert_eq!(attach_seen("FWMARK-VM: FAIL: insmod x\n"), None);
+    }
 }
