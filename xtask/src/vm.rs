@@ -133,12 +133,15 @@ fn cache_dir() -> PathBuf {
     util::root().join(".cache/vm")
 }
 
-/// The host tools: qemu (Debian's qemu-system-x86, without recommends) and
-/// kmod (depmod, modprobe) to resolve module dependencies.
+/// The host tools: qemu (Debian's qemu-system-x86, without recommends),
+/// kmod (depmod, modprobe) to resolve module dependencies, xz for Debian
+/// 13's compressed modules and strip (binutils).
 fn ensure_host_tools() -> Result<()> {
     let missing: Vec<&str> = [
         ("qemu-system-x86_64", "qemu-system-x86"),
         ("depmod", "kmod"),
+        ("xz", "xz-utils"),
+        ("strip", "binutils"),
     ]
     .into_iter()
     .filter(|(tool, _)| !have_path(tool))
