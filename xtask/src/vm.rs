@@ -97,8 +97,10 @@ const GUEST_PACKAGES: &[&str] = &[
     "libnl-genl-3-200",
     "libpopt0",
 ];
-/// Where Debian's archive is when this machine's apt sources name none.
+/// Where Debian's archive and its security archive are when this
+/// machine's apt sources name none.
 const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian/";
+const DEFAULT_SECURITY: &str = "http://deb.debian.org/debian-security/";
 /// The keyring that signs every Debian release (bookworm's
 /// debian-archive-keyring carries the keys of 11, 12 and 13).
 const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
@@ -191,13 +193,11 @@ fn tool(name: &str) -> Result<PathBuf> {
     which(name).with_context(|| format!("{name} is not installed"))
 }
 
-/// The base URL of Debian's archive: `FWMARK_VM_MIRROR`, else the one this
+/// The base URLs of Debian's archive and of its security archive:
+/// `FWMARK_VM_MIRROR` and `FWMARK_VM_SECURITY_MIRROR`, else the ones this
 /// machine's apt sources use for Debian (a local mirror or proxy keeps
 /// working), else deb.debian.org.
-fn debian_mirror() -> String {
-    if let Ok(url) = std::env::var("FWMARK_VM_MIRROR") {
-        return url;
-    }
+fn debian_mirrors() -> (String, String) {
     let targets = Command::new("apt-get")
         .args([
             "indextargets",
@@ -205,18 +205,31 @@ fn debian_mirror() -> String {
             "$(REPO_URI)\t$(ORIGIN)\t$(LABEL)",
         ])
         .arg("Created-By: Packages")
-        .output();
-    targets
-        .ok()
-        .and_then(|out| {
-            String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
-                match l.split('\t').collect::<Vec<_>>()[..] {
-                    [uri, "Debian", "Debian"] => Some(uri.to_string()),
-                    _ => None,
-                }
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+        .unwrap_or_default();
+    let host = |label: &str| {
+        targets
+            .lines()
+            .find_map(|l| match l.split('\t').collect::<Vec<_>>()[..] {
+                [uri, "Debian", got] if got == label => Some(uri.to_string()),
+                _ => None,
             })
-        })
-        .unwrap_or_else(|| DEFAULT_MIRROR.to_string())
+    };
+    let pick = |var: &str, label: &str, default: &str| {
+        std::env::var(var)
+            .ok()
+            .or_else(|| host(label))
+            .unwrap_or_else(|| default.to_string())
+    };
+    (
+        pick("FWMARK_VM_MIRROR", "Debian", DEFAULT_MIRROR),
+        pick(
+            "FWMARK_VM_SECURITY_MIRROR",
+            "Debian-Security",
+            DEFAULT_SECURITY,
+        ),
+    )
 }
 
 /// apt for one suite, configured only by `.cache/vm/apt/SUITE/apt.conf`
@@ -238,10 +251,15 @@ impl Apt {
         for sub in ["lists/partial", "cache/archives/partial", "empty"] {
             std::fs::create_dir_all(dir.join(sub))?;
         }
-        let mirror = debian_mirror();
+        // The release and its security updates, where Debian's current
+        // kernel for it is.
+        let (mirror, security) = debian_mirrors();
         std::fs::write(
             dir.join("sources.list"),
-            format!("deb [signed-by={KEYRING}] {mirror} {suite} main\n"),
+            format!(
+                "deb [signed-by={KEYRING}] {mirror} {suite} main\n\
+                 deb [signed-by={KEYRING}] {security} {suite}-security main\n"
+            ),
         )?;
         let at = |sub: &str| dir.join(sub).display().to_string();
         // Package lists stay compressed and apt keeps no binary caches, so
