@@ -1,6 +1,6 @@
 //! The IPVS scenario that `cargo xtask vm-test` runs inside a guest booted
-//! from Debian's distribution kernel (6.1, with IPVS as modules), where the
-//! guest's own network namespace is the director.
+//! from one of Debian's distribution kernels (5.10, 6.1, 6.12, with IPVS as
+//! modules), where the guest's own network namespace is the director.
 //!
 //! ```text
 //!  client ns                 director (guest root ns)             rs1 / rs2 ns
@@ -24,6 +24,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
+use fwmark::mode::AttachMode;
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// Where the guest image puts the tools (the xtask copies them there).
@@ -707,13 +708,33 @@ fn example_and_moved(example: &Path) -> Result<String> {
     Ok(toml::to_string(&doc)?)
 }
 
+/// How many BPF programs the kernel lists on [`IFACE`]'s ingress for
+/// `mode`: tcx links (queried through aya: the guest's `tc`, from iproute2
+/// 6.1, does not show them) or `cls_bpf` filters (`tc filter show`).
+fn ingress_bpf(mode: AttachMode) -> Result<usize> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    Ok(match mode {
+        AttachMode::Tcx => SchedClassifier::query_tcx(IFACE, TcAttachType::Ingress)
+            .with_context(|| format!("querying the tcx programs on {IFACE}"))?
+            .1
+            .len(),
+        AttachMode::Netlink => sh(TC, &["filter", "show", "dev", IFACE, "ingress"])?
+            .lines()
+            // "filter … bpf chain 0" heads each filter's own "… handle …" line.
+            .filter(|l| l.contains(" bpf ") && l.contains(" handle "))
+            .count(),
+    })
+}
+
 fn status_json(fwmark: &Fwmark) -> Result<serde_json::Value> {
     let text = fwmark.cmd(&["status", "--iface", IFACE, "--json"])?;
     serde_json::from_str(&text).context("parsing fwmark status --json")
 }
 
-/// The whole scenario; any failed check is an error.
-pub fn scenario(fwmark_bin: &Path, example: &Path) -> Result<()> {
+/// The whole scenario; any failed check is an error. `mode` is how fwmark
+/// must attach on this kernel (tcx from 6.6 on), checked in its log, its
+/// status and the kernel's own list.
+pub fn scenario(fwmark_bin: &Path, example: &Path, mode: AttachMode) -> Result<()> {
     let started = Instant::now();
     let moved_text = example_and_moved(example)?;
     let moved_path = PathBuf::from("/tmp/fwmark-moved.toml");
@@ -742,17 +763,22 @@ pub fn scenario(fwmark_bin: &Path, example: &Path) -> Result<()> {
     let mut daemon = Fwmark::start(fwmark_bin, example)?;
     let log = daemon.log_text();
     ensure!(
-        log.contains("via netlink clsact"),
-        "on this kernel fwmark must attach through netlink (clsact + cls_bpf):\n{log}"
+        log.contains(&format!("via {mode} ")),
+        "on this kernel fwmark must attach through {mode}:\n{log}"
     );
     let status = status_json(&daemon)?;
     ensure!(
-        status["attach"]["mode"] == "netlink",
-        "status mode: {}",
+        status["attach"]["mode"] == serde_json::to_value(mode)?,
+        "status mode: {}, expected {mode}",
         status["attach"]
     );
+    let on_ingress = ingress_bpf(mode)?;
+    ensure!(
+        on_ingress == 1,
+        "the kernel lists {on_ingress} {mode} programs on {IFACE}, expected fwmark's"
+    );
     println!(
-        "vm: ok: attached through netlink; status says {}",
+        "vm: ok: attached through {mode}; status says {}; the kernel lists 1 {mode} program",
         status["attach"]["mode"]
     );
     ledger.probe(&service_probes(12))?;
@@ -852,25 +878,19 @@ pub fn scenario(fwmark_bin: &Path, example: &Path) -> Result<()> {
     );
     ledger.add((80, false));
     ledger.check_live()?;
-    let filters = sh(TC, &["filter", "show", "dev", IFACE, "ingress"])?;
-    ensure!(
-        filters.contains("bpf"),
-        "no bpf filter left by --keep:\n{filters}"
-    );
+    let kept = ingress_bpf(mode)?;
+    ensure!(kept == 1, "--keep left {kept} {mode} programs, expected 1");
     println!("vm: ok: after SIGTERM with --keep, marking continues");
     daemon.cmd(&["detach", "--iface", IFACE])?;
-    let filters = sh(TC, &["filter", "show", "dev", IFACE, "ingress"])?;
-    ensure!(
-        !filters.contains("bpf"),
-        "bpf filter still there after detach:\n{filters}"
-    );
+    let left = ingress_bpf(mode)?;
+    ensure!(left == 0, "{left} {mode} programs still there after detach");
     let gone = tcp_probe(client_v4(37), v4(WEB_VIP, 80))?;
     ensure!(
         matches!(gone, Answer::Refused | Answer::TimedOut),
         "after detach 80 must no longer reach IPVS: {gone:?}"
     );
     ledger.check_live()?;
-    println!("vm: ok: detach removed the filter; traffic unmarked, IPVS idle");
+    println!("vm: ok: detach removed the {mode} program; traffic unmarked, IPVS idle");
 
     ledger.check_stats()?;
 

@@ -52,11 +52,17 @@ enum Task {
     /// binary, the Debian package, the tarball and SHA256SUMS; then check
     /// them (contents, static binary, lintian).
     Dist,
-    /// fwmark with real IPVS: boot Debian's distribution kernel (6.1) in
-    /// qemu from a cached busybox initramfs and run the IPVS scenario there
-    /// (tests/src/vm.rs). Part of `test`.
-    VmTest,
-    /// Run the cargo-fuzz targets (config, import, frame) with nightly from the
+    /// fwmark with real IPVS: boot Debian's cloud kernels (11: 5.10, 12:
+    /// 6.1, 13: 6.12) in qemu from cached busybox initramfs images and run
+    /// the IPVS scenario there with static fwmark (tests/src/vm.rs). Part of
+    /// `test`.
+    VmTest {
+        /// Only this kernel: 5.10, 6.1 or 6.12 (or bullseye, bookworm,
+        /// trixie; or 11, 12, 13). Default: all three.
+        #[arg(long)]
+        kernel: Option<String>,
+    },
+    /// Run the cargo-fuzz targets (config, import) with nightly from the
     /// committed corpus; a crash fails and names its reproducer.
     Fuzz {
         /// Only this target.
@@ -94,10 +100,33 @@ enum Task {
 
 /// The VM test as one test of `cargo xtask test`: a machine that cannot
 /// run it skips it loudly (a failure with FWMARK_REQUIRE_KERNEL_TESTS=1).
-fn vm_test_counted(bin: &std::path::Path, tally: &mut util::Tally) -> Result<()> {
-    let guest = util::build_vm_guest()?;
-    match vm::vm_test(bin, &guest) {
-        Ok(()) => tally.passed += 1,
+/// Each kernel counts as one test.
+fn vm_test_counted(tally: &mut util::Tally) -> Result<()> {
+    let outcomes =
+        static_binaries().and_then(|(bin, guest)| vm::run_kernels(&bin, &guest, &vm::SUITES));
+    match outcomes {
+        Ok(outcomes) => {
+            for o in outcomes {
+                println!(
+                    "xtask: VM test on {} ({}): {}, attached through {}, guest {:.1} s{}",
+                    o.kver,
+                    o.suite.name,
+                    if o.passed { "passed" } else { "FAILED" },
+                    o.attach.as_deref().unwrap_or("?"),
+                    o.guest.as_secs_f64(),
+                    if o.passed {
+                        String::new()
+                    } else {
+                        format!(" (console: {})", o.log.display())
+                    }
+                );
+                if o.passed {
+                    tally.passed += 1;
+                } else {
+                    tally.failed += 1;
+                }
+            }
+        }
         Err(e) if e.downcast_ref::<vm::Unavailable>().is_some() => {
             eprintln!("xtask: SKIPPED the VM test (real IPVS): {e}");
             if std::env::var("FWMARK_REQUIRE_KERNEL_TESTS").is_ok_and(|v| v == "1") {
@@ -125,6 +154,14 @@ fn dist_counted(tally: &mut util::Tally) {
             tally.failed += 1;
         }
     }
+}
+
+/// The static `fwmark` and `fwmark-vm-guest` the VM guests run.
+fn static_binaries() -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    Ok((
+        util::build_musl("fwmark-user", "fwmark")?,
+        util::build_musl("fwmark-testlab", "fwmark-vm-guest")?,
+    ))
 }
 
 fn main() -> Result<()> {
@@ -156,7 +193,7 @@ fn main() -> Result<()> {
             // with a filter; each counts as one test.
             if args.is_empty() {
                 dist_counted(&mut tally);
-                vm_test_counted(&bin, &mut tally)?;
+                vm_test_counted(&mut tally)?;
             } else {
                 eprintln!(
                     "xtask: a test filter was given: the artifacts check, the VM test and fuzz targets not run"
@@ -200,11 +237,14 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Task::VmTest => {
+        Task::VmTest { kernel } => {
+            let suites = match kernel {
+                Some(which) => vec![vm::suite(&which)?],
+                None => vm::SUITES.to_vec(),
+            };
             setup::setup()?;
-            let bin = util::build_fwmark(false)?;
-            let guest = util::build_vm_guest()?;
-            vm::vm_test(&bin, &guest)
+            let (bin, guest) = static_binaries()?;
+            vm::vm_test(&bin, &guest, &suites)
         }
         Task::Fuzz { target, seconds } => {
             setup::setup()?;

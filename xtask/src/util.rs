@@ -103,7 +103,10 @@ pub fn build_musl(package: &str, bin: &str) -> Result<PathBuf> {
         bin,
         "--target",
         MUSL_TARGET,
-    ]))?;
+    ]))
+    .with_context(|| {
+        format!("building {bin} for {MUSL_TARGET} failed (`cargo xtask setup` adds the target)")
+    })?;
     Ok(root()
         .join("target")
         .join(MUSL_TARGET)
@@ -138,19 +141,6 @@ pub fn build_demo() -> Result<PathBuf> {
         "fwmark-demo",
     ]))?;
     Ok(root().join("target/debug/fwmark-demo"))
-}
-
-/// Builds the VM test's guest scenario (`tests/src/bin/fwmark-vm-guest.rs`);
-/// returns its path.
-pub fn build_vm_guest() -> Result<PathBuf> {
-    run(cargo().args([
-        "build",
-        "--package",
-        "fwmark-testlab",
-        "--bin",
-        "fwmark-vm-guest",
-    ]))?;
-    Ok(root().join("target/debug/fwmark-vm-guest"))
 }
 
 /// Builds the benchmark (`bench/`, release); returns its path.
