@@ -60,7 +60,7 @@ pub enum AttachError {
         priority: u16,
         handle: u32,
         #[source]
-        source: rtnl::RtnlError,
+        source: rtnl::NetlinkError,
     },
 }
 

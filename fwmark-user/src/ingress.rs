@@ -39,17 +39,17 @@ impl std::fmt::Display for Filter {
 /// Why the filters could not be listed.
 #[derive(Debug, thiserror::Error)]
 pub enum IngressError {
-    #[error("cannot list the tc filters on {iface}: {source}")]
+    #[error("cannot list the tc filters on {iface}")]
     NoInterface {
         iface: String,
         #[source]
         source: preflight::PreflightError,
     },
-    #[error("cannot list the tc filters on {iface}: {source}")]
+    #[error("cannot list the tc filters on {iface}")]
     Netlink {
         iface: String,
         #[source]
-        source: rtnl::RtnlError,
+        source: rtnl::NetlinkError,
     },
 }
 
@@ -117,8 +117,9 @@ pub fn netlink_priority(iface: &str) -> u16 {
         Ok(f) => f,
         Err(e) => {
             warn!(
-                "cannot list the tc filters on {iface} ({e}); fwmark's filter takes pref \
-                 {NETLINK_PRIORITY}, which fails if another filter uses it"
+                "{}; fwmark's filter takes pref {NETLINK_PRIORITY}, which fails if another \
+                 filter uses it",
+                crate::chain(&e)
             );
             return NETLINK_PRIORITY;
         }

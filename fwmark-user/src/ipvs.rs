@@ -22,9 +22,8 @@ use std::{io, net::IpAddr};
 
 use fwmark_core::ipvs_check::{Family, IpvsDest, IpvsService, NftTable, Snapshot};
 use netlink_packet_core::{
-    DecodeError, Emitable, NLA_TYPE_MASK, NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
-    NetlinkDeserializable, NetlinkHeader, NetlinkMessage, NetlinkPayload, NetlinkSerializable, Nla,
-    NlasIterator, ParseableParametrized,
+    DecodeError, Emitable, NLA_TYPE_MASK, NLM_F_ACK, NetlinkDeserializable, NetlinkMessage,
+    NetlinkPayload, Nla, NlasIterator, ParseableParametrized,
 };
 use netlink_packet_generic::{
     GenlFamily, GenlHeader, GenlMessage,
@@ -34,10 +33,9 @@ use netlink_packet_netfilter::{
     NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
     nftables::{NfTablesMessage, TableAttribute, TableMessage},
 };
-use netlink_sys::{
-    Socket, SocketAddr,
-    protocols::{NETLINK_GENERIC, NETLINK_NETFILTER},
-};
+use netlink_sys::protocols::{NETLINK_GENERIC, NETLINK_NETFILTER};
+
+use crate::netlink::{self, Answer, NetlinkError, Reply};
 
 /// The generic netlink family name (`IPVS_GENL_NAME`).
 pub const FAMILY_NAME: &str = "IPVS";
@@ -77,12 +75,6 @@ const IPVS_DEST_ATTR_ADDR_FAMILY: u16 = 11;
 const AF_INET: u16 = libc::AF_INET as u16;
 const AF_INET6: u16 = libc::AF_INET6 as u16;
 
-/// A dump the kernel marks as interrupted (what it lists changed while it
-/// was read) is read again, at most this many times.
-const DUMP_ATTEMPTS: usize = 5;
-/// How long one read of an answer may wait.
-const RECV_TIMEOUT_SECS: i64 = 5;
-
 /// Why IPVS (or the nftables tables) could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum IpvsError {
@@ -95,18 +87,38 @@ pub enum IpvsError {
         #[source]
         source: io::Error,
     },
-    #[error("{what}")]
-    Kernel {
-        what: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{what}: unreadable reply from the kernel: {why}")]
-    Reply { what: String, why: String },
-    #[error(
-        "{what}: the kernel's list kept changing while it was read ({DUMP_ATTEMPTS} attempts); try again"
-    )]
-    Interrupted { what: String },
+    #[error(transparent)]
+    Netlink(NetlinkError),
+}
+
+impl From<NetlinkError> for IpvsError {
+    /// The kernel's EPERM says what it takes.
+    fn from(e: NetlinkError) -> IpvsError {
+        match e {
+            NetlinkError::Kernel { what, source } if source.raw_os_error() == Some(libc::EPERM) => {
+                IpvsError::Permission { what, source }
+            }
+            other => IpvsError::Netlink(other),
+        }
+    }
+}
+
+/// The kernel's answer of type `T`, or why it cannot be read.
+fn read_reply<T: NetlinkDeserializable>(reply: &Reply, what: &str) -> Result<T, IpvsError> {
+    T::deserialize(&reply.header, &reply.payload).map_err(|e| {
+        IpvsError::Netlink(NetlinkError::Reply {
+            what: what.to_string(),
+            why: e.to_string(),
+        })
+    })
+}
+
+/// An unreadable answer to `what`.
+fn unreadable(what: &str, why: String) -> IpvsError {
+    IpvsError::Netlink(NetlinkError::Reply {
+        what: what.to_string(),
+        why,
+    })
 }
 
 impl IpvsError {
@@ -383,122 +395,6 @@ pub fn dest_request(family_id: u16, svc: &IpvsService) -> IpvsMessage {
     }
 }
 
-/// `message` as a request with `flags`.
-fn serialize<T: NetlinkSerializable + std::fmt::Debug>(
-    message: T,
-    flags: u16,
-    seq: u32,
-) -> Vec<u8> {
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | flags;
-    header.sequence_number = seq;
-    let mut message = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(message));
-    message.finalize();
-    let mut buf = vec![0; message.buffer_len()];
-    message.serialize(&mut buf);
-    buf
-}
-
-/// What one exchange gave.
-enum Dump<T> {
-    Complete(Vec<T>),
-    Interrupted,
-}
-
-/// Sends `request` on a new socket of `protocol` and reads the replies up
-/// to the end of the dump (or the acknowledgement).
-fn exchange<T>(protocol: isize, request: T, flags: u16, what: &str) -> Result<Dump<T>, IpvsError>
-where
-    T: NetlinkSerializable + NetlinkDeserializable + std::fmt::Debug,
-{
-    let kernel = |source: io::Error| {
-        if source.raw_os_error() == Some(libc::EPERM) {
-            IpvsError::Permission {
-                what: what.to_string(),
-                source,
-            }
-        } else {
-            IpvsError::Kernel {
-                what: what.to_string(),
-                source,
-            }
-        }
-    };
-    let unreadable = |why: String| IpvsError::Reply {
-        what: what.to_string(),
-        why,
-    };
-    let mut socket = Socket::new(protocol).map_err(kernel)?;
-    // A kernel that never ends its answer must not hang `status` or a
-    // scrape thread.
-    nix::sys::socket::setsockopt(
-        &socket,
-        nix::sys::socket::sockopt::ReceiveTimeout,
-        &nix::sys::time::TimeVal::new(RECV_TIMEOUT_SECS, 0),
-    )
-    .map_err(|e| kernel(e.into()))?;
-    socket.bind_auto().map_err(kernel)?;
-    socket.connect(&SocketAddr::new(0, 0)).map_err(kernel)?;
-    let seq = 1;
-    socket
-        .send(&serialize(request, flags, seq), 0)
-        .map_err(kernel)?;
-    let mut replies = Vec::new();
-    let mut interrupted = false;
-    loop {
-        let (datagram, _) = socket.recv_from_full().map_err(kernel)?;
-        let mut offset = 0;
-        while offset < datagram.len() {
-            let message = NetlinkMessage::<T>::deserialize(&datagram[offset..])
-                .map_err(|e| unreadable(e.to_string()))?;
-            let length = message.header.length as usize;
-            if length == 0 {
-                return Err(unreadable("a message of length 0".into()));
-            }
-            offset += length.div_ceil(4) * 4;
-            if message.header.sequence_number != seq {
-                continue;
-            }
-            interrupted |= message.header.flags & NLM_F_DUMP_INTR != 0;
-            match message.payload {
-                NetlinkPayload::InnerMessage(m) => replies.push(m),
-                NetlinkPayload::Error(e) => match e.code {
-                    Some(code) => {
-                        return Err(kernel(io::Error::from_raw_os_error(-code.get())));
-                    }
-                    None => return Ok(Dump::Complete(replies)),
-                },
-                NetlinkPayload::Done(d) => {
-                    if d.code != 0 {
-                        return Err(kernel(io::Error::from_raw_os_error(-d.code)));
-                    }
-                    return Ok(if interrupted {
-                        Dump::Interrupted
-                    } else {
-                        Dump::Complete(replies)
-                    });
-                }
-                _ => {}
-            }
-        }
-    }
-}
-
-/// A dump, read again while the kernel says it was interrupted.
-fn dump<T>(protocol: isize, request: impl Fn() -> T, what: &str) -> Result<Vec<T>, IpvsError>
-where
-    T: NetlinkSerializable + NetlinkDeserializable + std::fmt::Debug,
-{
-    for _ in 0..DUMP_ATTEMPTS {
-        if let Dump::Complete(replies) = exchange(protocol, request(), NLM_F_DUMP, what)? {
-            return Ok(replies);
-        }
-    }
-    Err(IpvsError::Interrupted {
-        what: what.to_string(),
-    })
-}
-
 /// The id of the `IPVS` generic netlink family; [`IpvsError::NotLoaded`]
 /// when there is none.
 pub fn family_id() -> Result<u16, IpvsError> {
@@ -510,25 +406,22 @@ pub fn family_id() -> Result<u16, IpvsError> {
     request.finalize();
     // NLM_F_ACK: a lookup that succeeds ends with the acknowledgement (it
     // is no dump, so no NLMSG_DONE follows the answer).
-    let replies = match exchange(NETLINK_GENERIC, request, NLM_F_ACK, what) {
-        Err(IpvsError::Kernel { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
-            return Err(IpvsError::NotLoaded);
-        }
-        Err(e) => return Err(e),
-        Ok(Dump::Complete(r)) => r,
-        Ok(Dump::Interrupted) => Vec::new(),
+    let replies = match netlink::exchange(NETLINK_GENERIC, request, NLM_F_ACK, what) {
+        Err(e) if e.errno() == Some(libc::ENOENT) => return Err(IpvsError::NotLoaded),
+        Err(e) => return Err(e.into()),
+        Ok(Answer::Complete(r)) => r,
+        Ok(Answer::Interrupted) => Vec::new(),
     };
-    replies
-        .iter()
-        .flat_map(|m| &m.payload.nlas)
-        .find_map(|a| match a {
+    for reply in &replies {
+        let answer: GenlMessage<GenlCtrl> = read_reply(reply, what)?;
+        if let Some(id) = answer.payload.nlas.iter().find_map(|a| match a {
             GenlCtrlAttrs::FamilyId(id) => Some(*id),
             _ => None,
-        })
-        .ok_or_else(|| IpvsError::Reply {
-            what: what.to_string(),
-            why: "no family id in the answer".into(),
-        })
+        }) {
+            return Ok(id);
+        }
+    }
+    Err(unreadable(what, "no family id in the answer".into()))
 }
 
 /// Every IPVS service (without real servers).
@@ -543,16 +436,14 @@ fn services(family_id: u16) -> Result<Vec<IpvsService>, IpvsError> {
         m.finalize();
         m
     };
-    dump(NETLINK_GENERIC, request, what)?
-        .into_iter()
-        .filter(|m| m.payload.cmd == IPVS_CMD_NEW_SERVICE)
-        .map(|m| {
-            parse_service(&m.payload).map_err(|why| IpvsError::Reply {
-                what: what.to_string(),
-                why,
-            })
-        })
-        .collect()
+    let mut services = Vec::new();
+    for reply in netlink::dump(NETLINK_GENERIC, request, what)? {
+        let m: GenlMessage<IpvsMessage> = read_reply(&reply, what)?;
+        if m.payload.cmd == IPVS_CMD_NEW_SERVICE {
+            services.push(parse_service(&m.payload).map_err(|why| unreadable(what, why))?);
+        }
+    }
+    Ok(services)
 }
 
 /// The real servers of `svc`.
@@ -566,16 +457,14 @@ fn dests(family_id: u16, svc: &IpvsService) -> Result<Vec<IpvsDest>, IpvsError> 
         m.finalize();
         m
     };
-    dump(NETLINK_GENERIC, request, &what)?
-        .into_iter()
-        .filter(|m| m.payload.cmd == IPVS_CMD_NEW_DEST)
-        .map(|m| {
-            parse_dest(&m.payload, svc.family).map_err(|why| IpvsError::Reply {
-                what: what.clone(),
-                why,
-            })
-        })
-        .collect()
+    let mut dests = Vec::new();
+    for reply in netlink::dump(NETLINK_GENERIC, request, &what)? {
+        let m: GenlMessage<IpvsMessage> = read_reply(&reply, &what)?;
+        if m.payload.cmd == IPVS_CMD_NEW_DEST {
+            dests.push(parse_dest(&m.payload, svc.family).map_err(|why| unreadable(&what, why))?);
+        }
+    }
+    Ok(dests)
 }
 
 /// Every nftables table, of every family; none when the kernel has no
@@ -588,10 +477,10 @@ pub fn nft_tables() -> Result<Vec<NftTable>, IpvsError> {
             NfTablesMessage::GetTable(TableMessage { attributes: vec![] }),
         )
     };
-    let replies = match dump(NETLINK_NETFILTER, request, what) {
-        Err(IpvsError::Kernel { source, .. })
+    let replies = match netlink::dump(NETLINK_NETFILTER, request, what) {
+        Err(e)
             if matches!(
-                source.raw_os_error(),
+                e.errno(),
                 Some(libc::EPROTONOSUPPORT | libc::EOPNOTSUPP | libc::ENOENT)
             ) =>
         {
@@ -599,7 +488,11 @@ pub fn nft_tables() -> Result<Vec<NftTable>, IpvsError> {
         }
         other => other?,
     };
-    Ok(replies
+    let mut tables = Vec::new();
+    for reply in &replies {
+        tables.push(read_reply::<NetfilterMessage>(reply, what)?);
+    }
+    Ok(tables
         .into_iter()
         .filter_map(|m| {
             let family = u8::from(m.header.family);
@@ -629,7 +522,10 @@ pub fn parse_message(bytes: &[u8]) -> Result<IpvsMessage, String> {
 
 #[cfg(test)]
 mod tests {
+    use netlink_packet_core::NLM_F_DUMP;
+
     use super::*;
+    use crate::netlink::serialize;
 
     /// An attribute as the kernel lays it out (`nla_put`): length, type,
     /// value, padding to 4 bytes.

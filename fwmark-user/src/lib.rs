@@ -15,6 +15,7 @@ pub mod live;
 pub mod markers;
 pub mod metrics;
 pub mod mode;
+pub mod netlink;
 pub mod perms;
 pub mod preflight;
 pub mod rtnl;

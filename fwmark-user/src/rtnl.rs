@@ -2,24 +2,22 @@
 //! cover: the tc filters on an interface's ingress, deleting one of them,
 //! and link notifications. With it fwmark needs no iproute2 at run time.
 //!
-//! Messages are built and read with `netlink-packet-route`, sent over a
-//! plain `netlink-sys` socket: the filter requests are short synchronous
-//! exchanges made from synchronous code (attach, adopt), and the link
-//! notifications are read from the daemon's tokio loop through `AsyncFd`.
+//! Messages are built and read with `netlink-packet-route`. The filter
+//! requests are short synchronous exchanges made from synchronous code
+//! (attach, adopt), through [`crate::netlink`]; the link notifications are
+//! read from the daemon's tokio loop through `AsyncFd`.
 
-use std::io;
-
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NetlinkBuffer,
-    NetlinkHeader, NetlinkMessage, NetlinkPayload,
-};
+use netlink_packet_core::{NLM_F_ACK, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{
     RouteNetlinkMessage,
     link::{LinkAttribute, LinkMessage},
     tc::{TcAttribute, TcFilterBpfOption, TcHandle, TcHeader, TcMessage, TcOption},
 };
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
 use tokio::io::{Interest, unix::AsyncFd};
+
+use crate::netlink;
+pub use crate::netlink::NetlinkError;
 
 /// The ingress hook of the `clsact` qdisc as a filter parent
 /// (`TC_H_CLSACT | TC_H_MIN_INGRESS`, `ffff:fff2`).
@@ -28,13 +26,8 @@ pub const INGRESS_PARENT: TcHandle = TcHandle {
     minor: TcHandle::MIN_INGRESS,
 };
 
-/// The length of `struct nlmsghdr`, before each message's payload.
-const NLMSG_HEADER_LEN: usize = 16;
 /// `RTM_NEWTFILTER`, the type of each entry of a filter dump.
 const RTM_NEWTFILTER: u16 = 44;
-/// A dump the kernel marks as interrupted (the filters changed while it
-/// was read) is read again, at most this many times.
-const DUMP_ATTEMPTS: usize = 5;
 
 /// One entry of a filter dump. The kernel sends one per filter priority
 /// (handle 0, no options) and one per element in it (handle and options).
@@ -72,24 +65,6 @@ impl LinkEvent {
             LinkEvent::Overrun => true,
         }
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum RtnlError {
-    #[error("cannot open a netlink socket to the kernel (for {what}): {source}")]
-    Socket {
-        what: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{what} failed: {source}")]
-    Kernel {
-        what: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{what}: cannot read the kernel's reply: {why}")]
-    Reply { what: String, why: String },
 }
 
 /// The request that dumps the filters on `ifindex`'s ingress hook.
@@ -168,148 +143,17 @@ fn link_event(message: &RouteNetlinkMessage) -> Option<LinkEvent> {
     }
 }
 
-/// `message` as a netlink request with `flags` and sequence number `seq`.
-fn serialize(message: RouteNetlinkMessage, flags: u16, seq: u32) -> Vec<u8> {
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | flags;
-    header.sequence_number = seq;
-    let mut message = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(message));
-    message.finalize();
-    let mut buf = vec![0; message.buffer_len()];
-    message.serialize(&mut buf);
-    buf
-}
-
-/// One netlink message of a datagram.
-#[derive(Debug)]
-struct Part<'a> {
-    kind: u16,
-    flags: u16,
-    seq: u32,
-    payload: &'a [u8],
-}
-
-/// The netlink messages in one datagram.
-fn split(datagram: &[u8]) -> Result<Vec<Part<'_>>, String> {
-    let mut parts = Vec::new();
-    let mut offset = 0;
-    while offset < datagram.len() {
-        let buffer = NetlinkBuffer::new_checked(&datagram[offset..]).map_err(|e| e.to_string())?;
-        let length = buffer.length() as usize;
-        parts.push(Part {
-            kind: buffer.message_type(),
-            flags: buffer.flags(),
-            seq: buffer.sequence_number(),
-            payload: &datagram[offset + NLMSG_HEADER_LEN..offset + length],
-        });
-        // Messages are aligned to 4 bytes.
-        offset += length.div_ceil(4) * 4;
-    }
-    Ok(parts)
-}
-
-/// The errno of an `NLMSG_ERROR` payload (0: an acknowledgement).
-fn error_code(payload: &[u8]) -> Result<i32, String> {
-    let code: [u8; 4] = payload
-        .get(..4)
-        .and_then(|b| b.try_into().ok())
-        .ok_or("truncated error message")?;
-    Ok(-i32::from_ne_bytes(code))
-}
-
-/// A connected rtnetlink socket.
-fn connect(what: &str) -> Result<Socket, RtnlError> {
-    let socket_error = |source| RtnlError::Socket {
-        what: what.to_string(),
-        source,
-    };
-    let mut socket = Socket::new(NETLINK_ROUTE).map_err(socket_error)?;
-    socket.bind_auto().map_err(socket_error)?;
-    socket
-        .connect(&SocketAddr::new(0, 0))
-        .map_err(socket_error)?;
-    Ok(socket)
-}
-
-/// What an exchange with the kernel gave.
-enum Replies {
-    /// The payloads of the replies of the type asked for.
-    Complete(Vec<Vec<u8>>),
-    /// The dump was interrupted (what it lists changed meanwhile).
-    Interrupted,
-}
-
-/// Sends `request` and collects the payloads of the replies of type
-/// `reply_type` up to the end of the dump (`NLM_F_DUMP`) or the
-/// acknowledgement (`NLM_F_ACK`).
-fn exchange(
-    request: RouteNetlinkMessage,
-    flags: u16,
-    reply_type: u16,
-    what: &str,
-) -> Result<Replies, RtnlError> {
-    let socket = connect(what)?;
-    let kernel = |source| RtnlError::Kernel {
-        what: what.to_string(),
-        source,
-    };
-    let unreadable = |why: String| RtnlError::Reply {
-        what: what.to_string(),
-        why,
-    };
-    let seq = 1;
-    socket
-        .send(&serialize(request, flags, seq), 0)
-        .map_err(kernel)?;
-    let mut replies = Vec::new();
-    let mut interrupted = false;
-    loop {
-        let (datagram, _) = socket.recv_from_full().map_err(kernel)?;
-        for part in split(&datagram).map_err(unreadable)? {
-            if part.seq != seq {
-                continue;
-            }
-            interrupted |= part.flags & NLM_F_DUMP_INTR != 0;
-            match part.kind {
-                NLMSG_ERROR | NLMSG_DONE => {
-                    // An error, an acknowledgement (0), or the end of a
-                    // dump with its error, if any.
-                    let code = error_code(part.payload).map_err(unreadable)?;
-                    if code != 0 {
-                        return Err(kernel(io::Error::from_raw_os_error(code)));
-                    }
-                    return Ok(if interrupted {
-                        Replies::Interrupted
-                    } else {
-                        Replies::Complete(replies)
-                    });
-                }
-                kind if kind == reply_type => replies.push(part.payload.to_vec()),
-                _ => {}
-            }
-        }
-    }
-}
-
 /// The tc filters on `ifindex`'s ingress hook, of every chain, one entry
 /// per filter and per filter element, in the kernel's order; none when the
 /// interface has no `clsact` (or `ingress`) qdisc.
-pub fn ingress_filters(ifindex: u32) -> Result<Vec<FilterEntry>, RtnlError> {
+pub fn ingress_filters(ifindex: u32) -> Result<Vec<FilterEntry>, NetlinkError> {
     let what = format!("listing the tc filters on the ingress of interface index {ifindex}");
-    for _ in 0..DUMP_ATTEMPTS {
-        let request = dump_filters_request(ifindex);
-        if let Replies::Complete(payloads) = exchange(request, NLM_F_DUMP, RTM_NEWTFILTER, &what)? {
-            return payloads
-                .iter()
-                .map(|p| parse_filter(p))
-                .collect::<Result<_, _>>()
-                .map_err(|why| RtnlError::Reply { what, why });
-        }
-    }
-    Err(RtnlError::Reply {
-        what,
-        why: format!("the filters kept changing while they were read ({DUMP_ATTEMPTS} tries)"),
-    })
+    netlink::dump(NETLINK_ROUTE, || dump_filters_request(ifindex), &what)?
+        .iter()
+        .filter(|reply| reply.header.message_type == RTM_NEWTFILTER)
+        .map(|reply| parse_filter(&reply.payload))
+        .collect::<Result<_, _>>()
+        .map_err(|why| NetlinkError::Reply { what, why })
 }
 
 /// Reads a filter entry; when the crate cannot read the attributes (a
@@ -334,21 +178,19 @@ pub fn delete_ingress_filter(
     priority: u16,
     handle: u32,
     kind: &str,
-) -> Result<bool, RtnlError> {
+) -> Result<bool, NetlinkError> {
     let what = format!(
         "deleting the {kind} filter pref {priority} handle {handle:#x} on the ingress of \
          interface index {ifindex}"
     );
-    match exchange(
+    match netlink::exchange(
+        NETLINK_ROUTE,
         delete_filter_request(ifindex, priority, handle, kind),
         NLM_F_ACK,
-        0,
         &what,
     ) {
         Ok(_) => Ok(true),
-        Err(RtnlError::Kernel { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
-            Ok(false)
-        }
+        Err(e) if e.errno() == Some(libc::ENOENT) => Ok(false),
         Err(e) => Err(e),
     }
 }
@@ -361,9 +203,9 @@ pub struct LinkEvents {
 impl LinkEvents {
     /// Subscribes (inside a tokio runtime): devices that change from now on
     /// are reported by [`LinkEvents::next`].
-    pub fn subscribe() -> Result<LinkEvents, RtnlError> {
+    pub fn subscribe() -> Result<LinkEvents, NetlinkError> {
         let what = "link notifications";
-        let socket_error = |source| RtnlError::Socket {
+        let socket_error = |source| NetlinkError::Socket {
             what: what.to_string(),
             source,
         };
@@ -383,8 +225,8 @@ impl LinkEvents {
     /// The link events of the next notification (possibly none: other
     /// messages are skipped). Cancel-safe: a notification is read only when
     /// it is returned.
-    pub async fn next(&mut self) -> Result<Vec<LinkEvent>, RtnlError> {
-        let kernel = |source| RtnlError::Kernel {
+    pub async fn next(&mut self) -> Result<Vec<LinkEvent>, NetlinkError> {
+        let kernel = |source| NetlinkError::Kernel {
             what: "reading link notifications".to_string(),
             source,
         };
@@ -434,6 +276,9 @@ fn link_events(datagram: &[u8]) -> Vec<LinkEvent> {
 
 #[cfg(test)]
 mod tests {
+    use netlink_packet_core::{NLM_F_DUMP, NetlinkHeader};
+
+    use crate::netlink::serialize;
     use netlink_packet_core::Emitable as _;
     use netlink_packet_route::link::LinkHeader;
 
@@ -527,33 +372,6 @@ mod tests {
             }
         );
         assert!(parse_filter(&[0; 8]).is_err(), "shorter than a tcmsg");
-    }
-
-    #[test]
-    fn datagrams_split_into_aligned_messages_and_errors_give_errno() {
-        // An NLMSG_ERROR with -ENOENT, then an NLMSG_DONE with 0, each with
-        // a payload padded to 4 bytes.
-        let mut datagram = Vec::new();
-        for (kind, payload) in [
-            (NLMSG_ERROR, (-libc::ENOENT).to_ne_bytes()),
-            (NLMSG_DONE, [0; 4]),
-        ] {
-            datagram.extend_from_slice(&20u32.to_ne_bytes());
-            datagram.extend_from_slice(&kind.to_ne_bytes());
-            datagram.extend_from_slice(&0u16.to_ne_bytes());
-            datagram.extend_from_slice(&9u32.to_ne_bytes());
-            datagram.extend_from_slice(&0u32.to_ne_bytes());
-            datagram.extend_from_slice(&payload);
-        }
-        let parts = split(&datagram).unwrap();
-        assert_eq!(parts.len(), 2);
-        assert_eq!((parts[0].kind, parts[0].seq), (NLMSG_ERROR, 9));
-        assert_eq!(error_code(parts[0].payload), Ok(libc::ENOENT));
-        assert_eq!(
-            (parts[1].kind, error_code(parts[1].payload)),
-            (NLMSG_DONE, Ok(0))
-        );
-        assert!(split(&datagram[..30]).is_err(), "a cut message is an error");
     }
 
     fn link_notification(message: RouteNetlinkMessage) -> Vec<u8> {

@@ -32,7 +32,7 @@ use crate::{
     metrics::{self, Current, Metrics, MetricsError},
     mode::{AttachMode, NoTcx},
     preflight::{self, PreflightError},
-    rtnl::{LinkEvents, RtnlError},
+    rtnl::{LinkEvents, NetlinkError},
     state::{InvalidIface, Lock, LockError, Paths},
 };
 
@@ -45,7 +45,7 @@ pub enum DaemonError {
     #[error("installing the {0} handler")]
     Signal(&'static str, #[source] io::Error),
     #[error("subscribing to link notifications")]
-    Subscribe(#[source] RtnlError),
+    Subscribe(#[source] NetlinkError),
     #[error("another fwmark run manages this interface")]
     Busy(#[source] LockError),
     #[error("watching the kernel log ring buffer: {0}")]
@@ -321,7 +321,7 @@ async fn serve(opts: Options) -> Result<()> {
                     }
                 }
                 Err(e) => {
-                    error!("{e}: checking {} every second from now on", opts.iface);
+                    error!("{}: checking {} every second from now on", crate::chain(&e), opts.iface);
                     links = None;
                     jobs.send(Job::Interface);
                 }
