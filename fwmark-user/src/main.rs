@@ -50,7 +50,15 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fwmark: error: {e:#}");
-            ExitCode::FAILURE
+            let config = e
+                .chain()
+                .find_map(|c| c.downcast_ref::<fwmark::daemon::DaemonError>())
+                .is_some_and(fwmark::daemon::DaemonError::is_config);
+            if config {
+                ExitCode::from(fwmark::daemon::EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -339,6 +339,7 @@ fn build_deb(out: &Path, binary: &Path, g: &Generated, epoch: u64) -> Result<Pat
          Architecture: amd64\n\
          Maintainer: {MAINTAINER}\n\
          Installed-Size: {installed_kib}\n\
+         Depends: procps\n\
          Suggests: keepalived, ipvsadm\n\
          Section: net\n\
          Priority: optional\n\
@@ -534,6 +535,8 @@ pub fn check(a: &Artifacts) -> Result<()> {
         "Package: fwmark".to_string(),
         format!("Version: {}", deb_version()),
         "Architecture: amd64".to_string(),
+        // The unit's ExecReload runs /bin/kill, which minbase lacks.
+        "Depends: procps".to_string(),
     ] {
         ensure!(
             info.lines().any(|l| l.trim() == field),

@@ -150,7 +150,25 @@ pub enum DaemonError {
     Datapath(#[from] DatapathError),
 }
 
+/// The exit status of `fwmark run` when its config is what failed
+/// (`EX_CONFIG` of sysexits.h); the systemd unit does not restart on it
+/// (`RestartPreventExitStatus=`).
+pub const EXIT_CONFIG: u8 = 78;
+
 impl DaemonError {
+    /// Whether the config is what failed (unreadable, invalid, or a ruleset
+    /// that cannot be built): starting again cannot help until the file is
+    /// fixed. `fwmark run` exits with [`EXIT_CONFIG`] then.
+    pub fn is_config(&self) -> bool {
+        match self {
+            DaemonError::Loaded(_) => true,
+            DaemonError::Extras { source, .. } | DaemonError::Stopped { source, .. } => {
+                source.is_config()
+            }
+            _ => false,
+        }
+    }
+
     fn remove(paths: &Paths) -> impl FnOnce(io::Error) -> DaemonError {
         let (pin_dir, run_dir) = (paths.pin_dir.clone(), paths.run_dir.clone());
         move |source| DaemonError::Remove {
