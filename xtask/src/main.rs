@@ -1,5 +1,6 @@
 //! `cargo xtask …`: everything a fresh machine needs, from one entry point.
 
+mod debvm;
 mod fuzz;
 mod setup;
 mod util;
@@ -51,6 +52,16 @@ enum Task {
     /// qemu from a cached busybox initramfs and run the IPVS scenario there
     /// (tests/src/vm.rs). Part of `test`.
     VmTest,
+    /// fwmark's Debian package in a real Debian 12 (systemd as PID 1,
+    /// keepalived, real IPVS) on Debian's cloud kernel in qemu: install,
+    /// readiness before keepalived, reload, reinstall without a gap, purge.
+    /// The image is built once with mmdebstrap and cached in .cache/debvm.
+    /// Part of `test`.
+    VmDebian {
+        /// The package to test (default: the one `cargo xtask dist` builds).
+        #[arg(long)]
+        deb: Option<std::path::PathBuf>,
+    },
     /// Run the cargo-fuzz targets (config, import) with nightly from the
     /// committed corpus; a crash fails and names its reproducer.
     Fuzz {
@@ -110,6 +121,40 @@ fn vm_test_counted(bin: &std::path::Path, tally: &mut util::Tally) -> Result<()>
     Ok(())
 }
 
+/// The Debian VM test as one test of `cargo xtask test`, counted like
+/// [`vm_test_counted`].
+fn vm_debian_counted(tally: &mut util::Tally) -> Result<()> {
+    match debian_package().and_then(|deb| debvm::vm_debian(&deb)) {
+        Ok(()) => tally.passed += 1,
+        Err(e) if e.downcast_ref::<vm::Unavailable>().is_some() => {
+            eprintln!("xtask: SKIPPED the Debian VM test: {e}");
+            if std::env::var("FWMARK_REQUIRE_KERNEL_TESTS").is_ok_and(|v| v == "1") {
+                eprintln!(
+                    "xtask: FWMARK_REQUIRE_KERNEL_TESTS=1: a skipped Debian VM test is a failure"
+                );
+                tally.failed += 1;
+            } else {
+                tally.skipped += 1;
+            }
+        }
+        Err(e) => {
+            eprintln!("xtask: the Debian VM test failed: {e:#}");
+            tally.failed += 1;
+        }
+    }
+    Ok(())
+}
+
+/// The package the Debian VM test installs.
+fn debian_package() -> Result<std::path::PathBuf> {
+    Err(vm::Unavailable(
+        "no Debian package to test: this tree has no `cargo xtask dist` yet; \
+         run `cargo xtask vm-debian --deb PATH`"
+            .into(),
+    )
+    .into())
+}
+
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Setup => setup::setup(),
@@ -139,6 +184,7 @@ fn main() -> Result<()> {
             // with a filter; each counts as one test.
             if args.is_empty() {
                 vm_test_counted(&bin, &mut tally)?;
+                vm_debian_counted(&mut tally)?;
             } else {
                 eprintln!("xtask: a test filter was given: the VM test and fuzz targets not run");
             }
@@ -165,6 +211,16 @@ fn main() -> Result<()> {
             let bin = util::build_fwmark(false)?;
             let guest = util::build_vm_guest()?;
             vm::vm_test(&bin, &guest)
+        }
+        Task::VmDebian { deb } => {
+            let deb = match deb {
+                Some(deb) => deb,
+                None => {
+                    setup::setup()?;
+                    debian_package()?
+                }
+            };
+            debvm::vm_debian(&deb)
         }
         Task::Fuzz { target, seconds } => {
             setup::setup()?;
