@@ -34,9 +34,9 @@ say() { echo "debvm: $*"; }
 fail() {
   journalctl --sync
   echo "debvm: ---- $UNIT journal ----"
-  journalctl --no-pager -o short-monotonic -u "$UNIT" | tail -n 40
+  journalctl --no-pager -o short-monotonic -u "$UNIT" 2>&1 | tail -n 40
   echo "debvm: ---- keepalived journal ----"
-  journalctl --no-pager -o short-monotonic -u keepalived.service | tail -n 15
+  journalctl --no-pager -o short-monotonic -u keepalived.service 2>&1 | tail -n 15
   echo "FWMARK-DEBVM: FAIL: $STEP: $*"
   exit 1
 }
@@ -325,7 +325,7 @@ say "after dpkg --purge: $left"
 has_program && fail "a program is still attached to $IFACE after the purge: $left"
 [ -z "$(ls -A /sys/fs/bpf/fwmark 2>/dev/null)" ] ||
   fail "pins remain after the purge: $(find /sys/fs/bpf/fwmark | tr '\n' ' ')"
-[ ! -e /run/fwmark ] || fail "state remains after the purge: $(find /run/fwmark | tr '\n' ' ')"
+[ -z "$(ls -A /run/fwmark 2>/dev/null)" ] || fail "state remains after the purge: $(find /run/fwmark | tr '\n' ' ')"
 [ ! -e /usr/sbin/fwmark ] || fail "/usr/sbin/fwmark remains after the purge"
 [ ! -e /etc/fwmark/fwmark.toml ] || fail "/etc/fwmark/fwmark.toml remains after the purge"
 [ -z "$(fetch 80)" ] || fail "$VIP:80 is still balanced after the purge (packets still marked)"
