@@ -29,7 +29,8 @@ pub enum Command {
     Apply(ApplyArgs),
     /// Show the attachment, the live config and the counters of IFACE.
     Status(StatusArgs),
-    /// Remove fwmark's attachment, pins and state from IFACE.
+    /// Remove fwmark's attachment, pins and state from IFACE (or, with
+    /// --all, from every interface fwmark has pins or state for).
     Detach(DetachArgs),
     /// Validate a config without touching the kernel.
     Check(CheckArgs),
@@ -50,7 +51,7 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the man page (roff).
+    /// Print the man page, fwmark(8) (roff).
     Man,
 }
 
@@ -157,8 +158,19 @@ pub struct StatusArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct DetachArgs {
-    #[arg(long, short = 'i', value_name = "IFACE")]
-    pub iface: String,
+    #[arg(
+        long,
+        short = 'i',
+        value_name = "IFACE",
+        required_unless_present = "all",
+        conflicts_with = "all"
+    )]
+    pub iface: Option<String>,
+    /// Every interface fwmark has pins or state for (what removing the
+    /// package runs). One that a running `fwmark run` manages is reported
+    /// and left alone; the exit status says whether all went.
+    #[arg(long)]
+    pub all: bool,
 }
 
 #[derive(Debug, clap::Args)]

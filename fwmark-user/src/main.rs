@@ -28,7 +28,10 @@ fn main() -> ExitCode {
         Command::Run(args) => cmd::run::run(args),
         Command::Apply(args) => cmd::apply::apply(args),
         Command::Status(args) => cmd::status::status(args),
-        Command::Detach(args) => cmd::detach::detach(&args.iface),
+        Command::Detach(args) => match args.iface {
+            Some(iface) => cmd::detach::detach(&iface),
+            None => cmd::detach::detach_all(),
+        },
         Command::Check(args) => cmd::check::check(&args.config),
         Command::Import(args) => cmd::import::import(args),
         Command::Export(args) => cmd::export::export(args),
@@ -37,7 +40,9 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut Cli::command(), "fwmark", &mut std::io::stdout());
             Ok(())
         }
+        // fwmark(8): a system administration command.
         Command::Man => clap_mangen::Man::new(Cli::command())
+            .section("8")
             .render(&mut std::io::stdout())
             .map_err(anyhow::Error::from),
     };

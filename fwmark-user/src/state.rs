@@ -77,6 +77,17 @@ impl Paths {
         })
     }
 
+    /// Every interface fwmark has pins or state for (a directory under
+    /// [`PIN_ROOT`] or [`RUN_ROOT`] with a valid interface name), sorted:
+    /// what `fwmark detach --all` goes through. The interface itself may be
+    /// gone, or live in another network namespace.
+    pub fn all() -> io::Result<Vec<Paths>> {
+        Ok(names_under(&[Path::new(PIN_ROOT), Path::new(RUN_ROOT)])?
+            .into_iter()
+            .filter_map(|name| Paths::new(&name).ok())
+            .collect())
+    }
+
     /// The error for an interface fwmark does not manage.
     pub fn not_attached(&self) -> NotAttached {
         NotAttached {
@@ -137,6 +148,26 @@ impl Paths {
         }
         Ok(())
     }
+}
+
+/// The names of the directories in each of `roots` (a missing root has
+/// none), sorted and without duplicates.
+fn names_under(roots: &[&Path]) -> io::Result<std::collections::BTreeSet<String>> {
+    let mut names = std::collections::BTreeSet::new();
+    for root in roots {
+        let entries = match fs::read_dir(root) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                names.insert(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    Ok(names)
 }
 
 /// The live configuration of one interface.
@@ -201,6 +232,27 @@ impl State {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn names_under_lists_directories_of_every_root_once() {
+        let base = std::env::temp_dir().join(format!("fwmark-names-under-{}", std::process::id()));
+        let (pins, run) = (base.join("pins"), base.join("run"));
+        for dir in [
+            pins.join("eth0"),
+            pins.join("eth1"),
+            run.join("eth1"),
+            run.join("lo2"),
+        ] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        std::fs::write(run.join("not-a-dir"), "").unwrap();
+        let names = super::names_under(&[&pins, &run, &base.join("missing")]).unwrap();
+        std::fs::remove_dir_all(&base).unwrap();
+        assert_eq!(
+            names.into_iter().collect::<Vec<_>>(),
+            ["eth0", "eth1", "lo2"]
+        );
+    }
+
     #[test]
     fn interface_names_are_checked_before_they_become_paths() {
         for bad in [

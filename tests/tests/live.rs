@@ -201,6 +201,91 @@ fn keep_then_detach() {
     assert!(err.contains("fwmark is not attached to"), "{err}");
 }
 
+/// `fwmark detach --all` (what removing the Debian package runs), in a
+/// mount namespace of its own with a fresh bpffs and /run/fwmark: it sees
+/// only this test's pins and state, never another test's or the host's.
+/// Two interfaces, one with each attach mode, both left by `run --keep`,
+/// plus a pin directory with nothing attached: all go; a second run finds
+/// nothing.
+fn detach_all_removes_every_attachment(mode: &str) {
+    let name = format!("detach_all_{mode}");
+    let Some((lab, _files, a)) = setup(&name, &["ip", "nft", "nsenter", "unshare", "mount"]) else {
+        return;
+    };
+    let web = probe(VIP, ProbeProto::Tcp, 80, 80, 1);
+    let counters = MarkCounters::install(&lab.director, std::slice::from_ref(&web)).unwrap();
+    let fw = fwmark_testlab::daemon::fwmark_bin();
+    let script = r#"
+set -eu
+fw=$1; iface=$2; config=$3; mode=$4
+mount -t bpf bpf /sys/fs/bpf
+mkdir -p /run/fwmark
+mount -t tmpfs -o mode=0700 tmpfs /run/fwmark
+"$fw" run --iface "$iface" --config "$config" --attach "$mode" --keep --no-watch 2>run.log &
+pid=$!
+i=0
+until grep -q "marking on" run.log; do
+    i=$((i + 1)); [ "$i" -lt 300 ] || { cat run.log; exit 3; }
+    sleep 0.1
+done
+kill -TERM "$pid"; wait "$pid"
+"$fw" status --iface "$iface" >/dev/null && echo "kept: yes"
+mkdir -p /sys/fs/bpf/fwmark/stale0
+"$fw" detach --all
+echo "pins left: [$(ls -A /sys/fs/bpf/fwmark)]"
+echo "state left: [$(ls -A /run/fwmark/* 2>/dev/null | grep json || true)]"
+"$fw" detach --all
+"#;
+    let dir = std::env::temp_dir().join(format!("fwmark-{}", lab.director.name));
+    let out = lab
+        .director
+        .command("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            script,
+            "sh",
+        ])
+        .arg(&fw)
+        .args([&lab.director_if, &a, mode])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let stdout = ok(out);
+    assert!(stdout.contains("kept: yes"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("detached fwmark from {} ({mode}", lab.director_if)),
+        "{stdout}"
+    );
+    assert!(stdout.contains("removed stale pins of stale0"), "{stdout}");
+    assert!(stdout.contains("pins left: []"), "{stdout}");
+    assert!(stdout.contains("state left: []"), "{stdout}");
+    assert!(
+        stdout.contains("fwmark is attached nowhere: nothing to detach"),
+        "{stdout}"
+    );
+    assert!(ingress(&lab).is_empty(), "{:?}", ingress(&lab));
+    send(&lab, &web);
+    let seen = counters.read().unwrap();
+    assert_eq!(seen[0].by_mark[&0], 1, "{seen:?}");
+}
+
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn detach_all_removes_every_tcx_attachment() {
+    detach_all_removes_every_attachment("tcx");
+}
+
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn detach_all_removes_every_netlink_attachment() {
+    detach_all_removes_every_attachment("netlink");
+}
+
 #[test]
 #[ignore = "needs root: `cargo xtask test` runs it"]
 fn status_and_metrics_count_what_was_sent() {

@@ -1,6 +1,7 @@
 //! `cargo xtask …`: everything a fresh machine needs, from one entry point.
 
 mod debvm;
+mod dist;
 mod fuzz;
 mod setup;
 mod util;
@@ -48,6 +49,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build the release artifacts into target/dist/: the static (musl)
+    /// binary, the Debian package, the tarball and SHA256SUMS; then check
+    /// them (contents, static binary, lintian).
+    Dist,
     /// fwmark with real IPVS: boot Debian's distribution kernel (6.1) in
     /// qemu from a cached busybox initramfs and run the IPVS scenario there
     /// (tests/src/vm.rs). Part of `test`.
@@ -145,14 +150,23 @@ fn vm_debian_counted(tally: &mut util::Tally) -> Result<()> {
     Ok(())
 }
 
-/// The package the Debian VM test installs.
+/// The package the Debian VM test installs: the one `cargo xtask dist`
+/// builds (the musl build is cached, so after `dist_counted` this only
+/// packs again).
 fn debian_package() -> Result<std::path::PathBuf> {
-    Err(vm::Unavailable(
-        "no Debian package to test: this tree has no `cargo xtask dist` yet; \
-         run `cargo xtask vm-debian --deb PATH`"
-            .into(),
-    )
-    .into())
+    Ok(dist::dist()?.deb)
+}
+
+/// The artifacts' check as one test of `cargo xtask test` (the musl
+/// build is shared with the VM tests, so it costs the packaging only).
+fn dist_counted(tally: &mut util::Tally) {
+    match dist::dist().and_then(|a| dist::check(&a)) {
+        Ok(()) => tally.passed += 1,
+        Err(e) => {
+            eprintln!("xtask: the artifacts check failed: {e:#}");
+            tally.failed += 1;
+        }
+    }
 }
 
 fn main() -> Result<()> {
@@ -183,10 +197,13 @@ fn main() -> Result<()> {
             // The VM test and the fuzz targets run with the whole suite, not
             // with a filter; each counts as one test.
             if args.is_empty() {
+                dist_counted(&mut tally);
                 vm_test_counted(&bin, &mut tally)?;
                 vm_debian_counted(&mut tally)?;
             } else {
-                eprintln!("xtask: a test filter was given: the VM test and fuzz targets not run");
+                eprintln!(
+                    "xtask: a test filter was given: the artifacts check, the VM test and fuzz targets not run"
+                );
             }
             let outcomes = if fuzz_seconds == 0 || !args.is_empty() {
                 Vec::new()
@@ -205,6 +222,26 @@ fn main() -> Result<()> {
                 eprintln!("xtask: {e}");
             }
             util::report(&tally, cargo_ok)
+        }
+        Task::Dist => {
+            setup::setup()?;
+            let started = std::time::Instant::now();
+            let artifacts = dist::dist()?;
+            dist::check(&artifacts)?;
+            for path in [
+                &artifacts.binary,
+                &artifacts.deb,
+                &artifacts.tarball,
+                &artifacts.sums,
+            ] {
+                let size = std::fs::metadata(path)?.len();
+                println!("{:>10}  {}", size, path.display());
+            }
+            println!(
+                "xtask: dist built and checked in {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
         }
         Task::VmTest => {
             setup::setup()?;

@@ -46,14 +46,25 @@ pub fn setup() -> Result<()> {
             .context("installing nightly's rust-src failed")?;
     }
 
-    // 2. bpf-linker linked against nightly's own libLLVM.
+    // 2. The musl target of the stable toolchain: the static binary of
+    //    `cargo xtask dist`.
+    let targets = output(rustup().args(["target", "list", "--installed"]))?;
+    if targets.lines().any(|l| l.trim() == util::MUSL_TARGET) {
+        eprintln!("setup: rust target {}: present", util::MUSL_TARGET);
+    } else {
+        eprintln!("setup: rust target {}: installing", util::MUSL_TARGET);
+        run(rustup().args(["target", "add", util::MUSL_TARGET]))
+            .with_context(|| format!("`rustup target add {}` failed", util::MUSL_TARGET))?;
+    }
+
+    // 3. bpf-linker linked against nightly's own libLLVM.
     ensure_bpf_linker()?;
 
-    // 3. cargo-fuzz for the fuzz targets (`cargo xtask fuzz`, and briefly in
+    // 4. cargo-fuzz for the fuzz targets (`cargo xtask fuzz`, and briefly in
     //    `cargo xtask test`).
     crate::fuzz::ensure_cargo_fuzz()?;
 
-    // 4. Privileges, bpffs and the tools the kernel tests use.
+    // 5. Privileges, bpffs and the tools the kernel tests use.
     if util::is_root() {
         ensure_bpffs()?;
     } else {

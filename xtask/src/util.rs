@@ -85,6 +85,32 @@ pub fn build_fwmark(release: bool) -> Result<PathBuf> {
         .join("fwmark"))
 }
 
+/// The Rust target of the static binaries (`cargo xtask setup` adds it).
+pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+
+/// Builds `bin` of `package` statically linked for x86_64 (musl, release
+/// profile; fwmark's classifier is embedded as in every build); returns the
+/// binary's path. The musl target is self-contained (its own libc and
+/// startup objects, linked by rustc's bundled linker setup), so nothing
+/// but `rustup target add x86_64-unknown-linux-musl` is needed.
+pub fn build_musl(package: &str, bin: &str) -> Result<PathBuf> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        package,
+        "--bin",
+        bin,
+        "--target",
+        MUSL_TARGET,
+    ]))?;
+    Ok(root()
+        .join("target")
+        .join(MUSL_TARGET)
+        .join("release")
+        .join(bin))
+}
+
 /// Builds the `fwmark` binary the tests run (debug, with the test-only
 /// fail-points of the `failpoints` feature); returns its path. Built on
 /// its own, fwmark-user has no feature the test lab turns on, so the

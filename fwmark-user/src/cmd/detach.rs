@@ -1,7 +1,8 @@
 //! `fwmark detach`: remove the attachment, the pins and the state that a
-//! `fwmark run --keep` (or a killed one) left on an interface.
+//! `fwmark run --keep` (or a killed one) left on an interface; `--all`: on
+//! every interface (what removing the Debian package runs).
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 
 use fwmark::{
     attach, datapath, live, preflight,
@@ -11,36 +12,79 @@ use fwmark::{
 pub fn detach(iface: &str) -> Result<()> {
     preflight::check_privileges()?;
     let paths = Paths::new(iface)?;
-    if let Some(pid) = Lock::daemon_holder(&paths) {
+    match detach_paths(&paths)? {
+        Some(done) => println!("{done}"),
+        None => return Err(paths.not_attached().into()),
+    }
+    Ok(())
+}
+
+/// `fwmark detach --all`: every interface with pins or state, each on its
+/// own (one that fails does not stop the others).
+pub fn detach_all() -> Result<()> {
+    preflight::check_privileges()?;
+    let all = Paths::all().context("listing fwmark's pins and state")?;
+    let mut failed = Vec::new();
+    let mut done = 0;
+    for paths in &all {
+        match detach_paths(paths) {
+            Ok(Some(line)) => {
+                println!("{line}");
+                done += 1;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("fwmark: error: {}: {e:#}", paths.iface);
+                failed.push(paths.iface.as_str());
+            }
+        }
+    }
+    if !failed.is_empty() {
         bail!(
-            "fwmark run (pid {pid}) manages {iface}; stop it instead (SIGTERM, or \
-             `systemctl stop fwmark`): it detaches on exit unless it runs with --keep"
+            "{} of {} interfaces still have fwmark's attachment, pins or state: {}",
+            failed.len(),
+            all.len(),
+            failed.join(", ")
         );
     }
-    let _lock = Lock::apply(&paths)?;
+    if done == 0 {
+        println!("fwmark is attached nowhere: nothing to detach");
+    }
+    Ok(())
+}
+
+/// Detaches from one interface; the line to print, or None when there was
+/// nothing (no state, no pins).
+fn detach_paths(paths: &Paths) -> Result<Option<String>> {
+    let iface = paths.iface.as_str();
+    if let Some(pid) = Lock::daemon_holder(paths) {
+        bail!(
+            "fwmark run (pid {pid}) manages {iface}; stop it first (SIGTERM, or \
+             `systemctl stop fwmark@{iface}`): it detaches on exit unless it runs with --keep"
+        );
+    }
+    let _lock = Lock::apply(paths)?;
     // A `run` may have started between the check above and the lock.
-    if let Some(pid) = Lock::daemon_holder(&paths) {
+    if let Some(pid) = Lock::daemon_holder(paths) {
         bail!("fwmark run (pid {pid}) manages {iface} now; stop it instead");
     }
     // With the maps, an interrupted change is recorded first (so the line
     // below names the generation that was live).
     let maps = datapath::Maps::from_pins(&paths.pin_dir).ok();
-    let state = live::load_state(&paths, maps.as_ref())?;
+    let state = live::load_state(paths, maps.as_ref())?;
     drop(maps);
     let Some(state) = state else {
         if paths.pin_dir.exists() {
             paths.remove()?;
-            println!("removed stale pins of {iface}");
-            return Ok(());
+            return Ok(Some(format!("removed stale pins of {iface}")));
         }
-        return Err(paths.not_attached().into());
+        return Ok(None);
     };
     attach::remove_left(iface, state.mode, &paths.pin("link"), state.program_id)
         .map_err(anyhow::Error::msg)?;
     paths.remove()?;
-    println!(
+    Ok(Some(format!(
         "detached fwmark from {iface} ({} attachment, program id {}, generation {})",
         state.mode, state.program_id, state.generation
-    );
-    Ok(())
+    )))
 }
