@@ -159,15 +159,20 @@ EOF
 if systemctl start $UNIT 2>/dev/null; then
   fail "$UNIT started with an invalid config (mark out of range)"
 fi
-# journald takes the message from the unit's stderr asynchronously.
+# journald takes the message from the unit's stderr asynchronously. The
+# unit's journal must hold it; `systemctl status` shows only the current
+# invocation's lines, which a Restart= loop may already have replaced, so
+# what it shows is printed, not required.
 config_error() {
-  st=$(systemctl status --no-pager -n 20 $UNIT 2>&1 | grep -m1 'mark: 99999999999 is not')
+  st=$(journalctl -q --no-pager -u $UNIT | grep -m1 'mark: 99999999999 is not')
 }
-if ! wait_for 10 config_error; then
-  systemctl status --no-pager -n 20 $UNIT
-  fail "systemctl status does not show the config error"
+wait_for 10 config_error || fail "the config error is not in the journal of $UNIT"
+say "an invalid config fails the unit; its journal says: ${st#*]: }"
+if systemctl status -l --no-pager -n 20 $UNIT | grep -q 'mark: 99999999999 is not'; then
+  say "systemctl status shows the config error"
+else
+  say "note: systemctl status shows: $(systemctl status -l --no-pager -n 0 $UNIT | grep -m1 'Active:' | sed 's/^ *//')"
 fi
-say "an invalid config fails the unit; systemctl status shows: ${st#*]: }"
 systemctl stop $UNIT 2>/dev/null
 systemctl reset-failed $UNIT 2>/dev/null
 has_program && fail "the failed start left a program on $IFACE: $(attached)"

@@ -239,7 +239,10 @@ fn build_image(dir: &Path) -> Result<()> {
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    ensure!(kvers.len() == 1, "expected one kernel in the image, found {kvers:?}");
+    ensure!(
+        kvers.len() == 1,
+        "expected one kernel in the image, found {kvers:?}"
+    );
     let kver = kvers.remove(0);
     std::fs::copy(
         tree.join(format!("boot/vmlinuz-{kver}")),
@@ -268,8 +271,16 @@ fn build_image(dir: &Path) -> Result<()> {
             continue;
         };
         let ko = PathBuf::from(rest.split_whitespace().next().unwrap_or_default());
-        let name = ko.file_name().unwrap_or_default().to_string_lossy().into_owned();
-        ensure!(name.ends_with(".ko"), "unsupported module format: {}", ko.display());
+        let name = ko
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        ensure!(
+            name.ends_with(".ko"),
+            "unsupported module format: {}",
+            ko.display()
+        );
         if !order.contains(&name) {
             std::fs::copy(&ko, initrd.join("modules").join(&name))?;
             order.push(name);
@@ -286,11 +297,13 @@ fn build_image(dir: &Path) -> Result<()> {
         .context("du printed no size")?;
     let img = dir.join("root.img.partial");
     let _ = std::fs::remove_file(&img);
-    run(Command::new(which("mke2fs").context("mke2fs is not installed")?)
-        .args(["-q", "-t", "ext4", "-L", "debvm-root", "-d"])
-        .arg(&tree)
-        .arg(&img)
-        .arg(format!("{}M", used_mb + used_mb / 4 + 256)))
+    run(
+        Command::new(which("mke2fs").context("mke2fs is not installed")?)
+            .args(["-q", "-t", "ext4", "-L", "debvm-root", "-d"])
+            .arg(&tree)
+            .arg(&img)
+            .arg(format!("{}M", used_mb + used_mb / 4 + 256)),
+    )
     .context("mke2fs -d failed to write the image")?;
     std::fs::rename(&img, dir.join("root.img"))?;
     std::fs::rename(dir.join("vmlinuz.partial"), dir.join("vmlinuz"))?;
