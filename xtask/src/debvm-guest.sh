@@ -187,6 +187,9 @@ ports = [80, 443]
 mark  = $MARK
 EOF
 fwmark check --config /etc/fwmark/fwmark.toml >/dev/null || fail "fwmark check rejects the test's config"
+# Only `systemctl reload` may apply a change (step 3): no file watching, set
+# the way the unit documents per-instance options.
+echo "FWMARK_ARGS=--no-watch" >/etc/fwmark/$IFACE.env
 
 # ---- 2: keepalived starts only after fwmark is ready ------------------------
 STEP="step 2 (keepalived after fwmark)"
@@ -259,7 +262,13 @@ gen1=$(status_field config generation)
 [ -n "$gen1" ] || fail "fwmark status --json shows no config generation"
 [ -z "$(fetch 8080)" ] || fail "$VIP:8080 answered before it was configured"
 sed -i 's/^ports = \[80, 443\]/ports = [80, 443, 8080]/' /etc/fwmark/fwmark.toml
-systemctl reload $UNIT || fail "systemctl reload $UNIT failed"
+sleep 2
+[ "$(status_field config generation)" = "$gen1" ] ||
+  fail "the changed file went live without a reload (generation $(status_field config generation)): is --no-watch in effect?"
+systemctl reload $UNIT || {
+  systemctl status -l --no-pager -n 5 $UNIT
+  fail "systemctl reload $UNIT failed"
+}
 newer() { [ "$(status_field config generation)" -gt "$gen1" ] 2>/dev/null; }
 wait_for 10 newer ||
   fail "the generation stayed $gen1 after systemctl reload"
