@@ -69,8 +69,7 @@ unit_prop() { systemctl show -P "$2" "$1"; }
 # What is attached to vmd0's ingress: tc's view (cls_bpf on clsact) and
 # bpftool's (tc and tcx).
 attached() {
-  echo "tc: $(tc filter show dev "$IFACE" ingress | tr '\n' ' ')"
-  echo "bpftool: $(bpftool net show dev "$IFACE" | tr '\n' ' ')"
+  echo "tc: $(tc filter show dev "$IFACE" ingress | tr '\n' ' ')| bpftool: $(bpftool net show dev "$IFACE" | tr '\n' ' ')"
 }
 has_program() {
   tc filter show dev "$IFACE" ingress | grep -q bpf ||
@@ -143,7 +142,6 @@ dpkg -i "$DEB" >$WORK/dpkg-install.log 2>&1 || {
   fail "dpkg -i fwmark.deb failed"
 }
 say "installed $(dpkg-query -W -f='${Package} ${Version}' fwmark); $(command -v fwmark): $(fwmark --version)"
-[ "$(unit_prop $UNIT Type)" = notify ] || fail "$UNIT is Type=$(unit_prop $UNIT Type), not notify"
 conffile=$(dpkg-query -W -f='${Conffiles}' fwmark)
 case $conffile in *"/etc/fwmark/fwmark.toml "*) ;; *) fail "/etc/fwmark/fwmark.toml is not a conffile: $conffile" ;; esac
 
@@ -243,6 +241,9 @@ probe=$(tr '\n' ' ' <$WORK/at-keepalived-start)
 say "attached to $IFACE when keepalived started: $probe"
 grep -q -e bpf -e "$IFACE(" $WORK/at-keepalived-start ||
   fail "nothing was attached to $IFACE when keepalived started"
+# Checked after the behaviour above, so a unit that is not Type=notify
+# shows as keepalived starting too early.
+[ "$(unit_prop $UNIT Type)" = notify ] || fail "$UNIT is Type=$(unit_prop $UNIT Type), not notify"
 wait_for 15 sh -c "ipvsadm -L -n | grep -c -- '-> 10.77' | grep -qx 2" ||
   fail "keepalived did not configure FWM $MARK with two real servers: $(ipvsadm -L -n | tr '\n' ' ')"
 say "ipvsadm: $(ipvsadm -L -n | grep -e FWM -e '->' | tr -s ' ' | tr '\n' ';')"
