@@ -662,3 +662,170 @@ fn a_long_reload_blocks_neither_scrapes_nor_sigterm() {
     );
     ok(fwmark(&lab, &["detach", "--iface", &iface]));
 }
+
+/// A stand-in for systemd's notification socket: a unix datagram socket
+/// whose path goes to `fwmark run` as NOTIFY_SOCKET.
+struct NotifySocket {
+    socket: std::os::unix::net::UnixDatagram,
+    /// Every message received so far, in order.
+    seen: Vec<String>,
+}
+
+impl NotifySocket {
+    fn bind(path: &std::path::Path) -> NotifySocket {
+        let _ = std::fs::remove_file(path);
+        let socket = std::os::unix::net::UnixDatagram::bind(path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        NotifySocket {
+            socket,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Receives messages until one has the line `line` (within 30 s);
+    /// returns that message.
+    fn until(&mut self, line: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut buf = vec![0u8; 65536];
+        while std::time::Instant::now() < deadline {
+            let Ok(n) = self.socket.recv(&mut buf) else {
+                continue;
+            };
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            self.seen.push(msg.clone());
+            if msg.lines().any(|l| l == line) {
+                return msg;
+            }
+        }
+        panic!("no {line} within 30 s; received: {:?}", self.seen);
+    }
+
+    /// What arrived since the last call (waits 100 ms for stragglers).
+    fn drain(&mut self) -> Vec<String> {
+        let mut buf = vec![0u8; 65536];
+        let mut got = Vec::new();
+        while let Ok(n) = self.socket.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        self.seen.extend(got.iter().cloned());
+        got
+    }
+}
+
+/// The `STATUS=` line of a notification.
+fn status_of(msg: &str) -> &str {
+    msg.lines()
+        .find_map(|l| l.strip_prefix("STATUS="))
+        .unwrap_or_else(|| panic!("no STATUS= in {msg:?}"))
+}
+
+/// systemd's `Type=notify` protocol without systemd: READY=1 comes once
+/// the classifier marks under generation 1; SIGHUP brings RELOADING=1 then
+/// READY=1 with the new generation live; a failed reload is in STATUS=;
+/// SIGTERM brings STOPPING=1; an invalid config at start exits non-zero
+/// with the error in STATUS= and never READY=1.
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn systemd_notifications_follow_what_is_live() {
+    let Some((lab, files, a)) = setup("systemd_notify", &["ip", "nft", "nsenter"]) else {
+        return;
+    };
+    let iface = lab.director_if.clone();
+    let web = |mark, n| probe(VIP, ProbeProto::Tcp, 80, mark, n);
+    let counters = MarkCounters::install_with_marks(&lab.director, &[web(80, 0)], &[81]).unwrap();
+    let mut sock = NotifySocket::bind(&files.0.join("notify.sock"));
+    let mut cmd = lab.director.command(fwmark_testlab::daemon::fwmark_bin());
+    cmd.args(["run", "--iface", &iface, "--config", &a, "--no-watch"])
+        .env("NOTIFY_SOCKET", files.0.join("notify.sock"));
+    let daemon = Daemon::spawn(cmd).unwrap();
+
+    let ready = sock.until("READY=1");
+    // At READY=1, generation 1 is live and marks.
+    assert_eq!(status_json(&lab)["config"]["generation"], 1);
+    send(&lab, &web(80, 1));
+    assert_eq!(counters.read().unwrap()[0].by_mark[&80], 1);
+    let status = status_of(&ready);
+    assert!(
+        status.starts_with(&format!("marking on {iface}: generation 1, 2 services,")),
+        "{status}"
+    );
+    assert!(status.contains("exact"), "{status}");
+    assert!(
+        sock.seen[..sock.seen.len() - 1]
+            .iter()
+            .all(|m| !m.contains("READY=1")),
+        "{:?}",
+        sock.seen
+    );
+
+    // SIGHUP with a changed config: RELOADING=1, then READY=1 with
+    // generation 2 live.
+    files.write("a.toml", &config(81));
+    daemon.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+    let reloading = sock.until("RELOADING=1");
+    assert!(
+        reloading.lines().any(|l| l.starts_with("MONOTONIC_USEC=")),
+        "{reloading}"
+    );
+    let ready = sock.until("READY=1");
+    assert_eq!(status_json(&lab)["config"]["generation"], 2);
+    send(&lab, &web(80, 1));
+    assert_eq!(counters.read().unwrap()[0].by_mark[&81], 1);
+    assert!(
+        status_of(&ready).starts_with(&format!("marking on {iface}: generation 2,")),
+        "{ready}"
+    );
+
+    // A reload that fails: READY=1 again, generation 2 stays, the error is
+    // in the status line.
+    files.write("a.toml", "[[service]]\nname = \"web\"\n");
+    daemon.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+    sock.until("RELOADING=1");
+    let ready = sock.until("READY=1");
+    let status = status_of(&ready);
+    assert!(
+        status.contains("generation 2,") && status.contains("last reload failed"),
+        "{status}"
+    );
+    assert!(status.contains("a.toml"), "{status}");
+    assert_eq!(status_json(&lab)["config"]["generation"], 2);
+
+    // SIGTERM: STOPPING=1, and a clean exit.
+    daemon.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+    sock.until("STOPPING=1");
+    let mut daemon = daemon;
+    let finished = daemon.wait(Duration::from_secs(20)).unwrap();
+    assert!(finished.status.success(), "{}", finished.stderr);
+    assert!(ingress(&lab).is_empty());
+
+    // An invalid config at start: exit non-zero, the error on stderr and
+    // in STATUS=, no READY=1.
+    sock.drain();
+    let out = lab
+        .director
+        .command(fwmark_testlab::daemon::fwmark_bin())
+        .args(["run", "--iface", &iface, "--config", &a])
+        .env("NOTIFY_SOCKET", files.0.join("notify.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("a.toml"), "{stderr}");
+    let msgs = sock.drain();
+    assert!(msgs.iter().all(|m| !m.contains("READY=1")), "{msgs:?}");
+    let failed = msgs
+        .iter()
+        .find_map(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("STATUS="))
+                .filter(|s| s.contains("failed"))
+        })
+        .unwrap_or_else(|| panic!("no STATUS= with the error: {msgs:?}"));
+    assert!(
+        failed.starts_with(&format!("fwmark run on {iface} failed: ")) && failed.contains("a.toml"),
+        "{failed}"
+    );
+    assert!(ingress(&lab).is_empty());
+}

@@ -15,6 +15,7 @@
 //! log forwarding, and a SIGTERM that arrives meanwhile is acted on as soon
 //! as the job at hand ends.
 
+mod notify;
 mod worker;
 
 use std::{io, path::PathBuf, sync::Arc, time::Duration};
@@ -204,12 +205,23 @@ pub struct Options {
 }
 
 /// Runs the daemon until SIGINT/SIGTERM; prints the counter table on exit.
+/// Under systemd (`Type=notify`) it reports readiness, reloads and the stop
+/// ([`notify`]); an error that ends it (an invalid config at start, say)
+/// becomes the unit's status line as well as the message on stderr.
 pub fn run(opts: Options) -> Result<()> {
-    tokio::runtime::Builder::new_current_thread()
+    let iface = opts.iface.clone();
+    let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(DaemonError::Runtime)?
-        .block_on(serve(opts))
+        .map_err(DaemonError::Runtime)
+        .and_then(|runtime| runtime.block_on(serve(opts)));
+    if let Err(e) = &result {
+        notify::status(&format!(
+            "fwmark run on {iface} failed: {}",
+            crate::chain(e)
+        ));
+    }
+    result
 }
 
 async fn serve(opts: Options) -> Result<()> {
@@ -277,6 +289,11 @@ async fn serve(opts: Options) -> Result<()> {
         }
     };
 
+    // Marking is in place and the extras are up: the worker tells the
+    // service manager (READY=1), before any reload queued after this.
+    let jobs = worker.jobs();
+    jobs.send(Job::Ready);
+
     let mut watch = tokio::time::interval(WATCH_INTERVAL);
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Link notifications start following the interface; this timer retries
@@ -284,7 +301,6 @@ async fn serve(opts: Options) -> Result<()> {
     // every second if the notifications fail.
     let mut retry = tokio::time::interval(REATTACH_INTERVAL);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let jobs = worker.jobs();
     let which = loop {
         tokio::select! {
             _ = term.recv() => break "SIGTERM",

@@ -27,11 +27,14 @@ use crate::{
     status::{LiveConfig, Snapshot},
 };
 
-use super::{DaemonError, Options, Result};
+use super::{DaemonError, Options, Result, notify};
 
 /// Work for the worker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Job {
+    /// The async side is up too (metrics, kernel log): tell the service
+    /// manager marking is in place (READY=1).
+    Ready,
     /// Read the config file again and switch to it if it changed.
     Reload,
     /// The interface may have gone, come back or been renamed.
@@ -173,6 +176,11 @@ struct Live {
     ifindex: Option<u32>,
     /// The last re-attach failure, logged once until it changes.
     reattach_error: Option<String>,
+    /// What is live, for the service manager's status line: generation,
+    /// entry counts, attachment.
+    summary: String,
+    /// Why the last reload failed (None once one succeeds).
+    reload_error: Option<String>,
     config: PathBuf,
     keep: bool,
     /// The compiled live config, shared with the scrapes.
@@ -196,8 +204,10 @@ impl Drop for Live {
 impl Live {
     /// The daemon's hold once `attached` marks on the interface `setup`
     /// names.
-    fn new(setup: &Setup, datapath: Datapath, attached: Attached) -> Live {
+    fn new(setup: &Setup, datapath: Datapath, attached: Attached, summary: String) -> Live {
         Live {
+            summary,
+            reload_error: None,
             paths: setup.paths.clone(),
             datapath,
             attached: Some(attached),
@@ -226,14 +236,37 @@ impl Live {
             }) {
                 return self.stop(stop);
             }
+            if jobs.contains(&Job::Ready) {
+                notify::ready(&self.status_line());
+            }
             if jobs.contains(&Job::Interface) {
                 follow_interface(&mut self);
+                notify::status(&self.status_line());
             }
             if jobs.contains(&Job::Reload) {
                 let config = self.config.clone();
                 reload(&mut self, &config);
             }
         }
+    }
+
+    /// The service manager's status line: the interface, what is live, the
+    /// last reload error.
+    fn status_line(&self) -> String {
+        let iface = &self.paths.iface;
+        let mut line = if self.attached.is_some() {
+            format!("marking on {iface}: {}", self.summary)
+        } else {
+            format!(
+                "{iface} is gone: nothing attached, waiting for it ({})",
+                self.summary
+            )
+        };
+        if let Some(e) = &self.reload_error {
+            line.push_str("; last reload failed, the running config stays: ");
+            line.push_str(e);
+        }
+        line
     }
 
     /// Tells the async side where the attachment is now.
@@ -252,6 +285,7 @@ impl Live {
     /// Detaches (unless `keep`) or leaves marking in place; returns the
     /// counter table (empty for [`Stop::Keep`]).
     fn stop(mut self, stop: Stop) -> Result<String> {
+        notify::stopping(&format!("stopping: {}", self.status_line()));
         let which = match stop {
             Stop::Keep => {
                 if let Some(attached) = self.attached.take() {
@@ -379,7 +413,7 @@ fn start(setup: &Setup) -> Result<Live> {
         )?;
         state.program_id = program.info().map(|i| i.id()).unwrap_or_default();
         state.netlink = attached.netlink();
-        let mut live = Live::new(setup, datapath, attached);
+        let mut live = Live::new(setup, datapath, attached, summary(&state, new));
         // From here on the new program marks: an error must not take the
         // attachment (and so the marking) away with it.
         let finish = |live: &mut Live, state: &mut State| -> Result<()> {
@@ -403,6 +437,7 @@ fn start(setup: &Setup) -> Result<Live> {
             } else {
                 switch_logged(live, state, new)?;
             }
+            live.summary = summary(state, new);
             Ok(())
         };
         if let Err(e) = finish(&mut live, &mut state) {
@@ -468,12 +503,13 @@ fn attach_fresh(setup: &Setup, requested: AttachMode) -> Result<Live> {
         ingress::log_after_tcx(&paths.iface, state.program_id);
     }
     ready(&state);
-    Ok(Live::new(setup, datapath, attached))
+    let summary = summary(&state, new);
+    Ok(Live::new(setup, datapath, attached, summary))
 }
 
 /// The line that says the daemon is up (tests and operators wait for it),
-/// after the start and after each re-attachment. Readiness for a service
-/// manager (systemd's READY=1) would be reported here.
+/// after the start and after each re-attachment. (The service manager
+/// hears READY=1 once the async side is up too: [`Job::Ready`].)
 fn ready(state: &State) {
     info!(
         "marking on {} ({} attachment, program id {}, generation {})",
@@ -527,10 +563,30 @@ fn switch_logged(live: &mut Live, state: &mut State, new: &Loaded) -> Result<()>
     Ok(())
 }
 
+/// What is live, for the status line: generation, entry counts, attachment.
+fn summary(state: &State, live: &Loaded) -> String {
+    format!(
+        "generation {}, {} services, {} rules, {} exact + {} prefix entries ({} attachment, \
+         program id {})",
+        state.generation,
+        live.config.len(),
+        live.ruleset.rules.len(),
+        live.ruleset.exact.len(),
+        live.ruleset.prefix.len(),
+        state.mode,
+        state.program_id
+    )
+}
+
 /// Re-reads the config and switches to it; on any problem the running
-/// config stays and the reason is logged. (A service manager's RELOADING=1
-/// would be reported at the start, READY=1 at the end.)
+/// config stays and the reason is logged and kept for the status line. The
+/// service manager hears RELOADING=1 at the start, READY=1 at the end.
 fn reload(live: &mut Live, path: &std::path::Path) {
+    notify::reloading(&format!(
+        "reloading {}: {}",
+        path.display(),
+        live.status_line()
+    ));
     let result = (|| -> Result<()> {
         let new = live::read_config(path)?;
         let _apply = Lock::apply(&live.paths)?;
@@ -541,16 +597,21 @@ fn reload(live: &mut Live, path: &std::path::Path) {
                 "config {} unchanged (generation {})",
                 new.path, state.generation
             );
-            return Ok(());
+        } else {
+            switch_logged(live, &mut state, &new)?;
         }
-        switch_logged(live, &mut state, &new)
+        live.summary = summary(&state, &new);
+        Ok(())
     })();
-    if let Err(e) = result {
-        error!(
-            "reload failed, the running config stays: {}",
-            crate::chain(&e)
-        );
+    match result {
+        Ok(()) => live.reload_error = None,
+        Err(e) => {
+            let e = crate::chain(&e);
+            error!("reload failed, the running config stays: {e}");
+            live.reload_error = Some(e);
+        }
     }
+    notify::ready(&live.status_line());
 }
 
 /// Notices the interface going away (its attachment goes with it) and
