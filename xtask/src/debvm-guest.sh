@@ -29,7 +29,8 @@ MARK=80
 WORK=/run/debvm
 STEP=setup
 
-say() { echo "debvm: $*"; }
+# Each line with the guest's uptime in seconds.
+say() { echo "debvm: $(cut -d' ' -f1 /proc/uptime) s: $*"; }
 
 fail() {
   journalctl --sync
