@@ -1,5 +1,6 @@
 //! `cargo xtask …`: everything a fresh machine needs, from one entry point.
 
+mod debvm;
 mod dist;
 mod fuzz;
 mod setup;
@@ -61,6 +62,16 @@ enum Task {
         /// trixie; or 11, 12, 13). Default: all three.
         #[arg(long)]
         kernel: Option<String>,
+    },
+    /// fwmark's Debian package in a real Debian 12 (systemd as PID 1,
+    /// keepalived, real IPVS) on Debian's cloud kernel in qemu: install,
+    /// readiness before keepalived, reload, reinstall without a gap, purge.
+    /// The image is built once with mmdebstrap and cached in .cache/debvm.
+    /// Part of `test`.
+    VmDebian {
+        /// The package to test (default: the one `cargo xtask dist` builds).
+        #[arg(long)]
+        deb: Option<std::path::PathBuf>,
     },
     /// Run the cargo-fuzz targets (config, import) with nightly from the
     /// committed corpus; a crash fails and names its reproducer.
@@ -144,6 +155,37 @@ fn vm_test_counted(tally: &mut util::Tally) -> Result<()> {
     Ok(())
 }
 
+/// The Debian VM test as one test of `cargo xtask test`, counted like
+/// [`vm_test_counted`].
+fn vm_debian_counted(tally: &mut util::Tally) -> Result<()> {
+    match debian_package().and_then(|deb| debvm::vm_debian(&deb)) {
+        Ok(()) => tally.passed += 1,
+        Err(e) if e.downcast_ref::<vm::Unavailable>().is_some() => {
+            eprintln!("xtask: SKIPPED the Debian VM test: {e}");
+            if std::env::var("FWMARK_REQUIRE_KERNEL_TESTS").is_ok_and(|v| v == "1") {
+                eprintln!(
+                    "xtask: FWMARK_REQUIRE_KERNEL_TESTS=1: a skipped Debian VM test is a failure"
+                );
+                tally.failed += 1;
+            } else {
+                tally.skipped += 1;
+            }
+        }
+        Err(e) => {
+            eprintln!("xtask: the Debian VM test failed: {e:#}");
+            tally.failed += 1;
+        }
+    }
+    Ok(())
+}
+
+/// The package the Debian VM test installs: the one `cargo xtask dist`
+/// builds (the musl build is cached, so after `dist_counted` this only
+/// packs again).
+fn debian_package() -> Result<std::path::PathBuf> {
+    Ok(dist::dist()?.deb)
+}
+
 /// The artifacts' check as one test of `cargo xtask test` (the musl
 /// build is shared with the VM tests, so it costs the packaging only).
 fn dist_counted(tally: &mut util::Tally) {
@@ -194,6 +236,7 @@ fn main() -> Result<()> {
             if args.is_empty() {
                 dist_counted(&mut tally);
                 vm_test_counted(&mut tally)?;
+                vm_debian_counted(&mut tally)?;
             } else {
                 eprintln!(
                     "xtask: a test filter was given: the artifacts check, the VM test and fuzz targets not run"
@@ -245,6 +288,16 @@ fn main() -> Result<()> {
             setup::setup()?;
             let (bin, guest) = static_binaries()?;
             vm::vm_test(&bin, &guest, &suites)
+        }
+        Task::VmDebian { deb } => {
+            let deb = match deb {
+                Some(deb) => deb,
+                None => {
+                    setup::setup()?;
+                    debian_package()?
+                }
+            };
+            debvm::vm_debian(&deb)
         }
         Task::Fuzz { target, seconds } => {
             setup::setup()?;

@@ -712,7 +712,7 @@ fn set_mode(path: &Path, mode: u32) -> Result<()> {
 /// KVM only where /dev/kvm exists and the CPU advertises VT-x/AMD-V (this
 /// project's usual machine has a paravirtual /dev/kvm that cannot run a
 /// stock kernel); `FWMARK_VM_ACCEL=tcg|kvm` overrides.
-fn accel() -> &'static str {
+pub(crate) fn accel() -> &'static str {
     match std::env::var("FWMARK_VM_ACCEL").as_deref() {
         Ok("kvm") => return "kvm",
         Ok("tcg") => return "tcg,thread=multi",
