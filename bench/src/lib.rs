@@ -1456,10 +1456,13 @@ pub fn run(opts: Options, fwmark_bin: &std::path::Path) -> Result<Report> {
         .points
         .iter()
         .find(|p| p.marker == Marker::EmptyTc)
-        .map(|p| cost(&p.added_ns(), 1));
+        .map(|p| match cost(&p.added_ns(), 1) {
+            c if c == stats::BELOW_NOISE => format!("a cost {c}"),
+            c => format!("{c} ns"),
+        });
     if let Some(h) = hook {
         lines.push(format!(
-            "(For reference: attaching an empty TC program adds {h} ns per packet end to end; \
+            "(For reference: attaching an empty TC program adds {h} per packet end to end; \
              TC ingress is the earliest hook that can set skb->mark, so every TC marker pays it.)"
         ));
     }
