@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: see the `fwmark_bench` library. Usage (as root):
-//! fwmark-bench --fwmark FWMARK_BIN [--quick] [--out DIR]
+//! fwmark-bench --fwmark FWMARK_BIN [--quick] [--e2e-budget SECONDS] [--out DIR]
 //! Prints the tables; with --out writes DIR/benchmarks.md and
-//! DIR/benchmarks.png.
+//! DIR/benchmarks.png. --e2e-budget bounds how long the end-to-end section
+//! repeats its rounds to decide its targets (default 300 s, 20 s quick).
 
 use std::path::PathBuf;
 
@@ -10,6 +11,7 @@ use fwmark_bench::{self as bench, Options};
 
 fn main() -> Result<()> {
     let mut quick = false;
+    let mut budget: Option<f64> = None;
     let mut out: Option<PathBuf> = None;
     let mut fwmark: Option<PathBuf> = None;
     let mut args = std::env::args().skip(1);
@@ -18,8 +20,19 @@ fn main() -> Result<()> {
             "--quick" => quick = true,
             "--out" => out = args.next().map(Into::into),
             "--fwmark" => fwmark = args.next().map(Into::into),
+            "--e2e-budget" => {
+                let v = args.next().context("--e2e-budget needs SECONDS")?;
+                budget = Some(
+                    v.parse::<f64>()
+                        .ok()
+                        .filter(|s| s.is_finite() && *s >= 0.0)
+                        .with_context(|| {
+                            format!("--e2e-budget {v:?}: give a number of seconds, e.g. 300")
+                        })?,
+                );
+            }
             other => bail!(
-                "unknown argument {other:?}; usage: fwmark-bench --fwmark BIN [--quick] [--out DIR]"
+                "unknown argument {other:?}; usage: fwmark-bench --fwmark BIN [--quick] [--e2e-budget SECONDS] [--out DIR]"
             ),
         }
     }
@@ -29,7 +42,10 @@ fn main() -> Result<()> {
             "the benchmark loads eBPF programs and creates namespaces: run it as root (`cargo xtask bench`)"
         );
     }
-    let opts = Options { quick };
+    let mut opts = Options::new(quick);
+    if let Some(b) = budget {
+        opts.e2e_budget = b;
+    }
     let report = bench::run(opts, &fwmark)?;
     println!("{}", report.markdown);
     if let Some(dir) = out {

@@ -28,6 +28,7 @@ fn quick_benchmark_report_is_well_formed() {
         "## Targets",
         "### 1. Classifier cost",
         "### 2. End to end",
+        "### 2b. The program's own cost",
         "### 3. Apply time",
         "### 4. Kernel memory",
         "### 5. Metrics scrape",
@@ -35,7 +36,8 @@ fn quick_benchmark_report_is_well_formed() {
         assert!(md.contains(heading), "missing {heading}:\n{md}");
     }
     // Every table: a header, a separator, rows with as many cells, and
-    // numbers where numbers belong.
+    // numbers where numbers belong (a cell is "median [p25 to p75]", a
+    // plain figure, or the words for a cost below the noise).
     let mut tables = 0;
     let lines: Vec<&str> = md.lines().collect();
     for (i, line) in lines.iter().enumerate() {
@@ -52,16 +54,36 @@ fn quick_benchmark_report_is_well_formed() {
         for row in rows {
             assert_eq!(row.matches('|').count(), width, "ragged row {row}");
             let cells: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
+            let leading = |c: &str| {
+                c.split_whitespace()
+                    .next()
+                    .and_then(|w| w.trim_end_matches('x').parse::<f64>().ok())
+            };
             assert!(
-                cells[1..].iter().any(|c| c.parse::<f64>().is_ok()),
+                cells[1..].iter().any(|c| leading(c).is_some()),
                 "no figure in {row}"
             );
+            // Never a negative cost: the added-cost column of section 2
+            // holds a positive median or the words for noise.
+            if lines[i - 1].contains("added ns per packet") && !cells[0].starts_with("no marker") {
+                let added = cells[3];
+                assert!(
+                    added == fwmark_bench::stats::BELOW_NOISE
+                        || leading(added).is_some_and(|v| v > 0.0),
+                    "negative or missing cost in {row}"
+                );
+            }
         }
     }
-    assert_eq!(tables, 5, "{md}");
+    assert_eq!(tables, 6, "{md}");
     let targets = md
         .lines()
-        .filter(|l| l.starts_with("- ") && (l.contains("met (") || l.contains("MISSED")))
+        .filter(|l| {
+            l.starts_with("- ")
+                && (l.contains(": met (")
+                    || l.contains(": **MISSED** (")
+                    || l.contains(": inconclusive ("))
+        })
         .count();
     assert!(targets >= 6, "{md}");
     let png = std::fs::read(dir.join("benchmarks.png")).unwrap();

@@ -92,6 +92,10 @@ enum Task {
         /// Small sizes, a few seconds (what the test suite runs).
         #[arg(long)]
         quick: bool,
+        /// Seconds the end-to-end section may spend repeating its rounds
+        /// until its targets are decided (default: 300, or 20 with --quick).
+        #[arg(long)]
+        e2e_budget: Option<f64>,
     },
     /// Run traffic through fwmark (release build, as root) while its config
     /// changes every second, checking marks, counters, memory, file
@@ -303,12 +307,15 @@ fn main() -> Result<()> {
             setup::setup()?;
             fuzz::fuzz(target.as_deref(), seconds)
         }
-        Task::Bench { quick } => {
+        Task::Bench { quick, e2e_budget } => {
             setup::setup()?;
             let fwmark = util::build_fwmark(true)?;
             let bench = util::build_bench()?;
             let mut cmd = util::as_root(&bench);
             cmd.arg("--fwmark").arg(&fwmark);
+            if let Some(b) = e2e_budget {
+                cmd.arg("--e2e-budget").arg(b.to_string());
+            }
             if quick {
                 cmd.arg("--quick");
             } else {
