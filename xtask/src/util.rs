@@ -230,8 +230,16 @@ pub fn test(bin: &Path, args: &[String]) -> Result<(Tally, bool)> {
     };
 
     let mut cmd = cargo();
-    cmd.args(["test", "--workspace", "--exclude", "fwmark-ebpf"])
-        .args(args);
+    // --no-fail-fast: a failing test binary must not hide the results of
+    // the ones after it.
+    cmd.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "fwmark-ebpf",
+        "--no-fail-fast",
+    ])
+    .args(args);
     // The test binaries' own arguments come after `--`.
     if !args.iter().any(|a| a == "--") {
         cmd.arg("--");
