@@ -15,6 +15,7 @@ pub mod live;
 pub mod markers;
 pub mod metrics;
 pub mod mode;
+pub mod netns;
 pub mod perms;
 pub mod preflight;
 pub mod rtnl;
