@@ -75,7 +75,8 @@ fn ip_netns_exec_run_is_found_everywhere_and_survives_kill() {
             ip_netns_exec(&lab.director, &["status"]),
         ),
     ] {
-        let out = ok(Command::from(cmd).output().unwrap());
+        let mut cmd = cmd;
+        let out = ok(cmd.output().unwrap());
         assert!(
             out.contains(&format!("interface {iface}:")) && out.contains("generation 1"),
             "{how}: {out}"
