@@ -38,6 +38,35 @@ const PROC_NET_INIT_INO: u64 = 0xEFFF_FFF9;
 /// since Linux 3.8.
 const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
 
+/// The inode of the initial user namespace (`PROC_USER_INIT_INO`), fixed
+/// since Linux 3.8.
+const PROC_USER_INIT_INO: u64 = 0xEFFF_FFFD;
+
+/// What decides whether a network namespace is the root one.
+struct Seen {
+    /// Its inode.
+    inode: u64,
+    /// pid 1's network namespace, where it can be read.
+    init: Option<u64>,
+    /// This process sees the initial pid namespace.
+    initial_pid: bool,
+    /// This process is in the initial user namespace.
+    initial_user: bool,
+    /// The namespace has an `ip netns` name.
+    named: bool,
+}
+
+/// Whether `seen` is the root network namespace (see [`Netns::current`]).
+fn is_root(seen: &Seen) -> bool {
+    if seen.inode == PROC_NET_INIT_INO {
+        return true;
+    }
+    match seen.init {
+        Some(init) => init == seen.inode && seen.initial_pid,
+        None => seen.initial_pid && seen.initial_user && !seen.named,
+    }
+}
+
 /// Where `ip netns` keeps its named namespaces.
 const NAMED: &str = "/run/netns";
 
@@ -64,13 +93,24 @@ impl Netns {
     /// the initial pid namespace (inside `ip netns exec` pid 1 is still the
     /// host's init; in a container with its own pid namespace pid 1 is the
     /// container's, whose network namespace is not the host's).
+    ///
+    /// Reading `/proc/1/ns/net` takes more privilege than fwmark keeps
+    /// under its systemd unit (its capabilities are not a superset of
+    /// pid 1's, and it has no CAP_SYS_PTRACE). Where it cannot be read, a
+    /// process in the initial pid and user namespaces counts as in the root
+    /// network namespace unless that namespace has an `ip netns` name, so
+    /// that the unit's daemon and an operator's `fwmark status` agree.
     pub fn current() -> std::io::Result<Netns> {
         let inode = stat("/proc/self/ns/net")
             .map_err(std::io::Error::from)?
             .st_ino;
-        let root = inode == PROC_NET_INIT_INO
-            || (ns_inode("/proc/1/ns/net") == Some(inode)
-                && ns_inode("/proc/self/ns/pid") == Some(PROC_PID_INIT_INO));
+        let root = is_root(&Seen {
+            inode,
+            init: ns_inode("/proc/1/ns/net"),
+            initial_pid: ns_inode("/proc/self/ns/pid") == Some(PROC_PID_INIT_INO),
+            initial_user: ns_inode("/proc/self/ns/user") == Some(PROC_USER_INIT_INO),
+            named: !names_of(inode).is_empty(),
+        });
         Ok(Netns { inode, root })
     }
 
@@ -321,6 +361,40 @@ impl Roots {
 
 #[cfg(test)]
 mod tests {
+    use super::{PROC_NET_INIT_INO, Seen, is_root};
+
+    #[test]
+    fn the_root_namespace_is_found_with_and_without_pid_1s() {
+        let seen = |inode, init, initial_pid, initial_user, named| Seen {
+            inode,
+            init,
+            initial_pid,
+            initial_user,
+            named,
+        };
+        // The kernel's fixed number (6.18) decides alone.
+        assert!(is_root(&seen(PROC_NET_INIT_INO, None, false, false, true)));
+        // pid 1's namespace, readable: equal in the initial pid namespace.
+        assert!(is_root(&seen(7, Some(7), true, true, false)));
+        assert!(!is_root(&seen(7, Some(8), true, true, false)));
+        assert!(
+            !is_root(&seen(7, Some(7), false, true, false)),
+            "a container's pid 1"
+        );
+        // Unreadable (a systemd unit's reduced capabilities): the host's
+        // namespaces, unless `ip netns` names it or a container's.
+        assert!(is_root(&seen(7, None, true, true, false)));
+        assert!(!is_root(&seen(7, None, true, true, true)), "ip netns exec");
+        assert!(
+            !is_root(&seen(7, None, false, true, false)),
+            "own pid namespace"
+        );
+        assert!(
+            !is_root(&seen(7, None, true, false, false)),
+            "own user namespace"
+        );
+    }
+
     #[test]
     fn keys_are_never_interface_names() {
         let key = super::key_of(4026532281);
