@@ -27,10 +27,12 @@ pub enum Command {
     /// Switch the live config of IFACE to FILE atomically, printing what
     /// changes.
     Apply(ApplyArgs),
-    /// Show the attachment, the live config and the counters of IFACE.
+    /// Show the attachment, the live config and the counters of IFACE (or
+    /// of every interface fwmark is attached to in this network namespace).
     Status(StatusArgs),
     /// Remove fwmark's attachment, pins and state from IFACE (or, with
-    /// --all, from every interface fwmark has pins or state for).
+    /// --all, from every interface fwmark has pins or state for in this
+    /// network namespace).
     Detach(DetachArgs),
     /// Validate a config without touching the kernel.
     Check(CheckArgs),
@@ -149,8 +151,10 @@ pub struct ApplyArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
+    /// The interface; without it, every interface fwmark is attached to
+    /// in this network namespace (`--json`: an array of the documents).
     #[arg(long, short = 'i', value_name = "IFACE")]
-    pub iface: String,
+    pub iface: Option<String>,
     /// Print a JSON document (stable schema, see README) instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -166,8 +170,8 @@ pub struct DetachArgs {
         conflicts_with = "all"
     )]
     pub iface: Option<String>,
-    /// Every interface fwmark has pins or state for (what removing the
-    /// package runs). One that a running `fwmark run` manages is reported
+    /// Every interface fwmark has pins or state for in this network
+    /// namespace (what removing the package runs, in the root one). One that a running `fwmark run` manages is reported
     /// and left alone; the exit status says whether all went.
     #[arg(long)]
     pub all: bool,

@@ -16,6 +16,7 @@ pub mod markers;
 pub mod metrics;
 pub mod mode;
 pub mod netlink;
+pub mod netns;
 pub mod perms;
 pub mod preflight;
 pub mod rtnl;

@@ -372,6 +372,7 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         let paths = Paths {
             iface: "eth7".into(),
+            netns: crate::netns::Netns::current().unwrap(),
             pin_dir: dir.join("pins"),
             run_dir: dir.clone(),
         };

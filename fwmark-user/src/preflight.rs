@@ -37,9 +37,11 @@ pub enum PreflightError {
     #[error("kernel {found} is too old: fwmark needs Linux >= {MIN_KERNEL} with BTF")]
     KernelTooOld { found: KernelVersion },
     #[error(
-        "interface {0:?} does not exist (see `ip link`); pass the interface that carries the VIPs"
+        "interface {iface:?} does not exist in {netns} (see `ip link` there); pass the interface \
+         that carries the VIPs, and run fwmark in its network namespace (`ip netns exec NAME \
+         fwmark ...`)"
     )]
-    NoInterface(String),
+    NoInterface { iface: String, netns: String },
     #[error(
         "interface {iface:?} has link type {link_type}, not Ethernet; fwmark parses Ethernet \
          frames, so attach it to the Ethernet device (or bond/VLAN) that carries the VIPs"
@@ -91,7 +93,11 @@ pub fn check_kernel() -> Result<KernelVersion, PreflightError> {
 
 /// The interface's index, or a clear error.
 pub fn interface_index(iface: &str) -> Result<u32, PreflightError> {
-    if_nametoindex(iface).map_err(|_| PreflightError::NoInterface(iface.into()))
+    if_nametoindex(iface).map_err(|_| PreflightError::NoInterface {
+        iface: iface.into(),
+        netns: crate::netns::Netns::current()
+            .map_or_else(|_| "this network namespace".into(), |n| n.to_string()),
+    })
 }
 
 /// Whether a network device with index `index` exists (under any name).
@@ -154,12 +160,36 @@ pub fn is_bpffs(path: &Path) -> bool {
     statfs(path).is_ok_and(|st| st.filesystem_type() == BPF_FS_MAGIC)
 }
 
-/// Makes sure bpffs is mounted at [`BPFFS`], mounting it when it is not.
-/// Returns true when this call mounted it.
-pub fn ensure_bpffs() -> Result<bool, PreflightError> {
+/// Which bpffs holds the pins ([`ensure_bpffs`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Bpffs {
+    /// This mount namespace's, at [`BPFFS`].
+    Present,
+    /// The host's, reached through `/proc/PID/root` (this mount namespace
+    /// has none, as under `ip netns exec`).
+    Host(String),
+    /// Mounted at [`BPFFS`] now; `lasting` when this mount namespace is the
+    /// host's (else it ends with this command, and the pins with it).
+    Mounted { lasting: bool },
+}
+
+impl Bpffs {
+    /// Whether the pins outlive this process (`--keep`, a crash).
+    pub fn lasting(&self) -> bool {
+        !matches!(self, Bpffs::Mounted { lasting: false })
+    }
+}
+
+/// Makes sure the pins have a bpffs: this mount namespace's at [`BPFFS`],
+/// else the host's ([`crate::netns::roots`]), else one mounted at
+/// [`BPFFS`] now.
+pub fn ensure_bpffs() -> Result<Bpffs, PreflightError> {
     let path = Path::new(BPFFS);
     if is_bpffs(path) {
-        return Ok(false);
+        return Ok(Bpffs::Present);
+    }
+    if let Some(via) = &crate::netns::roots().via {
+        return Ok(Bpffs::Host(via.clone()));
     }
     std::fs::create_dir_all(path).map_err(PreflightError::Bpffs)?;
     // Root only, as systemd mounts it (the kernel's default is 1777).
@@ -171,7 +201,9 @@ pub fn ensure_bpffs() -> Result<bool, PreflightError> {
         Some("mode=0700"),
     )
     .map_err(|errno| PreflightError::Bpffs(errno.into()))?;
-    Ok(true)
+    Ok(Bpffs::Mounted {
+        lasting: crate::netns::mount_ns_lasting(),
+    })
 }
 
 #[cfg(test)]

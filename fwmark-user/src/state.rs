@@ -1,4 +1,4 @@
-//! What outlives one fwmark process, per interface:
+//! What outlives one fwmark process, per network namespace and interface:
 //!
 //! - `/sys/fs/bpf/fwmark/<iface>/`: the pinned maps (`ACTIVE`, `EXACT`,
 //!   `PREFIX`, `RULE_STATS`, `GLOBAL_STATS`) and, with tcx, the pinned `link`;
@@ -10,7 +10,14 @@
 //! - `/run/fwmark/<iface>/daemon.lock`: held by the one `fwmark run` that
 //!   manages the interface.
 //!
-//! Both directories are created with mode 0700: only root may use them.
+//! Those are the root network namespace's paths. Another namespace's have
+//! its key between (`/sys/fs/bpf/fwmark/netns:INODE/<iface>/`,
+//! `/run/fwmark/netns:INODE/<iface>/`, [`crate::netns`]), in the host's
+//! bpffs and `/run` also from inside `ip netns exec`.
+//!
+//! The directories are created with mode 0700: only root may use them. A
+//! clean exit or `detach` removes the interface's directories, locks
+//! included, and the namespace's directories once empty.
 
 use std::{
     fs::{self, File, OpenOptions, TryLockError},
@@ -21,21 +28,34 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::mode::AttachMode;
+use crate::{mode::AttachMode, netns};
 
-/// Root of fwmark's pins on bpffs.
+/// Root of fwmark's pins on bpffs, in the mount namespace fwmark runs in
+/// ([`netns::roots`] may put it in the host's).
 pub const PIN_ROOT: &str = "/sys/fs/bpf/fwmark";
-/// Root of fwmark's runtime state.
+/// Root of fwmark's runtime state (likewise).
 pub const RUN_ROOT: &str = "/run/fwmark";
 /// Version of the state file's schema.
 pub const STATE_VERSION: u32 = 1;
 
-/// Where the pins and state of one interface live.
+/// Where the pins and state of one interface of one network namespace
+/// live.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Paths {
     pub iface: String,
+    /// The namespace the interface is looked up in.
+    pub netns: netns::Netns,
     pub pin_dir: PathBuf,
     pub run_dir: PathBuf,
+}
+
+/// Why an interface's paths cannot be named.
+#[derive(Debug, thiserror::Error)]
+pub enum PathsError {
+    #[error(transparent)]
+    InvalidIface(#[from] InvalidIface),
+    #[error("cannot tell this process's network namespace (/proc/self/ns/net): {0}")]
+    Netns(#[source] io::Error),
 }
 
 /// An interface name the kernel would not accept (`dev_valid_name`); it
@@ -46,20 +66,19 @@ pub struct Paths {
 )]
 pub struct InvalidIface(pub String);
 
-/// fwmark has no pins for an interface.
+/// fwmark has no pins for an interface (in this network namespace).
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "fwmark is not attached to {iface} (no pins in {}); start it with `fwmark run --iface {iface}`",
-    pin_dir.display()
-)]
+#[error("{message}")]
 pub struct NotAttached {
     pub iface: String,
-    pub pin_dir: PathBuf,
+    /// The whole message: where fwmark looked, whether the interface is in
+    /// this namespace, where else an interface of that name has fwmark.
+    pub message: String,
 }
 
 impl Paths {
-    /// The directories of `iface`, once its name is a valid interface name.
-    pub fn new(iface: &str) -> Result<Paths, InvalidIface> {
+    /// Checks that `iface` is a valid interface name.
+    pub fn valid_iface(iface: &str) -> Result<(), InvalidIface> {
         let valid = !iface.is_empty()
             && iface.len() < 16
             && iface != "."
@@ -67,33 +86,140 @@ impl Paths {
             && !iface
                 .chars()
                 .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
-        if !valid {
-            return Err(InvalidIface(iface.to_string()));
+        if valid {
+            Ok(())
+        } else {
+            Err(InvalidIface(iface.to_string()))
         }
+    }
+
+    /// The directories of `iface` in this process's network namespace,
+    /// once its name is a valid interface name.
+    pub fn new(iface: &str) -> Result<Paths, PathsError> {
+        let ns = netns::Netns::current().map_err(PathsError::Netns)?;
+        Ok(Paths::in_netns(iface, ns)?)
+    }
+
+    /// The directories of `iface` in the namespace `ns`.
+    pub fn in_netns(iface: &str, ns: netns::Netns) -> Result<Paths, InvalidIface> {
+        Paths::valid_iface(iface)?;
+        let (pins, run) = Paths::roots(&ns);
         Ok(Paths {
             iface: iface.to_string(),
-            pin_dir: Path::new(PIN_ROOT).join(iface),
-            run_dir: Path::new(RUN_ROOT).join(iface),
+            pin_dir: pins.join(iface),
+            run_dir: run.join(iface),
+            netns: ns,
         })
     }
 
-    /// Every interface fwmark has pins or state for (a directory under
-    /// [`PIN_ROOT`] or [`RUN_ROOT`] with a valid interface name), sorted:
-    /// what `fwmark detach --all` goes through. The interface itself may be
-    /// gone, or live in another network namespace.
-    pub fn all() -> io::Result<Vec<Paths>> {
-        Ok(names_under(&[Path::new(PIN_ROOT), Path::new(RUN_ROOT)])?
+    /// The pin and run directories of a namespace (the parents of its
+    /// interfaces' directories).
+    fn roots(ns: &netns::Netns) -> (PathBuf, PathBuf) {
+        let roots = netns::roots();
+        let (mut pins, mut run) = (roots.bpffs.join("fwmark"), roots.run.join("fwmark"));
+        if let Some(key) = ns.key() {
+            pins.push(&key);
+            run.push(&key);
+        }
+        (pins, run)
+    }
+
+    /// Every interface of this process's network namespace that fwmark
+    /// has pins or state for (a directory with a valid interface name),
+    /// sorted: what `fwmark detach --all` and `fwmark status` go through.
+    /// The interface itself may be gone. Other namespaces' are not listed
+    /// (in the root namespace their `netns:INODE` directories are no
+    /// interface names).
+    pub fn all() -> Result<Vec<Paths>, PathsError> {
+        let ns = netns::Netns::current().map_err(PathsError::Netns)?;
+        let (pins, run) = Paths::roots(&ns);
+        Ok(names_under(&[&pins, &run])
+            .map_err(PathsError::Netns)?
             .into_iter()
-            .filter_map(|name| Paths::new(&name).ok())
+            .filter_map(|name| Paths::in_netns(&name, ns.clone()).ok())
             .collect())
     }
 
-    /// The error for an interface fwmark does not manage.
-    pub fn not_attached(&self) -> NotAttached {
-        NotAttached {
-            iface: self.iface.clone(),
-            pin_dir: self.pin_dir.clone(),
+    /// The other namespaces fwmark has pins or state of: their inodes, with
+    /// whether each is still alive ([`netns::alive`]).
+    pub fn other_namespaces() -> Vec<(u64, Option<bool>)> {
+        let roots = netns::roots();
+        let here = netns::Netns::current().ok().map(|n| n.inode);
+        let Ok(keys) = names_under(&[&roots.bpffs.join("fwmark"), &roots.run.join("fwmark")])
+        else {
+            return Vec::new();
+        };
+        keys.iter()
+            .filter_map(|k| netns::inode_of_key(k))
+            .filter(|inode| Some(*inode) != here)
+            .map(|inode| (inode, netns::alive(inode)))
+            .collect()
+    }
+
+    /// The pins and state an interface of this name has in another
+    /// namespace (for a message): each namespace, described.
+    pub fn elsewhere(&self) -> Vec<String> {
+        let roots = netns::roots();
+        let mut found = Vec::new();
+        if !self.netns.root && roots.bpffs.join("fwmark").join(&self.iface).exists() {
+            found.push(netns::describe(true, 0));
         }
+        let Ok(keys) = names_under(&[&roots.bpffs.join("fwmark")]) else {
+            return found;
+        };
+        for inode in keys.iter().filter_map(|k| netns::inode_of_key(k)) {
+            if inode != self.netns.inode
+                && roots
+                    .bpffs
+                    .join("fwmark")
+                    .join(netns::key_of(inode))
+                    .join(&self.iface)
+                    .exists()
+            {
+                found.push(netns::describe(false, inode));
+            }
+        }
+        found
+    }
+
+    /// The error for an interface fwmark does not manage here: it names
+    /// the namespace, says when the interface is not in it, and where else
+    /// fwmark is attached to an interface of that name.
+    pub fn not_attached(&self) -> NotAttached {
+        let iface = &self.iface;
+        let elsewhere = self.elsewhere();
+        let elsewhere = if elsewhere.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; fwmark is attached to an interface named {iface} in {}: run fwmark there \
+                 (`ip netns exec NAME fwmark ...` or `nsenter --net=PATH fwmark ...`)",
+                elsewhere.join(", ")
+            )
+        };
+        let pin_dir = self.shown_pin_dir();
+        let message = if crate::preflight::interface_index(iface).is_err() {
+            format!(
+                "interface {iface} is not in {} (see `ip link` there), and fwmark has no pins \
+                 for it here ({pin_dir}){elsewhere}",
+                self.netns
+            )
+        } else {
+            format!(
+                "fwmark is not attached to {iface} in {} (no pins in {pin_dir}){elsewhere}; \
+                 start it with `fwmark run --iface {iface}`",
+                self.netns
+            )
+        };
+        NotAttached {
+            iface: iface.clone(),
+            message,
+        }
+    }
+
+    /// The pin directory as an operator finds it.
+    pub fn shown_pin_dir(&self) -> String {
+        netns::roots().shown(&self.pin_dir)
     }
 
     /// Pin path of a map or of the `link`.
@@ -121,7 +247,18 @@ impl Paths {
                 .recursive(true)
                 .mode(0o700)
                 .create(dir)?;
-            for d in [dir.parent().expect("has a parent"), dir.as_path()] {
+            // The directory, its parent (`fwmark`, or the namespace's) and,
+            // for a namespace, `fwmark` above that.
+            let parent = dir.parent().expect("has a parent");
+            let above = parent
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("netns:"))
+                .then(|| parent.parent())
+                .flatten();
+            for d in [Some(dir.as_path()), Some(parent), above]
+                .into_iter()
+                .flatten()
+            {
                 fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
             }
         }
@@ -129,11 +266,17 @@ impl Paths {
     }
 
     /// Removes the pins and the state, with what an interrupted change
-    /// left (the locks stay: they may be held).
+    /// left (the locks stay: they may be held; [`Paths::remove_locks`]).
     pub fn remove(&self) -> io::Result<()> {
         match fs::remove_dir_all(&self.pin_dir) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
+        }
+        // The namespace's pin directory, once it holds no interface.
+        if !self.netns.root
+            && let Some(parent) = self.pin_dir.parent()
+        {
+            let _ = fs::remove_dir(parent);
         }
         for file in [
             "state.json",
@@ -148,6 +291,62 @@ impl Paths {
         }
         Ok(())
     }
+}
+
+impl Paths {
+    /// Removes the lock files and the run directory, and the namespace's
+    /// run directory once empty, so a clean exit or `detach` leaves nothing.
+    /// The caller holds the apply lock (and the daemon lock, if any): a
+    /// process that waits for a lock on a removed file notices and takes
+    /// the new one ([`Lock`]).
+    pub fn remove_locks(&self) -> io::Result<()> {
+        for file in ["daemon.lock", "apply.lock"] {
+            match fs::remove_file(self.run_dir.join(file)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        for dir in [Some(self.run_dir.as_path()), self.run_dir.parent()]
+            .into_iter()
+            .flatten()
+            .take(if self.netns.root { 1 } else { 2 })
+        {
+            match fs::remove_dir(dir) {
+                // Another process created a file there since: it stays.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::DirectoryNotEmpty
+                    ) => {}
+                Err(e) => return Err(e),
+                Ok(()) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Removes the pins and state of every network namespace that is gone
+/// ([`netns::alive`] says so for sure; none when this process cannot see
+/// every process). Removing a tcx link's pin releases the link; a netlink
+/// filter went with its interface. Returns each namespace removed, with
+/// the outcome.
+pub fn remove_stale() -> Vec<(u64, io::Result<()>)> {
+    let roots = netns::roots();
+    Paths::other_namespaces()
+        .into_iter()
+        .filter(|(_, alive)| *alive == Some(false))
+        .map(|(inode, _)| {
+            let key = netns::key_of(inode);
+            let result = [roots.bpffs.join("fwmark"), roots.run.join("fwmark")]
+                .iter()
+                .try_for_each(|root| match fs::remove_dir_all(root.join(&key)) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                });
+            (inode, result)
+        })
+        .collect()
 }
 
 /// The names of the directories in each of `roots` (a missing root has
@@ -267,8 +466,25 @@ mod tests {
         ] {
             assert!(super::Paths::new(bad).is_err(), "{bad:?}");
         }
-        let p = super::Paths::new("eth0").unwrap();
-        assert_eq!(p.pin_dir, std::path::Path::new("/sys/fs/bpf/fwmark/eth0"));
+        let root = crate::netns::Netns {
+            inode: 1,
+            root: true,
+        };
+        let p = super::Paths::in_netns("eth0", root).unwrap();
+        if crate::netns::roots().via.is_none() {
+            assert_eq!(p.pin_dir, std::path::Path::new("/sys/fs/bpf/fwmark/eth0"));
+            assert_eq!(p.run_dir, std::path::Path::new("/run/fwmark/eth0"));
+        }
+        let other = crate::netns::Netns {
+            inode: 4026532281,
+            root: false,
+        };
+        let p = super::Paths::in_netns("eth0", other).unwrap();
+        assert!(
+            p.pin_dir.ends_with("fwmark/netns:4026532281/eth0")
+                && p.run_dir.ends_with("fwmark/netns:4026532281/eth0"),
+            "{p:?}"
+        );
     }
 }
 
@@ -293,45 +509,81 @@ pub enum LockError {
 
 impl Lock {
     fn open(paths: &Paths, name: &str) -> Result<(File, PathBuf), LockError> {
-        paths.create_run_dir().map_err(|error| LockError::Io {
-            path: paths.run_dir.display().to_string(),
-            error,
-        })?;
         let path = paths.run_dir.join(name);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|error| LockError::Io {
-                path: path.display().to_string(),
-                error,
-            })?;
-        Ok((file, path))
+        let mut attempts = 0;
+        loop {
+            match paths.create_run_dir() {
+                Err(e) if e.kind() == io::ErrorKind::NotFound && attempts < 10 => {
+                    attempts += 1;
+                    continue;
+                }
+                Err(error) => {
+                    return Err(LockError::Io {
+                        path: paths.run_dir.display().to_string(),
+                        error,
+                    });
+                }
+                Ok(()) => {}
+            }
+            match OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .mode(0o600)
+                .open(&path)
+            {
+                Ok(file) => return Ok((file, path)),
+                // The directory was removed (a clean exit) after it was
+                // created here: create it again.
+                Err(e) if e.kind() == io::ErrorKind::NotFound && attempts < 10 => attempts += 1,
+                Err(error) => {
+                    return Err(LockError::Io {
+                        path: path.display().to_string(),
+                        error,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Whether `file` is still the lock file at `path`: a clean exit or
+    /// `detach` removes the lock files while holding the locks, so a lock
+    /// taken on a file removed meanwhile protects nothing.
+    fn still_there(file: &File, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt as _;
+        match (file.metadata(), fs::metadata(path)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
     }
 
     /// Waits for the apply lock: every change of the live config holds it.
     pub fn apply(paths: &Paths) -> Result<Lock, LockError> {
-        let (file, path) = Lock::open(paths, "apply.lock")?;
-        file.lock().map_err(|error| LockError::Io {
-            path: path.display().to_string(),
-            error,
-        })?;
-        Ok(Lock { _file: file })
+        loop {
+            let (file, path) = Lock::open(paths, "apply.lock")?;
+            file.lock().map_err(|error| LockError::Io {
+                path: path.display().to_string(),
+                error,
+            })?;
+            if Lock::still_there(&file, &path) {
+                return Ok(Lock { _file: file });
+            }
+        }
     }
 
     /// Takes the daemon lock without waiting, and records this process's
     /// pid in it; fails when another `fwmark run` manages the interface.
     pub fn daemon(paths: &Paths) -> Result<Lock, LockError> {
-        let (mut file, path) = Lock::open(paths, "daemon.lock")?;
         // `status` and `detach` probe this lock for an instant: retry a few
         // times before concluding that another run holds it.
         let mut attempts = 0;
-        loop {
+        let (mut file, path) = loop {
+            let (file, path) = Lock::open(paths, "daemon.lock")?;
             match file.try_lock() {
-                Ok(()) => break,
+                Ok(()) if Lock::still_there(&file, &path) => break (file, path),
+                // Removed by the run that held it, as it exited: again.
+                Ok(()) => {}
                 Err(TryLockError::WouldBlock) if attempts < 10 => {
                     attempts += 1;
                     std::thread::sleep(std::time::Duration::from_millis(20));
@@ -350,7 +602,7 @@ impl Lock {
                     });
                 }
             }
-        }
+        };
         let record = |file: &mut File| -> io::Result<()> {
             file.set_len(0)?;
             file.write_all(std::process::id().to_string().as_bytes())

@@ -532,7 +532,7 @@ pub fn run(opts: &Options) -> Result<Outcome> {
         catalog: &catalog,
         timeline: &timeline,
         pid,
-        pin_dir: Path::new("/sys/fs/bpf/fwmark").join(&lab.director_if),
+        pin_dir: lab.director.fwmark_dirs(&lab.director_if)[0].clone(),
         t0,
         checks: Checks::new(t0),
         attach,

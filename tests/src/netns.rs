@@ -150,15 +150,45 @@ impl Drop for Netns {
     }
 }
 
-/// Removes fwmark's pins and state of `iface` (test interfaces only: their
-/// names are unique to the lab that made them). Call it once no process of
-/// the lab runs any more.
-pub fn remove_fwmark_state(iface: &str) {
-    for dir in [
-        std::path::Path::new("/sys/fs/bpf/fwmark").join(iface),
-        std::path::Path::new("/run/fwmark").join(iface),
-    ] {
-        let _ = std::fs::remove_dir_all(dir);
+/// fwmark's pin and run directories of `iface` in the namespace with this
+/// inode (a test namespace is never the root one):
+/// `/sys/fs/bpf/fwmark/netns:INODE/IFACE`, `/run/fwmark/netns:INODE/IFACE`.
+pub fn fwmark_dirs_of(inode: u64, iface: &str) -> [std::path::PathBuf; 2] {
+    let key = format!("netns:{inode}");
+    [
+        std::path::Path::new("/sys/fs/bpf/fwmark")
+            .join(&key)
+            .join(iface),
+        std::path::Path::new("/run/fwmark").join(&key).join(iface),
+    ]
+}
+
+impl Netns {
+    /// The inode of the namespace (`stat /run/netns/NAME`): what keys
+    /// fwmark's pins and state of its interfaces.
+    pub fn inode(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(format!("/run/netns/{}", self.name))
+            .map(|m| m.ino())
+            .unwrap_or_else(|e| panic!("stat /run/netns/{}: {e}", self.name))
+    }
+
+    /// fwmark's pin and run directories of `iface` in this namespace.
+    pub fn fwmark_dirs(&self, iface: &str) -> [std::path::PathBuf; 2] {
+        fwmark_dirs_of(self.inode(), iface)
+    }
+}
+
+/// Removes fwmark's pins and state of `iface` in `ns` (test interfaces
+/// only: their names and namespaces are the lab's own), and the
+/// namespace's directories once empty. Call it once no process of the lab
+/// runs any more.
+pub fn remove_fwmark_state(ns: &Netns, iface: &str) {
+    for dir in ns.fwmark_dirs(iface) {
+        let _ = std::fs::remove_dir_all(&dir);
+        if let Some(parent) = dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
     }
 }
 
@@ -190,8 +220,8 @@ impl Drop for Lab {
     fn drop(&mut self) {
         self.director.kill_all();
         self.client.kill_all();
-        remove_fwmark_state(&self.director_if);
-        remove_fwmark_state(&self.client_if);
+        remove_fwmark_state(&self.director, &self.director_if);
+        remove_fwmark_state(&self.client, &self.client_if);
     }
 }
 

@@ -5,7 +5,7 @@
 use std::{
     fmt::Write as _,
     net::IpAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Output, Stdio},
     time::Duration,
 };
@@ -189,12 +189,14 @@ pub fn send(lab: &Lab, p: &Probe) {
 
 /// fwmark's run directory of the director's interface (state and locks).
 pub fn run_dir(lab: &Lab) -> PathBuf {
-    Path::new("/run/fwmark").join(&lab.director_if)
+    let [_, run] = lab.director.fwmark_dirs(&lab.director_if);
+    run
 }
 
 /// fwmark's pin directory of the director's interface.
 pub fn pin_dir(lab: &Lab) -> PathBuf {
-    Path::new("/sys/fs/bpf/fwmark").join(&lab.director_if)
+    let [pins, _] = lab.director.fwmark_dirs(&lab.director_if);
+    pins
 }
 
 /// The state file's text (`state.json`), if there is one.

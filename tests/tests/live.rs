@@ -230,10 +230,12 @@ until grep -q "marking on" run.log; do
 done
 kill -TERM "$pid"; wait "$pid"
 "$fw" status --iface "$iface" >/dev/null && echo "kept: yes"
-mkdir -p /sys/fs/bpf/fwmark/stale0
+ns=netns:$(stat -L -c %i /proc/self/ns/net)
+mkdir -p /sys/fs/bpf/fwmark/$ns/stale0
 "$fw" detach --all
 echo "pins left: [$(ls -A /sys/fs/bpf/fwmark)]"
 echo "state left: [$(ls -A /run/fwmark/* 2>/dev/null | grep json || true)]"
+echo "run left: [$(ls -A /run/fwmark)]"
 "$fw" detach --all
 "#;
     let dir = std::env::temp_dir().join(format!("fwmark-{}", lab.director.name));
@@ -264,6 +266,8 @@ echo "state left: [$(ls -A /run/fwmark/* 2>/dev/null | grep json || true)]"
     assert!(stdout.contains("removed stale pins of stale0"), "{stdout}");
     assert!(stdout.contains("pins left: []"), "{stdout}");
     assert!(stdout.contains("state left: []"), "{stdout}");
+    // Nothing behind: no lock files, no directory of the namespace.
+    assert!(stdout.contains("run left: []"), "{stdout}");
     assert!(
         stdout.contains("fwmark is attached nowhere: nothing to detach"),
         "{stdout}"

@@ -1,6 +1,8 @@
 //! `fwmark detach`: remove the attachment, the pins and the state that a
 //! `fwmark run --keep` (or a killed one) left on an interface; `--all`: on
-//! every interface (what removing the Debian package runs).
+//! every interface of this network namespace (what removing the Debian
+//! package runs, in the root namespace). Nothing stays behind: the lock
+//! files and directories go too.
 
 use anyhow::{Context as _, Result, bail};
 
@@ -68,6 +70,16 @@ fn detach_paths(paths: &Paths) -> Result<Option<String>> {
     if let Some(pid) = Lock::daemon_holder(paths) {
         bail!("fwmark run (pid {pid}) manages {iface} now; stop it instead");
     }
+    let done = detach_locked(paths)?;
+    paths
+        .remove_locks()
+        .with_context(|| format!("removing {}", paths.run_dir.display()))?;
+    Ok(done)
+}
+
+/// [`detach_paths`] once the apply lock is held.
+fn detach_locked(paths: &Paths) -> Result<Option<String>> {
+    let iface = paths.iface.as_str();
     // With the maps, an interrupted change is recorded first (so the line
     // below names the generation that was live).
     let maps = datapath::Maps::from_pins(&paths.pin_dir).ok();
@@ -80,6 +92,17 @@ fn detach_paths(paths: &Paths) -> Result<Option<String>> {
         }
         return Ok(None);
     };
+    // A netlink filter is found by the interface's name, in this namespace:
+    // one that is not here went with its interface (deleted, or moved to
+    // another namespace with it).
+    if state.mode == fwmark::mode::AttachMode::Netlink
+        && let Err(e) = preflight::interface_index(iface)
+    {
+        paths.remove()?;
+        return Ok(Some(format!(
+            "{e}: removed fwmark's pins and state of {iface}; its netlink filter went with the              interface"
+        )));
+    }
     attach::remove_left(iface, state.mode, &paths.pin("link"), state.program_id)
         .map_err(anyhow::Error::msg)?;
     paths.remove()?;

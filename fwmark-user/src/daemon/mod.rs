@@ -31,9 +31,9 @@ use crate::{
     markers,
     metrics::{self, Current, Metrics, MetricsError},
     mode::{AttachMode, NoTcx},
-    preflight::{self, PreflightError},
+    preflight::{self, Bpffs, PreflightError},
     rtnl::{LinkEvents, NetlinkError},
-    state::{InvalidIface, Lock, LockError, Paths},
+    state::{Lock, LockError, Paths, PathsError},
 };
 
 /// Why `fwmark run` cannot start or go on. Each message names the
@@ -135,7 +135,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Attach(#[from] AttachError),
     #[error(transparent)]
-    InvalidIface(#[from] InvalidIface),
+    Paths(#[from] PathsError),
     #[error(transparent)]
     Lock(#[from] LockError),
     #[error(transparent)]
@@ -242,7 +242,7 @@ pub fn run(opts: Options) -> Result<()> {
     result
 }
 
-async fn serve(opts: Options) -> Result<()> {
+async fn serve(mut opts: Options) -> Result<()> {
     // Handlers first: a signal that arrives while starting must not kill the
     // process half-way (it is acted on once the start is complete).
     let handler = |kind, name| signal(kind).map_err(|e| DaemonError::Signal(name, e));
@@ -259,11 +259,40 @@ async fn serve(opts: Options) -> Result<()> {
     preflight::check_privileges()?;
     let kernel = preflight::check_kernel()?;
     let ifindex = preflight::check_interface(&opts.iface)?;
-    if preflight::ensure_bpffs()? {
-        info!("mounted bpffs at {}", preflight::BPFFS);
+    match preflight::ensure_bpffs()? {
+        Bpffs::Present => {}
+        Bpffs::Host(via) => info!(
+            "pinning in the host's bpffs, {via}/{} (this mount namespace has none, as under \
+             `ip netns exec`), state in {via}/run/fwmark",
+            preflight::BPFFS.trim_start_matches('/')
+        ),
+        Bpffs::Mounted { lasting: true } => info!("mounted bpffs at {}", preflight::BPFFS),
+        Bpffs::Mounted { lasting: false } => {
+            warn!(
+                "mounted bpffs at {bpffs} in a private mount namespace that ends with this \
+                 command, and no lasting bpffs is reachable (none at /proc/1/root{bpffs} or an \
+                 ancestor process's): --keep and surviving a crash are not available, marking \
+                 stops when fwmark exits; mount bpffs where it lasts (`mount -t bpf -o mode=0700 \
+                 bpf {bpffs}` on the host, or into the container) and start fwmark again",
+                bpffs = preflight::BPFFS
+            );
+            opts.keep = false;
+        }
     }
     let paths = Paths::new(&opts.iface)?;
     let _daemon = Lock::daemon(&paths).map_err(DaemonError::Busy)?;
+    for (inode, result) in crate::state::remove_stale() {
+        match result {
+            Ok(()) => info!(
+                "removed fwmark's pins and state of network namespace net:[{inode}], which was \
+                 deleted while fwmark was attached there"
+            ),
+            Err(e) => warn!(
+                "removing fwmark's pins and state of the deleted network namespace \
+                 net:[{inode}] failed: {e}"
+            ),
+        }
+    }
     markers::warn_other_markers(&opts.iface);
     let requested = AttachMode::choose(opts.attach, kernel)?;
 

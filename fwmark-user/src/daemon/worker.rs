@@ -331,8 +331,11 @@ impl Live {
             .table(&state)
             .unwrap_or_else(|e| format!("(counters unavailable: {})\n", crate::chain(&e)));
         if !self.keep {
+            // Nothing stays: pins, state, and (this process holds both
+            // locks) the lock files and directories.
             self.paths
                 .remove()
+                .and_then(|()| self.paths.remove_locks())
                 .map_err(DaemonError::remove(&self.paths))?;
         }
         Ok(table)
