@@ -18,16 +18,15 @@
 //! prints its verdict on the serial console and powers the guest off.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
-    sync::mpsc,
+    process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
 
 use crate::{
+    qemu,
     util::{self, have, output, run},
     vm::Unavailable,
 };
@@ -130,49 +129,15 @@ fn recipe() -> String {
 
 /// mmdebstrap (installed as root when missing), mke2fs and qemu.
 fn ensure_host_tools() -> Result<()> {
-    let missing: Vec<&str> = [
-        ("mmdebstrap", "mmdebstrap"),
-        ("mke2fs", "e2fsprogs"),
-        ("qemu-system-x86_64", "qemu-system-x86"),
-        ("modprobe", "kmod"),
-    ]
-    .into_iter()
-    .filter(|(tool, _)| which(tool).is_none())
-    .map(|(_, package)| package)
-    .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    if !util::is_root() {
-        return Err(Unavailable(format!(
-            "the Debian VM test needs {}: `sudo apt-get install --no-install-recommends {}`",
-            missing.join(", "),
-            missing.join(" ")
-        ))
-        .into());
-    }
-    eprintln!("vm-debian: installing {}", missing.join(" "));
-    let install = |update: bool| -> Result<()> {
-        if update {
-            run(Command::new("apt-get").args(["update", "-qq"]))?;
-        }
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))
-    };
-    install(false)
-        .or_else(|_| install(true))
-        .context("installing the Debian VM test's tools failed")
-}
-
-/// `tool` on PATH or in /usr/sbin, /sbin (a non-root PATH may lack them).
-fn which(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|dir| dir.join(tool))
-        .find(|p| p.is_file())
+    qemu::ensure_tools(
+        "Debian VM test",
+        &[
+            ("mmdebstrap", "mmdebstrap"),
+            ("mke2fs", "e2fsprogs"),
+            ("qemu-system-x86_64", "qemu-system-x86"),
+            ("modprobe", "kmod"),
+        ],
+    )
 }
 
 /// The cached image: `root.img`, `vmlinuz` and `initrd/` (busybox and the
@@ -267,7 +232,7 @@ fn build_image(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(initrd.join("modules"))?;
     std::fs::copy(tree.join("bin/busybox"), initrd.join("bin/busybox"))?;
     let deps = output(
-        Command::new(which("modprobe").context("modprobe (kmod) is not installed")?)
+        Command::new(qemu::which("modprobe").context("modprobe (kmod) is not installed")?)
             .arg("-d")
             .arg(&tree)
             .args(["-S", &kver, "--show-depends", "-a"])
@@ -307,7 +272,7 @@ fn build_image(dir: &Path) -> Result<()> {
     let img = dir.join("root.img.partial");
     let _ = std::fs::remove_file(&img);
     run(
-        Command::new(which("mke2fs").context("mke2fs is not installed")?)
+        Command::new(qemu::which("mke2fs").context("mke2fs is not installed")?)
             .args(["-q", "-t", "ext4", "-L", "debvm-root", "-d"])
             .arg(&tree)
             .arg(&img)
@@ -358,24 +323,9 @@ fn initramfs(image: &Image, deb: &Path) -> Result<PathBuf> {
         units.join("multi-user.target.wants/fwmark-debvm.service"),
     )?;
 
-    // newc archive with the image's busybox, every path relative to the tree.
-    let mut paths = Vec::new();
-    collect(&tree, &tree, &mut paths)?;
+    // newc archive with the image's busybox.
     let archive = run_dir.join("initramfs.cpio");
-    let mut child = Command::new(tree.join("bin/busybox"))
-        .args(["cpio", "-o", "-H", "newc"])
-        .current_dir(&tree)
-        .stdin(Stdio::piped())
-        .stdout(std::fs::File::create(&archive)?)
-        .stderr(Stdio::null())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(paths.join("\n").as_bytes())?;
-    let status = child.wait()?;
-    ensure!(status.success(), "busybox cpio failed: {status}");
+    qemu::cpio(&tree.join("bin/busybox"), &tree, &archive)?;
     Ok(archive)
 }
 
@@ -386,103 +336,24 @@ fn write_exec(path: &Path, text: &str) -> Result<()> {
     Ok(())
 }
 
-fn collect(base: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
-    let mut entries: Vec<_> = std::fs::read_dir(dir)?.filter_map(|e| e.ok()).collect();
-    entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        let path = e.path();
-        out.push(path.strip_prefix(base)?.to_string_lossy().into_owned());
-        if e.file_type()?.is_dir() {
-            collect(base, &path, out)?;
-        }
-    }
-    Ok(())
-}
-
-/// What the console showed: the log, whether the verdict was PASS, and
-/// when (since qemu started) the scenario's first line came.
-struct Console {
-    log: String,
-    passed: bool,
-    scenario_at: Option<Duration>,
-}
-
-fn boot(image: &Image, initrd: &Path) -> Result<Console> {
-    let accel = crate::vm::accel();
+fn boot(image: &Image, initrd: &Path) -> Result<qemu::Console> {
     eprintln!(
-        "vm-debian: booting Debian {SUITE}, kernel {} (qemu, accel {accel})",
-        image.kver
+        "vm-debian: booting Debian {SUITE}, kernel {} (qemu, accel {})",
+        image.kver,
+        qemu::accel()
     );
     let mut drive = std::ffi::OsString::from("file=");
     drive.push(&image.root_img);
     drive.push(",format=raw,if=virtio,snapshot=on");
-    let started = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(["-nodefaults", "-no-user-config", "-display", "none"])
-        .args(["-serial", "stdio", "-no-reboot", "-m", "1024", "-smp", "2"])
-        .args(["-accel", accel, "-cpu", "max"])
-        .arg("-kernel")
-        .arg(&image.vmlinuz)
-        .arg("-initrd")
-        .arg(initrd)
-        .arg("-drive")
-        .arg(drive)
-        .args(["-append", "console=ttyS0 quiet panic=-1 rdinit=/init"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting qemu-system-x86_64")?;
-    let (tx, rx) = mpsc::channel();
-    let stdout = child.stdout.take().expect("piped stdout");
-    let stderr = child.stderr.take().expect("piped stderr");
-    let tx2 = tx.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx2.send(format!("qemu: {line}"));
-        }
-    });
-    let mut log = String::new();
-    let mut scenario_at = None;
-    loop {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(line) => {
-                let line = line.trim_end_matches('\r');
-                if scenario_at.is_none() && line.starts_with("debvm: ") {
-                    scenario_at = Some(started.elapsed());
-                }
-                log.push_str(line);
-                log.push('\n');
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            // Both readers ended: qemu closed its output, so it has exited.
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        }
-        if started.elapsed() > TIMEOUT {
-            let _ = child.kill();
-            log.push_str(&format!(
-                "vm-debian: guest killed after {} s\n",
-                TIMEOUT.as_secs()
-            ));
-            break;
-        }
-    }
-    let _ = child.wait();
-    // The scenario's last verdict line decides.
-    let passed = log
-        .lines()
-        .rev()
-        .find(|l| l.starts_with(PASS) || l.starts_with(FAIL))
-        .is_some_and(|l| l.starts_with(PASS));
-    Ok(Console {
-        log,
-        passed,
-        scenario_at,
+    qemu::boot(&qemu::Guest {
+        test: "vm-debian",
+        kernel: &image.vmlinuz,
+        initrd,
+        extra: vec!["-drive".into(), drive],
+        timeout: TIMEOUT,
+        pass: PASS,
+        fail: FAIL,
+        scenario_prefix: "debvm: ",
     })
 }
 

@@ -3,6 +3,7 @@
 mod debvm;
 mod dist;
 mod fuzz;
+mod qemu;
 mod setup;
 mod util;
 mod vm;

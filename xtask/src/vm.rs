@@ -18,16 +18,17 @@
 
 use std::{
     collections::BTreeSet,
-    io::{BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
-    sync::mpsc,
+    process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
 
-use crate::util::{self, have, output, run};
+use crate::{
+    qemu,
+    util::{self, have, output, run},
+};
 
 /// A Debian release whose cloud kernel the VM test boots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,58 +149,15 @@ fn cache_dir() -> PathBuf {
 /// kmod (depmod, modprobe) to resolve module dependencies, xz for Debian
 /// 13's compressed modules and strip (binutils).
 fn ensure_host_tools() -> Result<()> {
-    let missing: Vec<&str> = [
-        ("qemu-system-x86_64", "qemu-system-x86"),
-        ("depmod", "kmod"),
-        ("xz", "xz-utils"),
-        ("strip", "binutils"),
-    ]
-    .into_iter()
-    .filter(|(tool, _)| !have_path(tool))
-    .map(|(_, package)| package)
-    .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    if !util::is_root() {
-        return Err(Unavailable(format!(
-            "the VM test needs {}: `sudo apt-get install --no-install-recommends {}`",
-            missing.join(", "),
-            missing.join(" ")
-        ))
-        .into());
-    }
-    eprintln!("vm-test: installing {}", missing.join(" "));
-    let install = |update: bool| -> Result<()> {
-        if update {
-            run(Command::new("apt-get").args(["update", "-qq"]))?;
-        }
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))
-    };
-    install(false)
-        .or_else(|_| install(true))
-        .context("installing the VM test's tools failed")
-}
-
-/// True when `tool` is on PATH or in /sbin, /usr/sbin (depmod lives there
-/// and a non-root PATH may not have it).
-fn have_path(tool: &str) -> bool {
-    which(tool).is_some()
-}
-
-fn which(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|dir| dir.join(tool))
-        .find(|p| p.is_file())
-}
-
-fn tool(name: &str) -> Result<PathBuf> {
-    which(name).with_context(|| format!("{name} is not installed"))
+    qemu::ensure_tools(
+        "VM test",
+        &[
+            ("qemu-system-x86_64", "qemu-system-x86"),
+            ("depmod", "kmod"),
+            ("xz", "xz-utils"),
+            ("strip", "binutils"),
+        ],
+    )
 }
 
 /// The base URLs of Debian's archive and of its security archive:
@@ -456,7 +414,7 @@ fn unpacked(suite: &str, debs: &[PathBuf]) -> Result<PathBuf> {
             std::os::unix::fs::symlink("../../lib/modules", &usr)?;
         }
         let kver = kernel_version(&root)?;
-        run(Command::new(tool("depmod")?)
+        run(Command::new(qemu::tool("depmod")?)
             .arg("-b")
             .arg(&root)
             .arg(&kver))?;
@@ -487,7 +445,7 @@ fn kernel_version(root: &Path) -> Result<String> {
 /// The modules to insmod, dependencies first.
 fn module_order(root: &Path, kver: &str) -> Result<Vec<PathBuf>> {
     let text = output(
-        Command::new(tool("modprobe")?)
+        Command::new(qemu::tool("modprobe")?)
             .arg("-d")
             .arg(root)
             .args(["-S", kver, "--show-depends", "-a"])
@@ -634,7 +592,7 @@ fn initramfs(
         &libs,
     )?;
     for t in ["ip", "tc"] {
-        copy_with_libs(&image, &tool(t)?, &format!("/usr/sbin/{t}"), &[])?;
+        copy_with_libs(&image, &qemu::tool(t)?, &format!("/usr/sbin/{t}"), &[])?;
     }
     copy_static(&image, fwmark, "/usr/bin/fwmark")?;
     copy_static(&image, guest, "/usr/bin/fwmark-vm-guest")?;
@@ -668,39 +626,11 @@ fn initramfs(
     }
     std::fs::write(image.join("modules/order"), order)?;
 
-    // newc archive with busybox's own cpio, every path relative to the image.
-    let mut paths = Vec::new();
-    collect(&image, &image, &mut paths)?;
+    // newc archive with busybox's own cpio.
     let archive = cache_dir().join(suite.name).join("initramfs.cpio");
-    let mut child = Command::new(root.join("bin/busybox"))
-        .args(["cpio", "-o", "-H", "newc"])
-        .current_dir(&image)
-        .stdin(Stdio::piped())
-        .stdout(std::fs::File::create(&archive)?)
-        .stderr(Stdio::null())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(paths.join("\n").as_bytes())?;
-    let status = child.wait()?;
-    ensure!(status.success(), "busybox cpio failed: {status}");
+    qemu::cpio(&root.join("bin/busybox"), &image, &archive)?;
     std::fs::remove_dir_all(&image)?;
     Ok(archive)
-}
-
-fn collect(base: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
-    let mut entries: Vec<_> = std::fs::read_dir(dir)?.filter_map(|e| e.ok()).collect();
-    entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        let path = e.path();
-        out.push(path.strip_prefix(base)?.to_string_lossy().into_owned());
-        if e.file_type()?.is_dir() {
-            collect(base, &path, out)?;
-        }
-    }
-    Ok(())
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<()> {
@@ -709,89 +639,20 @@ fn set_mode(path: &Path, mode: u32) -> Result<()> {
     Ok(())
 }
 
-/// KVM only where /dev/kvm exists and the CPU advertises VT-x/AMD-V (this
-/// project's usual machine has a paravirtual /dev/kvm that cannot run a
-/// stock kernel); `FWMARK_VM_ACCEL=tcg|kvm` overrides.
-pub(crate) fn accel() -> &'static str {
-    match std::env::var("FWMARK_VM_ACCEL").as_deref() {
-        Ok("kvm") => return "kvm",
-        Ok("tcg") => return "tcg,thread=multi",
-        _ => {}
-    }
-    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let hw = cpu
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
-    if hw && Path::new("/dev/kvm").exists() {
-        "kvm"
-    } else {
-        "tcg,thread=multi"
-    }
-}
-
 /// Boots the guest; returns its console output and whether it passed.
 fn boot(root: &Path, kver: &str, initrd: &Path) -> Result<(String, bool)> {
-    let kernel = root.join(format!("boot/vmlinuz-{kver}"));
-    let accel = accel();
-    eprintln!("vm-test: booting {kver} (qemu, accel {accel})");
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(["-nodefaults", "-no-user-config", "-display", "none"])
-        .args(["-serial", "stdio", "-no-reboot", "-m", "1024", "-smp", "2"])
-        .args(["-accel", accel, "-cpu", "max"])
-        .arg("-kernel")
-        .arg(&kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        .args(["-append", "console=ttyS0 quiet panic=-1 rdinit=/init"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting qemu-system-x86_64")?;
-    let (tx, rx) = mpsc::channel();
-    let stdout = child.stdout.take().expect("piped stdout");
-    let stderr = child.stderr.take().expect("piped stderr");
-    let tx2 = tx.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx2.send(format!("qemu: {line}"));
-        }
-    });
-    let deadline = Instant::now() + BOOT_TIMEOUT;
-    let mut log = String::new();
-    loop {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(line) => {
-                log.push_str(line.trim_end_matches('\r'));
-                log.push('\n');
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            // Both readers ended: qemu closed its output, so it has exited.
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            log.push_str(&format!(
-                "vm-test: guest killed after {} s\n",
-                BOOT_TIMEOUT.as_secs()
-            ));
-            break;
-        }
-    }
-    let _ = child.wait();
-    // The scenario's last verdict line decides.
-    let passed = log
-        .lines()
-        .rev()
-        .find(|l| l.starts_with(PASS) || l.starts_with(FAIL))
-        .is_some_and(|l| l.starts_with(PASS));
-    Ok((log, passed))
+    eprintln!("vm-test: booting {kver} (qemu, accel {})", qemu::accel());
+    let console = qemu::boot(&qemu::Guest {
+        test: "vm-test",
+        kernel: &root.join(format!("boot/vmlinuz-{kver}")),
+        initrd,
+        extra: Vec::new(),
+        timeout: BOOT_TIMEOUT,
+        pass: PASS,
+        fail: FAIL,
+        scenario_prefix: "vm:",
+    })?;
+    Ok((console.log, console.passed))
 }
 
 /// One kernel's run.
