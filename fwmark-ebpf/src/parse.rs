@@ -293,11 +293,12 @@ fn network_offset(ctx: &TcContext, data: usize, data_end: usize) -> Option<u32> 
         hi -= c * (hi - mid);
         lo += (1 - c) * (mid - lo);
     }
-    // Bounds for the verifier, which cannot follow the arithmetic.
     if !(1..=max).contains(&hi) {
         return None;
     }
-    Some(hi as u32)
+    // Bounds for the verifier, which cannot follow the arithmetic (and
+    // before 6.x not the range check either): a mask LLVM cannot drop.
+    Some(black_box(hi as u32) & 0xff)
 }
 
 /// The IP packet at `l3` whose family `ethertype` names: IPv4 or IPv6 with

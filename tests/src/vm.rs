@@ -364,7 +364,8 @@ fn build_topology() -> Result<()> {
     Ok(())
 }
 
-/// IPVS's connection entries whose client is one of `sources`.
+/// IPVS's connection entries whose client is one of `sources` (TCP and UDP:
+/// not the persistence templates, protocol `IP`).
 fn ipvs_conns_from(sources: &[IpAddr]) -> Result<u64> {
     let text = sh(IPVSADM, &["-L", "-n", "-c"])?;
     let prefixes: Vec<String> = sources
@@ -376,7 +377,9 @@ fn ipvs_conns_from(sources: &[IpAddr]) -> Result<u64> {
         .collect();
     Ok(text
         .lines()
-        .filter_map(|l| l.split_whitespace().nth(3))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|w| matches!(w.first(), Some(&"TCP" | &"UDP")))
+        .filter_map(|w| w.get(3).copied())
         .filter(|source| prefixes.iter().any(|p| source.starts_with(p.as_str())))
         .count() as u64)
 }
@@ -1589,7 +1592,7 @@ impl Tunnel {
         ip(&["addr", "add", self.director_inner, "dev", dev])?;
         ip(&["link", "set", dev, "up"])?;
         ip(&["route", "add", &inner, "dev", dev])?;
-        let mut client = format!(
+        let client = format!(
             "link add {dev} type {kind} local {} remote 10.0.1.1\n\
              addr add {inner}/32 dev {dev}\n\
              link set {dev} up\n\
@@ -1597,16 +1600,25 @@ impl Tunnel {
              rule add from {inner} lookup {table}\n",
             self.client_outer
         );
+        ip_batch("vmclient", &client)?;
         if let Some(v6) = self.client_inner6 {
             ip(&["addr", "add", "fd00:9:2::1/128", "dev", dev, "nodad"])?;
             ip(&["-6", "route", "add", &format!("{v6}/128"), "dev", dev])?;
-            client += &format!(
-                "addr add {v6}/128 dev {dev} nodad\n\
-                 -6 route add default dev {dev} table {table}\n\
-                 -6 rule add from {v6} lookup {table}\n"
-            );
+            let v6 = v6.to_string();
+            ip_in(
+                "vmclient",
+                &["addr", "add", &format!("{v6}/128"), "dev", dev, "nodad"],
+            )?;
+            ip_in(
+                "vmclient",
+                &["-6", "route", "add", "default", "dev", dev, "table", table],
+            )?;
+            ip_in(
+                "vmclient",
+                &["-6", "rule", "add", "from", &v6, "lookup", table],
+            )?;
         }
-        ip_batch("vmclient", &client)
+        Ok(())
     }
 
     /// What the client sends from its inner address(es): the probes of
