@@ -245,15 +245,14 @@ impl Description {
     fn packet(&self) -> Frame {
         const LATER_OFFSET: u16 = 185; // 1480 bytes: the second fragment of a 1500-byte MTU
         let frame = Frame::to(self.dst, L4::new(self.proto, self.port)).vlan_ids(&self.vlans);
-        let frame = match (self.later_fragment, self.dst) {
+        match (self.later_fragment, self.dst) {
             (false, _) => frame,
             (true, IpAddr::V4(_)) => frame.ipv4_fragment(LATER_OFFSET, false),
             (true, IpAddr::V6(_)) => frame.ipv6_ext(&[Ext::Fragment {
                 offset: LATER_OFFSET,
                 more: false,
             }]),
-        };
-        frame
+        }
     }
 }
 
