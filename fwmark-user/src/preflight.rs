@@ -48,7 +48,7 @@ pub enum PreflightError {
          carries the VIPs' IP packets",
         name = link_type_name(*link_type)
     )]
-    NotEthernet { iface: String, link_type: u32 },
+    UnsupportedLink { iface: String, link_type: u32 },
     #[error(
         "bpffs is not mounted at {BPFFS} and mounting it failed ({0}; mounting needs \
          CAP_SYS_ADMIN); run `mount -t bpf -o mode=0700 bpf {BPFFS}` as root (for good: \
@@ -161,7 +161,7 @@ pub fn interface_link(iface: &str) -> Result<Link, PreflightError> {
     let Some(link_type) = link_type(iface) else {
         return Ok(Link::Ethernet);
     };
-    link_of_type(link_type).ok_or_else(|| PreflightError::NotEthernet {
+    link_of_type(link_type).ok_or_else(|| PreflightError::UnsupportedLink {
         iface: iface.into(),
         link_type,
     })
@@ -247,7 +247,7 @@ mod tests {
             assert_eq!(super::link_of_type(other), None, "{other}");
         }
         assert_eq!(super::interface_link("lo").unwrap(), Link::Ethernet);
-        let e = super::PreflightError::NotEthernet {
+        let e = super::PreflightError::UnsupportedLink {
             iface: "ib0".into(),
             link_type: 32,
         }
