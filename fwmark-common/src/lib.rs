@@ -28,6 +28,30 @@ pub const ABI_VERSION: u32 = 2;
 
 /// Name of the classifier program in the eBPF object.
 pub const PROGRAM_NAME: &str = "fwmark";
+/// Name of the classifier's entry for L3 devices (tun, WireGuard, ipip,
+/// ip6tnl, sit, GRE): packets start at the IP header, the family is the
+/// skb's protocol. Same maps as [`PROGRAM_NAME`].
+pub const PROGRAM_NAME_L3: &str = "fwmark_l3";
+
+/// What a device's packets start with at TC ingress, which picks the
+/// classifier's entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Link {
+    /// An Ethernet header (Ethernet, bond, VLAN, veth, gretap, vxlan, lo).
+    Ethernet,
+    /// The IP header; the family comes from the skb's protocol.
+    L3,
+}
+
+impl Link {
+    /// The classifier program for this link.
+    pub const fn program_name(self) -> &'static str {
+        match self {
+            Link::Ethernet => PROGRAM_NAME,
+            Link::L3 => PROGRAM_NAME_L3,
+        }
+    }
+}
 /// Name of the benchmark floor program (returns at once; never attached),
 /// the one program of its own eBPF object, `fwmark-floor`.
 pub const FLOOR_PROGRAM_NAME: &str = "fwmark_floor";

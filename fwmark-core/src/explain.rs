@@ -11,6 +11,11 @@
 
 use std::{fmt::Write as _, net::IpAddr};
 
+use fwmark_common::{
+    Link,
+    wire::{ETHERTYPE_IPV4, ETHERTYPE_IPV6},
+};
+
 use crate::{
     config::Config,
     frame::{Ext, Frame, L4},
@@ -214,6 +219,17 @@ impl Input {
             Input::Described(d) => d.frame(),
         }
     }
+
+    /// The bytes as a device of kind `link` delivers them: the Ethernet
+    /// frame, or for an L3 device the IP packet (a hex input is taken as
+    /// given, so it is the IP packet itself there).
+    pub fn bytes_on(&self, link: Link) -> Vec<u8> {
+        match (self, link) {
+            (Input::Hex(bytes), _) => bytes.clone(),
+            (Input::Described(d), Link::Ethernet) => d.frame(),
+            (Input::Described(d), Link::L3) => d.packet().ip_packet(),
+        }
+    }
 }
 
 impl Description {
@@ -222,17 +238,21 @@ impl Description {
     /// for an IPv6 later fragment), the transport header and 16 bytes of
     /// payload.
     pub fn frame(&self) -> Vec<u8> {
+        self.packet().build()
+    }
+
+    /// The description as a [`Frame`] to build.
+    fn packet(&self) -> Frame {
         const LATER_OFFSET: u16 = 185; // 1480 bytes: the second fragment of a 1500-byte MTU
         let frame = Frame::to(self.dst, L4::new(self.proto, self.port)).vlan_ids(&self.vlans);
-        let frame = match (self.later_fragment, self.dst) {
+        match (self.later_fragment, self.dst) {
             (false, _) => frame,
             (true, IpAddr::V4(_)) => frame.ipv4_fragment(LATER_OFFSET, false),
             (true, IpAddr::V6(_)) => frame.ipv6_ext(&[Ext::Fragment {
                 offset: LATER_OFFSET,
                 more: false,
             }]),
-        };
-        frame.build()
+        }
     }
 }
 
@@ -245,11 +265,45 @@ fn hex(bytes: &[u8]) -> String {
 
 /// The explanation of `frame` arriving with `mark` under `config`, as text.
 pub fn explain(config: &Config, frame: &[u8], mark: u32) -> String {
+    explain_on(config, Link::Ethernet, frame, mark)
+}
+
+/// The skb protocol an L3 device gives `packet`: what tun (without packet
+/// information) derives from the IP version nibble, and what a tunnel
+/// carrying IPv4 or IPv6 sets; 0 (not IP) for any other version.
+pub fn l3_protocol(packet: &[u8]) -> u16 {
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => ETHERTYPE_IPV4,
+        Some(6) => ETHERTYPE_IPV6,
+        _ => 0,
+    }
+}
+
+/// The explanation of `bytes` arriving with `mark` under `config` on a
+/// device of kind `link`: an Ethernet frame, or an L3 device's IP packet
+/// (its skb protocol by [`l3_protocol`]).
+pub fn explain_on(config: &Config, link: Link, bytes: &[u8], mark: u32) -> String {
+    let frame = bytes;
     let model = Model::new(config);
-    let decision = model.classify(frame, mark);
+    let decision = match link {
+        Link::Ethernet => model.classify(frame, mark),
+        Link::L3 => model.classify_l3(l3_protocol(frame), frame, mark),
+    };
     let mut out = String::new();
     let w = &mut out;
-    let _ = writeln!(w, "frame: {} bytes: {}", frame.len(), hex(frame));
+    match link {
+        Link::Ethernet => {
+            let _ = writeln!(w, "frame: {} bytes: {}", frame.len(), hex(frame));
+        }
+        Link::L3 => {
+            let _ = writeln!(
+                w,
+                "packet on an L3 device (no Ethernet header): {} bytes: {}",
+                frame.len(),
+                hex(frame)
+            );
+        }
+    }
     let _ = writeln!(w, "parse:");
     for layer in &decision.parsed.layers {
         let _ = writeln!(w, "  {layer}");
@@ -275,6 +329,12 @@ pub fn explain(config: &Config, frame: &[u8], mark: u32) -> String {
                 let _ = writeln!(
                     w,
                     "  a third VLAN tag ({ethertype:#06x}): the classifier parses two"
+                );
+            } else if link == Link::L3 {
+                let _ = writeln!(
+                    w,
+                    "  skb protocol {ethertype:#06x} is neither IPv4 nor IPv6 (the first byte's \
+                     version nibble is neither 4 nor 6)"
                 );
             } else {
                 let _ = writeln!(w, "  ethertype {ethertype:#06x} is neither IPv4 nor IPv6");
@@ -478,6 +538,35 @@ mod tests {
 
     const CONFIG: &str = "[[service]]\nname = \"web\"\nvip = [\"192.0.2.10\", \"2001:db8::10\"]\n\
                           proto = \"tcp\"\nports = [443]\nmark = 80\n";
+
+    #[test]
+    fn an_l3_packet_is_explained_without_an_ethernet_header() {
+        let config = Config::parse(
+            "[[service]]\nname = \"web\"\nvip = [\"192.0.2.10\", \"2001:db8::10\"]\n\
+             proto = \"tcp\"\nports = [443]\nmark = 80\n",
+            "test",
+        )
+        .unwrap();
+        for (dst, protocol) in [("192.0.2.10", 0x0800), ("2001:db8::10", 0x86dd)] {
+            let input = Input::Described(Description {
+                proto: 6,
+                dst: dst.parse().unwrap(),
+                port: Some(443),
+                later_fragment: false,
+                vlans: vec![],
+            });
+            let packet = input.bytes_on(Link::L3);
+            assert_eq!(packet, input.frame()[14..], "{dst}");
+            assert_eq!(l3_protocol(&packet), protocol);
+            let text = explain_on(&config, Link::L3, &packet, 0);
+            assert!(text.contains("no Ethernet header (L3 device)"), "{text}");
+            assert!(text.contains("= 0x50"), "{text}");
+            // The same bytes behind no header are garbage as an Ethernet frame.
+            assert!(!explain(&config, &packet, 0).contains("= 0x50"));
+        }
+        let text = explain_on(&config, Link::L3, &[0x50; 40], 0);
+        assert!(text.contains("skb protocol 0x0000 is neither"), "{text}");
+    }
 
     fn error_frame(vip: &str, client: &str, ty: u8, code: u8) -> Vec<u8> {
         let quoted = Frame::new(client, L4::Tcp(40000))

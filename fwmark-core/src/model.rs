@@ -72,6 +72,11 @@ pub enum Layer {
     Ethernet {
         ethertype: u16,
     },
+    /// No link-layer header: an L3 device's packet (tun, WireGuard, ipip,
+    /// GRE, ...), whose family is the skb's protocol.
+    L3 {
+        protocol: u16,
+    },
     Vlan {
         tpid: u16,
         vid: u16,
@@ -145,6 +150,10 @@ impl fmt::Display for Layer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Layer::Ethernet { ethertype } => write!(f, "Ethernet, ethertype {ethertype:#06x}"),
+            Layer::L3 { protocol } => write!(
+                f,
+                "no Ethernet header (L3 device), skb protocol {protocol:#06x}"
+            ),
             Layer::Vlan {
                 tpid,
                 vid,
@@ -487,6 +496,15 @@ pub fn parse(frame: &[u8]) -> Parsed {
     Parsed { layers, result }
 }
 
+/// Parses an L3 device's packet as the classifier's L3 entry does: the IP
+/// header at byte 0, its family named by `protocol` (the skb's protocol,
+/// `ETH_P_IP` or `ETH_P_IPV6`; anything else is not IP).
+pub fn parse_l3(protocol: u16, packet: &[u8]) -> Parsed {
+    let mut layers = vec![Layer::L3 { protocol }];
+    let result = ip_into(packet, protocol, 0, &mut layers).unwrap_or_else(Parse::Malformed);
+    Parsed { layers, result }
+}
+
 fn parse_into(frame: &[u8], layers: &mut Vec<Layer>) -> Result<Parse, Malformed> {
     let mut ethertype = ethernet(frame)?;
     layers.push(Layer::Ethernet { ethertype });
@@ -506,7 +524,20 @@ fn parse_into(frame: &[u8], layers: &mut Vec<Layer>) -> Result<Parse, Malformed>
         ethertype = inner;
         offset += VLAN_HLEN;
     }
-    let l3_offset = offset;
+    ip_into(frame, ethertype, offset, layers)
+}
+
+/// The IP packet at `l3_offset` whose family `ethertype` names.
+fn ip_into(
+    frame: &[u8],
+    ethertype: u16,
+    l3_offset: usize,
+    layers: &mut Vec<Layer>,
+) -> Result<Parse, Malformed> {
+    let offset = l3_offset;
+    // A tag the VLAN walk left (a third one) only exists behind Ethernet.
+    let ethernet = matches!(layers.first(), Some(Layer::Ethernet { .. }));
+    let is_tag = |t: u16| ethernet && (t == TPID_8021Q || t == TPID_8021AD);
     let (dst, proto, l4_offset, later_fragment) = match ethertype {
         ETHERTYPE_IPV4 => {
             let layer = ipv4(frame, offset)?;
@@ -977,7 +1008,17 @@ impl Model {
 
     /// What the classifier does with `frame` arriving with `mark`.
     pub fn classify(&self, frame: &[u8], mark: u32) -> Decision {
-        let mut parsed = parse(frame);
+        self.decide(frame, parse(frame), mark)
+    }
+
+    /// What the classifier's L3 entry does with `packet` (an IP packet from
+    /// its first byte, as an L3 device delivers it) whose skb protocol is
+    /// `protocol`, arriving with `mark`.
+    pub fn classify_l3(&self, protocol: u16, packet: &[u8], mark: u32) -> Decision {
+        self.decide(packet, parse_l3(protocol, packet), mark)
+    }
+
+    fn decide(&self, frame: &[u8], mut parsed: Parsed, mark: u32) -> Decision {
         let mut icmp = None;
         let found = |hit: Option<Hit>| hit.map_or(Outcome::NoMatch, Outcome::Marked);
         let outcome = match parsed.result.clone() {
@@ -1130,6 +1171,56 @@ mark = 9
         assert_eq!(d.mark, 0x5234);
         let d = m.classify(&tcp4([192, 0, 2, 99], 80), 0x1234);
         assert_eq!((d.outcome, d.mark), (Outcome::NoMatch, 0x1234));
+    }
+
+    #[test]
+    fn l3_packets_start_at_the_ip_header_with_the_family_from_the_protocol() {
+        let (_, m) = model();
+        let v4 = [ipv4([192, 0, 2, 10], 6, 4, 0), l4(6, 443)].concat();
+        let v6 = [ipv6("2001:db8::10", 6), l4(6, 80)].concat();
+        let marked = |protocol: u16, packet: &[u8]| match m.classify_l3(protocol, packet, 0).outcome
+        {
+            Outcome::Marked(hit) => Some(hit.mark),
+            _ => None,
+        };
+        assert_eq!(marked(0x0800, &v4), Some(80));
+        assert_eq!(marked(0x86dd, &v6), Some(80));
+        let d = m.classify_l3(0x0800, &v4, 0);
+        assert_eq!(d.parsed.layers[0], Layer::L3 { protocol: 0x0800 });
+        let Parse::Ip(key) = d.parsed.result else {
+            panic!("{d:?}")
+        };
+        assert_eq!((key.l3_offset, key.l4_offset), (0, 24));
+        // The protocol names the family: the other family's header is malformed.
+        assert_eq!(
+            m.classify_l3(0x86dd, &v4, 0).parsed.result,
+            Parse::Malformed(Malformed::BadVersion {
+                offset: 0,
+                version: 4
+            })
+        );
+        assert_eq!(m.classify_l3(0x0800, &v6, 0).outcome, Outcome::Malformed);
+        // Not IP, and no VLAN walk (a tag protocol is just not IP).
+        for protocol in [0x0806, 0x8100, 0] {
+            assert_eq!(
+                m.classify_l3(protocol, &v4, 0).parsed.result,
+                Parse::NonIp {
+                    ethertype: protocol,
+                    third_tag: false
+                }
+            );
+        }
+        // Truncated and later fragments as on Ethernet.
+        assert_eq!(
+            m.classify_l3(0x0800, &v4[..30], 0).outcome,
+            Outcome::Malformed
+        );
+        let later = [ipv4([192, 0, 2, 77], 6, 0, 100), vec![0xab; 8]].concat();
+        let d = m.classify_l3(0x0800, &later, 0);
+        assert!(d.later_fragment());
+        assert_eq!(marked(0x0800, &later), Some(77));
+        // An Ethernet frame on the L3 entry: its header is read as IP.
+        assert_eq!(marked(0x0800, &tcp4([192, 0, 2, 10], 443)), None);
     }
 
     #[test]

@@ -5,6 +5,10 @@
 //! (family, protocol, port, destination address) in the active generation's
 //! maps; on a match write `mark = (mark & !mask) | (value & mask)`.
 //!
+//! L3 devices (tun, WireGuard, ipip, GRE, ...) have no Ethernet header: their
+//! entry, `fwmark_l3`, starts at the network header with the family taken
+//! from the skb's protocol; everything after the parse is the same code.
+//!
 //! It never drops, redirects or rewrites a packet and always returns
 //! `TC_ACT_UNSPEC` (== `TCX_NEXT`), so later tc programs still run.
 //!
@@ -71,8 +75,23 @@ static RULE_STATS: PerCpuArray<RuleCounters, 1> = PerCpuArray::new();
 #[btf_map]
 static GLOBAL_STATS: PerCpuArray<GlobalCounters, 1> = PerCpuArray::new();
 
+/// The entry for Ethernet devices (and loopback): frames start with an
+/// Ethernet header.
 #[classifier]
 pub fn fwmark(ctx: TcContext) -> i32 {
+    run::<false>(&ctx)
+}
+
+/// The entry for L3 devices (tun, WireGuard, ipip, ip6tnl, sit, GRE):
+/// packets start at the IP header, their family is the skb's protocol.
+/// Same maps, same lookup and counters; only the parse's start differs.
+#[classifier]
+pub fn fwmark_l3(ctx: TcContext) -> i32 {
+    run::<true>(&ctx)
+}
+
+#[inline(always)]
+fn run<const L3: bool>(ctx: &TcContext) -> i32 {
     let Some(global) = GLOBAL_STATS.get_ptr_mut(0) else {
         return TC_ACT_UNSPEC;
     };
@@ -80,7 +99,12 @@ pub fn fwmark(ctx: TcContext) -> i32 {
     // while it runs (no other writer can interleave on this CPU).
     let global = unsafe { &mut *global };
     global.seen += 1;
-    match parse::packet(ctx.data(), ctx.data_end()) {
+    let parsed = if L3 {
+        parse::packet_l3(ctx)
+    } else {
+        parse::packet(ctx.data(), ctx.data_end())
+    };
+    match parsed {
         Parsed::NonIp => global.non_ip += 1,
         Parsed::Malformed => global.malformed += 1,
         Parsed::Ip(pkt) => {
@@ -113,13 +137,13 @@ pub fn fwmark(ctx: TcContext) -> i32 {
             }
             match lookup(active, &key, with_port) {
                 Some(target) => {
-                    mark(&ctx, &target, pkt.l3_offset, icmp);
+                    mark(ctx, &target, pkt.l3_offset, icmp);
                     global.marked += 1;
                     if icmp {
                         global.icmp_error += 1;
                     }
                     debug!(
-                        &ctx,
+                        ctx,
                         "marked: family {} proto {} port {} rule {} mark {:x}/{:x} icmp error {}",
                         key.family,
                         key.proto,
@@ -133,7 +157,7 @@ pub fn fwmark(ctx: TcContext) -> i32 {
                 None => {
                     global.no_match += 1;
                     trace!(
-                        &ctx,
+                        ctx,
                         "no match: family {} proto {} port {}",
                         key.family,
                         key.proto,

@@ -8,7 +8,12 @@
 //! parameter: the destination of the packet itself, the source of the packet
 //! an ICMP error quotes (`icmp_error`), with the same header walk.
 
-use core::ptr::read_unaligned;
+use core::{hint::black_box, ptr::read_unaligned};
+
+use aya_ebpf::{
+    bindings::bpf_hdr_start_off::BPF_HDR_START_NET, helpers::bpf_skb_load_bytes_relative,
+    programs::TcContext,
+};
 
 use fwmark_common::{
     ALL_PORTS, FAMILY_IPV4, FAMILY_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP,
@@ -201,12 +206,105 @@ fn dest_port(data: usize, end: usize, off: usize, proto: u8) -> Option<[u8; 2]> 
     }
 }
 
-/// Parses the packet in `[data, data_end)`.
+/// Parses the Ethernet frame in `[data, data_end)`.
 #[inline(always)]
 pub fn packet(data: usize, data_end: usize) -> Parsed {
     let Some((ethertype, l3)) = ethernet(data, data_end) else {
         return Parsed::Malformed;
     };
+    ip(data, data_end, ethertype, l3)
+}
+
+/// The most bytes an L3 device's skb may carry in front of its network
+/// header at TC ingress (see [`network_offset`]).
+pub const MAX_L3_HEADROOM: u32 = 128;
+
+/// Parses the packet of an L3 device (tun, WireGuard, ipip, GRE, ...):
+/// the IP header sits at the skb's network header, and the family comes
+/// from the skb's protocol (`ETH_P_IP`, `ETH_P_IPV6`), not from a header.
+#[inline(always)]
+pub fn packet_l3(ctx: &TcContext) -> Parsed {
+    // `protocol` holds the __be16 in its low 16 bits.
+    let protocol = u16::from_be(ctx.skb.protocol() as u16);
+    if protocol != ETHERTYPE_IPV4 && protocol != ETHERTYPE_IPV6 {
+        return Parsed::NonIp;
+    }
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let Some(l3) = network_offset(ctx, data, data_end) else {
+        return Parsed::Malformed;
+    };
+    ip(data, data_end, protocol, l3 as usize)
+}
+
+/// Where the network header is, counted from `data`: the skb's `mac_len`,
+/// which TC ingress pushed in front of it. It is 0 on tun, WireGuard and
+/// (Linux >= 5.14) ipip devices, but not everywhere: ipip before 5.14 keeps
+/// the outer Ethernet and IP headers there, a GRE device without a fixed
+/// remote the outer IP and GRE headers, and `BPF_PROG_TEST_RUN` an Ethernet
+/// header. `__sk_buff` has no field for it, so it is measured: a 1-byte
+/// `bpf_skb_load_bytes_relative` from the network header at offset
+/// `linear - m - 1` succeeds exactly when `m >= mac_len` (the helper reads
+/// the linear part only, which ends at `data_end`). One call when it is 0,
+/// a binary search of 8 more otherwise; more than [`MAX_L3_HEADROOM`] bytes
+/// (or a linear part over 64 KiB, which the helper refuses) is `None`.
+///
+/// The search is arithmetic, not branches, with the probe's answer hidden
+/// from LLVM (`black_box`): with branches every path would end at its own
+/// constant offset, and the verifier would walk the parsers once per
+/// constant (over its million-instruction limit).
+#[inline(always)]
+fn network_offset(ctx: &TcContext, data: usize, data_end: usize) -> Option<u32> {
+    // A scalar (pointer subtraction needs CAP_PERFMON, which loading needs).
+    let linear = (data_end - data) as i64;
+    // 1 when `m >= mac_len`, else 0.
+    let covers = |m: i64| -> i64 {
+        // For m >= linear (mac_len <= linear <= m) the probe reads the
+        // network header's first byte, there unless mac_len == linear, a
+        // packet with no network header (malformed either way).
+        let past = linear - m - 1;
+        let offset = if past < 0 { 0 } else { past as u32 };
+        let mut byte = 0u8;
+        // SAFETY: the helper writes at most 1 byte into `byte`; `ctx.skb`
+        // is the context pointer the kernel passed.
+        let ret = unsafe {
+            bpf_skb_load_bytes_relative(
+                ctx.skb.skb as *const _,
+                offset,
+                (&mut byte as *mut u8).cast(),
+                1,
+                BPF_HDR_START_NET,
+            )
+        };
+        // 0 (read) or a negative errno.
+        black_box(((ret as u64 >> 63) ^ 1) as i64)
+    };
+    if covers(0) == 1 {
+        return Some(0);
+    }
+    let max = i64::from(MAX_L3_HEADROOM);
+    if covers(max) == 0 {
+        return None;
+    }
+    // covers(lo) == 0, covers(hi) == 1: mac_len is in (lo, hi].
+    let (mut lo, mut hi) = (0i64, max);
+    for _ in 0..8 {
+        let mid = lo + (hi - lo) / 2;
+        let c = covers(mid);
+        hi -= c * (hi - mid);
+        lo += (1 - c) * (mid - lo);
+    }
+    if !(1..=max).contains(&hi) {
+        return None;
+    }
+    // Bounds for the verifier, which cannot follow the arithmetic (and
+    // before 6.x not the range check either): a mask LLVM cannot drop.
+    Some(black_box(hi as u32) & 0xff)
+}
+
+/// The IP packet at `l3` whose family `ethertype` names: IPv4 or IPv6 with
+/// its extension headers, then the TCP/UDP/SCTP destination port.
+#[inline(always)]
+fn ip(data: usize, data_end: usize, ethertype: u16, l3: usize) -> Parsed {
     let mut key = ServiceKey {
         family: 0,
         proto: 0,

@@ -232,7 +232,8 @@ pub struct CheckArgs {
     after_help = "Examples:\n  fwmark explain --config fwmark.toml tcp 192.0.2.10:443\n  \
 fwmark explain --config fwmark.toml udp '[2001:db8::10]:53' --mark 0x4000\n  \
 fwmark explain --config fwmark.toml --later-fragment tcp 192.0.2.10\n  \
-fwmark explain --config fwmark.toml --hex 020000000002020000000001080045..."
+fwmark explain --config fwmark.toml --hex 020000000002020000000001080045...\n  \
+fwmark explain --config fwmark.toml --l3 --hex 4500003c..."
 )]
 pub struct ExplainArgs {
     /// Config file.
@@ -256,6 +257,10 @@ pub struct ExplainArgs {
     /// (repeat for QinQ).
     #[arg(long, value_name = "ID")]
     pub vlan: Vec<u16>,
+    /// The packet arrives on an L3 device (tun, WireGuard, ipip, GRE, ...):
+    /// no Ethernet header, a --hex packet starts at the IP header.
+    #[arg(long, conflicts_with = "vlan")]
+    pub l3: bool,
 }
 
 /// A u32 in decimal or `0x` hex.

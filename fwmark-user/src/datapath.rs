@@ -26,7 +26,7 @@ use aya::{
 use aya_obj::generated::{bpf_attr, bpf_attr__bindgen_ty_3, bpf_cmd};
 use fwmark_common::{
     ACTIVE_GENERATION_MASK, ACTIVE_HAS_PREFIX, ACTIVE_ICMP_ERRORS, GENERATIONS, GlobalCounters,
-    RuleCounters, ServiceKey, Target, map_names,
+    Link, RuleCounters, ServiceKey, Target, map_names,
 };
 
 use fwmark_core::ruleset::Ruleset;
@@ -511,6 +511,8 @@ pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 /// A loaded classifier program and its maps.
 pub struct Datapath {
     ebpf: Ebpf,
+    /// Which entry was loaded: Ethernet frames or L3 packets.
+    link: Link,
     pub maps: Maps,
     /// Present when kernel-side logging is on.
     pub logger: Option<KernelLogger>,
@@ -523,6 +525,18 @@ impl Datapath {
     /// program then works on the live maps. `log_level`: kernel-side log
     /// records up to that level (`None`: none, and no logging code runs).
     pub fn load(
+        rule_capacity: u32,
+        pin_dir: Option<&Path>,
+        log_level: Option<aya_log::Level>,
+    ) -> Result<Datapath, DatapathError> {
+        Datapath::load_for(Link::Ethernet, rule_capacity, pin_dir, log_level)
+    }
+
+    /// [`Datapath::load`] of the entry for `link`: `fwmark` for Ethernet
+    /// devices, `fwmark_l3` for L3 devices (the same maps either way, so
+    /// pins are shared with any earlier run on the device).
+    pub fn load_for(
+        link: Link,
         rule_capacity: u32,
         pin_dir: Option<&Path>,
         log_level: Option<aya_log::Level>,
@@ -540,7 +554,7 @@ impl Datapath {
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         let program: &mut SchedClassifier = ebpf
-            .program_mut(fwmark_common::PROGRAM_NAME)
+            .program_mut(link.program_name())
             .ok_or(DatapathError::Missing("classifier program"))?
             .try_into()?;
         program.load()?;
@@ -549,14 +563,24 @@ impl Datapath {
             None => None,
         };
         let maps = Maps::from_ebpf(&mut ebpf)?;
-        Ok(Datapath { ebpf, maps, logger })
+        Ok(Datapath {
+            ebpf,
+            link,
+            maps,
+            logger,
+        })
+    }
+
+    /// The link this classifier's entry parses.
+    pub fn link(&self) -> Link {
+        self.link
     }
 
     /// The classifier program (for attaching and `BPF_PROG_TEST_RUN`).
     pub fn program(&self) -> Result<&SchedClassifier, DatapathError> {
         Ok(self
             .ebpf
-            .program(fwmark_common::PROGRAM_NAME)
+            .program(self.link.program_name())
             .ok_or(DatapathError::Missing("classifier program"))?
             .try_into()?)
     }
@@ -565,7 +589,7 @@ impl Datapath {
     pub fn program_mut(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
         Ok(self
             .ebpf
-            .program_mut(fwmark_common::PROGRAM_NAME)
+            .program_mut(self.link.program_name())
             .ok_or(DatapathError::Missing("classifier program"))?
             .try_into()?)
     }
@@ -575,7 +599,7 @@ impl Datapath {
     pub fn split(&mut self) -> Result<(&SchedClassifier, &mut Maps), DatapathError> {
         let program = self
             .ebpf
-            .program(fwmark_common::PROGRAM_NAME)
+            .program(self.link.program_name())
             .ok_or(DatapathError::Missing("classifier program"))?
             .try_into()?;
         Ok((program, &mut self.maps))

@@ -4,6 +4,7 @@
 use std::{io, os::fd::AsRawFd as _, path::Path};
 
 use aya::util::KernelVersion;
+use fwmark_common::Link;
 use nix::{
     mount::{MsFlags, mount},
     net::if_::{if_indextoname, if_nametoindex},
@@ -43,10 +44,13 @@ pub enum PreflightError {
     )]
     NoInterface { iface: String, netns: String },
     #[error(
-        "interface {iface:?} has link type {link_type}, not Ethernet; fwmark parses Ethernet \
-         frames, so attach it to the Ethernet device (or bond/VLAN) that carries the VIPs"
+        "interface {iface:?} has link type {link_type} ({name}), which fwmark cannot parse: it \
+         reads Ethernet frames (Ethernet, bond, VLAN, veth, gretap, vxlan) and IP packets of L3 \
+         devices (tun, WireGuard, ipip, ip6tnl, sit, GRE, ip6gre); attach it to the device that \
+         carries the VIPs' IP packets",
+        name = link_type_name(*link_type)
     )]
-    NotEthernet { iface: String, link_type: u32 },
+    UnsupportedLink { iface: String, link_type: u32 },
     #[error(
         "bpffs is not mounted at {BPFFS} and mounting it failed ({0}; mounting needs \
          CAP_SYS_ADMIN); run `mount -t bpf -o mode=0700 bpf {BPFFS}` as root (for good: \
@@ -112,19 +116,61 @@ pub fn index_exists(index: u32) -> bool {
 /// an Ethernet header at TC ingress.
 const ETHERNET_LINK_TYPES: [u32; 2] = [1, 772];
 
-/// The interface exists and carries Ethernet frames; returns its index.
+/// L3 link types (`linux/if_arp.h`): packets start at the IP header and the
+/// skb's protocol names the family. `ARPHRD_TUNNEL` (ipip), `ARPHRD_TUNNEL6`
+/// (ip6tnl), `ARPHRD_SIT`, `ARPHRD_IPGRE` (gre), `ARPHRD_IP6GRE` and
+/// `ARPHRD_NONE` (tun with `IFF_TUN`, WireGuard).
+const L3_LINK_TYPES: [u32; 6] = [768, 769, 776, 778, 823, 0xfffe];
+
+/// A readable name of an `ARPHRD_*` link type, for messages.
+pub fn link_type_name(link_type: u32) -> &'static str {
+    match link_type {
+        1 => "Ethernet",
+        772 => "loopback",
+        768 => "ipip",
+        769 => "ip6tnl",
+        776 => "sit",
+        778 => "gre",
+        823 => "ip6gre",
+        0xfffe => "none: tun or WireGuard",
+        512 => "PPP",
+        32 => "InfiniBand",
+        801 => "802.11",
+        803 => "802.11 radiotap",
+        _ => "see linux/if_arp.h",
+    }
+}
+
+/// Which classifier entry a link type needs, if fwmark can parse it.
+pub fn link_of_type(link_type: u32) -> Option<Link> {
+    if ETHERNET_LINK_TYPES.contains(&link_type) {
+        Some(Link::Ethernet)
+    } else if L3_LINK_TYPES.contains(&link_type) {
+        Some(Link::L3)
+    } else {
+        None
+    }
+}
+
+/// The interface exists and carries Ethernet frames or IP packets; returns
+/// its index.
 pub fn check_interface(iface: &str) -> Result<u32, PreflightError> {
     let index = interface_index(iface)?;
-    // Without an answer (unusual) the check is skipped rather than guessed.
-    if let Some(link_type) = link_type(iface)
-        && !ETHERNET_LINK_TYPES.contains(&link_type)
-    {
-        return Err(PreflightError::NotEthernet {
-            iface: iface.into(),
-            link_type,
-        });
-    }
+    interface_link(iface)?;
     Ok(index)
+}
+
+/// Which classifier entry `iface` needs: [`Link::Ethernet`] or [`Link::L3`];
+/// an error names a link type fwmark cannot parse. Without an answer from
+/// the kernel (unusual) it is Ethernet rather than a guess.
+pub fn interface_link(iface: &str) -> Result<Link, PreflightError> {
+    let Some(link_type) = link_type(iface) else {
+        return Ok(Link::Ethernet);
+    };
+    link_of_type(link_type).ok_or_else(|| PreflightError::UnsupportedLink {
+        iface: iface.into(),
+        link_type,
+    })
 }
 
 /// The `ARPHRD_*` link type of `iface` in this network namespace
@@ -218,6 +264,30 @@ mod tests {
         // Indexes count up from 1 per namespace and are never near u32::MAX.
         assert!(!super::index_exists(u32::MAX - 7));
         assert!(!super::index_exists(0));
+    }
+
+    #[test]
+    fn link_types_pick_the_entry_or_are_refused() {
+        use fwmark_common::Link;
+        assert_eq!(super::link_of_type(1), Some(Link::Ethernet));
+        assert_eq!(super::link_of_type(772), Some(Link::Ethernet));
+        for l3 in [768, 769, 776, 778, 823, 0xfffe] {
+            assert_eq!(super::link_of_type(l3), Some(Link::L3), "{l3}");
+        }
+        // PPP, InfiniBand, 802.11: neither Ethernet frames nor bare IP at ingress.
+        for other in [512, 32, 801, 803] {
+            assert_eq!(super::link_of_type(other), None, "{other}");
+        }
+        assert_eq!(super::interface_link("lo").unwrap(), Link::Ethernet);
+        let e = super::PreflightError::UnsupportedLink {
+            iface: "ib0".into(),
+            link_type: 32,
+        }
+        .to_string();
+        assert!(
+            e.contains("link type 32 (InfiniBand)") && e.contains("tun"),
+            "{e}"
+        );
     }
 
     #[test]

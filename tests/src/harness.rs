@@ -4,7 +4,7 @@
 use anyhow::Result;
 use aya::programs::{TestRun as _, TestRunOptions};
 use fwmark::datapath::{Datapath, rule_capacity};
-use fwmark_common::{GlobalCounters, RuleCounters};
+use fwmark_common::{GlobalCounters, Link, RuleCounters};
 use fwmark_core::{config::Config, ruleset::Ruleset};
 
 /// `sizeof(struct __sk_buff)` on current kernels.
@@ -34,9 +34,19 @@ pub struct Harness {
 impl Harness {
     /// Loads the classifier and publishes the config given as TOML text.
     pub fn new(toml: &str) -> Result<Harness> {
+        Harness::on(Link::Ethernet, toml)
+    }
+
+    /// Loads the classifier's entry for `link` and publishes the config.
+    /// `BPF_PROG_TEST_RUN` always builds an Ethernet skb (the protocol from
+    /// the frame's ethertype, the network header after 14 bytes), so the L3
+    /// entry runs here with a 14-byte `mac_len`, as on an ipip device
+    /// before Linux 5.14; `mac_len` 0 (tun, WireGuard) takes a real device.
+    pub fn on(link: Link, toml: &str) -> Result<Harness> {
         let config = Config::parse(toml, "test config")?;
         let ruleset = Ruleset::compile(&config)?;
-        let mut datapath = Datapath::load(rule_capacity(ruleset.rules.len()), None, None)?;
+        let mut datapath =
+            Datapath::load_for(link, rule_capacity(ruleset.rules.len()), None, None)?;
         datapath.publish_simple(&ruleset)?;
         Ok(Harness {
             datapath,

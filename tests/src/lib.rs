@@ -27,4 +27,5 @@ pub mod nft;
 pub mod ops;
 pub mod packets;
 pub mod recorder;
+pub mod tun;
 pub mod vm;

@@ -364,6 +364,26 @@ fn build_topology() -> Result<()> {
     Ok(())
 }
 
+/// IPVS's connection entries whose client is one of `sources` (TCP and UDP:
+/// not the persistence templates, protocol `IP`).
+fn ipvs_conns_from(sources: &[IpAddr]) -> Result<u64> {
+    let text = sh(IPVSADM, &["-L", "-n", "-c"])?;
+    let prefixes: Vec<String> = sources
+        .iter()
+        .map(|a| match a {
+            IpAddr::V4(a) => format!("{a}:"),
+            IpAddr::V6(a) => format!("[{a}]:"),
+        })
+        .collect();
+    Ok(text
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|w| matches!(w.first(), Some(&"TCP" | &"UDP")))
+        .filter_map(|w| w.get(3).copied())
+        .filter(|source| prefixes.iter().any(|p| source.starts_with(p.as_str())))
+        .count() as u64)
+}
+
 /// Live connections per fwmark service (all real servers).
 fn ipvs_conns() -> Result<BTreeMap<Fwm, u64>> {
     Ok(parse_ipvs_conns(&sh(IPVSADM, &["-L", "-n"])?)?
@@ -584,9 +604,18 @@ impl Fwmark {
 
     /// `fwmark run` with `extra` arguments.
     fn start_with(bin: &Path, config: &Path, extra: &[&str]) -> Result<Fwmark> {
-        let log = PathBuf::from("/tmp/fwmark-run.log");
+        Fwmark::start_on(bin, IFACE, config, extra)
+    }
+
+    /// `fwmark run --iface IFACE` with `extra` arguments.
+    fn start_on(bin: &Path, iface: &str, config: &Path, extra: &[&str]) -> Result<Fwmark> {
+        let log = if iface == IFACE {
+            PathBuf::from("/tmp/fwmark-run.log")
+        } else {
+            PathBuf::from(format!("/tmp/fwmark-run-{iface}.log"))
+        };
         let child = Command::new(bin)
-            .args(["run", "--iface", IFACE, "--keep", "--no-watch", "--config"])
+            .args(["run", "--iface", iface, "--keep", "--no-watch", "--config"])
             .arg(config)
             .args(extra)
             .env("RUST_LOG", "info")
@@ -900,6 +929,8 @@ pub fn scenario(fwmark_bin: &Path, example: &Path, mode: AttachMode) -> Result<(
     // 8. ICMP errors under schedule_icmp (after the IPVS totals: IPVS
     // counts the connections it schedules for them).
     icmp_errors(fwmark_bin, &moved_text)?;
+    // 9. Tunnels: the client reaches the services over ipip and GRE.
+    tunnels(fwmark_bin, example)?;
     println!(
         "vm: scenario passed in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -1502,6 +1533,244 @@ fn icmp_errors(fwmark_bin: &Path, moved: &str) -> Result<()> {
     );
     daemon.stop()?;
     daemon.cmd(&["detach", "--iface", IFACE])?;
+    Ok(())
+}
+
+/// The client's end of a tunnel: its device, outer address, inner
+/// address(es) and policy-routing table (traffic from the inner address
+/// goes into the tunnel).
+struct Tunnel {
+    dev: &'static str,
+    kind: &'static str,
+    client_outer: &'static str,
+    client_inner: Ipv4Addr,
+    director_inner: &'static str,
+    client_inner6: Option<Ipv6Addr>,
+    table: &'static str,
+}
+
+const TUNNELS: [Tunnel; 2] = [
+    Tunnel {
+        dev: "vmipip",
+        kind: "ipip",
+        client_outer: "10.0.1.40",
+        client_inner: Ipv4Addr::new(10, 9, 1, 2),
+        director_inner: "10.9.1.1",
+        client_inner6: None,
+        table: "101",
+    },
+    Tunnel {
+        dev: "vmgre",
+        kind: "gre",
+        client_outer: "10.0.1.39",
+        client_inner: Ipv4Addr::new(10, 9, 2, 2),
+        director_inner: "10.9.2.1",
+        client_inner6: Some(Ipv6Addr::new(0xfd00, 9, 2, 0, 0, 0, 0, 2)),
+        table: "102",
+    },
+];
+
+impl Tunnel {
+    /// Both ends: the director's device in its namespace (an L3 device:
+    /// ARPHRD_TUNNEL, ARPHRD_IPGRE), the client's in `vmclient`, routes
+    /// for the inner addresses, and policy routing on the client so that
+    /// what it sends from the inner addresses goes through the tunnel.
+    fn build(&self) -> Result<()> {
+        let (dev, kind, table) = (self.dev, self.kind, self.table);
+        let inner = self.client_inner.to_string();
+        ip(&[
+            "link",
+            "add",
+            dev,
+            "type",
+            kind,
+            "local",
+            "10.0.1.1",
+            "remote",
+            self.client_outer,
+        ])?;
+        ip(&["addr", "add", self.director_inner, "dev", dev])?;
+        ip(&["link", "set", dev, "up"])?;
+        ip(&["route", "add", &inner, "dev", dev])?;
+        let client = format!(
+            "link add {dev} type {kind} local {} remote 10.0.1.1\n\
+             addr add {inner}/32 dev {dev}\n\
+             link set {dev} up\n\
+             route add default dev {dev} table {table}\n\
+             rule add from {inner} lookup {table}\n",
+            self.client_outer
+        );
+        ip_batch("vmclient", &client)?;
+        if let Some(v6) = self.client_inner6 {
+            ip(&["addr", "add", "fd00:9:2::1/128", "dev", dev, "nodad"])?;
+            ip(&["-6", "route", "add", &format!("{v6}/128"), "dev", dev])?;
+            let v6 = v6.to_string();
+            ip_in(
+                "vmclient",
+                &["addr", "add", &format!("{v6}/128"), "dev", dev, "nodad"],
+            )?;
+            ip_in(
+                "vmclient",
+                &["-6", "route", "add", "default", "dev", dev, "table", table],
+            )?;
+            ip_in(
+                "vmclient",
+                &["-6", "rule", "add", "from", &v6, "lookup", table],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// What the client sends from its inner address(es): the probes of
+    /// [`service_probes`] that the tunnel can carry.
+    fn probes(&self) -> Vec<Probe> {
+        let inner = IpAddr::V4(self.client_inner);
+        let mut out = vec![
+            Probe::tcp(
+                "tcp 192.0.2.10:80",
+                inner,
+                v4(WEB_VIP, 80),
+                Some((80, false)),
+            ),
+            Probe::tcp(
+                "tcp 192.0.2.21:21",
+                inner,
+                v4(FTP_VIP, 21),
+                Some((21, false)),
+            ),
+            Probe::tcp(
+                "tcp 192.0.2.21:9999 (outside the range)",
+                inner,
+                v4(FTP_VIP, 9999),
+                None,
+            ),
+            Probe {
+                what: "udp 192.0.2.53:53",
+                udp_len: Some(32),
+                src: inner,
+                dst: v4(DNS_VIP, 53),
+                via: Some((53, false)),
+            },
+        ];
+        if let Some(inner6) = self.client_inner6 {
+            out.push(Probe::tcp(
+                "tcp [2001:db8::10]:443",
+                IpAddr::V6(inner6),
+                v6(WEB6_VIP, 443),
+                Some((86, true)),
+            ));
+        }
+        out
+    }
+}
+
+/// Step 9: an ipip and a GRE tunnel from the client to the director, as an
+/// L3/L4 balancer tier delivers traffic. The director decapsulates on the
+/// tunnel device, where fwmark (its L3 entry) marks the inner packets, and
+/// IPVS serves them through the FWM services: a right mark reaches its
+/// service's real servers, a wrong or missing one cannot (the director
+/// itself then refuses the VIP's port), and IPVS's connection counts grow
+/// by exactly the probes. Before fwmark runs on a tunnel, nothing of it
+/// reaches IPVS.
+fn tunnels(fwmark_bin: &Path, example: &Path) -> Result<()> {
+    println!("vm: step 9: ipip and GRE tunnels");
+    for t in &TUNNELS {
+        t.build()?;
+        let link_type = std::fs::read_to_string(format!("/sys/class/net/{}/type", t.dev))?;
+        println!("vm: {} ({}): link type {}", t.dev, t.kind, link_type.trim());
+        let before = tcp_probe(IpAddr::V4(t.client_inner), v4(WEB_VIP, 80))?;
+        ensure!(
+            matches!(before, Answer::Refused | Answer::TimedOut),
+            "over {} without fwmark 80 must not reach IPVS: {before:?}",
+            t.dev
+        );
+    }
+    let daemons = TUNNELS
+        .iter()
+        .map(|t| Fwmark::start_on(fwmark_bin, t.dev, example, &[]))
+        .collect::<Result<Vec<_>>>()?;
+    for (t, daemon) in TUNNELS.iter().zip(&daemons) {
+        let text = daemon.cmd(&["status", "--iface", t.dev, "--json"])?;
+        let before: serde_json::Value = serde_json::from_str(&text)?;
+        let mut want: BTreeMap<Fwm, u64> = BTreeMap::new();
+        for p in t.probes() {
+            let answer = p.send()?;
+            match (p.via, &answer) {
+                (Some(svc), Answer::Server(s)) => {
+                    println!("vm: ok: {} over {} -> FWM {} -> {s}", p.what, t.dev, svc.0);
+                    *want.entry(svc).or_default() += 1;
+                }
+                (None, Answer::Refused | Answer::TimedOut) => {
+                    println!(
+                        "vm: ok: {} over {} not taken by IPVS ({answer:?})",
+                        p.what, t.dev
+                    );
+                }
+                _ => bail!(
+                    "{} over {}: expected {:?}, got {answer:?}\nfwmark log:\n{}",
+                    p.what,
+                    t.dev,
+                    p.via,
+                    daemon.log_text()
+                ),
+            }
+        }
+        // IPVS holds one connection per answered probe from the inner
+        // addresses (the tunnel's own clients), and no other.
+        let mut sources = vec![IpAddr::V4(t.client_inner)];
+        sources.extend(t.client_inner6.map(IpAddr::V6));
+        let held = ipvs_conns_from(&sources)?;
+        let answered: u64 = want.values().sum();
+        ensure!(
+            held == answered,
+            "over {}: IPVS holds {held} connections from {sources:?}, {answered} probes were \
+             answered",
+            t.dev
+        );
+        // fwmark's counters: which services marked (by mark: each service
+        // has its own), nothing malformed.
+        let text = daemon.cmd(&["status", "--iface", t.dev, "--json"])?;
+        let after: serde_json::Value = serde_json::from_str(&text)?;
+        let delta = |what: &str| {
+            after["global"][what].as_u64().unwrap_or(0)
+                - before["global"][what].as_u64().unwrap_or(0)
+        };
+        let service_packets = |status: &serde_json::Value| -> BTreeMap<u64, u64> {
+            status["services"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| Some((s["mark"].as_u64()?, s["packets"].as_u64()?)))
+                .collect()
+        };
+        let (was, now) = (service_packets(&before), service_packets(&after));
+        let marked_by: BTreeMap<u64, u64> = now
+            .iter()
+            .map(|(m, n)| (*m, n - was.get(m).copied().unwrap_or(0)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        let want_marks: Vec<u64> = want.keys().map(|(m, _)| u64::from(*m)).collect();
+        ensure!(
+            marked_by.keys().copied().collect::<Vec<_>>() == want_marks
+                && delta("malformed") == 0
+                && delta("non_ip") == 0,
+            "over {}: fwmark marked packets per mark {marked_by:?} (want marks {want_marks:?}), \
+             malformed {}, non_ip {}",
+            t.dev,
+            delta("malformed"),
+            delta("non_ip")
+        );
+        println!(
+            "vm: ok: over {}: IPVS holds {held} connections from the tunnel's clients; fwmark \
+             marked packets per mark {marked_by:?}, no_match {}, malformed 0",
+            t.dev,
+            delta("no_match")
+        );
+    }
+    for (t, mut daemon) in TUNNELS.iter().zip(daemons) {
+        daemon.stop()?;
+        daemon.cmd(&["detach", "--iface", t.dev])?;
+    }
     Ok(())
 }
 

@@ -11,6 +11,7 @@ use fwmark_testlab::{
     kernel,
     netns::Netns,
     ops::TempDir,
+    tun::Tun,
 };
 
 fn example_config() -> PathBuf {
@@ -153,16 +154,17 @@ fn run_as_an_unprivileged_user_says_it_needs_root() {
 
 #[test]
 #[ignore = "needs root: `cargo xtask test` runs it"]
-fn run_refuses_a_non_ethernet_interface() {
-    if !kernel::available("run_refuses_a_non_ethernet_interface", &["ip"]) {
+fn run_refuses_an_interface_it_cannot_parse() {
+    if !kernel::available("run_refuses_an_interface_it_cannot_parse", &["ip"]) {
         return;
     }
     let ns = Netns::create('t').unwrap();
-    ns.ip(&["tuntap", "add", "dev", "tun0", "mode", "tun"])
-        .unwrap();
+    // A tun device (an L3 device fwmark marks) given PPP's link type, which
+    // is neither Ethernet nor an L3 type fwmark knows.
+    let _ppp = Tun::create_as(&ns, "tun0", 512).unwrap();
     let err = run_fails_in(&ns, "tun0");
     assert!(
-        err.contains("\"tun0\" has link type 65534, not Ethernet"),
+        err.contains("\"tun0\" has link type 512 (PPP), which fwmark cannot parse"),
         "{err}"
     );
 }

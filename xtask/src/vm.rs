@@ -123,6 +123,9 @@ const MODULES: &[&str] = &[
     "cls_bpf",
     // keepalived's `nftables_ipvs` marking table.
     "nf_tables",
+    // Step 9's tunnels (with tunnel4, ip_tunnel and gre).
+    "ipip",
+    "ip_gre",
 ];
 /// A guest that has not finished by then is killed and the run fails.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);

@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 use fwmark::live;
+use fwmark_common::Link;
 use fwmark_core::explain::{self, Input};
 
 use crate::cli::ExplainArgs;
@@ -14,9 +15,10 @@ pub fn explain(args: ExplainArgs) -> Result<()> {
         &args.vlan,
     )?;
     let loaded = live::read_config(&args.config)?;
+    let link = if args.l3 { Link::L3 } else { Link::Ethernet };
     print!(
         "{}",
-        explain::explain(&loaded.config, &input.frame(), args.mark)
+        explain::explain_on(&loaded.config, link, &input.bytes_on(link), args.mark)
     );
     Ok(())
 }

@@ -58,6 +58,15 @@ pub enum DaemonError {
     WorkerGone,
     #[error("the worker thread ended unasked")]
     WorkerEnded,
+    #[error(
+        "{iface} came back as a {now:?} device, but the loaded classifier parses {loaded:?} \
+         packets; restart `fwmark run` to load the entry for the new device"
+    )]
+    LinkChanged {
+        iface: String,
+        loaded: fwmark_common::Link,
+        now: fwmark_common::Link,
+    },
     #[error("marking stays in place on {iface}; `fwmark detach --iface {iface}` removes it")]
     Extras {
         iface: String,

@@ -404,8 +404,12 @@ fn start(setup: &Setup) -> Result<Live> {
                 requested,
             });
         }
-        let mut datapath =
-            Datapath::load(state.rule_capacity, Some(&paths.pin_dir), opts.kernel_log)?;
+        let mut datapath = Datapath::load_for(
+            preflight::interface_link(&paths.iface)?,
+            state.rule_capacity,
+            Some(&paths.pin_dir),
+            opts.kernel_log,
+        )?;
         let program = datapath.program_mut()?;
         let attached = attach::adopt(
             program,
@@ -480,7 +484,8 @@ fn attach_fresh(setup: &Setup, requested: AttachMode) -> Result<Live> {
     } = setup;
     let capacity =
         datapath::rule_capacity(opts.max_rules.unwrap_or(0).max(new.ruleset.rules.len()));
-    let mut datapath = Datapath::load(capacity, Some(&paths.pin_dir), opts.kernel_log)?;
+    let link = preflight::interface_link(&paths.iface)?;
+    let mut datapath = Datapath::load_for(link, capacity, Some(&paths.pin_dir), opts.kernel_log)?;
     let mut state = live::initial_state(&paths.iface, requested, capacity);
     switch(current, paths, &mut datapath.maps, &mut state, new)?;
     let program = datapath.program_mut()?;
@@ -715,6 +720,14 @@ fn follow_interface_once(live: &mut Live) -> bool {
 fn reattach(live: &mut Live) -> Result<(State, u32)> {
     let iface = live.paths.iface.clone();
     let index = preflight::check_interface(&iface)?;
+    let link = preflight::interface_link(&iface)?;
+    if link != live.datapath.link() {
+        return Err(DaemonError::LinkChanged {
+            iface,
+            loaded: live.datapath.link(),
+            now: link,
+        });
+    }
     let _apply = Lock::apply(&live.paths)?;
     let mut state = live::load_state(&live.paths, Some(&live.datapath.maps))?
         .ok_or_else(DaemonError::vanished(&live.paths))?;
