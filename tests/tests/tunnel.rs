@@ -11,7 +11,7 @@ use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 use fwmark_testlab::{
     daemon::{Daemon, fwmark_bin},
     kernel,
-    netns::{Netns, ingress_programs, remove_fwmark_state, unique_name},
+    netns::{Netns, ingress_programs, unique_name},
     ops::TempDir,
     packets::{Ext, Frame, L4},
     recorder::{Point, Recorder},
@@ -46,11 +46,19 @@ const COPIES: u64 = 3;
 /// Removes fwmark's pins and state of the test's device when dropped, also
 /// when the test fails (after the namespace and its processes are gone:
 /// declare it before them).
-struct StateGuard(String);
+/// (fwmark's pin and run directories of the device in the test's
+/// namespace, set once the namespace exists).
+struct StateGuard(Vec<std::path::PathBuf>);
 
 impl Drop for StateGuard {
     fn drop(&mut self) {
-        remove_fwmark_state(&self.0);
+        for dir in &self.0 {
+            let _ = std::fs::remove_dir_all(dir);
+            // The namespace's own directory, once empty.
+            if let Some(parent) = dir.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
+        }
     }
 }
 
@@ -65,8 +73,9 @@ fn tun_packets_get_exact_marks_and_counts() {
         return;
     }
     let name = unique_name('u');
-    let _state = StateGuard(name.clone());
+    let mut state = StateGuard(Vec::new());
     let ns = Netns::create('t').expect("create a namespace");
+    state.0 = ns.fwmark_dirs(&name).to_vec();
     let mut tun = Tun::create(&ns, &name).expect("create the tun device");
     // An IPv6 address gives the device its inet6 state (ip6_rcv needs it).
     ns.ip(&["addr", "add", "2001:db8:ff::1/64", "dev", &name])
