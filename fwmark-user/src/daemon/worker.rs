@@ -652,17 +652,8 @@ fn follow_interface_once(live: &mut Live) -> bool {
             .map_or(0, |s| s.generation);
         if preflight::index_exists(old) {
             // Renamed (or the name moved elsewhere): the device and fwmark's
-            // attachment on it live on, so take the attachment off it.
-            warn!(
-                "{iface} no longer names the device with index {old} (renamed?): removing \
-                 fwmark's attachment from that device; {}",
-                match now {
-                    Some(new) => format!("attaching to the new {iface} (index {new})"),
-                    None => format!(
-                        "waiting for {iface} to appear (generation {generation} stays loaded)"
-                    ),
-                }
-            );
+            // attachment on it live on, so take the attachment off it, and
+            // say so once it is off.
             if let Some(attached) = live.attached.take()
                 && let Err(e) = attached.remove_now(&live.paths.pin("link"))
             {
@@ -671,6 +662,16 @@ fn follow_interface_once(live: &mut Live) -> bool {
                      `tc filter show dev <its name> ingress`"
                 );
             }
+            warn!(
+                "{iface} no longer names the device with index {old} (renamed?): removed \
+                 fwmark's attachment from that device; {}",
+                match now {
+                    Some(new) => format!("attaching to the new {iface} (index {new})"),
+                    None => format!(
+                        "waiting for {iface} to appear (generation {generation} stays loaded)"
+                    ),
+                }
+            );
         } else {
             match now {
                 None => warn!(
