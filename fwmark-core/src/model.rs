@@ -335,15 +335,35 @@ pub struct Key {
     pub l4_offset: usize,
 }
 
+/// A lookup's fields as explain prints them: `IPv4 ADDR PROTO port N`, or
+/// why there is no port (`fragment` names a later fragment).
+fn write_lookup(
+    f: &mut fmt::Formatter<'_>,
+    addr: IpAddr,
+    proto: u8,
+    port: Option<u16>,
+    later_fragment: bool,
+    fragment: &str,
+) -> fmt::Result {
+    let family = if addr.is_ipv4() { "IPv4" } else { "IPv6" };
+    write!(f, "{family} {addr} {}", proto_name(proto))?;
+    match port {
+        Some(p) => write!(f, " port {p}"),
+        None if later_fragment => write!(f, " ({fragment}: no port)"),
+        None => write!(f, " (no ports)"),
+    }
+}
+
 impl fmt::Display for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let family = if self.dst.is_ipv4() { "IPv4" } else { "IPv6" };
-        write!(f, "{family} {} {}", self.dst, proto_name(self.proto))?;
-        match self.port {
-            Some(p) => write!(f, " port {p}"),
-            None if self.later_fragment => write!(f, " (later fragment: no port)"),
-            None => write!(f, " (no ports)"),
-        }
+        write_lookup(
+            f,
+            self.dst,
+            self.proto,
+            self.port,
+            self.later_fragment,
+            "later fragment",
+        )
     }
 }
 
@@ -610,13 +630,14 @@ pub struct Quoted {
 
 impl fmt::Display for Quoted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let family = if self.src.is_ipv4() { "IPv4" } else { "IPv6" };
-        write!(f, "{family} {} {}", self.src, proto_name(self.proto))?;
-        match self.port {
-            Some(p) => write!(f, " port {p}"),
-            None if self.later_fragment => write!(f, " (quoted later fragment: no port)"),
-            None => write!(f, " (no ports)"),
-        }
+        write_lookup(
+            f,
+            self.src,
+            self.proto,
+            self.port,
+            self.later_fragment,
+            "quoted later fragment",
+        )
     }
 }
 
