@@ -17,14 +17,25 @@ pub mod map_names {
     pub const PREFIX: &str = "PREFIX";
     /// `PerCpuArray<RuleCounters>`: packets and bytes per rule.
     pub const RULE_STATS: &str = "RULE_STATS";
-    /// `PerCpuArray<GlobalCounters, 1>`: global counters.
+    /// `PerCpuArray<GlobalCounters, MAX_INTERFACES>`: global counters, one
+    /// slot per interface the maps are attached to ([`IFACE_SLOT`]).
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
 }
+
+/// Interfaces one set of maps can be attached to at once: the slots of
+/// `GLOBAL_STATS`.
+pub const MAX_INTERFACES: u32 = 64;
+
+/// Name of the classifier's read-only global that picks its
+/// `GLOBAL_STATS` slot: the loader sets it per interface (each interface
+/// gets its own load of the program against the same maps), so the
+/// per-packet cost is one constant the verifier folds.
+pub const IFACE_SLOT: &str = "FWMARK_IFACE_SLOT";
 
 /// Version of the pinned maps' layout (their names, key and value types,
 /// the `ACTIVE` word). The loader records it in the interface's state and
 /// refuses to adopt pins of another version; change it with any of those.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Name of the classifier program in the eBPF object.
 pub const PROGRAM_NAME: &str = "fwmark";

@@ -38,6 +38,7 @@
 mod parse;
 
 use aya_ebpf::{
+    Global,
     bindings::TC_ACT_UNSPEC,
     btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     macros::{btf_map, classifier},
@@ -46,7 +47,8 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, trace};
 use fwmark_common::{
     ACTIVE_GENERATION_MASK, ACTIVE_HAS_PREFIX, ACTIVE_ICMP_ERRORS, ALL_PORTS, GENERATIONS,
-    GlobalCounters, LPM_LOOKUP_PREFIX_LEN, RuleCounters, ServiceKey, Target, TargetBytes,
+    GlobalCounters, LPM_LOOKUP_PREFIX_LEN, MAX_INTERFACES, RuleCounters, ServiceKey, Target,
+    TargetBytes,
 };
 use parse::{Icmp, Parsed};
 
@@ -71,9 +73,15 @@ static PREFIX: ArrayOfMaps<LpmTrie<ServiceKey, TargetBytes, 1>, { GENERATIONS as
 #[btf_map]
 static RULE_STATS: PerCpuArray<RuleCounters, 1> = PerCpuArray::new();
 
-/// Global counters: one struct per CPU at index 0 (one lookup per packet).
+/// Global counters: one slot per interface the maps are attached to, one
+/// struct per CPU in each (one lookup per packet, at [`FWMARK_IFACE_SLOT`]).
 #[btf_map]
-static GLOBAL_STATS: PerCpuArray<GlobalCounters, 1> = PerCpuArray::new();
+static GLOBAL_STATS: PerCpuArray<GlobalCounters, { MAX_INTERFACES as usize }> = PerCpuArray::new();
+
+/// This load's slot in `GLOBAL_STATS`: a read-only global the loader sets
+/// per interface (`fwmark_common::IFACE_SLOT`), so the verifier knows it.
+#[unsafe(no_mangle)]
+static FWMARK_IFACE_SLOT: Global<u32> = Global::new(0);
 
 /// The entry for Ethernet devices (and loopback): frames start with an
 /// Ethernet header.
@@ -92,7 +100,7 @@ pub fn fwmark_l3(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn run<const L3: bool>(ctx: &TcContext) -> i32 {
-    let Some(global) = GLOBAL_STATS.get_ptr_mut(0) else {
+    let Some(global) = GLOBAL_STATS.get_ptr_mut(FWMARK_IFACE_SLOT.load()) else {
         return TC_ACT_UNSPEC;
     };
     // SAFETY: this CPU's slot of a per-CPU array, used by this program only

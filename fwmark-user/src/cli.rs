@@ -60,8 +60,11 @@ pub enum Command {
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// Interface that receives the VIP traffic (the director's public side).
-    #[arg(long, short = 'i', value_name = "IFACE")]
-    pub iface: String,
+    /// Given again (`--iface A --iface B`), every one is attached to one set
+    /// of maps: one config, one generation, switched together; the first
+    /// one's pins and state are the group's.
+    #[arg(long, short = 'i', value_name = "IFACE", required = true)]
+    pub iface: Vec<String>,
     /// Config file.
     #[arg(long, short = 'c', value_name = "FILE", default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,

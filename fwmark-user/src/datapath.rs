@@ -26,7 +26,7 @@ use aya::{
 use aya_obj::generated::{bpf_attr, bpf_attr__bindgen_ty_3, bpf_cmd};
 use fwmark_common::{
     ACTIVE_GENERATION_MASK, ACTIVE_HAS_PREFIX, ACTIVE_ICMP_ERRORS, GENERATIONS, GlobalCounters,
-    Link, RuleCounters, ServiceKey, Target, map_names,
+    Link, MAX_INTERFACES, RuleCounters, ServiceKey, Target, map_names,
 };
 
 use fwmark_core::ruleset::Ruleset;
@@ -443,23 +443,47 @@ impl Maps {
         Ok(())
     }
 
-    /// Global counters, summed over CPUs.
+    /// Global counters of every interface together, summed over CPUs.
     pub fn global_counters(&self) -> Result<GlobalCounters, DatapathError> {
+        Ok(self
+            .global_counters_per_slot()?
+            .iter()
+            .fold(GlobalCounters::default(), add_global))
+    }
+
+    /// Global counters of one interface's slot ([`fwmark_common::IFACE_SLOT`]),
+    /// summed over CPUs.
+    pub fn global_counters_at(&self, slot: u32) -> Result<GlobalCounters, DatapathError> {
         let per_cpu = self
             .global_stats
-            .get(&0, 0)
+            .get(&slot, 0)
             .map_err(map_err(map_names::GLOBAL_STATS))?;
-        Ok(per_cpu
-            .iter()
-            .fold(GlobalCounters::default(), |a, c| GlobalCounters {
-                seen: a.seen + c.seen,
-                marked: a.marked + c.marked,
-                no_match: a.no_match + c.no_match,
-                non_ip: a.non_ip + c.non_ip,
-                later_fragment: a.later_fragment + c.later_fragment,
-                malformed: a.malformed + c.malformed,
-                icmp_error: a.icmp_error + c.icmp_error,
-            }))
+        Ok(per_cpu.iter().fold(GlobalCounters::default(), add_global))
+    }
+
+    /// Global counters of every slot, summed over CPUs, in slot order (one
+    /// batched read where the kernel has batches).
+    pub fn global_counters_per_slot(&self) -> Result<Vec<GlobalCounters>, DatapathError> {
+        let len = self.global_stats.len();
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Cpus(e))?;
+        if let Some(all) = lookup_batch_per_cpu::<GlobalCounters>(&self.global_stats, len, cpus) {
+            return Ok(all
+                .chunks(cpus)
+                .map(|c| c.iter().fold(GlobalCounters::default(), add_global))
+                .collect());
+        }
+        (0..len).map(|s| self.global_counters_at(s)).collect()
+    }
+
+    /// Sets one interface's global counters to zero on every CPU (a slot
+    /// taken by an interface new to the maps).
+    pub fn zero_global_slot(&mut self, slot: u32) -> Result<(), DatapathError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Cpus(e))?;
+        let zeros = PerCpuValues::try_from(vec![GlobalCounters::default(); cpus])
+            .map_err(DatapathError::Cpus)?;
+        self.global_stats
+            .set(slot, zeros, 0)
+            .map_err(map_err(map_names::GLOBAL_STATS))
     }
 
     /// Counters of the given slots, summed over CPUs, in slot order given.
@@ -505,6 +529,19 @@ impl Maps {
     }
 }
 
+/// `a + c`, counter by counter.
+pub fn add_global(a: GlobalCounters, c: &GlobalCounters) -> GlobalCounters {
+    GlobalCounters {
+        seen: a.seen + c.seen,
+        marked: a.marked + c.marked,
+        no_match: a.no_match + c.no_match,
+        non_ip: a.non_ip + c.non_ip,
+        later_fragment: a.later_fragment + c.later_fragment,
+        malformed: a.malformed + c.malformed,
+        icmp_error: a.icmp_error + c.icmp_error,
+    }
+}
+
 /// Reads the classifier's aya-log records into the `log` crate.
 pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
@@ -541,7 +578,28 @@ impl Datapath {
         pin_dir: Option<&Path>,
         log_level: Option<aya_log::Level>,
     ) -> Result<Datapath, DatapathError> {
+        Datapath::load_at(link, 0, rule_capacity, pin_dir, log_level)
+    }
+
+    /// [`Datapath::load_for`] counting its global counters in `GLOBAL_STATS`
+    /// slot `iface_slot` (below [`MAX_INTERFACES`]): one load per interface
+    /// of a group that shares the maps ([`fwmark_common::IFACE_SLOT`]).
+    pub fn load_at(
+        link: Link,
+        iface_slot: u32,
+        rule_capacity: u32,
+        pin_dir: Option<&Path>,
+        log_level: Option<aya_log::Level>,
+    ) -> Result<Datapath, DatapathError> {
+        if iface_slot >= MAX_INTERFACES {
+            return Err(DatapathError::SlotOutOfRange {
+                slot: iface_slot,
+                capacity: MAX_INTERFACES,
+            });
+        }
         let mut loader = EbpfLoader::new();
+        // Read-only: the verifier folds the slot into the map lookup.
+        loader.override_global(fwmark_common::IFACE_SLOT, &iface_slot, true);
         loader.map_max_entries(map_names::RULE_STATS, rule_capacity);
         // A read-only global: the verifier prunes the disabled log calls.
         let level: u8 = log_level.map_or(0, |l| l as u8);

@@ -155,6 +155,7 @@ pub fn initial_state(iface: &str, mode: AttachMode, rule_capacity: u32) -> State
         config_text: String::new(),
         slots: Vec::new(),
         slot_high_water: 0,
+        members: Vec::new(),
     }
 }
 

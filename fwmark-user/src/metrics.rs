@@ -223,6 +223,9 @@ pub struct Metrics {
     paths: Paths,
     maps: Maps,
     current: Arc<Current>,
+    /// Each interface of the group and its slot of the global counters
+    /// (fixed for the daemon's life: its `--iface` list).
+    interfaces: Vec<(String, u32)>,
 }
 
 impl Metrics {
@@ -232,10 +235,19 @@ impl Metrics {
             pin_dir: paths.pin_dir.clone(),
             source: Box::new(source),
         })?;
+        let members = crate::state::State::load(&paths)
+            .ok()
+            .flatten()
+            .map(|s| s.members)
+            .unwrap_or_default();
+        let interfaces = std::iter::once((paths.iface.clone(), 0))
+            .chain(members.into_iter().map(|m| (m.iface, m.counter_slot)))
+            .collect();
         Ok(Metrics {
             paths,
             maps,
             current,
+            interfaces,
         })
     }
 
@@ -245,6 +257,16 @@ impl Metrics {
     pub fn exposition(&self) -> Result<String, MetricsError> {
         let live = self.current.fresh(&self.paths, &self.maps)?;
         let mut text = exposition(&self.paths.iface, live.as_deref(), &self.maps)?;
+        let per_slot = self.maps.global_counters_per_slot()?;
+        let interfaces: Vec<(&str, GlobalCounters)> = self
+            .interfaces
+            .iter()
+            .map(|(name, slot)| {
+                let counts = per_slot.get(*slot as usize).copied().unwrap_or_default();
+                (name.as_str(), counts)
+            })
+            .collect();
+        render_interfaces(&mut text, &self.paths.iface, &interfaces);
         if let Some(live) = live.as_deref() {
             match crate::ipvs::read() {
                 Ok(ipvs) => render_ipvs(&mut text, &self.paths.iface, live, &ipvs),
@@ -434,6 +456,31 @@ pub fn render(iface: &str, live: Option<&LiveConfig>, counts: &Counts) -> String
         );
     }
     out
+}
+
+/// Appends the packet outcomes per interface of the group `iface` names
+/// (its first interface): `fwmark_interface_packets_total{iface=…,
+/// interface=…,result=…}`. Over the interfaces they add up to
+/// `fwmark_packets_total` (read at another instant, so later packets may
+/// be in one and not the other).
+pub fn render_interfaces(out: &mut String, iface: &str, interfaces: &[(&str, GlobalCounters)]) {
+    let iface = escape(iface);
+    let name = "fwmark_interface_packets_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Packets the classifier saw on each interface of the group, by outcome \
+         (as fwmark_packets_total, which is their sum)."
+    );
+    let _ = writeln!(out, "# TYPE {name} counter");
+    for (interface, counts) in interfaces {
+        let interface = escape(interface);
+        for (result, value) in outcomes(counts) {
+            let _ = writeln!(
+                out,
+                "{name}{{iface=\"{iface}\",interface=\"{interface}\",result=\"{result}\"}} {value}"
+            );
+        }
+    }
 }
 
 /// Appends the IPVS gauges for the marks of `live`: whether IPVS is

@@ -404,6 +404,67 @@ pub struct State {
     /// counter map was created, so they need no zeroing when first used.
     #[serde(default)]
     pub slot_high_water: u32,
+    /// The group's other interfaces (`fwmark run --iface A --iface B`):
+    /// attached to the same maps, switched by the same generation. This
+    /// state (of the first interface, `iface`) is the group's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<Member>,
+}
+
+/// One more interface of a group: its attachment of the group's maps. Its
+/// own directories hold only its `link` pin (tcx) and the [`GROUP_FILE`]
+/// that names the group's first interface.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub iface: String,
+    /// Its slot of the global counters (1.. below `MAX_INTERFACES`; the
+    /// first interface counts in slot 0).
+    pub counter_slot: u32,
+    /// Netlink filter priority and handle (netlink mode only).
+    pub netlink: Option<(u16, u32)>,
+    /// Kernel id of its program (each interface has its own load).
+    pub program_id: u32,
+    /// When it was attached (Unix seconds).
+    pub attached_at: u64,
+}
+
+/// In the run directory of a group's member: the name of the group's
+/// first interface, whose directories hold the maps and the state.
+pub const GROUP_FILE: &str = "group";
+
+impl Paths {
+    /// The first interface of the group this interface is a member of
+    /// (its [`GROUP_FILE`]), if it is one.
+    pub fn group(&self) -> Option<String> {
+        let name = fs::read_to_string(self.run_dir.join(GROUP_FILE)).ok()?;
+        let name = name.trim();
+        Paths::valid_iface(name).ok().map(|()| name.to_string())
+    }
+
+    /// The paths that hold the maps and state for this interface: the
+    /// group's first interface's for a member, else its own.
+    pub fn owner(&self) -> Paths {
+        self.group()
+            .and_then(|g| Paths::in_netns(&g, self.netns.clone()).ok())
+            .unwrap_or_else(|| self.clone())
+    }
+
+    /// Records that this interface is a member of `group`'s maps.
+    pub fn write_group(&self, group: &str) -> io::Result<()> {
+        crate::durable::write(&self.run_dir.join(GROUP_FILE), group.as_bytes(), 0o600)
+    }
+
+    /// Removes a member's link pin, its group file and its directories
+    /// (the locks too: the caller holds the group's apply lock and, if it
+    /// is the daemon, this member's daemon lock).
+    pub fn remove_member(&self) -> io::Result<()> {
+        self.remove()?;
+        match fs::remove_file(self.run_dir.join(GROUP_FILE)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        self.remove_locks()
+    }
 }
 
 impl State {

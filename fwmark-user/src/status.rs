@@ -45,11 +45,25 @@ pub struct Snapshot {
     /// `{"seen": N, "marked": N, ...}`, in [`GlobalCounters::NAMES`] order.
     #[serde(serialize_with = "global_counters")]
     pub global: GlobalCounters,
+    /// The global counters of each interface of the group (one for a
+    /// single interface); they add up to `global`.
+    pub interfaces: Vec<InterfaceCounters>,
     pub services: Vec<ServiceCounters>,
     /// What IPVS does with the marks (`fwmark status`; absent from the
     /// daemon's exit table).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ipvs: Option<IpvsReport>,
+}
+
+/// One interface's global counters (`fwmark run --iface A --iface B`
+/// shares one set of maps; each interface counts in its own slot).
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct InterfaceCounters {
+    pub iface: String,
+    /// Its slot of the global counter map.
+    pub counter_slot: u32,
+    #[serde(serialize_with = "global_counters")]
+    pub global: GlobalCounters,
 }
 
 /// IPVS as `status` saw it: loaded or not, and the check's findings.
@@ -311,6 +325,28 @@ impl Snapshot {
             }
             None => (maps.global_counters()?, Vec::new()),
         };
+        // Per interface, and the total from the same read, so they add up.
+        let per_slot = maps.global_counters_per_slot()?;
+        let interfaces: Vec<InterfaceCounters> = std::iter::once((state.iface.clone(), 0))
+            .chain(
+                state
+                    .members
+                    .iter()
+                    .map(|m| (m.iface.clone(), m.counter_slot)),
+            )
+            .map(|(iface, slot)| InterfaceCounters {
+                iface,
+                counter_slot: slot,
+                global: per_slot.get(slot as usize).copied().unwrap_or_default(),
+            })
+            .collect();
+        let global = if state.members.is_empty() {
+            global
+        } else {
+            interfaces.iter().fold(GlobalCounters::default(), |a, i| {
+                crate::datapath::add_global(a, &i.global)
+            })
+        };
         Ok(Snapshot {
             schema: JSON_SCHEMA,
             iface: state.iface.clone(),
@@ -326,6 +362,7 @@ impl Snapshot {
                 sha256: state.config_sha256.clone(),
             },
             global,
+            interfaces,
             services,
             ipvs: None,
         })
@@ -393,6 +430,14 @@ impl Snapshot {
                 None => "no fwmark run managing it (kept)".to_string(),
             }
         );
+        if self.interfaces.len() > 1 {
+            let names: Vec<&str> = self.interfaces.iter().map(|i| i.iface.as_str()).collect();
+            let _ = writeln!(
+                out,
+                "interfaces {}: one set of maps, switched together",
+                names.join(", ")
+            );
+        }
         let _ = writeln!(
             out,
             "config generation {} from {} (sha256 {})",
@@ -455,12 +500,20 @@ impl Snapshot {
                 );
             }
         }
-        let global: Vec<String> = GlobalCounters::NAMES
-            .iter()
-            .zip(self.global.values())
-            .map(|(n, v)| format!("{n}={v}"))
-            .collect();
-        let _ = writeln!(out, "global: {}", global.join(" "));
+        let line = |g: &GlobalCounters| {
+            GlobalCounters::NAMES
+                .iter()
+                .zip(g.values())
+                .map(|(n, v)| format!("{n}={v}"))
+                .collect::<Vec<String>>()
+                .join(" ")
+        };
+        if self.interfaces.len() > 1 {
+            for i in &self.interfaces {
+                let _ = writeln!(out, "global on {}: {}", i.iface, line(&i.global));
+            }
+        }
+        let _ = writeln!(out, "global: {}", line(&self.global));
         if let Some(ipvs) = &self.ipvs {
             match &ipvs.error {
                 Some(e) => {
@@ -514,6 +567,7 @@ mod tests {
                 malformed: 0,
                 icmp_error: 0,
             },
+            interfaces: Vec::new(),
             services: vec![ServiceCounters {
                 name: "we\"b".into(),
                 mark: 80,

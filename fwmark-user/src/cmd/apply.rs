@@ -16,11 +16,14 @@ pub fn apply(args: ApplyArgs) -> Result<()> {
     let new = live::read_config(&args.config)?;
     preflight::check_privileges()?;
     preflight::interface_index(&args.iface)?;
-    let paths = Paths::new(&args.iface)?;
+    // A member of a group (`fwmark run --iface A --iface B`) switches the
+    // group's maps: every interface of it, in one generation.
+    let paths = Paths::new(&args.iface)?.owner();
     if !paths.pin_dir.exists() {
         return Err(paths.not_attached().into());
     }
     markers::warn_other_markers(&args.iface);
+    let group = group_names(&paths);
     let _lock = Lock::apply(&paths)?;
     let mut maps = Maps::from_pins(&paths.pin_dir).with_context(|| paths.not_attached())?;
     let mut state = live::load_state(&paths, Some(&maps))?.with_context(|| paths.not_attached())?;
@@ -46,7 +49,25 @@ pub fn apply(args: ApplyArgs) -> Result<()> {
     println!("{d}");
     println!(
         "applied {} to {}: generation {} is live",
-        new.path, args.iface, state.generation
+        new.path,
+        group_names_of(&state).unwrap_or(group),
+        state.generation
     );
     Ok(())
+}
+
+/// The interfaces the group's state lists (`A, B`), or the one interface.
+fn group_names(paths: &Paths) -> String {
+    fwmark::state::State::load(paths)
+        .ok()
+        .flatten()
+        .and_then(|s| group_names_of(&s))
+        .unwrap_or_else(|| paths.iface.clone())
+}
+
+fn group_names_of(state: &fwmark::state::State) -> Option<String> {
+    let names: Vec<&str> = std::iter::once(state.iface.as_str())
+        .chain(state.members.iter().map(|m| m.iface.as_str()))
+        .collect();
+    Some(names.join(", "))
 }

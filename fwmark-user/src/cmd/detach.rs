@@ -65,6 +65,10 @@ fn detach_paths(paths: &Paths) -> Result<Option<String>> {
              `systemctl stop fwmark@{iface}`): it detaches on exit unless it runs with --keep"
         );
     }
+    let owner = paths.owner();
+    if owner != *paths {
+        return detach_member(paths, &owner);
+    }
     let _lock = Lock::apply(paths)?;
     // A `run` may have started between the check above and the lock.
     if let Some(pid) = Lock::daemon_holder(paths) {
@@ -75,6 +79,40 @@ fn detach_paths(paths: &Paths) -> Result<Option<String>> {
         .remove_locks()
         .with_context(|| format!("removing {}", paths.run_dir.display()))?;
     Ok(done)
+}
+
+/// Detaches one interface of a group (`fwmark run --iface A --iface B`
+/// left with --keep): its attachment and directories go, the group's other
+/// interfaces keep marking with the same maps.
+fn detach_member(paths: &Paths, owner: &Paths) -> Result<Option<String>> {
+    let iface = paths.iface.as_str();
+    let _lock = Lock::apply(owner)?;
+    if let Some(pid) = Lock::daemon_holder(paths).or_else(|| Lock::daemon_holder(owner)) {
+        bail!("fwmark run (pid {pid}) manages {iface} now; stop it instead");
+    }
+    let maps = datapath::Maps::from_pins(&owner.pin_dir).ok();
+    let state = live::load_state(owner, maps.as_ref())?;
+    drop(maps);
+    let mut line = format!("removed fwmark's pins and state of {iface}");
+    if let Some(mut state) = state
+        && let Some(at) = state.members.iter().position(|m| m.iface == iface)
+    {
+        let member = state.members.remove(at);
+        attach::remove_left(iface, state.mode, &paths.pin("link"), member.program_id)
+            .map_err(anyhow::Error::msg)?;
+        state
+            .save(owner)
+            .with_context(|| format!("recording the state in {}", owner.state_file().display()))?;
+        line = format!(
+            "detached fwmark from {iface} ({} attachment, program id {}); {} and the group's \
+             other interfaces keep marking (generation {})",
+            state.mode, member.program_id, owner.iface, state.generation
+        );
+    }
+    paths
+        .remove_member()
+        .with_context(|| format!("removing {}", paths.run_dir.display()))?;
+    Ok(Some(line))
 }
 
 /// [`detach_paths`] once the apply lock is held.
@@ -102,6 +140,21 @@ fn detach_locked(paths: &Paths) -> Result<Option<String>> {
         return Ok(Some(format!(
             "{e}: removed fwmark's pins and state of {iface}; its netlink filter went with the              interface"
         )));
+    }
+    // The group's other interfaces first (`fwmark run --iface A --iface B`).
+    for member in &state.members {
+        let member_paths = Paths::in_netns(&member.iface, paths.netns.clone())?;
+        if let Err(e) = attach::remove_left(
+            &member.iface,
+            state.mode,
+            &member_paths.pin("link"),
+            member.program_id,
+        ) {
+            eprintln!("fwmark: warning: detaching from {}: {e}", member.iface);
+        }
+        member_paths
+            .remove_member()
+            .with_context(|| format!("removing {}", member_paths.run_dir.display()))?;
     }
     attach::remove_left(iface, state.mode, &paths.pin("link"), state.program_id)
         .map_err(anyhow::Error::msg)?;

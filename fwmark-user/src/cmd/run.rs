@@ -6,8 +6,10 @@ use fwmark::daemon::{self, Options};
 use crate::cli::RunArgs;
 
 pub fn run(args: RunArgs) -> Result<()> {
+    let mut ifaces = args.iface.into_iter();
     Ok(daemon::run(Options {
-        iface: args.iface,
+        iface: ifaces.next().expect("clap requires one --iface"),
+        members: ifaces.collect(),
         config: args.config,
         attach: args.attach.mode(),
         keep: args.keep,

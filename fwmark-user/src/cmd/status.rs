@@ -17,7 +17,9 @@ pub fn status(args: StatusArgs) -> Result<()> {
     let Some(iface) = &args.iface else {
         return status_all(args.json);
     };
-    let paths = Paths::new(iface)?;
+    // A member of a group: the group's status (its line among the
+    // per-interface counters).
+    let paths = Paths::new(iface)?.owner();
     if !paths.pin_dir.exists() {
         bail!("{}", paths.not_attached());
     }
@@ -57,7 +59,11 @@ fn status_all(json: bool) -> Result<()> {
     let all = Paths::all().context("listing fwmark's pins and state")?;
     let mut snapshots = Vec::new();
     let mut failed = Vec::new();
-    for paths in all.iter().filter(|p| p.pin_dir.exists()) {
+    // A group's members are shown with it.
+    for paths in all
+        .iter()
+        .filter(|p| p.pin_dir.exists() && p.group().is_none())
+    {
         match snapshot(paths) {
             Ok(s) => snapshots.push(s),
             Err(e) => {

@@ -54,6 +54,8 @@ pub enum DaemonError {
     Thread(#[source] io::Error),
     #[error("the worker thread stopped while starting")]
     WorkerStarting,
+    #[error("{0} is given twice as --iface")]
+    DuplicateIface(String),
     #[error("the worker thread stopped unexpectedly")]
     WorkerGone,
     #[error("the worker thread ended unasked")]
@@ -104,6 +106,22 @@ pub enum DaemonError {
         mode: AttachMode,
         requested: AttachMode,
     },
+    #[error(
+        "{iface} has an fwmark attachment of its own (maps pinned for it): run `fwmark \
+         detach --iface {iface}` before adding it to the interfaces of {group}"
+    )]
+    OwnAttachment { iface: String, group: String },
+    #[error(
+        "{iface} is attached to the maps of another fwmark run's interfaces (of {group}): \
+         run `fwmark detach --iface {iface}` (or remove it from that run's --iface) first"
+    )]
+    OtherGroup { iface: String, group: String },
+    #[error(
+        "one set of maps can be attached to at most {} interfaces: start another `fwmark run` \
+         for the rest",
+        fwmark_common::MAX_INTERFACES
+    )]
+    TooManyInterfaces,
     #[error("detaching from {iface} failed: {error}")]
     Detach { iface: String, error: String },
     #[error(
@@ -214,6 +232,10 @@ const REATTACH_INTERVAL: Duration = Duration::from_secs(1);
 pub struct Options {
     /// The interface that receives the VIP traffic.
     pub iface: String,
+    /// More interfaces that share `iface`'s maps and config (`--iface`
+    /// given again): one apply or reload switches them all in one
+    /// generation. `iface`'s pins and state are the group's.
+    pub members: Vec<String>,
     /// The config file.
     pub config: PathBuf,
     /// How to attach; None: tcx where the kernel has it, else netlink.
@@ -268,6 +290,16 @@ async fn serve(mut opts: Options) -> Result<()> {
     preflight::check_privileges()?;
     let kernel = preflight::check_kernel()?;
     let ifindex = preflight::check_interface(&opts.iface)?;
+    let mut member_indexes = Vec::new();
+    for (i, name) in opts.members.iter().enumerate() {
+        if *name == opts.iface || opts.members[..i].contains(name) {
+            return Err(DaemonError::DuplicateIface(name.clone()));
+        }
+        member_indexes.push(preflight::check_interface(name)?);
+    }
+    if opts.members.len() >= fwmark_common::MAX_INTERFACES as usize {
+        return Err(DaemonError::TooManyInterfaces);
+    }
     match preflight::ensure_bpffs()? {
         Bpffs::Present => {}
         Bpffs::Host(via) => info!(
@@ -290,6 +322,14 @@ async fn serve(mut opts: Options) -> Result<()> {
     }
     let paths = Paths::new(&opts.iface)?;
     let _daemon = Lock::daemon(&paths).map_err(DaemonError::Busy)?;
+    // Each member's daemon lock too: no other run takes it meanwhile.
+    let mut members = Vec::new();
+    let mut _member_locks = Vec::new();
+    for (name, index) in opts.members.iter().zip(member_indexes) {
+        let member = Paths::new(name)?;
+        _member_locks.push(Lock::daemon(&member).map_err(DaemonError::Busy)?);
+        members.push((member, index));
+    }
     for (inode, result) in crate::state::remove_stale() {
         match result {
             Ok(()) => info!(
@@ -302,17 +342,20 @@ async fn serve(mut opts: Options) -> Result<()> {
             ),
         }
     }
-    markers::warn_other_markers(&opts.iface);
+    for name in std::iter::once(&opts.iface).chain(&opts.members) {
+        markers::warn_other_markers(name);
+    }
     let requested = AttachMode::choose(opts.attach, kernel)?;
 
     let current = Arc::new(Current::default());
-    let follow = Arc::new(Follow::default());
-    let (mut worker, logger) = worker::spawn(Setup {
+    let follow = Arc::new(Follow::new(1 + opts.members.len()));
+    let (mut worker, loggers) = worker::spawn(Setup {
         paths: paths.clone(),
         opts: opts.clone(),
         requested,
         new,
         ifindex,
+        members,
         current: Arc::clone(&current),
         follow: Arc::clone(&follow),
     })
@@ -321,10 +364,10 @@ async fn serve(mut opts: Options) -> Result<()> {
     // Marking is in place: a failure to start the extras leaves it there
     // (as --keep would) rather than removing it on the way out.
     let extras = async {
-        let log_task = match logger {
-            Some(logger) => Some(spawn_kernel_log(logger)?),
-            None => None,
-        };
+        let log_tasks = loggers
+            .into_iter()
+            .map(spawn_kernel_log)
+            .collect::<Result<Vec<_>>>()?;
         let metrics_task = match &opts.metrics {
             Some(addr) => {
                 let metrics = Metrics::open(paths.clone(), Arc::clone(&current))?;
@@ -332,9 +375,9 @@ async fn serve(mut opts: Options) -> Result<()> {
             }
             None => None,
         };
-        Ok::<_, DaemonError>((log_task, metrics_task))
+        Ok::<_, DaemonError>((log_tasks, metrics_task))
     };
-    let (log_task, metrics_task) = match extras.await {
+    let (log_tasks, metrics_task) = match extras.await {
         Ok(tasks) => tasks,
         Err(e) => {
             let _ = worker.finish(Stop::Keep).await;
@@ -372,7 +415,10 @@ async fn serve(mut opts: Options) -> Result<()> {
                 }
             }, if links.is_some() => match events {
                 Ok(events) => {
-                    if events.iter().any(|e| e.concerns(&opts.iface, follow.ifindex())) {
+                    let ifaces = std::iter::once(&opts.iface).chain(&opts.members);
+                    if ifaces.enumerate().any(|(i, name)| {
+                        events.iter().any(|e| e.concerns(name, follow.ifindex(i)))
+                    }) {
                         jobs.send(Job::Interface);
                     }
                 }
@@ -413,7 +459,7 @@ async fn serve(mut opts: Options) -> Result<()> {
     // The worker acts on it once the job at hand ends; metrics and the
     // kernel log are served until then.
     let table = worker.finish(Stop::Signal(which)).await;
-    for task in [metrics_task, log_task].into_iter().flatten() {
+    for task in log_tasks.into_iter().chain(metrics_task) {
         task.abort();
     }
     print!("{}", table?);

@@ -1,6 +1,12 @@
-//! The daemon's worker thread: it owns the loaded program, its maps and the
-//! attachment, and does everything slow, one [`Job`] at a time: the start,
-//! reloads, following the interface, and the final detach.
+//! The daemon's worker thread: it owns the loaded programs, their maps and
+//! the attachments, and does everything slow, one [`Job`] at a time: the
+//! start, reloads, following the interfaces, and the final detach.
+//!
+//! Several interfaces (`fwmark run --iface A --iface B`) share one set of
+//! maps: the first interface's pins and state are the group's, and each
+//! interface has its own load of the program against those maps (with its
+//! own slot of the global counters) and its own attachment. A reload
+//! switches `ACTIVE` once, for all of them.
 
 use std::{
     path::PathBuf,
@@ -23,7 +29,7 @@ use crate::{
     metrics::Current,
     mode::AttachMode,
     preflight,
-    state::{Lock, Paths, State},
+    state::{Lock, Member, Paths, State},
     status::{LiveConfig, Snapshot},
 };
 
@@ -52,20 +58,30 @@ pub enum Stop {
     Keep,
 }
 
-/// What the async side needs to know to follow the interface: the index
-/// the worker is attached to, and whether a re-attachment failed (then it
-/// is retried every second: no link notification may come to retry it).
-#[derive(Debug, Default)]
+/// What the async side needs to know to follow the interfaces: the index
+/// the worker is attached to on each, and whether a re-attachment failed
+/// (then it is retried every second: no link notification may come to
+/// retry it).
+#[derive(Debug)]
 pub struct Follow {
-    /// 0: nothing attached (the interface is gone).
-    ifindex: AtomicU32,
+    /// Per interface, in `--iface` order; 0: nothing attached (gone).
+    ifindex: Vec<AtomicU32>,
     retry: AtomicBool,
 }
 
 impl Follow {
-    /// The index of the device the worker is attached to.
-    pub fn ifindex(&self) -> Option<u32> {
-        Some(self.ifindex.load(Ordering::Relaxed)).filter(|i| *i != 0)
+    /// For `interfaces` interfaces.
+    pub fn new(interfaces: usize) -> Follow {
+        Follow {
+            ifindex: (0..interfaces).map(|_| AtomicU32::new(0)).collect(),
+            retry: AtomicBool::new(false),
+        }
+    }
+
+    /// The index of the device the worker is attached to as interface `i`
+    /// (in `--iface` order).
+    pub fn ifindex(&self, i: usize) -> Option<u32> {
+        Some(self.ifindex.get(i)?.load(Ordering::Relaxed)).filter(|i| *i != 0)
     }
 
     /// Whether the last re-attachment failed.
@@ -82,6 +98,9 @@ pub struct Setup {
     /// The config read at start.
     pub new: Loaded,
     pub ifindex: u32,
+    /// The group's other interfaces (`--iface` after the first), with
+    /// their indexes; the caller holds their daemon locks.
+    pub members: Vec<(Paths, u32)>,
     pub current: Arc<Current>,
     pub follow: Arc<Follow>,
 }
@@ -133,7 +152,7 @@ impl Handle {
 /// Starts the worker thread: it takes over or creates the attachment and
 /// makes the config live, then waits for jobs. Returns once marking is in
 /// place, with the kernel log reader for the async side.
-pub async fn spawn(setup: Setup) -> Result<(Handle, Option<KernelLogger>)> {
+pub async fn spawn(setup: Setup) -> Result<(Handle, Vec<KernelLogger>)> {
     let (jobs, queue) = mpsc::channel();
     let (started_tx, started) = oneshot::channel();
     let (done_tx, done) = oneshot::channel();
@@ -153,8 +172,12 @@ pub async fn spawn(setup: Setup) -> Result<(Handle, Option<KernelLogger>)> {
                     return;
                 }
             };
-            let logger = live.datapath.logger.take();
-            if started_tx.send(Ok(logger)).is_err() {
+            let loggers: Vec<KernelLogger> = live
+                .ports
+                .iter_mut()
+                .filter_map(|p| p.datapath.logger.take())
+                .collect();
+            if started_tx.send(Ok(loggers)).is_err() {
                 // Nobody to take jobs from: leave marking as it is.
                 live.stop(Stop::Keep).ok();
                 return;
@@ -166,8 +189,11 @@ pub async fn spawn(setup: Setup) -> Result<(Handle, Option<KernelLogger>)> {
     Ok((Handle { jobs, done }, logger))
 }
 
-/// The daemon's hold on the interface.
-struct Live {
+/// One interface of the daemon: its load of the program (against the
+/// group's maps) and its attachment.
+struct Port {
+    /// The interface's own paths (its link pin; for a member, its group
+    /// file).
     paths: Paths,
     datapath: Datapath,
     /// None while the interface is gone (or re-attaching to it failed).
@@ -176,6 +202,15 @@ struct Live {
     ifindex: Option<u32>,
     /// The last re-attach failure, logged once until it changes.
     reattach_error: Option<String>,
+}
+
+/// The daemon's hold on its interfaces.
+struct Live {
+    /// The group's paths (the first interface's): maps, state, apply lock.
+    paths: Paths,
+    /// The first interface, then the members in `--iface` order. The
+    /// first one's maps are the ones switched and read.
+    ports: Vec<Port>,
     /// What is live, for the service manager's status line: generation,
     /// entry counts, attachment.
     summary: String,
@@ -195,8 +230,10 @@ struct Live {
 /// the next `fwmark run` adopts it.
 impl Drop for Live {
     fn drop(&mut self) {
-        if let Some(attached) = self.attached.take() {
-            attached.keep();
+        for port in &mut self.ports {
+            if let Some(attached) = port.attached.take() {
+                attached.keep();
+            }
         }
     }
 }
@@ -209,15 +246,23 @@ impl Live {
             summary,
             reload_error: None,
             paths: setup.paths.clone(),
-            datapath,
-            attached: Some(attached),
-            ifindex: Some(setup.ifindex),
-            reattach_error: None,
+            ports: vec![Port {
+                paths: setup.paths.clone(),
+                datapath,
+                attached: Some(attached),
+                ifindex: Some(setup.ifindex),
+                reattach_error: None,
+            }],
             config: setup.opts.config.clone(),
             keep: setup.opts.keep,
             current: Arc::clone(&setup.current),
             follow: Arc::clone(&setup.follow),
         }
+    }
+
+    /// The group's maps (the first interface's load holds them).
+    fn maps(&self) -> &Maps {
+        &self.ports[0].datapath.maps
     }
 
     /// Does jobs until told to stop (or until nobody can send any more).
@@ -253,12 +298,25 @@ impl Live {
     /// The service manager's status line: the interface, what is live, the
     /// last reload error.
     fn status_line(&self) -> String {
-        let iface = &self.paths.iface;
-        let mut line = if self.attached.is_some() {
-            format!("marking on {iface}: {}", self.summary)
+        let names = |attached: bool| {
+            self.ports
+                .iter()
+                .filter(|p| p.attached.is_some() == attached)
+                .map(|p| p.paths.iface.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let (on, gone) = (names(true), names(false));
+        let mut line = if gone.is_empty() {
+            format!("marking on {on}: {}", self.summary)
+        } else if on.is_empty() {
+            format!(
+                "{gone} is gone: nothing attached, waiting for it ({})",
+                self.summary
+            )
         } else {
             format!(
-                "{iface} is gone: nothing attached, waiting for it ({})",
+                "marking on {on}: {}; {gone} is gone: nothing attached there, waiting for it",
                 self.summary
             )
         };
@@ -271,15 +329,16 @@ impl Live {
 
     /// Tells the async side where the attachment is now.
     fn publish_follow(&self) {
-        let index = if self.attached.is_some() {
-            self.ifindex.unwrap_or(0)
-        } else {
-            0
-        };
-        self.follow.ifindex.store(index, Ordering::Relaxed);
-        self.follow
-            .retry
-            .store(self.reattach_error.is_some(), Ordering::Relaxed);
+        for (port, slot) in self.ports.iter().zip(&self.follow.ifindex) {
+            let index = if port.attached.is_some() {
+                port.ifindex.unwrap_or(0)
+            } else {
+                0
+            };
+            slot.store(index, Ordering::Relaxed);
+        }
+        let retry = self.ports.iter().any(|p| p.reattach_error.is_some());
+        self.follow.retry.store(retry, Ordering::Relaxed);
     }
 
     /// Detaches (unless `keep`) or leaves marking in place; returns the
@@ -288,8 +347,10 @@ impl Live {
         notify::stopping(&format!("stopping: {}", self.status_line()));
         let which = match stop {
             Stop::Keep => {
-                if let Some(attached) = self.attached.take() {
-                    attached.keep();
+                for port in &mut self.ports {
+                    if let Some(attached) = port.attached.take() {
+                        attached.keep();
+                    }
                 }
                 return Ok(String::new());
             }
@@ -297,9 +358,13 @@ impl Live {
         };
         let iface = self.paths.iface.clone();
         let _apply = Lock::apply(&self.paths)?;
-        let state = live::load_state(&self.paths, Some(&self.datapath.maps))?
+        let state = live::load_state(&self.paths, Some(self.maps()))?
             .ok_or_else(DaemonError::vanished(&self.paths))?;
-        match self.attached.take() {
+        // The other interfaces first, then the group's own.
+        for port in self.ports.iter_mut().skip(1) {
+            stop_member(port, &state, self.keep, which)?;
+        }
+        match self.ports[0].attached.take() {
             Some(attached) if self.keep => {
                 info!(
                     "{which}: leaving marking in place on {iface} (--keep); `fwmark detach \
@@ -348,13 +413,198 @@ impl Live {
             // Changed by another process since: compile what it recorded.
             _ => LiveConfig::of_state(state)?.map(Arc::new),
         };
-        Ok(Snapshot::read(state, live.as_deref(), &self.datapath.maps, None)?.table())
+        Ok(Snapshot::read(state, live.as_deref(), self.maps(), None)?.table())
     }
 }
 
-/// Takes over what a previous fwmark left on the interface, or attaches
-/// afresh; then makes `new` the live config.
+/// Takes a member interface off at the daemon's stop (or leaves it marking
+/// with `keep`), and removes its directories unless kept.
+fn stop_member(port: &mut Port, state: &State, keep: bool, which: &str) -> Result<()> {
+    let iface = port.paths.iface.clone();
+    let program_id = state
+        .members
+        .iter()
+        .find(|m| m.iface == iface)
+        .map_or(0, |m| m.program_id);
+    match port.attached.take() {
+        Some(attached) if keep => {
+            info!("{which}: leaving marking in place on {iface} (--keep)");
+            attached.keep();
+            return Ok(());
+        }
+        Some(attached) => {
+            info!("{which}: detaching from {iface}");
+            attached
+                .detach(&iface, program_id)
+                .map_err(|error| DaemonError::Detach {
+                    iface: iface.clone(),
+                    error,
+                })?;
+        }
+        None if keep => return Ok(()),
+        None => info!("{which}: {iface} is gone, nothing is attached to it"),
+    }
+    port.paths
+        .remove_member()
+        .map_err(DaemonError::remove(&port.paths))
+}
+
+/// Takes over what a previous fwmark left on the interfaces, or attaches
+/// afresh; then makes `new` the live config, and attaches the group's
+/// other interfaces to the same maps.
 fn start(setup: &Setup) -> Result<Live> {
+    let mut live = start_first(setup)?;
+    // On an error what is attached stays (as after `kill -9`): the next run
+    // adopts it.
+    start_members(&mut live, setup)?;
+    let state = live::load_state(&live.paths, Some(live.maps()))?
+        .ok_or_else(DaemonError::vanished(&live.paths))?;
+    ready(&state);
+    Ok(live)
+}
+
+/// Attaches the group's other interfaces to its maps: adopts those a
+/// previous run left (recorded in the state), attaches the new ones (each
+/// with a free slot of the global counters), and detaches recorded ones
+/// that are no longer asked for. The caller holds the apply lock.
+fn start_members(live: &mut Live, setup: &Setup) -> Result<()> {
+    let mut state = live::load_state(&live.paths, Some(live.maps()))?
+        .ok_or_else(DaemonError::vanished(&live.paths))?;
+    if state.members.is_empty() && setup.members.is_empty() {
+        return Ok(());
+    }
+    let wanted: Vec<&str> = setup
+        .members
+        .iter()
+        .map(|(p, _)| p.iface.as_str())
+        .collect();
+    // Recorded members no longer asked for: off, without a gap elsewhere.
+    let (kept, dropped): (Vec<Member>, Vec<Member>) = std::mem::take(&mut state.members)
+        .into_iter()
+        .partition(|m| wanted.contains(&m.iface.as_str()));
+    for m in dropped {
+        let paths = Paths::in_netns(&m.iface, live.paths.netns.clone())
+            .map_err(crate::state::PathsError::from)?;
+        info!(
+            "{} is no longer among the interfaces of this run: detaching from it",
+            m.iface
+        );
+        if let Err(e) = attach::remove_left(&m.iface, state.mode, &paths.pin("link"), m.program_id)
+        {
+            warn!("detaching from {} failed: {e}", m.iface);
+        }
+        let _member_lock = Lock::daemon(&paths).ok();
+        paths.remove_member().map_err(DaemonError::remove(&paths))?;
+    }
+    state.members = kept;
+    let capacity = state.rule_capacity;
+    for (paths, ifindex) in &setup.members {
+        let iface = paths.iface.clone();
+        if paths.pin(datapath::MAP_NAMES[0]).exists() {
+            return Err(DaemonError::OwnAttachment {
+                iface,
+                group: live.paths.iface.clone(),
+            });
+        }
+        if let Some(other) = paths.group().filter(|g| *g != live.paths.iface) {
+            return Err(DaemonError::OtherGroup {
+                iface,
+                group: other,
+            });
+        }
+        let link = preflight::interface_link(&iface)?;
+        let recorded = state.members.iter().position(|m| m.iface == iface);
+        let counter_slot = match recorded {
+            Some(i) => state.members[i].counter_slot,
+            None => (1..fwmark_common::MAX_INTERFACES)
+                .find(|s| state.members.iter().all(|m| m.counter_slot != *s))
+                .ok_or(DaemonError::TooManyInterfaces)?,
+        };
+        if recorded.is_none() {
+            // What a group that is gone left (a stale link pin): not ours.
+            paths.remove().map_err(DaemonError::remove(paths))?;
+        }
+        paths
+            .create_dirs()
+            .map_err(|source| DaemonError::CreateDirs {
+                pin_dir: paths.pin_dir.clone(),
+                run_dir: paths.run_dir.clone(),
+                source,
+            })?;
+        paths
+            .write_group(&live.paths.iface)
+            .map_err(DaemonError::save(paths))?;
+        let mut datapath = Datapath::load_at(
+            link,
+            counter_slot,
+            capacity,
+            Some(&live.paths.pin_dir),
+            setup.opts.kernel_log,
+        )?;
+        if recorded.is_none() {
+            // An earlier member's counts may be in the slot.
+            datapath.maps.zero_global_slot(counter_slot)?;
+        }
+        let program = datapath.program_mut()?;
+        let attached = match recorded {
+            Some(i) => attach::adopt(
+                program,
+                &iface,
+                state.mode,
+                &paths.pin("link"),
+                state.members[i].netlink,
+            )?,
+            None => attach::attach(program, &iface, state.mode, &paths.pin("link"))?,
+        };
+        let program_id = program.info().map(|i| i.id()).unwrap_or_default();
+        let member = Member {
+            iface: iface.clone(),
+            counter_slot,
+            netlink: attached.netlink(),
+            program_id,
+            attached_at: live::now(),
+        };
+        info!(
+            "{} {iface} to the maps of {} via {} (program id {program_id}, counter slot \
+             {counter_slot}, generation {})",
+            if recorded.is_some() {
+                "adopted"
+            } else {
+                "attached"
+            },
+            live.paths.iface,
+            state.mode,
+            state.generation
+        );
+        match recorded {
+            Some(i) => state.members[i] = member,
+            None => state.members.push(member),
+        }
+        live.ports.push(Port {
+            paths: paths.clone(),
+            datapath,
+            attached: Some(attached),
+            ifindex: Some(*ifindex),
+            reattach_error: None,
+        });
+        state
+            .save(&live.paths)
+            .map_err(DaemonError::save(&live.paths))?;
+    }
+    // In `--iface` order, as the ports are.
+    state
+        .members
+        .sort_by_key(|m| wanted.iter().position(|w| *w == m.iface));
+    state
+        .save(&live.paths)
+        .map_err(DaemonError::save(&live.paths))?;
+    live.current.touch(&live.paths, live.maps());
+    Ok(())
+}
+
+/// Takes over what a previous fwmark left on the first interface, or
+/// attaches afresh; then makes `new` the live config.
+fn start_first(setup: &Setup) -> Result<Live> {
     let Setup {
         paths,
         opts,
@@ -439,8 +689,7 @@ fn start(setup: &Setup) -> Result<Live> {
                     &new.config,
                     &new.ruleset,
                 );
-                live.current
-                    .set(Some(Arc::new(labels)), paths, &live.datapath.maps);
+                live.current.set(Some(Arc::new(labels)), paths, live.maps());
             } else {
                 switch_logged(live, state, new)?;
             }
@@ -448,12 +697,11 @@ fn start(setup: &Setup) -> Result<Live> {
             Ok(())
         };
         if let Err(e) = finish(&mut live, &mut state) {
-            if let Some(attached) = live.attached.take() {
+            if let Some(attached) = live.ports[0].attached.take() {
                 attached.keep();
             }
             return Err(e);
         }
-        ready(&state);
         return Ok(live);
     }
 
@@ -510,7 +758,6 @@ fn attach_fresh(setup: &Setup, requested: AttachMode) -> Result<Live> {
     if requested == AttachMode::Tcx {
         ingress::log_after_tcx(&paths.iface, state.program_id);
     }
-    ready(&state);
     let summary = summary(&state, new);
     Ok(Live::new(setup, datapath, attached, summary))
 }
@@ -519,9 +766,15 @@ fn attach_fresh(setup: &Setup, requested: AttachMode) -> Result<Live> {
 /// after the start and after each re-attachment. (The service manager
 /// hears READY=1 once the async side is up too: [`Job::Ready`].)
 fn ready(state: &State) {
+    let ifaces: Vec<&str> = std::iter::once(state.iface.as_str())
+        .chain(state.members.iter().map(|m| m.iface.as_str()))
+        .collect();
     info!(
         "marking on {} ({} attachment, program id {}, generation {})",
-        state.iface, state.mode, state.program_id, state.generation
+        ifaces.join(", "),
+        state.mode,
+        state.program_id,
+        state.generation
     );
 }
 
@@ -555,7 +808,7 @@ fn switch_logged(live: &mut Live, state: &mut State, new: &Loaded) -> Result<()>
     let diff = switch(
         &live.current,
         &live.paths,
-        &mut live.datapath.maps,
+        &mut live.ports[0].datapath.maps,
         state,
         new,
     )?;
@@ -598,7 +851,7 @@ fn reload(live: &mut Live, path: &std::path::Path) {
     let result = (|| -> Result<()> {
         let new = live::read_config(path)?;
         let _apply = Lock::apply(&live.paths)?;
-        let mut state = live::load_state(&live.paths, Some(&live.datapath.maps))?
+        let mut state = live::load_state(&live.paths, Some(live.maps()))?
             .ok_or_else(DaemonError::vanished(&live.paths))?;
         if state.config_sha256 == new.sha256 {
             info!(
@@ -622,40 +875,44 @@ fn reload(live: &mut Live, path: &std::path::Path) {
     notify::ready(&live.status_line());
 }
 
-/// Notices the interface going away (its attachment goes with it) and
+/// Notices an interface going away (its attachment goes with it) and
 /// coming back (deleted and created again: a new index), and attaches to
-/// the new one with the same maps, config and counters.
+/// the new one with the same maps, config and counters; the group's other
+/// interfaces keep marking meanwhile.
 fn follow_interface(live: &mut Live) {
-    // A rename while re-attaching is notified before the async side knows
-    // the new index (it drops that event): look again after attaching, a
-    // few times at most (an interface that keeps flapping is followed by
-    // its next notifications).
-    for _ in 0..4 {
-        if !follow_interface_once(live) {
-            break;
+    for i in 0..live.ports.len() {
+        // A rename while re-attaching is notified before the async side
+        // knows the new index (it drops that event): look again after
+        // attaching, a few times at most (an interface that keeps flapping
+        // is followed by its next notifications).
+        for _ in 0..4 {
+            if !follow_interface_once(live, i) {
+                break;
+            }
         }
     }
 }
 
-/// One look at the interface; true when it re-attached and the name
+/// One look at interface `i`; true when it re-attached and the name
 /// names another device since.
-fn follow_interface_once(live: &mut Live) -> bool {
-    let iface = live.paths.iface.clone();
+fn follow_interface_once(live: &mut Live, i: usize) -> bool {
+    let iface = live.ports[i].paths.iface.clone();
     let now = preflight::interface_index(&iface).ok();
-    if now.is_some() && now == live.ifindex {
+    if now.is_some() && now == live.ports[i].ifindex {
         return false;
     }
-    if let Some(old) = live.ifindex.take() {
+    if let Some(old) = live.ports[i].ifindex.take() {
         let generation = State::load(&live.paths)
             .ok()
             .flatten()
             .map_or(0, |s| s.generation);
+        let port = &mut live.ports[i];
         if preflight::index_exists(old) {
             // Renamed (or the name moved elsewhere): the device and fwmark's
             // attachment on it live on, so take the attachment off it, and
             // say so once it is off.
-            if let Some(attached) = live.attached.take()
-                && let Err(e) = attached.remove_now(&live.paths.pin("link"))
+            if let Some(attached) = port.attached.take()
+                && let Err(e) = attached.remove_now(&port.paths.pin("link"))
             {
                 error!(
                     "removing fwmark from the device with index {old} failed: {e}; check \
@@ -684,17 +941,17 @@ fn follow_interface_once(live: &mut Live) -> bool {
                      went with the old one; attaching to the new one (generation {generation})"
                 ),
             }
-            if let Some(attached) = live.attached.take() {
-                attached.abandon(&live.paths.pin("link"));
+            if let Some(attached) = port.attached.take() {
+                attached.abandon(&port.paths.pin("link"));
             }
         }
     }
     if now.is_none() {
         return false;
     }
-    match reattach(live) {
+    match reattach(live, i) {
         Ok((state, index)) => {
-            live.reattach_error = None;
+            live.ports[i].reattach_error = None;
             info!(
                 "{iface} is back (index {index}): attached again via {} (program id {}, \
                  generation {})",
@@ -706,40 +963,47 @@ fn follow_interface_once(live: &mut Live) -> bool {
         }
         Err(e) => {
             let e = crate::chain(&e);
-            if live.reattach_error.as_ref() != Some(&e) {
+            if live.ports[i].reattach_error.as_ref() != Some(&e) {
                 error!("attaching to {iface} again failed: {e}; retrying every second");
-                live.reattach_error = Some(e);
+                live.ports[i].reattach_error = Some(e);
             }
             false
         }
     }
 }
 
-/// Attaches the loaded program to the interface as it is now, in the
-/// recorded mode, and records the new attachment; returns the state and the
-/// interface's index.
-fn reattach(live: &mut Live) -> Result<(State, u32)> {
-    let iface = live.paths.iface.clone();
+/// Attaches interface `i`'s loaded program to the interface as it is now,
+/// in the recorded mode, and records the new attachment in the group's
+/// state; returns the state and the interface's index.
+fn reattach(live: &mut Live, i: usize) -> Result<(State, u32)> {
+    let iface = live.ports[i].paths.iface.clone();
     let index = preflight::check_interface(&iface)?;
     let link = preflight::interface_link(&iface)?;
-    if link != live.datapath.link() {
+    if link != live.ports[i].datapath.link() {
         return Err(DaemonError::LinkChanged {
             iface,
-            loaded: live.datapath.link(),
+            loaded: live.ports[i].datapath.link(),
             now: link,
         });
     }
     let _apply = Lock::apply(&live.paths)?;
-    let mut state = live::load_state(&live.paths, Some(&live.datapath.maps))?
+    let mut state = live::load_state(&live.paths, Some(live.maps()))?
         .ok_or_else(DaemonError::vanished(&live.paths))?;
-    let program = live.datapath.program_mut()?;
-    let attached = attach::attach(program, &iface, state.mode, &live.paths.pin("link"))?;
-    state.netlink = attached.netlink();
-    state.attached_at = live::now();
+    let port = &mut live.ports[i];
+    let link_pin = port.paths.pin("link");
+    let program = port.datapath.program_mut()?;
+    let attached = attach::attach(program, &iface, state.mode, &link_pin)?;
+    if i == 0 {
+        state.netlink = attached.netlink();
+        state.attached_at = live::now();
+    } else if let Some(m) = state.members.iter_mut().find(|m| m.iface == iface) {
+        m.netlink = attached.netlink();
+        m.attached_at = live::now();
+    }
     // An attachment the state does not record could not be adopted or
     // detached later: take it off again and retry at the next check.
     if let Err(e) = state.save(&live.paths) {
-        if let Err(d) = attached.remove_now(&live.paths.pin("link")) {
+        if let Err(d) = attached.remove_now(&link_pin) {
             error!("taking the unrecorded attachment off {iface} failed: {d}");
         }
         return Err(DaemonError::SaveAttachment {
@@ -747,8 +1011,9 @@ fn reattach(live: &mut Live) -> Result<(State, u32)> {
             source: e,
         });
     }
-    live.current.touch(&live.paths, &live.datapath.maps);
-    live.attached = Some(attached);
-    live.ifindex = Some(index);
+    let port = &mut live.ports[i];
+    port.attached = Some(attached);
+    port.ifindex = Some(index);
+    live.current.touch(&live.paths, live.maps());
     Ok((state, index))
 }
