@@ -131,7 +131,7 @@ impl Second {
 /// directory with config A (web under mark 80) and config B (81).
 fn setup(name: &str) -> Option<(Lab, Second, TempDir, String, String)> {
     let (lab, files, a) =
-        fwmark_testlab::ops::setup(name, &["ip", "nft", "nsenter"], &[VIP], "a.toml")?;
+        fwmark_testlab::ops::setup(name, &["ip", "nft", "nsenter", "tc"], &[VIP], "a.toml")?;
     let second = Second::new(&lab);
     let b = files.write("b.toml", &config(81));
     Some((lab, second, files, a, b))
@@ -196,19 +196,29 @@ fn stream(ns: &Netns, port: u16, stop: &AtomicBool) -> u64 {
 
 #[test]
 #[ignore = "needs root: `cargo xtask test` runs it"]
-fn two_interfaces_one_daemon_both_marked_and_counted() {
-    let Some((lab, second, _files, a, b)) = setup("multi_two_interfaces") else {
+fn two_interfaces_one_daemon_both_marked_and_counted_tcx() {
+    two_interfaces_one_daemon_both_marked_and_counted("tcx");
+}
+
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn two_interfaces_one_daemon_both_marked_and_counted_netlink() {
+    two_interfaces_one_daemon_both_marked_and_counted("netlink");
+}
+
+fn two_interfaces_one_daemon_both_marked_and_counted(mode: &str) {
+    let Some((lab, second, _files, a, b)) = setup(&format!("multi_two_interfaces_{mode}")) else {
         return;
     };
     let (a_if, b_if) = (lab.director_if.clone(), second.director_if.clone());
     let counters = counters(&lab);
     let mut args = run_args(&a_if, &b_if, &a);
-    args.extend(["--metrics", "127.0.0.1:9469"]);
+    args.extend(["--metrics", "127.0.0.1:9469", "--attach", mode]);
     let daemon = Daemon::start(&lab.director, &args).unwrap();
     for iface in [&a_if, &b_if] {
         assert_eq!(
             ingress_programs(&lab.director, iface).unwrap(),
-            vec!["tcx:fwmark".to_string()],
+            vec![format!("{mode}:fwmark")],
             "{iface}"
         );
     }
@@ -428,8 +438,18 @@ fn the_set_changes_by_a_restart_with_keep_without_a_gap_on_the_interface_that_st
     let sent_a = std::thread::scope(|s| {
         let on_a = s.spawn(|| stream(&lab.client, 80, &stop));
         std::thread::sleep(Duration::from_millis(200));
-        // B leaves: a restart with A only adopts A and detaches B.
         stop_ok(daemon);
+        // B is a later interface of A's group: it cannot come first.
+        let wrong = fwmark(
+            &lab,
+            &["run", "--iface", &b_if, "--iface", &a_if, "--config", &a],
+        );
+        let err = String::from_utf8_lossy(&wrong.stderr);
+        assert!(
+            !wrong.status.success() && err.contains(&format!("name {a_if} first")),
+            "{err}"
+        );
+        // B leaves: a restart with A only adopts A and detaches B.
         let only_a = Daemon::start(
             &lab.director,
             &[

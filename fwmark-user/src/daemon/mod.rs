@@ -54,6 +54,12 @@ pub enum DaemonError {
     Thread(#[source] io::Error),
     #[error("the worker thread stopped while starting")]
     WorkerStarting,
+    #[error(
+        "{iface} is attached to the maps of {group} (a later --iface of its run): name \
+         {group} first (`fwmark run --iface {group} --iface {iface} ...`), or `fwmark detach \
+         --iface {iface}` to take it out of that group"
+    )]
+    NotFirst { iface: String, group: String },
     #[error("{0} is given twice as --iface")]
     DuplicateIface(String),
     #[error("the worker thread stopped unexpectedly")]
@@ -322,6 +328,14 @@ async fn serve(mut opts: Options) -> Result<()> {
     }
     let paths = Paths::new(&opts.iface)?;
     let _daemon = Lock::daemon(&paths).map_err(DaemonError::Busy)?;
+    if let Some(group) = paths.group() {
+        // Its directories hold only its link: starting afresh there would
+        // take it off the group's maps.
+        return Err(DaemonError::NotFirst {
+            iface: opts.iface.clone(),
+            group,
+        });
+    }
     // Each member's daemon lock too: no other run takes it meanwhile.
     let mut members = Vec::new();
     let mut _member_locks = Vec::new();

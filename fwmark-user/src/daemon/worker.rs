@@ -361,8 +361,12 @@ impl Live {
         let state = live::load_state(&self.paths, Some(self.maps()))?
             .ok_or_else(DaemonError::vanished(&self.paths))?;
         // The other interfaces first, then the group's own.
+        // One that fails is logged: the others, and the first interface,
+        // are still taken off.
         for port in self.ports.iter_mut().skip(1) {
-            stop_member(port, &state, self.keep, which)?;
+            if let Err(e) = stop_member(port, &state, self.keep, which) {
+                error!("{}", crate::chain(&e));
+            }
         }
         match self.ports[0].attached.take() {
             Some(attached) if self.keep => {
