@@ -656,6 +656,26 @@ mod tests {
     use fwmark_core::{config::Config, ruleset::Ruleset};
 
     #[test]
+    fn per_interface_packets_are_labelled_by_group_and_interface() {
+        let g = |marked| GlobalCounters {
+            seen: marked + 1,
+            marked,
+            no_match: 1,
+            ..GlobalCounters::default()
+        };
+        let mut out = String::new();
+        render_interfaces(&mut out, "eth0", &[("eth0", g(5)), ("tun\"x", g(2))]);
+        assert!(out.contains("# TYPE fwmark_interface_packets_total counter\n"));
+        assert!(out.contains(
+            "fwmark_interface_packets_total{iface=\"eth0\",interface=\"eth0\",result=\"marked\"} 5\n"
+        ));
+        assert!(out.contains(
+            "fwmark_interface_packets_total{iface=\"eth0\",interface=\"tun\\\"x\",result=\"marked\"} 2\n"
+        ));
+        assert_eq!(out.matches("result=\"no_match\"} 1\n").count(), 2, "{out}");
+    }
+
+    #[test]
     fn a_bare_port_listens_on_loopback_only() {
         assert_eq!(super::listen_address("9469"), "127.0.0.1:9469");
         assert_eq!(super::listen_address("0.0.0.0:9469"), "0.0.0.0:9469");

@@ -588,6 +588,51 @@ mod tests {
     }
 
     #[test]
+    fn several_interfaces_show_their_own_global_counters_and_the_total() {
+        let mut s = sample();
+        let g = |seen, marked| GlobalCounters {
+            seen,
+            marked,
+            no_match: seen - marked,
+            ..GlobalCounters::default()
+        };
+        s.global = g(10, 6);
+        s.interfaces = vec![
+            InterfaceCounters {
+                iface: "eth0".into(),
+                counter_slot: 0,
+                global: g(7, 4),
+            },
+            InterfaceCounters {
+                iface: "tun-lb".into(),
+                counter_slot: 1,
+                global: g(3, 2),
+            },
+        ];
+        let text = s.text();
+        assert!(
+            text.contains("interfaces eth0, tun-lb: one set of maps"),
+            "{text}"
+        );
+        assert!(
+            text.contains("global on eth0: seen=7 marked=4 no_match=3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("global on tun-lb: seen=3 marked=2 no_match=1"),
+            "{text}"
+        );
+        assert!(text.contains("global: seen=10 marked=6"), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&s.json()).unwrap();
+        assert_eq!(v["interfaces"][1]["iface"], "tun-lb");
+        assert_eq!(v["interfaces"][1]["counter_slot"], 1);
+        assert_eq!(v["interfaces"][1]["global"]["marked"], 2);
+        // One interface: no per-interface lines, the total as before.
+        s.interfaces.truncate(1);
+        assert!(!s.text().contains("global on"), "{}", s.text());
+    }
+
+    #[test]
     fn a_live_config_labels_every_rule_with_its_service() {
         let text = "[[service]]\nname = \"web\"\nvip = [\"192.0.2.10\", \"2001:db8::/64\"]\n\
                     proto = \"tcp\"\nports = [80, \"8000-8080\"]\nmark = 80\n\n\

@@ -23,7 +23,6 @@ pub fn apply(args: ApplyArgs) -> Result<()> {
         return Err(paths.not_attached().into());
     }
     markers::warn_other_markers(&args.iface);
-    let group = group_names(&paths);
     let _lock = Lock::apply(&paths)?;
     let mut maps = Maps::from_pins(&paths.pin_dir).with_context(|| paths.not_attached())?;
     let mut state = live::load_state(&paths, Some(&maps))?.with_context(|| paths.not_attached())?;
@@ -50,24 +49,16 @@ pub fn apply(args: ApplyArgs) -> Result<()> {
     println!(
         "applied {} to {}: generation {} is live",
         new.path,
-        group_names_of(&state).unwrap_or(group),
+        group_names_of(&state),
         state.generation
     );
     Ok(())
 }
 
-/// The interfaces the group's state lists (`A, B`), or the one interface.
-fn group_names(paths: &Paths) -> String {
-    fwmark::state::State::load(paths)
-        .ok()
-        .flatten()
-        .and_then(|s| group_names_of(&s))
-        .unwrap_or_else(|| paths.iface.clone())
-}
-
-fn group_names_of(state: &fwmark::state::State) -> Option<String> {
+/// The interfaces of the group's state (`A, B`; one for a single one).
+fn group_names_of(state: &fwmark::state::State) -> String {
     let names: Vec<&str> = std::iter::once(state.iface.as_str())
         .chain(state.members.iter().map(|m| m.iface.as_str()))
         .collect();
-    Some(names.join(", "))
+    names.join(", ")
 }
