@@ -494,3 +494,86 @@ fn the_set_changes_by_a_restart_with_keep_without_a_gap_on_the_interface_that_st
     assert_eq!(seen[1].by_mark.get(&0), Some(&2), "B: {:?}", seen[1]);
     assert_eq!(seen[1].by_mark.get(&80), Some(&3), "B: {:?}", seen[1]);
 }
+
+/// Removes fwmark's directories of a test's device when dropped (a failed
+/// test); declared before the daemon, so it runs once the daemon is gone.
+struct DirsGuard(Vec<std::path::PathBuf>);
+
+impl Drop for DirsGuard {
+    fn drop(&mut self) {
+        for dir in &self.0 {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn ethernet_and_l3_devices_mixed_each_with_its_entry() {
+    use fwmark_testlab::{
+        netns::unique_name,
+        packets::{Frame, L4},
+        tun::Tun,
+    };
+    let Some((lab, files, a)) =
+        fwmark_testlab::ops::setup("multi_mixed", &["ip", "nft", "nsenter"], &[VIP], "a.toml")
+    else {
+        return;
+    };
+    let b = files.write("b.toml", &config(81));
+    let tun_name = unique_name('u');
+    let _dirs = DirsGuard(lab.director.fwmark_dirs(&tun_name).to_vec());
+    let mut tun = Tun::create(&lab.director, &tun_name).expect("create the tun device");
+    let counters = counters(&lab);
+    let a_if = lab.director_if.clone();
+    let daemon = Daemon::start(&lab.director, &run_args(&a_if, &tun_name, &a)).unwrap();
+    assert_eq!(
+        ingress_programs(&lab.director, &a_if).unwrap(),
+        vec!["tcx:fwmark".to_string()]
+    );
+    assert_eq!(
+        ingress_programs(&lab.director, &tun_name).unwrap(),
+        vec!["tcx:fwmark_l3".to_string()]
+    );
+
+    // Veth: port 80 from the client; tun: IP packets to port 443 written
+    // to the device. `mark` is what both must arrive with.
+    let round = |tun: &mut Tun, mark: u32, before: &[u64; 2]| {
+        lab.client
+            .run(|| nft::send(&probe(VIP, ProbeProto::Udp, 80, mark, 5)))
+            .unwrap()
+            .unwrap();
+        let packet = Frame::new(VIP, L4::Udp(443)).ip_packet();
+        for _ in 0..4 {
+            tun.send(&packet).unwrap();
+        }
+        // Tun writes are received asynchronously (the backlog).
+        let mut seen = counters.read().unwrap();
+        for _ in 0..50 {
+            if seen[1].by_mark.get(&mark).copied().unwrap_or(0) >= before[1] + 4 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            seen = counters.read().unwrap();
+        }
+        assert_eq!(seen[0].by_mark[&mark], before[0] + 5, "veth: {:?}", seen[0]);
+        assert_eq!(seen[1].by_mark[&mark], before[1] + 4, "tun: {:?}", seen[1]);
+        assert_eq!(seen[0].by_mark[&0] + seen[1].by_mark[&0], 0, "{seen:?}");
+    };
+    round(&mut tun, 80, &[0, 0]);
+    let status = status_json(&lab, &tun_name);
+    assert_eq!(
+        interface_global(&status, &tun_name)["marked"],
+        4,
+        "{status}"
+    );
+    assert!(interface_global(&status, &a_if)["marked"].as_u64().unwrap() >= 5);
+
+    // One apply switches both entries' interfaces.
+    ok(fwmark(&lab, &["apply", "--iface", &a_if, "--config", &b]));
+    round(&mut tun, 81, &[0, 0]);
+    stop_ok(daemon);
+    for iface in [&a_if, &tun_name] {
+        assert!(ingress_programs(&lab.director, iface).unwrap().is_empty());
+    }
+}
