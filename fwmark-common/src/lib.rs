@@ -28,8 +28,8 @@ pub const MAX_INTERFACES: u32 = 64;
 
 /// Name of the classifier's read-only global that picks its
 /// `GLOBAL_STATS` slot: the loader sets it per interface (each interface
-/// gets its own load of the program against the same maps), so the
-/// per-packet cost is one constant the verifier folds.
+/// gets its own load of the program against the same maps), so finding
+/// the slot costs one load of a frozen constant per packet.
 pub const IFACE_SLOT: &str = "FWMARK_IFACE_SLOT";
 
 /// Version of the pinned maps' layout (their names, key and value types,

@@ -79,7 +79,8 @@ static RULE_STATS: PerCpuArray<RuleCounters, 1> = PerCpuArray::new();
 static GLOBAL_STATS: PerCpuArray<GlobalCounters, { MAX_INTERFACES as usize }> = PerCpuArray::new();
 
 /// This load's slot in `GLOBAL_STATS`: a read-only global the loader sets
-/// per interface (`fwmark_common::IFACE_SLOT`), so the verifier knows it.
+/// per interface (`fwmark_common::IFACE_SLOT`); the verifier knows its
+/// value (the map is frozen), so the slot is in range by construction.
 #[unsafe(no_mangle)]
 static FWMARK_IFACE_SLOT: Global<u32> = Global::new(0);
 
