@@ -577,3 +577,66 @@ fn ethernet_and_l3_devices_mixed_each_with_its_entry() {
         assert!(ingress_programs(&lab.director, iface).unwrap().is_empty());
     }
 }
+
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn detach_of_one_interface_of_a_kept_group_leaves_the_other_marking() {
+    let Some((lab, second, _files, a, _b)) = setup("multi_detach_member") else {
+        return;
+    };
+    let (a_if, b_if) = (lab.director_if.clone(), second.director_if.clone());
+    let counters = counters(&lab);
+    let mut args = run_args(&a_if, &b_if, &a);
+    args.push("--keep");
+    stop_ok(Daemon::start(&lab.director, &args).unwrap());
+    // Both kept marking after the run's exit.
+    second.send(1);
+
+    let out = ok(fwmark(&lab, &["detach", "--iface", &b_if]));
+    assert!(
+        out.contains(&format!("detached fwmark from {b_if}")),
+        "{out}"
+    );
+    assert!(ingress_programs(&lab.director, &b_if).unwrap().is_empty());
+    for dir in lab.director.fwmark_dirs(&b_if) {
+        assert!(!dir.exists(), "{} is left", dir.display());
+    }
+    let status = status_json(&lab, &a_if);
+    assert_eq!(
+        status["interfaces"].as_array().unwrap().len(),
+        1,
+        "{status}"
+    );
+    lab.client
+        .run(|| nft::send(&probe(VIP, ProbeProto::Udp, 80, 80, 2)))
+        .unwrap()
+        .unwrap();
+    second.send(1);
+    let seen = counters.read().unwrap();
+    assert_eq!(seen[0].by_mark.get(&80), Some(&2), "A: {:?}", seen[0]);
+    assert_eq!(seen[1].by_mark.get(&80), Some(&1), "B: {:?}", seen[1]);
+    assert_eq!(seen[1].by_mark.get(&0), Some(&1), "B: {:?}", seen[1]);
+
+    ok(fwmark(&lab, &["detach", "--iface", &a_if]));
+    assert!(ingress_programs(&lab.director, &a_if).unwrap().is_empty());
+    for dir in lab.director.fwmark_dirs(&a_if) {
+        assert!(!dir.exists(), "{} is left", dir.display());
+    }
+
+    // A kept group again: `detach --all` (this namespace only) takes both.
+    stop_ok(Daemon::start(&lab.director, &args).unwrap());
+    let out = ok(fwmark(&lab, &["detach", "--all"]));
+    assert!(
+        out.contains(&format!("detached fwmark from {a_if}")),
+        "{out}"
+    );
+    for iface in [&a_if, &b_if] {
+        assert!(
+            ingress_programs(&lab.director, iface).unwrap().is_empty(),
+            "{iface}: {out}"
+        );
+        for dir in lab.director.fwmark_dirs(iface) {
+            assert!(!dir.exists(), "{} is left: {out}", dir.display());
+        }
+    }
+}
