@@ -443,6 +443,36 @@ impl Maps {
         Ok(())
     }
 
+    /// Sets counters carried over from another set of maps (an upgrade
+    /// from an older layout, [`crate::upgrade`]): each given rule slot's
+    /// per-CPU values, and the global counters' per-CPU values (one value
+    /// per possible CPU each). Only for maps no program uses yet: the
+    /// values are written, not added.
+    pub fn carry_counters(
+        &mut self,
+        rules: &[(u32, Vec<RuleCounters>)],
+        global: Vec<GlobalCounters>,
+    ) -> Result<(), DatapathError> {
+        let capacity = self.rule_capacity();
+        for (slot, values) in rules {
+            if *slot >= capacity {
+                return Err(DatapathError::SlotOutOfRange {
+                    slot: *slot,
+                    capacity,
+                });
+            }
+            let values = PerCpuValues::try_from(values.clone()).map_err(DatapathError::Cpus)?;
+            self.rule_stats
+                .set(*slot, values, 0)
+                .map_err(map_err(map_names::RULE_STATS))?;
+        }
+        let global = PerCpuValues::try_from(global).map_err(DatapathError::Cpus)?;
+        self.global_stats
+            .set(0, global, 0)
+            .map_err(map_err(map_names::GLOBAL_STATS))?;
+        Ok(())
+    }
+
     /// Global counters, summed over CPUs.
     pub fn global_counters(&self) -> Result<GlobalCounters, DatapathError> {
         let per_cpu = self

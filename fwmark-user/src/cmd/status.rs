@@ -34,6 +34,25 @@ pub fn status(args: StatusArgs) -> Result<()> {
 fn snapshot(paths: &Paths) -> Result<Snapshot> {
     let iface = &paths.iface;
     let not_attached = || paths.not_attached();
+    // Pins of another layout are not read as this one's.
+    if let Ok(Some(state)) = fwmark::state::State::load(paths)
+        && state.abi != fwmark_common::ABI_VERSION
+    {
+        bail!(
+            "{iface} has pins of layout {} (made by another fwmark version); this fwmark reads \
+             layout {}{}",
+            state.abi,
+            fwmark_common::ABI_VERSION,
+            if state.abi == fwmark::upgrade::v2::ABI {
+                format!(
+                    ": `fwmark run --iface {iface}` upgrades them without a gap in marking, \
+                     or run `status` with the fwmark that made them"
+                )
+            } else {
+                ": run `status` with the fwmark that made them".to_string()
+            }
+        );
+    }
     let maps = Maps::from_pins(&paths.pin_dir).with_context(not_attached)?;
     let (state, unrecorded) = live::peek_state(paths, &maps)?.with_context(not_attached)?;
     // A change in progress holds the apply lock between its switch and

@@ -85,9 +85,21 @@ pub enum DaemonError {
     )]
     StateVanished { iface: String, path: PathBuf },
     #[error(
-        "{} holds pins of an incompatible fwmark (layout {abi}, this one uses {ours}): run \
-         `fwmark detach --iface {iface}` first (marking stops until this run attaches)",
-        pin_dir.display()
+        "{} holds pins of layout {abi}, which this fwmark (layout {ours}; it upgrades layout \
+         {legacy} in place) cannot read: {}",
+        pin_dir.display(),
+        if *abi > *ours {
+            format!(
+                "they come from a newer fwmark; run that version, or `fwmark detach --iface \
+                 {iface}` first (marking stops until this run attaches)"
+            )
+        } else {
+            format!(
+                "upgrade through a fwmark that reads them, or `fwmark detach --iface {iface}` \
+                 first (marking stops until this run attaches)"
+            )
+        },
+        legacy = crate::upgrade::v2::ABI
     )]
     Incompatible {
         iface: String,
@@ -157,6 +169,8 @@ pub enum DaemonError {
     Metrics(#[from] MetricsError),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    #[error("upgrading fwmark's pins on the interface from an older layout")]
+    Upgrade(#[from] crate::upgrade::UpgradeError),
 }
 
 /// The exit status of `fwmark run` when its config is what failed
