@@ -473,6 +473,61 @@ impl Maps {
         Ok(())
     }
 
+    /// Adds counters per CPU to the given rule slots and to the global
+    /// counters (what an old program counted after [`Maps::carry_counters`]
+    /// copied its counters, until it was replaced). A read, then a write:
+    /// an increment the program makes on a CPU in between is lost.
+    pub fn add_counters(
+        &mut self,
+        rules: &[(u32, Vec<RuleCounters>)],
+        global: &[GlobalCounters],
+    ) -> Result<(), DatapathError> {
+        for (slot, extra) in rules {
+            if extra.iter().all(|c| *c == RuleCounters::default()) {
+                continue;
+            }
+            let now = self
+                .rule_stats
+                .get(slot, 0)
+                .map_err(map_err(map_names::RULE_STATS))?;
+            let sum: Vec<RuleCounters> = now
+                .iter()
+                .zip(extra)
+                .map(|(a, b)| RuleCounters {
+                    packets: a.packets + b.packets,
+                    bytes: a.bytes + b.bytes,
+                    icmp_errors: a.icmp_errors + b.icmp_errors,
+                })
+                .collect();
+            let sum = PerCpuValues::try_from(sum).map_err(DatapathError::Cpus)?;
+            self.rule_stats
+                .set(*slot, sum, 0)
+                .map_err(map_err(map_names::RULE_STATS))?;
+        }
+        let now = self
+            .global_stats
+            .get(&0, 0)
+            .map_err(map_err(map_names::GLOBAL_STATS))?;
+        let sum: Vec<GlobalCounters> = now
+            .iter()
+            .zip(global)
+            .map(|(a, b)| GlobalCounters {
+                seen: a.seen + b.seen,
+                marked: a.marked + b.marked,
+                no_match: a.no_match + b.no_match,
+                non_ip: a.non_ip + b.non_ip,
+                later_fragment: a.later_fragment + b.later_fragment,
+                malformed: a.malformed + b.malformed,
+                icmp_error: a.icmp_error + b.icmp_error,
+            })
+            .collect();
+        let sum = PerCpuValues::try_from(sum).map_err(DatapathError::Cpus)?;
+        self.global_stats
+            .set(0, sum, 0)
+            .map_err(map_err(map_names::GLOBAL_STATS))?;
+        Ok(())
+    }
+
     /// Global counters, summed over CPUs.
     pub fn global_counters(&self) -> Result<GlobalCounters, DatapathError> {
         let per_cpu = self

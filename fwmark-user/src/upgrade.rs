@@ -199,6 +199,62 @@ pub mod v2 {
         Ok(Counters { rules, global })
     }
 
+    impl Counters {
+        /// What was counted since `earlier` (per CPU; a counter never goes
+        /// down, so a smaller value is taken as no change).
+        pub fn since(&self, earlier: &Counters) -> Counters {
+            let rule = |a: &RuleCounters, b: &RuleCounters| RuleCounters {
+                packets: a.packets.saturating_sub(b.packets),
+                bytes: a.bytes.saturating_sub(b.bytes),
+                icmp_errors: a.icmp_errors.saturating_sub(b.icmp_errors),
+            };
+            let global = |a: &GlobalCounters, b: &GlobalCounters| GlobalCounters {
+                seen: a.seen.saturating_sub(b.seen),
+                marked: a.marked.saturating_sub(b.marked),
+                no_match: a.no_match.saturating_sub(b.no_match),
+                non_ip: a.non_ip.saturating_sub(b.non_ip),
+                later_fragment: a.later_fragment.saturating_sub(b.later_fragment),
+                malformed: a.malformed.saturating_sub(b.malformed),
+                icmp_error: a.icmp_error.saturating_sub(b.icmp_error),
+            };
+            Counters {
+                rules: self
+                    .rules
+                    .iter()
+                    .zip(&earlier.rules)
+                    .map(|((slot, now), (_, then))| {
+                        (
+                            *slot,
+                            now.iter().zip(then).map(|(a, b)| rule(a, b)).collect(),
+                        )
+                    })
+                    .collect(),
+                global: self
+                    .global
+                    .iter()
+                    .zip(&earlier.global)
+                    .map(|(a, b)| global(a, b))
+                    .collect(),
+            }
+        }
+
+        /// In this build's counter types.
+        pub fn current(
+            self,
+        ) -> (
+            Vec<(u32, Vec<fwmark_common::RuleCounters>)>,
+            Vec<fwmark_common::GlobalCounters>,
+        ) {
+            (
+                self.rules
+                    .into_iter()
+                    .map(|(slot, values)| (slot, values.into_iter().map(Into::into).collect()))
+                    .collect(),
+                self.global.into_iter().map(Into::into).collect(),
+            )
+        }
+    }
+
     /// Whether layout 2's `ACTIVE` names `slot` and that slot holds a
     /// published generation (how an interrupted switch is told to have
     /// happened, as layout 2 did it).
@@ -314,9 +370,7 @@ pub fn recover(paths: &Paths) -> Result<(), UpgradeError> {
         return Ok(());
     }
     if staging(paths).exists() {
-        warn!(
-            "an interrupted upgrade of {iface} had not recorded its result: starting it over"
-        );
+        warn!("an interrupted upgrade of {iface} had not recorded its result: starting it over");
         remove_dir(paths, &staging(paths))?;
     }
     // A layout-2 switch interrupted between its pending file and its
@@ -346,7 +400,9 @@ pub fn recover(paths: &Paths) -> Result<(), UpgradeError> {
             durable::rename(&pending, &paths.state_file())
                 .map_err(file_error("recording", &paths.state_file()))?;
         } else {
-            warn!("an interrupted change of {iface} (layout 2) had not switched: the live config stays");
+            warn!(
+                "an interrupted change of {iface} (layout 2) had not switched: the live config stays"
+            );
             fs::remove_file(&pending).map_err(file_error("removing", &pending))?;
         }
     }
@@ -459,6 +515,25 @@ pub fn upgrade(
         }
     };
 
+    // The counters, copied as late as possible: what the old program
+    // counts from here until it is replaced is added after the replacement.
+    let copied = match v2::read_counters(&paths.pin_dir, &old.slots) {
+        Ok(copied) => copied,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&stage);
+            return Err(e.into());
+        }
+    };
+    let (rules, global) = v2::Counters {
+        rules: copied.rules.clone(),
+        global: copied.global.clone(),
+    }
+    .current();
+    if let Err(e) = datapath.maps.carry_counters(&rules, global) {
+        let _ = fs::remove_dir_all(&stage);
+        return Err(e.into());
+    }
+
     // 2. Replace the program on the live attachment.
     let program = datapath.program_mut()?;
     let attached = attach::adopt(program, iface, old.mode, &paths.pin("link"), old.netlink)
@@ -473,6 +548,25 @@ pub fn upgrade(
     let program_id = program.info().map(|i| i.id()).unwrap_or_default();
     if let Some((priority, handle)) = attached.netlink() {
         remove_stray_filters(iface, priority, handle);
+    }
+    // What the old program counted since the copy. (On netlink, a packet
+    // in the instant both filters were in place counted in both.)
+    match v2::read_counters(&paths.pin_dir, &old.slots) {
+        Ok(now) => {
+            let (rules, global) = now.since(&copied).current();
+            if let Err(e) = datapath.maps.add_counters(&rules, &global) {
+                warn!(
+                    "adding what layout {}'s program counted during the upgrade of {iface} \
+                     failed (those packets are missing from the counters): {e}",
+                    old.abi
+                );
+            }
+        }
+        Err(e) => warn!(
+            "reading layout {}'s last counters on {iface} failed (what it counted during the \
+             upgrade is missing from the counters): {e}",
+            old.abi
+        ),
     }
     failpoint::pause(failpoint::step::UPGRADE_AFTER_REPLACE);
 
@@ -537,7 +631,7 @@ pub fn upgrade(
 }
 
 /// Step 1 after the staging directory exists: the new maps, the recorded
-/// config published into them as the next generation, the counters.
+/// config published into them as the next generation.
 fn build(
     paths: &Paths,
     old: &State,
@@ -554,16 +648,7 @@ fn build(
         });
     }
     let mut datapath = Datapath::load_for(link, old.rule_capacity, Some(stage), log_level)?;
-    let counters = v2::read_counters(&paths.pin_dir, &old.slots)?;
     let slot = datapath.maps.publish(&ruleset, &old.slots, &[])?;
-    datapath.maps.carry_counters(
-        &counters
-            .rules
-            .into_iter()
-            .map(|(slot, values)| (slot, values.into_iter().map(Into::into).collect()))
-            .collect::<Vec<_>>(),
-        counters.global.into_iter().map(Into::into).collect(),
-    )?;
     let mut next = old.clone();
     next.abi = ABI_VERSION;
     next.slot = slot;

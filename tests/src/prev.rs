@@ -100,7 +100,14 @@ pub fn build(root: &Path, commit: &str) -> Result<PathBuf> {
     );
     let status = Command::new(cargo)
         .current_dir(&src)
-        .args(["build", "-p", "fwmark-user", "--bin", "fwmark", "--target-dir"])
+        .args([
+            "build",
+            "-p",
+            "fwmark-user",
+            "--bin",
+            "fwmark",
+            "--target-dir",
+        ])
         .arg(cache.join("target"))
         .env_remove("CARGO_TARGET_DIR")
         .env_remove("CARGO_BUILD_TARGET_DIR")

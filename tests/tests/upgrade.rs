@@ -195,8 +195,7 @@ fn upgrade_without_a_gap(mode: &str, killed_at: Option<&str>) {
             .find(|l| l.contains("upgraded"))
             .unwrap_or_else(|| panic!("no upgrade logged:\n{upgraded_log}"));
         assert!(
-            line.contains("from layout 2 to layout 3")
-                && line.contains(&format!("({mode}")),
+            line.contains("from layout 2 to layout 3") && line.contains(&format!("({mode}")),
             "{line}"
         );
     }
@@ -226,8 +225,22 @@ fn upgrade_without_a_gap(mode: &str, killed_at: Option<&str>) {
     );
     assert!(old_web > 0, "{old_status}");
     assert!(new_web > old_web, "web {old_web} -> {new_web}");
-    assert!(new_marked > old_marked, "marked {old_marked} -> {new_marked}");
-    assert!(new_web <= nft_marked, "web {new_web}, nft saw {nft_marked}");
+    assert!(
+        new_marked > old_marked,
+        "marked {old_marked} -> {new_marked}"
+    );
+    // Every marked packet counted once: what the old program counted until
+    // it was replaced is carried over. Within 0.5 %: on netlink a packet in
+    // the instant both filters are in place counts in both, and a counter
+    // copy races the new program's increments for a few microseconds. The
+    // run killed after it replaced the program took what its program
+    // counted with it (its maps were never recorded).
+    if killed_at != Some(failpoint::step::UPGRADE_AFTER_REPLACE) {
+        assert!(
+            new_web.abs_diff(nft_marked) <= nft_marked / 200,
+            "fwmark counted {new_web} web packets, nft saw {nft_marked} marked"
+        );
+    }
     assert_eq!(
         ingress(&lab),
         vec![format!("{mode}:fwmark")],
@@ -241,5 +254,9 @@ fn upgrade_without_a_gap(mode: &str, killed_at: Option<&str>) {
     ok(fwmark(&lab, &["detach", "--iface", &lab.director_if]));
     assert!(ingress(&lab).is_empty(), "{:?}", ingress(&lab));
     assert!(!pins.exists(), "{} is left", pins.display());
-    assert!(!run_dir(&lab).exists(), "{} is left", run_dir(&lab).display());
+    assert!(
+        !run_dir(&lab).exists(),
+        "{} is left",
+        run_dir(&lab).display()
+    );
 }
