@@ -15,13 +15,14 @@
 //!
 //! 1. A staging directory `PIN_DIR/upgrade/` is emptied and created; the new
 //!    maps are created and pinned there, the recorded config is published
-//!    into them, the counters are copied from the old maps (by the recorded
-//!    counter slots).
+//!    into them, then the counters are copied from the old maps (per CPU,
+//!    by the recorded counter slots, and the global ones).
 //!    *Crash:* the old program still marks from the old pins; the state
 //!    still says layout 2. [`recover`] removes the staging directory and the
 //!    upgrade starts over.
-//! 2. The program on the live attachment is replaced (fail-point
-//!    `upgrade-after-replace` after it).
+//! 2. The program on the live attachment is replaced; what the old program
+//!    counted since the copy is added (fail-point `upgrade-after-replace`
+//!    after it).
 //!    *Crash:* the new program marks from maps whose only pins are in the
 //!    staging directory; the state says layout 2 and the old pins are whole.
 //!    [`recover`] removes the staging directory (the attached program keeps
