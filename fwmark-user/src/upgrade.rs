@@ -314,7 +314,7 @@ pub enum UpgradeError {
         iface: String,
         from: u32,
         #[source]
-        source: AttachError,
+        source: Box<AttachError>,
     },
     #[error(
         "the recorded state of {iface} has {slots} counter slots for {rules} rules; \
@@ -337,6 +337,40 @@ pub enum UpgradeError {
         #[source]
         source: io::Error,
     },
+}
+
+/// Pins of a layout other than this build's: a command that reads or
+/// changes them (`status`, `apply`) stops with this.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{iface} has pins of layout {layout} (made by another fwmark version); this fwmark reads \
+     layout {ours}: {}",
+    if *layout == v2::ABI {
+        format!(
+            "`fwmark run --iface {iface}` upgrades them without a gap in marking, or use the \
+             fwmark that made them"
+        )
+    } else {
+        format!(
+            "use the fwmark that made them, or `fwmark detach --iface {iface}` and `fwmark run` \
+             again (marking stops in between)"
+        )
+    },
+    ours = ABI_VERSION
+)]
+pub struct OtherLayout {
+    pub iface: String,
+    pub layout: u32,
+}
+
+/// Whether the recorded state of `paths`' interface names a layout other
+/// than this build's (an unreadable state is left to the caller).
+pub fn other_layout(paths: &Paths) -> Option<OtherLayout> {
+    let state = State::load(paths).ok().flatten()?;
+    (state.abi != ABI_VERSION).then(|| OtherLayout {
+        iface: paths.iface.clone(),
+        layout: state.abi,
+    })
 }
 
 fn staging(paths: &Paths) -> PathBuf {
@@ -543,7 +577,7 @@ pub fn upgrade(
             UpgradeError::Attach {
                 iface: iface.clone(),
                 from: old.abi,
-                source,
+                source: Box::new(source),
             }
         })?;
     let program_id = program.info().map(|i| i.id()).unwrap_or_default();

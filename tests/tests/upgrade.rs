@@ -129,6 +129,20 @@ fn upgrade_without_a_gap(mode: &str, killed_at: Option<&str>) {
         // The old daemon is gone, its program marks on from the pins.
         let old_status = status_by(&lab, &old_bin);
         assert_eq!(old_status["attach"]["daemon_pid"], serde_json::Value::Null);
+        // This build does not read layout 2 as its own; it says what to do.
+        for args in [
+            vec!["status", "--iface", &lab.director_if],
+            vec!["apply", "--iface", &lab.director_if, "--config", &a],
+        ] {
+            let out = fwmark(&lab, &args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success()
+                    && err.contains("pins of layout 2")
+                    && err.contains("upgrades them without a gap"),
+                "{args:?}: {err}"
+            );
+        }
         std::thread::sleep(Duration::from_millis(200));
 
         if let Some(at) = killed_at {

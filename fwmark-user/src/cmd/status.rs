@@ -35,23 +35,8 @@ fn snapshot(paths: &Paths) -> Result<Snapshot> {
     let iface = &paths.iface;
     let not_attached = || paths.not_attached();
     // Pins of another layout are not read as this one's.
-    if let Ok(Some(state)) = fwmark::state::State::load(paths)
-        && state.abi != fwmark_common::ABI_VERSION
-    {
-        bail!(
-            "{iface} has pins of layout {} (made by another fwmark version); this fwmark reads \
-             layout {}{}",
-            state.abi,
-            fwmark_common::ABI_VERSION,
-            if state.abi == fwmark::upgrade::v2::ABI {
-                format!(
-                    ": `fwmark run --iface {iface}` upgrades them without a gap in marking, \
-                     or run `status` with the fwmark that made them"
-                )
-            } else {
-                ": run `status` with the fwmark that made them".to_string()
-            }
-        );
+    if let Some(other) = fwmark::upgrade::other_layout(paths) {
+        return Err(other.into());
     }
     let maps = Maps::from_pins(&paths.pin_dir).with_context(not_attached)?;
     let (state, unrecorded) = live::peek_state(paths, &maps)?.with_context(not_attached)?;

@@ -170,7 +170,13 @@ pub enum DaemonError {
     #[error(transparent)]
     Datapath(#[from] DatapathError),
     #[error("upgrading fwmark's pins on the interface from an older layout")]
-    Upgrade(#[from] crate::upgrade::UpgradeError),
+    Upgrade(#[source] Box<crate::upgrade::UpgradeError>),
+}
+
+impl From<crate::upgrade::UpgradeError> for DaemonError {
+    fn from(e: crate::upgrade::UpgradeError) -> DaemonError {
+        DaemonError::Upgrade(Box::new(e))
+    }
 }
 
 /// The exit status of `fwmark run` when its config is what failed
