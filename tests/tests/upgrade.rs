@@ -264,6 +264,37 @@ fn upgrade_without_a_gap(mode: &str, killed_at: Option<&str>) {
     assert!(!pins.join("upgrade").exists(), "staging pins left");
     assert!(!run_dir(&lab).join("state.upgrade.json").exists());
 
+    // A layout this build cannot read (here: a newer one) is refused, with
+    // what to do, and nothing is touched.
+    if killed_at.is_none() && mode == "tcx" {
+        let state_path = run_dir(&lab).join("state.json");
+        let text = std::fs::read_to_string(&state_path).unwrap();
+        let mut state: serde_json::Value = serde_json::from_str(&text).unwrap();
+        state["abi"] = 99.into();
+        std::fs::write(&state_path, state.to_string()).unwrap();
+        let out = fwmark(
+            &lab,
+            &[
+                "run",
+                "--iface",
+                &lab.director_if,
+                "--config",
+                &a,
+                "--no-watch",
+            ],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && err.contains("holds pins of layout 99")
+                && err.contains("newer fwmark")
+                && err.contains("fwmark detach --iface"),
+            "{err}"
+        );
+        assert_eq!(ingress(&lab), vec![format!("{mode}:fwmark")]);
+        std::fs::write(&state_path, text).unwrap();
+    }
+
     // `detach` removes everything.
     ok(fwmark(&lab, &["detach", "--iface", &lab.director_if]));
     assert!(ingress(&lab).is_empty(), "{:?}", ingress(&lab));
@@ -273,4 +304,17 @@ fn upgrade_without_a_gap(mode: &str, killed_at: Option<&str>) {
         "{} is left",
         run_dir(&lab).display()
     );
+}
+
+/// Without the layout-2 commit (a shallow clone) the test says what to do.
+#[test]
+fn a_missing_commit_asks_for_the_full_history() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let missing = "0123456789abcdef0123456789abcdef01234567";
+    let e = prev::build(&root, missing).unwrap_err().to_string();
+    assert!(
+        e.contains(missing) && e.contains("git fetch --unshallow"),
+        "{e}"
+    );
+    assert!(!root.join(".cache/prev").join(missing).exists());
 }
