@@ -208,6 +208,7 @@ fn upgrade_without_a_gap(mode: &str, killed_at: Option<&str>) {
             .lines()
             .find(|l| l.contains("upgraded"))
             .unwrap_or_else(|| panic!("no upgrade logged:\n{upgraded_log}"));
+        eprintln!("{mode}: {line}");
         assert!(
             line.contains("from layout 2 to layout 3") && line.contains(&format!("({mode}")),
             "{line}"
