@@ -162,6 +162,7 @@ pub mod v2 {
     }
 
     /// Layout 2's counters, per CPU.
+    #[derive(Clone)]
     pub struct Counters {
         /// Each given slot with its per-CPU values.
         pub rules: Vec<(u32, Vec<RuleCounters>)>,
@@ -559,11 +560,7 @@ pub fn upgrade(
             return Err(e.into());
         }
     };
-    let (rules, global) = v2::Counters {
-        rules: copied.rules.clone(),
-        global: copied.global.clone(),
-    }
-    .current();
+    let (rules, global) = copied.clone().current();
     if let Err(e) = datapath.maps.carry_counters(&rules, global) {
         let _ = fs::remove_dir_all(&stage);
         return Err(e.into());
