@@ -35,6 +35,8 @@ pub const IFACE_SLOT: &str = "FWMARK_IFACE_SLOT";
 /// Version of the pinned maps' layout (their names, key and value types,
 /// the `ACTIVE` word). The loader records it in the interface's state and
 /// refuses to adopt pins of another version; change it with any of those.
+/// Pins of the previous version (2) are upgraded in place by `fwmark run`
+/// (`fwmark::upgrade`), which names that version's maps and types itself.
 pub const ABI_VERSION: u32 = 3;
 
 /// Name of the classifier program in the eBPF object.

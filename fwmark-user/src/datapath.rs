@@ -443,6 +443,91 @@ impl Maps {
         Ok(())
     }
 
+    /// Sets counters carried over from another set of maps (an upgrade
+    /// from an older layout, [`crate::upgrade`]): each given rule slot's
+    /// per-CPU values, and the global counters' per-CPU values (one value
+    /// per possible CPU each). Only for maps no program uses yet: the
+    /// values are written, not added.
+    pub fn carry_counters(
+        &mut self,
+        rules: &[(u32, Vec<RuleCounters>)],
+        global: Vec<GlobalCounters>,
+    ) -> Result<(), DatapathError> {
+        let capacity = self.rule_capacity();
+        for (slot, values) in rules {
+            if *slot >= capacity {
+                return Err(DatapathError::SlotOutOfRange {
+                    slot: *slot,
+                    capacity,
+                });
+            }
+            let values = PerCpuValues::try_from(values.clone()).map_err(DatapathError::Cpus)?;
+            self.rule_stats
+                .set(*slot, values, 0)
+                .map_err(map_err(map_names::RULE_STATS))?;
+        }
+        let global = PerCpuValues::try_from(global).map_err(DatapathError::Cpus)?;
+        self.global_stats
+            .set(0, global, 0)
+            .map_err(map_err(map_names::GLOBAL_STATS))?;
+        Ok(())
+    }
+
+    /// Adds counters per CPU to the given rule slots and to the global
+    /// counters (what an old program counted after [`Maps::carry_counters`]
+    /// copied its counters, until it was replaced). A read, then a write:
+    /// an increment the program makes on a CPU in between is lost.
+    pub fn add_counters(
+        &mut self,
+        rules: &[(u32, Vec<RuleCounters>)],
+        global: &[GlobalCounters],
+    ) -> Result<(), DatapathError> {
+        for (slot, extra) in rules {
+            if extra.iter().all(|c| *c == RuleCounters::default()) {
+                continue;
+            }
+            let now = self
+                .rule_stats
+                .get(slot, 0)
+                .map_err(map_err(map_names::RULE_STATS))?;
+            let sum: Vec<RuleCounters> = now
+                .iter()
+                .zip(extra)
+                .map(|(a, b)| RuleCounters {
+                    packets: a.packets + b.packets,
+                    bytes: a.bytes + b.bytes,
+                    icmp_errors: a.icmp_errors + b.icmp_errors,
+                })
+                .collect();
+            let sum = PerCpuValues::try_from(sum).map_err(DatapathError::Cpus)?;
+            self.rule_stats
+                .set(*slot, sum, 0)
+                .map_err(map_err(map_names::RULE_STATS))?;
+        }
+        let now = self
+            .global_stats
+            .get(&0, 0)
+            .map_err(map_err(map_names::GLOBAL_STATS))?;
+        let sum: Vec<GlobalCounters> = now
+            .iter()
+            .zip(global)
+            .map(|(a, b)| GlobalCounters {
+                seen: a.seen + b.seen,
+                marked: a.marked + b.marked,
+                no_match: a.no_match + b.no_match,
+                non_ip: a.non_ip + b.non_ip,
+                later_fragment: a.later_fragment + b.later_fragment,
+                malformed: a.malformed + b.malformed,
+                icmp_error: a.icmp_error + b.icmp_error,
+            })
+            .collect();
+        let sum = PerCpuValues::try_from(sum).map_err(DatapathError::Cpus)?;
+        self.global_stats
+            .set(0, sum, 0)
+            .map_err(map_err(map_names::GLOBAL_STATS))?;
+        Ok(())
+    }
+
     /// Global counters of every interface together, summed over CPUs.
     pub fn global_counters(&self) -> Result<GlobalCounters, DatapathError> {
         Ok(self

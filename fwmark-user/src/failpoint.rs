@@ -25,6 +25,12 @@ pub mod step {
     /// `ACTIVE` names the new generation and the old one is released; the
     /// pending state is not yet renamed over `state.json`.
     pub const AFTER_SWITCH: &str = "after-switch";
+    /// An upgrade from an older layout ([`crate::upgrade`]) replaced the
+    /// program on the live attachment; the new state is not recorded yet.
+    pub const UPGRADE_AFTER_REPLACE: &str = "upgrade-after-replace";
+    /// An upgrade recorded the new state in `state.upgrade.json`; the pins
+    /// are not swapped yet.
+    pub const UPGRADE_AFTER_RECORD: &str = "upgrade-after-record";
 }
 
 /// Stops the process here when [`ENV`] names `step` (see the module).

@@ -22,6 +22,7 @@ pub mod preflight;
 pub mod rtnl;
 pub mod state;
 pub mod status;
+pub mod upgrade;
 
 /// An error with its causes, `outer: inner: innermost`, as the binary
 /// prints them (`{:#}` of anyhow), for messages the library logs or sends

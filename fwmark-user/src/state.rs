@@ -283,6 +283,8 @@ impl Paths {
             "state.json.tmp",
             "state.pending.json",
             "state.pending.json.tmp",
+            "state.upgrade.json",
+            "state.upgrade.json.tmp",
         ] {
             match fs::remove_file(self.run_dir.join(file)) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),

@@ -102,6 +102,9 @@ pub struct IpvsFeed {
 pub struct AttachInfo {
     /// `tcx` or `netlink`.
     pub mode: AttachMode,
+    /// Layout version of the pinned maps (`fwmark_common::ABI_VERSION` of
+    /// the fwmark that made them).
+    pub layout: u32,
     pub program_id: u32,
     /// Unix seconds.
     pub attached_at: u64,
@@ -352,6 +355,7 @@ impl Snapshot {
             iface: state.iface.clone(),
             attach: AttachInfo {
                 mode: state.mode,
+                layout: state.abi,
                 program_id: state.program_id,
                 attached_at: state.attached_at,
                 daemon_pid,
@@ -420,9 +424,10 @@ impl Snapshot {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "interface {}: {} attachment, program id {}, attached at {} (unix), {}",
+            "interface {}: {} attachment, layout {}, program id {}, attached at {} (unix), {}",
             self.iface,
             self.attach.mode,
+            self.attach.layout,
             self.attach.program_id,
             self.attach.attached_at,
             match self.attach.daemon_pid {
@@ -549,6 +554,7 @@ mod tests {
             iface: "eth0".into(),
             attach: AttachInfo {
                 mode: AttachMode::Tcx,
+                layout: fwmark_common::ABI_VERSION,
                 program_id: 7,
                 attached_at: 1_700_000_000,
                 daemon_pid: Some(42),
@@ -738,6 +744,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&sample().json()).unwrap();
         assert_eq!(v["schema"], 1);
         assert_eq!(v["attach"]["mode"], "tcx");
+        assert_eq!(v["attach"]["layout"], fwmark_common::ABI_VERSION);
         assert_eq!(v["attach"]["daemon_pid"], 42);
         assert_eq!(v["config"]["generation"], 3);
         assert_eq!(v["global"]["marked"], 6);

@@ -26,6 +26,7 @@ pub mod netns;
 pub mod nft;
 pub mod ops;
 pub mod packets;
+pub mod prev;
 pub mod recorder;
 pub mod tun;
 pub mod vm;

@@ -24,6 +24,10 @@ pub fn apply(args: ApplyArgs) -> Result<()> {
     }
     markers::warn_other_markers(&args.iface);
     let _lock = Lock::apply(&paths)?;
+    // Pins of another layout are not changed as this one's.
+    if let Some(other) = fwmark::upgrade::other_layout(&paths) {
+        return Err(other.into());
+    }
     let mut maps = Maps::from_pins(&paths.pin_dir).with_context(|| paths.not_attached())?;
     let mut state = live::load_state(&paths, Some(&maps))?.with_context(|| paths.not_attached())?;
 

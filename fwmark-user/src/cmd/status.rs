@@ -36,6 +36,10 @@ pub fn status(args: StatusArgs) -> Result<()> {
 fn snapshot(paths: &Paths) -> Result<Snapshot> {
     let iface = &paths.iface;
     let not_attached = || paths.not_attached();
+    // Pins of another layout are not read as this one's.
+    if let Some(other) = fwmark::upgrade::other_layout(paths) {
+        return Err(other.into());
+    }
     let maps = Maps::from_pins(&paths.pin_dir).with_context(not_attached)?;
     let (state, unrecorded) = live::peek_state(paths, &maps)?.with_context(not_attached)?;
     // A change in progress holds the apply lock between its switch and

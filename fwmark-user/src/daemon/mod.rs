@@ -93,9 +93,21 @@ pub enum DaemonError {
     )]
     StateVanished { iface: String, path: PathBuf },
     #[error(
-        "{} holds pins of an incompatible fwmark (layout {abi}, this one uses {ours}): run \
-         `fwmark detach --iface {iface}` first (marking stops until this run attaches)",
-        pin_dir.display()
+        "{} holds pins of layout {abi}, which this fwmark (layout {ours}; it upgrades layout \
+         {legacy} in place) cannot read: {}",
+        pin_dir.display(),
+        if *abi > *ours {
+            format!(
+                "they come from a newer fwmark; run that version, or `fwmark detach --iface \
+                 {iface}` first (marking stops until this run attaches)"
+            )
+        } else {
+            format!(
+                "upgrade through a fwmark that reads them, or `fwmark detach --iface {iface}` \
+                 first (marking stops until this run attaches)"
+            )
+        },
+        legacy = crate::upgrade::v2::ABI
     )]
     Incompatible {
         iface: String,
@@ -181,6 +193,14 @@ pub enum DaemonError {
     Metrics(#[from] MetricsError),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    #[error("upgrading fwmark's pins on the interface from an older layout")]
+    Upgrade(#[source] Box<crate::upgrade::UpgradeError>),
+}
+
+impl From<crate::upgrade::UpgradeError> for DaemonError {
+    fn from(e: crate::upgrade::UpgradeError) -> DaemonError {
+        DaemonError::Upgrade(Box::new(e))
+    }
 }
 
 /// The exit status of `fwmark run` when its config is what failed

@@ -31,6 +31,7 @@ use crate::{
     preflight,
     state::{Lock, Member, Paths, State},
     status::{LiveConfig, Snapshot},
+    upgrade,
 };
 
 use super::{DaemonError, Options, Result, notify};
@@ -617,7 +618,11 @@ fn start_first(setup: &Setup) -> Result<Live> {
         ..
     } = setup;
     let requested = *requested;
+    // An interrupted upgrade from an older layout is finished or discarded
+    // first: it decides which pins are the live ones.
+    upgrade::recover(paths)?;
     let pins_present = MAP_NAMES.iter().all(|n| paths.pin(n).exists());
+    let legacy_pins = upgrade::v2::MAP_NAMES.iter().all(|n| paths.pin(n).exists());
     // Recover an interrupted switch before reading the state.
     let maps = if pins_present {
         datapath::Maps::from_pins(&paths.pin_dir).ok()
@@ -627,9 +632,16 @@ fn start_first(setup: &Setup) -> Result<Live> {
     let state = live::load_state(paths, maps.as_ref())?;
     drop(maps);
 
-    let adoptable = match &state {
-        Some(s) if pins_present && s.abi == ABI_VERSION => true,
-        Some(s) if pins_present => {
+    #[derive(PartialEq)]
+    enum Take {
+        Adopt,
+        Upgrade,
+        Afresh,
+    }
+    let take = match &state {
+        Some(s) if pins_present && s.abi == ABI_VERSION => Take::Adopt,
+        Some(s) if legacy_pins && s.abi == upgrade::v2::ABI => Take::Upgrade,
+        Some(s) if s.abi != ABI_VERSION && s.abi != upgrade::v2::ABI && paths.pin_dir.exists() => {
             return Err(DaemonError::Incompatible {
                 iface: paths.iface.clone(),
                 pin_dir: paths.pin_dir.clone(),
@@ -637,9 +649,9 @@ fn start_first(setup: &Setup) -> Result<Live> {
                 ours: ABI_VERSION,
             });
         }
-        _ => false,
+        _ => Take::Afresh,
     };
-    if !adoptable && (state.is_some() || paths.pin_dir.exists()) {
+    if take == Take::Afresh && (state.is_some() || paths.pin_dir.exists()) {
         warn!(
             "removing an incomplete previous attachment's pins and state for {}",
             paths.iface
@@ -650,39 +662,61 @@ fn start_first(setup: &Setup) -> Result<Live> {
         paths.remove().map_err(DaemonError::remove(paths))?;
     }
 
-    if let (true, Some(mut state)) = (adoptable, state) {
-        if opts.attach.is_some() && state.mode != requested {
+    if let (Take::Adopt | Take::Upgrade, Some(old)) = (&take, state) {
+        if opts.attach.is_some() && old.mode != requested {
             return Err(DaemonError::ModeMismatch {
                 iface: paths.iface.clone(),
-                mode: state.mode,
+                mode: old.mode,
                 requested,
             });
         }
-        let mut datapath = Datapath::load_for(
-            preflight::interface_link(&paths.iface)?,
-            state.rule_capacity,
-            Some(&paths.pin_dir),
-            opts.kernel_log,
-        )?;
-        let program = datapath.program_mut()?;
-        let attached = attach::adopt(
-            program,
-            &paths.iface,
-            state.mode,
-            &paths.pin("link"),
-            state.netlink,
-        )?;
-        state.program_id = program.info().map(|i| i.id()).unwrap_or_default();
-        state.netlink = attached.netlink();
+        let link = preflight::interface_link(&paths.iface)?;
+        let (datapath, attached, mut state, adopted) = if take == Take::Upgrade {
+            let up = upgrade::upgrade(paths, &old, link, opts.kernel_log)?;
+            let line = format!(
+                "upgraded {} from layout {} to layout {} without a gap ({} attachment, program \
+                 id {} -> {}, generation {}, {} rule counters and the global counters carried \
+                 over)",
+                paths.iface,
+                up.from,
+                ABI_VERSION,
+                up.state.mode,
+                up.old_program_id,
+                up.state.program_id,
+                up.state.generation,
+                up.state.slots.len()
+            );
+            (up.datapath, up.attached, up.state, line)
+        } else {
+            let mut state = old;
+            let mut datapath = Datapath::load_for(
+                link,
+                state.rule_capacity,
+                Some(&paths.pin_dir),
+                opts.kernel_log,
+            )?;
+            let program = datapath.program_mut()?;
+            let attached = attach::adopt(
+                program,
+                &paths.iface,
+                state.mode,
+                &paths.pin("link"),
+                state.netlink,
+            )?;
+            state.program_id = program.info().map(|i| i.id()).unwrap_or_default();
+            state.netlink = attached.netlink();
+            let line = format!(
+                "adopted the {} attachment on {} (generation {}, program id {} now)",
+                state.mode, paths.iface, state.generation, state.program_id
+            );
+            (datapath, attached, state, line)
+        };
         let mut live = Live::new(setup, datapath, attached, summary(&state, new));
         // From here on the new program marks: an error must not take the
         // attachment (and so the marking) away with it.
         let finish = |live: &mut Live, state: &mut State| -> Result<()> {
             state.save(paths).map_err(DaemonError::save(paths))?;
-            info!(
-                "adopted the {} attachment on {} (generation {}, program id {} now)",
-                state.mode, paths.iface, state.generation, state.program_id
-            );
+            info!("{adopted}");
             if state.config_sha256 == new.sha256 {
                 info!("config {} unchanged", new.path);
                 let labels = LiveConfig::new(
