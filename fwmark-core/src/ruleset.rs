@@ -197,8 +197,8 @@ impl Ruleset {
         }
 
         // (prefix_len, key) -> index in exact/prefix and owning rule.
-        let mut owner: HashMap<(u32, ServiceKey), (bool, usize, usize)> =
-            HashMap::with_capacity(entries);
+        let mut owner: foldhash::HashMap<(u32, ServiceKey), (bool, usize, usize)> =
+            foldhash::HashMap::with_capacity_and_hasher(entries, Default::default());
         let mut rs = Ruleset {
             icmp_errors: config.icmp_errors,
             ..Ruleset::default()
@@ -223,7 +223,10 @@ impl Ruleset {
                 } else {
                     lpm_prefix_len(vip.prefix_len())
                 };
-                if let Some(&(in_exact, idx, owner_rule)) = owner.get(&(prefix_len, key)) {
+                // One probe per entry: a new one is inserted where it was looked up.
+                let claim = owner.entry((prefix_len, key));
+                if let std::collections::hash_map::Entry::Occupied(o) = &claim {
+                    let &(in_exact, idx, owner_rule) = o.get();
                     let existing = if in_exact {
                         rs.exact[idx].1
                     } else {
@@ -253,10 +256,10 @@ impl Ruleset {
                     continue;
                 }
                 if exact {
-                    owner.insert((prefix_len, key), (true, rs.exact.len(), index as usize));
+                    claim.or_insert((true, rs.exact.len(), index as usize));
                     rs.exact.push((key, target));
                 } else {
-                    owner.insert((prefix_len, key), (false, rs.prefix.len(), index as usize));
+                    claim.or_insert((false, rs.prefix.len(), index as usize));
                     rs.prefix.push(PrefixEntry {
                         prefix_len,
                         key,
