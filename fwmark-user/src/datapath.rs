@@ -377,7 +377,8 @@ impl Maps {
             return Err(DatapathError::SlotOutOfRange { slot, capacity });
         }
         let mut phases = crate::live::Phases::new("publish");
-        let current = self.active_slot()?;
+        let current_word = self.active_word()?;
+        let current = current_word & ACTIVE_GENERATION_MASK;
         let next = if self.is_published()? {
             (current + 1) % GENERATIONS
         } else {
@@ -447,7 +448,8 @@ impl Maps {
         if next != current {
             // The new generation is live from here on: what follows only
             // frees the old one, so a failure is a warning, not an error.
-            if let Err(e) = self.release(current, exact.map()) {
+            let had_prefix = current_word & ACTIVE_HAS_PREFIX != 0;
+            if let Err(e) = self.release(current, had_prefix, exact.map()) {
                 log::warn!(
                     "the new config is live, but freeing the previous generation failed \
                      (it is freed at the next change): {e}"
@@ -459,8 +461,16 @@ impl Maps {
     }
 
     /// Waits until no program reads generation `old` any more, then
-    /// replaces its maps by empty ones so their memory goes.
-    fn release(&mut self, old: u32, live_exact: &MapData) -> Result<(), DatapathError> {
+    /// replaces its maps by empty ones so their memory goes. Its prefix
+    /// trie is replaced only when it has entries (`had_prefix`: its
+    /// `ACTIVE` word had the flag); an empty one holds no memory, and each
+    /// map-in-map update costs an RCU grace period.
+    fn release(
+        &mut self,
+        old: u32,
+        had_prefix: bool,
+        live_exact: &MapData,
+    ) -> Result<(), DatapathError> {
         let live = (old + 1) % GENERATIONS;
         // 4. Wait for programs that read the old ACTIVE word: this
         // map-in-map update returns after an RCU grace period.
@@ -470,14 +480,16 @@ impl Maps {
         // 5. Release the old generation's memory: nothing reads it now.
         let empty_exact: HashMap<MapData, ServiceKey, Target> =
             HashMap::create(1, 0).map_err(map_err("exact entries"))?;
-        let empty_prefix: LpmTrie<MapData, ServiceKey, Target> =
-            LpmTrie::create(1, BPF_F_NO_PREALLOC).map_err(map_err("prefix entries"))?;
         self.exact
             .set(old, empty_exact.map(), 0)
             .map_err(map_err(map_names::EXACT))?;
-        self.prefix
-            .set(old, empty_prefix.map(), 0)
-            .map_err(map_err(map_names::PREFIX))?;
+        if had_prefix {
+            let empty_prefix: LpmTrie<MapData, ServiceKey, Target> =
+                LpmTrie::create(1, BPF_F_NO_PREALLOC).map_err(map_err("prefix entries"))?;
+            self.prefix
+                .set(old, empty_prefix.map(), 0)
+                .map_err(map_err(map_names::PREFIX))?;
+        }
         Ok(())
     }
 
