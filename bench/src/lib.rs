@@ -1256,13 +1256,19 @@ const MISSES: &str = "
   more on larger machines). An IPv4-only 8-byte key would save 16 bytes per
   IPv4 entry; counters per service instead of per rule would make the counter
   memory independent of the number of entries.
-- **Apply time.** `fwmark apply` of 1M entries spends about a third of its
-  time reading and validating the 17 MB TOML file, the rest computing the
-  diff and counter slots, writing the state, inserting the entries (batched,
-  `BPF_MAP_UPDATE_BATCH`) and five RCU grace periods of the generation swap.
-  It is about 10x faster than `iptables-restore` from 100k entries up (see the
-  table; at small sizes process start-up and the grace periods dominate), and
-  faster than `nft -f` of the same number of map elements.
+- **Apply time.** `RUST_LOG=debug fwmark apply` logs how long each phase
+  takes. For 1M entries on this VM (two runs with the benchmark's config):
+  parsing and validating the 17 MB TOML 0.47 to 0.57 s (the toml crate's
+  parser, a string per VIP), compiling the entries 0.43 to 0.56 s, writing
+  the state (the config text, JSON-escaped) 0.10 to 0.24 s, the diff and
+  the counter slots about 0.1 s; in the kernel, creating the preallocated
+  hash map 0.04 to 0.32 s, inserting the entries (`BPF_MAP_UPDATE_BATCH`)
+  0.64 to 0.76 s, zeroing reused counter slots (batched) 0.36 s, and the
+  four map-in-map updates of the switch (an RCU grace period each) 0.06 s.
+  Each repetition here returns to a small config, so the next 1M apply
+  reuses a million slots that counted before and must zero them. The
+  kernel's share alone is 1.1 to 1.5 s, above the 1 s target; what is left
+  to cut in userspace is mostly the TOML parse and the compile.
 - **End to end, fwmark against the nftables map.** fwmark's added cost is
   the TC ingress hook itself (the \"empty TC program\" row: the skb set-up
   around any TC program), the classifier, and in the real receive path the
@@ -1336,46 +1342,85 @@ pub fn other_checks(
             format!("{:.0} bytes", l.bytes_per_entry),
         ));
     }
-    for p in apply {
-        let n = p.entries;
-        let limit = match n {
-            100_000 => Some(0.3),
-            1_000_000 => Some(3.0),
-            _ => None,
-        };
-        if let Some(limit) = limit {
-            out.push(Check::sampled(
-                format!("Apply of {n} entries within {limit} s"),
+    out.extend(apply_checks(apply));
+    out.extend(scrape_checks(scrape));
+    out
+}
+
+/// Issue 15's apply target: 1M entries apply in at most 1 s. (The
+/// comparison with `iptables-restore` is the apply table's last column, a
+/// reference rather than a target.)
+pub fn apply_checks(apply: &[ApplyPoint]) -> Vec<Check> {
+    apply
+        .iter()
+        .filter(|p| p.entries == 1_000_000)
+        .map(|p| {
+            let limit = 1.0;
+            Check::sampled(
+                format!("Apply of {} entries within {limit} s", p.entries),
                 format!("{} s", figure(&p.fwmark, 3)),
                 p.fwmark.iter().map(|f| f - limit).collect(),
-            ));
-        }
-        if n >= 100_000 {
-            let ratio: Vec<f64> = p
-                .iptables
-                .iter()
-                .zip(&p.fwmark)
-                .map(|(i, f)| i / f)
-                .collect();
-            out.push(Check::sampled(
-                format!("Apply of {n} entries at least 10x faster than iptables-restore"),
-                format!("{}x", figure(&ratio, 1)),
-                // 10 x fwmark - iptables <= 0.
-                excess(&p.fwmark, 0.1, &p.iptables, 0.0)
-                    .iter()
-                    .map(|e| 10.0 * e)
-                    .collect(),
-            ));
+            )
+        })
+        .collect()
+}
+
+/// The scrape target: one scrape at 100k entries under 5 ms.
+pub fn scrape_checks(scrape: &[ScrapePoint]) -> Vec<Check> {
+    scrape
+        .iter()
+        .filter(|p| p.entries == 100_000)
+        .map(|p| {
+            Check::sampled(
+                "Metrics scrape at 100000 entries under 5 ms",
+                format!("{} ms", figure(&p.ms, 2)),
+                p.ms.iter().map(|m| m - 5.0).collect(),
+            )
+        })
+        .collect()
+}
+
+/// A section run alone (`fwmark-bench --only SECTION`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Section {
+    Apply,
+    Scrape,
+}
+
+impl std::str::FromStr for Section {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Section, String> {
+        match s {
+            "apply" => Ok(Section::Apply),
+            "scrape" => Ok(Section::Scrape),
+            other => Err(format!(
+                "--only {other:?}: the sections that run alone are \"apply\" and \"scrape\""
+            )),
         }
     }
-    for p in scrape.iter().filter(|p| p.entries == 100_000) {
-        out.push(Check::sampled(
-            "Metrics scrape at 100000 entries under 5 ms",
-            format!("{} ms", figure(&p.ms, 2)),
-            p.ms.iter().map(|m| m - 5.0).collect(),
-        ));
+}
+
+/// Runs one section alone (a working session's measurement; the report
+/// is written by [`run`], every section in one run): its targets and
+/// its table, as markdown.
+pub fn run_only(section: Section, opts: Options, fwmark_bin: &std::path::Path) -> Result<String> {
+    let (checks, table) = match section {
+        Section::Apply => {
+            let apply = apply_times(opts, fwmark_bin)?;
+            (apply_checks(&apply), apply_table(&apply))
+        }
+        Section::Scrape => {
+            let scrape = scrape_times(opts)?;
+            (scrape_checks(&scrape), scrape_table(&scrape))
+        }
+    };
+    let mut md = String::new();
+    for c in &checks {
+        let _ = writeln!(md, "- {}", c.line());
     }
-    out
+    md.push('\n');
+    md.push_str(&table.markdown());
+    Ok(md)
 }
 
 /// How the verdicts are reached, written under the Targets list.

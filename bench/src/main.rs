@@ -1,7 +1,9 @@
 //! `cargo xtask bench`: see the `fwmark_bench` library. Usage (as root):
 //! fwmark-bench --fwmark FWMARK_BIN [--quick] [--e2e-budget SECONDS] [--out DIR]
+//!              [--only apply|scrape]
 //! Prints the tables; with --out writes DIR/benchmarks.md and
-//! DIR/benchmarks.png. --e2e-budget bounds how long the end-to-end section
+//! DIR/benchmarks.png. --only runs one section alone and prints its targets
+//! and table (nothing is written). --e2e-budget bounds how long the end-to-end section
 //! repeats its rounds to decide its targets (default 300 s, 20 s quick).
 
 use std::path::PathBuf;
@@ -14,12 +16,19 @@ fn main() -> Result<()> {
     let mut budget: Option<f64> = None;
     let mut out: Option<PathBuf> = None;
     let mut fwmark: Option<PathBuf> = None;
+    let mut only: Option<bench::Section> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => quick = true,
             "--out" => out = args.next().map(Into::into),
             "--fwmark" => fwmark = args.next().map(Into::into),
+            "--only" => {
+                let v = args
+                    .next()
+                    .context("--only needs a section: apply or scrape")?;
+                only = Some(v.parse().map_err(anyhow::Error::msg)?);
+            }
             "--e2e-budget" => {
                 let v = args.next().context("--e2e-budget needs SECONDS")?;
                 budget = Some(
@@ -32,7 +41,7 @@ fn main() -> Result<()> {
                 );
             }
             other => bail!(
-                "unknown argument {other:?}; usage: fwmark-bench --fwmark BIN [--quick] [--e2e-budget SECONDS] [--out DIR]"
+                "unknown argument {other:?}; usage: fwmark-bench --fwmark BIN [--quick] [--e2e-budget SECONDS] [--out DIR] [--only apply|scrape]"
             ),
         }
     }
@@ -45,6 +54,10 @@ fn main() -> Result<()> {
     let mut opts = Options::new(quick);
     if let Some(b) = budget {
         opts.e2e_budget = b;
+    }
+    if let Some(section) = only {
+        println!("{}", bench::run_only(section, opts, &fwmark)?);
+        return Ok(());
     }
     let report = bench::run(opts, &fwmark)?;
     println!("{}", report.markdown);

@@ -494,13 +494,17 @@ impl Validator<'_> {
             None => format!("service{}", index + 1),
         };
 
-        let mut vips = Vec::new();
+        let mut vips = Vec::with_capacity(raw.vip.get_ref().0.len());
         if raw.vip.get_ref().0.is_empty() {
             self.error(raw.vip.span(), field("vip"), "vip list is empty".into());
         }
+        // Repeats are dropped, the first kept in place: a set, not a scan
+        // of the list per address (a service may list thousands).
+        let mut seen =
+            foldhash::HashSet::with_capacity_and_hasher(vips.capacity(), Default::default());
         for text in &raw.vip.get_ref().0 {
             match parse_vip(text) {
-                Ok(net) if !vips.contains(&net) => vips.push(net),
+                Ok(net) if seen.insert(net) => vips.push(net),
                 Ok(_) => {}
                 Err(message) => self.error(raw.vip.span(), field("vip"), message),
             }

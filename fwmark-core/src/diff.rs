@@ -3,7 +3,7 @@
 //! per map entry.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     fmt,
 };
 
@@ -51,19 +51,25 @@ impl fmt::Display for Diff {
 }
 
 /// (lpm prefix length or exact, key) -> (mark, mask).
-fn entries(rs: &Ruleset) -> HashMap<(u32, ServiceKey), (u32, u32)> {
-    let mut out = HashMap::with_capacity(rs.exact.len() + rs.prefix.len());
-    out.extend(
-        rs.exact
-            .iter()
-            .map(|(k, t)| ((LPM_LOOKUP_PREFIX_LEN, *k), (t.mark, t.mask))),
+fn entries(rs: &Ruleset) -> foldhash::HashMap<(u32, ServiceKey), (u32, u32)> {
+    let mut out = foldhash::HashMap::with_capacity_and_hasher(
+        rs.exact.len() + rs.prefix.len(),
+        Default::default(),
     );
-    out.extend(
-        rs.prefix
-            .iter()
-            .map(|e| ((e.prefix_len, e.key), (e.target.mark, e.target.mask))),
-    );
+    out.extend(each_entry(rs));
     out
+}
+
+/// The entries of [`entries`], as they come.
+fn each_entry(rs: &Ruleset) -> impl Iterator<Item = ((u32, ServiceKey), (u32, u32))> + '_ {
+    rs.exact
+        .iter()
+        .map(|(k, t)| ((LPM_LOOKUP_PREFIX_LEN, *k), (t.mark, t.mask)))
+        .chain(
+            rs.prefix
+                .iter()
+                .map(|e| ((e.prefix_len, e.key), (e.target.mark, e.target.mask))),
+        )
 }
 
 /// Rules per service index, in one pass.
@@ -166,15 +172,24 @@ pub fn diff(old: Compiled<'_>, new: Compiled<'_>) -> Diff {
         }
     }
 
-    let (old_e, new_e) = (entries(old.1), entries(new.1));
-    for (key, target) in &new_e {
-        match old_e.get(key) {
+    // Only the old entries are indexed: a ruleset's keys are unique, so
+    // the old entries the new ones do not find are the removed ones.
+    let old_e = entries(old.1);
+    let mut found = 0;
+    for (key, target) in each_entry(new.1) {
+        match old_e.get(&key) {
             None => d.entries_added += 1,
-            Some(t) if t == target => d.entries_unchanged += 1,
-            Some(_) => d.entries_remarked += 1,
+            Some(t) => {
+                found += 1;
+                if *t == target {
+                    d.entries_unchanged += 1;
+                } else {
+                    d.entries_remarked += 1;
+                }
+            }
         }
     }
-    d.entries_removed = old_e.keys().filter(|k| !new_e.contains_key(k)).count();
+    d.entries_removed = old_e.len() - found;
     d
 }
 

@@ -196,9 +196,22 @@ impl Ruleset {
             });
         }
 
-        // (prefix_len, key) -> index in exact/prefix and owning rule.
-        let mut owner: HashMap<(u32, ServiceKey), (bool, usize, usize)> =
-            HashMap::with_capacity(entries);
+        // The entries claimed so far, by (prefix_len, key): their index in
+        // `exact`, or in `prefix` with IN_PREFIX set. Indexes only (4 bytes
+        // a slot, the keys stay in the entries), so the table of a million
+        // entries stays in the CPU's cache.
+        use std::hash::BuildHasher as _;
+        const IN_PREFIX: u32 = 1 << 31;
+        let hasher = foldhash::fast::FixedState::default();
+        let key_of = |rs: &Ruleset, i: u32| {
+            if i & IN_PREFIX == 0 {
+                (LPM_LOOKUP_PREFIX_LEN, rs.exact[i as usize].0)
+            } else {
+                let e = &rs.prefix[(i & !IN_PREFIX) as usize];
+                (e.prefix_len, e.key)
+            }
+        };
+        let mut owner: hashbrown::HashTable<u32> = hashbrown::HashTable::with_capacity(entries);
         let mut rs = Ruleset {
             icmp_errors: config.icmp_errors,
             ..Ruleset::default()
@@ -223,7 +236,20 @@ impl Ruleset {
                 } else {
                     lpm_prefix_len(vip.prefix_len())
                 };
-                if let Some(&(in_exact, idx, owner_rule)) = owner.get(&(prefix_len, key)) {
+                // One probe per entry: a new one is inserted where it was looked up.
+                let claim = owner.entry(
+                    hasher.hash_one((prefix_len, key)),
+                    |&i| key_of(&rs, i) == (prefix_len, key),
+                    |&i| hasher.hash_one(key_of(&rs, i)),
+                );
+                if let hashbrown::hash_table::Entry::Occupied(o) = &claim {
+                    let i = *o.get();
+                    let (in_exact, idx) = (i & IN_PREFIX == 0, (i & !IN_PREFIX) as usize);
+                    let owner_rule = if in_exact {
+                        rs.exact[idx].1.rule
+                    } else {
+                        rs.prefix[idx].target.rule
+                    } as usize;
                     let existing = if in_exact {
                         rs.exact[idx].1
                     } else {
@@ -253,10 +279,10 @@ impl Ruleset {
                     continue;
                 }
                 if exact {
-                    owner.insert((prefix_len, key), (true, rs.exact.len(), index as usize));
+                    claim.or_insert(rs.exact.len() as u32);
                     rs.exact.push((key, target));
                 } else {
-                    owner.insert((prefix_len, key), (false, rs.prefix.len(), index as usize));
+                    claim.or_insert(rs.prefix.len() as u32 | IN_PREFIX);
                     rs.prefix.push(PrefixEntry {
                         prefix_len,
                         key,

@@ -5,8 +5,6 @@
 //! that the live config does not use (zeroed before they are published);
 //! slots of removed rules become free for later applies.
 
-use std::collections::{BTreeSet, HashMap};
-
 use ipnet::IpNet;
 
 use crate::{
@@ -39,12 +37,14 @@ pub struct OutOfSlots {
 /// What identifies a rule across configs: its service's name and its match.
 type Identity<'a> = (&'a str, (IpNet, Proto, Option<PortRange>));
 
-fn identities<'a>(config: &'a Config, ruleset: &Ruleset) -> Vec<Identity<'a>> {
+fn identities<'a>(
+    config: &'a Config,
+    ruleset: &'a Ruleset,
+) -> impl ExactSizeIterator<Item = Identity<'a>> + 'a {
     ruleset
         .rules
         .iter()
         .map(|r| (config.services[r.service].name.as_str(), r.matches()))
-        .collect()
 }
 
 /// Assigns slots to `new`'s rules given the live config and its slots.
@@ -61,34 +61,44 @@ pub fn assign(
     if new.1.rules.len() > capacity as usize {
         return Err(out_of_slots);
     }
-    let live_ids = live.map(|(c, r)| identities(c, r)).unwrap_or_default();
-    let live_map: HashMap<Identity<'_>, u32> = if live_ids.len() == live_slots.len() {
-        live_ids
-            .into_iter()
-            .zip(live_slots.iter().copied())
-            .collect()
-    } else {
-        HashMap::new()
+    let live_map: foldhash::HashMap<Identity<'_>, u32> = match live {
+        Some((c, r)) if r.rules.len() == live_slots.len() => {
+            identities(c, r).zip(live_slots.iter().copied()).collect()
+        }
+        _ => Default::default(),
     };
-    let ids = identities(new.0, new.1);
-    let kept: BTreeSet<u32> = ids
-        .iter()
-        .filter_map(|id| live_map.get(id).copied())
-        .collect();
-    let live_set: BTreeSet<u32> = live_map.values().copied().collect();
+    // Per slot: live (used by the live config), kept (by one of its rules
+    // that stays). Slots past the capacity are never handed out.
+    let mut live_slot = vec![false; capacity as usize];
+    let mut kept = vec![false; capacity as usize];
+    let mark = |set: &mut [bool], slot: u32| {
+        if let Some(b) = set.get_mut(slot as usize) {
+            *b = true;
+        }
+    };
+    for &slot in live_map.values() {
+        mark(&mut live_slot, slot);
+    }
+    if !live_map.is_empty() {
+        for id in identities(new.0, new.1) {
+            if let Some(&slot) = live_map.get(&id) {
+                mark(&mut kept, slot);
+            }
+        }
+    }
     // Never-live slots first; slots of rules removed by this very change only
     // when nothing else is left (a packet still in flight in the old
     // generation could count once more in them).
     let mut free = (0..capacity)
-        .filter(|s| !live_set.contains(s))
-        .chain(live_set.iter().copied().filter(|s| !kept.contains(s)));
+        .filter(|&s| !live_slot[s as usize])
+        .chain((0..capacity).filter(|&s| live_slot[s as usize] && !kept[s as usize]));
 
     let mut plan = SlotPlan {
-        slots: Vec::with_capacity(ids.len()),
+        slots: Vec::with_capacity(new.1.rules.len()),
         fresh: Vec::new(),
     };
-    for id in &ids {
-        let slot = match live_map.get(id) {
+    for id in identities(new.0, new.1) {
+        let slot = match live_map.get(&id) {
             Some(&slot) => slot,
             None => {
                 let slot = free.next().ok_or(out_of_slots.clone())?;

@@ -80,6 +80,52 @@ fn update_batch(
     Ok(())
 }
 
+/// Sets the per-CPU values of array indexes `slots` to zero on every CPU
+/// with `BPF_MAP_UPDATE_BATCH`, many per syscall. On an error, returns
+/// where the failed chunk starts (all before it were zeroed), with the
+/// error (the caller goes on one by one).
+fn zero_batch_per_cpu<V: aya::Pod + bytemuck::Pod>(
+    map: &PerCpuArray<MapData, V>,
+    slots: &[u32],
+    cpus: usize,
+) -> Result<(), (usize, std::io::Error)> {
+    let map = map.map();
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    const CHUNK: usize = 16 * 1024;
+    assert_eq!(
+        std::mem::size_of::<V>() % 8,
+        0,
+        "per-CPU values are 8-byte multiples"
+    );
+    let fd = map.fd().as_fd().as_raw_fd();
+    // The same zeroes for every chunk: the kernel only reads them.
+    let zeros = vec![<V as bytemuck::Zeroable>::zeroed(); CHUNK.min(slots.len()) * cpus];
+    let mut done = 0;
+    while done < slots.len() {
+        let n = (slots.len() - done).min(CHUNK);
+        let mut batch = bpf_attr__bindgen_ty_3 {
+            in_batch: 0,
+            out_batch: 0,
+            keys: slots[done..].as_ptr() as u64,
+            values: zeros.as_ptr() as u64,
+            count: n as u32,
+            map_fd: fd as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: `slots` holds at least `n` u32 keys (an array's key) from
+        // `done` on, and `zeros` `n` per-CPU values of `cpus` CPUs of the
+        // map's value size: the map is typed with V (aya checks the size)
+        // and V is a multiple of 8 bytes (asserted above), so the kernel's
+        // rounding adds nothing.
+        if let Err(error) = unsafe { bpf_batch(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut batch) } {
+            return Err((done, error));
+        }
+        done += n;
+    }
+    Ok(())
+}
+
 /// The `bpf(2)` syscall with a `batch` command (`BPF_MAP_*_BATCH`, since
 /// Linux 5.6). The kernel's answer (the count done, the next token) is
 /// copied back into `batch`, also when it fails.
@@ -330,7 +376,9 @@ impl Maps {
         if let Some(&slot) = slots.iter().chain(fresh_slots).find(|&&s| s >= capacity) {
             return Err(DatapathError::SlotOutOfRange { slot, capacity });
         }
-        let current = self.active_slot()?;
+        let mut phases = crate::live::Phases::new("publish");
+        let current_word = self.active_word()?;
+        let current = current_word & ACTIVE_GENERATION_MASK;
         let next = if self.is_published()? {
             (current + 1) % GENERATIONS
         } else {
@@ -345,6 +393,7 @@ impl Maps {
         let exact_len = u32::try_from(ruleset.exact.len().max(1)).unwrap_or(u32::MAX);
         let mut exact: HashMap<MapData, ServiceKey, Target> =
             HashMap::create(exact_len, 0).map_err(map_err("exact entries"))?;
+        phases.done("creating the exact map");
         let keys: Vec<ServiceKey> = ruleset.exact.iter().map(|(k, _)| *k).collect();
         let values: Vec<Target> = ruleset.exact.iter().map(|(_, t)| target(t)).collect();
         // Many entries per syscall; one by one where batches are refused.
@@ -355,6 +404,7 @@ impl Maps {
                     .map_err(map_err("exact entries"))?;
             }
         }
+        phases.done("inserting the exact entries");
         let prefix_len = u32::try_from(ruleset.prefix.len().max(1)).unwrap_or(u32::MAX);
         let mut prefix: LpmTrie<MapData, ServiceKey, Target> =
             LpmTrie::create(prefix_len, BPF_F_NO_PREALLOC).map_err(map_err("prefix entries"))?;
@@ -367,7 +417,9 @@ impl Maps {
                 )
                 .map_err(map_err("prefix entries"))?;
         }
+        phases.done("the prefix entries");
         self.zero_rule_slots(fresh_slots)?;
+        phases.done("zeroing fresh counter slots");
 
         // 2. Place them in the unused slot; 3. switch with one word.
         self.exact
@@ -376,6 +428,7 @@ impl Maps {
         self.prefix
             .set(next, prefix.map(), 0)
             .map_err(map_err(map_names::PREFIX))?;
+        phases.done("placing the new generation");
         let mut flags = if ruleset.prefix.is_empty() {
             0
         } else {
@@ -390,23 +443,34 @@ impl Maps {
         self.active
             .set(0, next | flags, 0)
             .map_err(map_err(map_names::ACTIVE))?;
+        phases.done("switching");
 
         if next != current {
             // The new generation is live from here on: what follows only
             // frees the old one, so a failure is a warning, not an error.
-            if let Err(e) = self.release(current, exact.map()) {
+            let had_prefix = current_word & ACTIVE_HAS_PREFIX != 0;
+            if let Err(e) = self.release(current, had_prefix, exact.map()) {
                 log::warn!(
                     "the new config is live, but freeing the previous generation failed \
                      (it is freed at the next change): {e}"
                 );
             }
+            phases.done("releasing the previous generation");
         }
         Ok(next)
     }
 
     /// Waits until no program reads generation `old` any more, then
-    /// replaces its maps by empty ones so their memory goes.
-    fn release(&mut self, old: u32, live_exact: &MapData) -> Result<(), DatapathError> {
+    /// replaces its maps by empty ones so their memory goes. Its prefix
+    /// trie is replaced only when it has entries (`had_prefix`: its
+    /// `ACTIVE` word had the flag); an empty one holds no memory, and each
+    /// map-in-map update costs an RCU grace period.
+    fn release(
+        &mut self,
+        old: u32,
+        had_prefix: bool,
+        live_exact: &MapData,
+    ) -> Result<(), DatapathError> {
         let live = (old + 1) % GENERATIONS;
         // 4. Wait for programs that read the old ACTIVE word: this
         // map-in-map update returns after an RCU grace period.
@@ -416,14 +480,16 @@ impl Maps {
         // 5. Release the old generation's memory: nothing reads it now.
         let empty_exact: HashMap<MapData, ServiceKey, Target> =
             HashMap::create(1, 0).map_err(map_err("exact entries"))?;
-        let empty_prefix: LpmTrie<MapData, ServiceKey, Target> =
-            LpmTrie::create(1, BPF_F_NO_PREALLOC).map_err(map_err("prefix entries"))?;
         self.exact
             .set(old, empty_exact.map(), 0)
             .map_err(map_err(map_names::EXACT))?;
-        self.prefix
-            .set(old, empty_prefix.map(), 0)
-            .map_err(map_err(map_names::PREFIX))?;
+        if had_prefix {
+            let empty_prefix: LpmTrie<MapData, ServiceKey, Target> =
+                LpmTrie::create(1, BPF_F_NO_PREALLOC).map_err(map_err("prefix entries"))?;
+            self.prefix
+                .set(old, empty_prefix.map(), 0)
+                .map_err(map_err(map_names::PREFIX))?;
+        }
         Ok(())
     }
 
@@ -433,7 +499,12 @@ impl Maps {
             return Ok(());
         }
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Cpus(e))?;
-        for &slot in slots {
+        // Many slots per syscall; one by one where batches are refused.
+        let done = match zero_batch_per_cpu(&self.rule_stats, slots, cpus) {
+            Ok(()) => return Ok(()),
+            Err((done, _)) => done,
+        };
+        for &slot in &slots[done..] {
             let zeros = PerCpuValues::try_from(vec![RuleCounters::default(); cpus])
                 .map_err(DatapathError::Cpus)?;
             self.rule_stats

@@ -13,15 +13,15 @@
 use std::{
     fs, io,
     path::{Path, PathBuf},
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
 use fwmark_common::ABI_VERSION;
-use log::warn;
+use log::{debug, warn};
 
 use fwmark_core::{
     Loaded, LoadedError,
-    config::{Config, ConfigErrors},
+    config::{Config, ConfigErrors, LoadError},
     diff::{self, Diff},
     ruleset::{Ruleset, RulesetError},
     slots::{self, OutOfSlots},
@@ -115,6 +115,33 @@ pub enum LiveError {
     OutOfSlots(#[from] OutOfSlots),
 }
 
+/// Debug-level timing of the phases of a change (`RUST_LOG=debug`):
+/// each [`Phases::done`] logs the time since the previous one.
+pub struct Phases {
+    what: &'static str,
+    last: Instant,
+}
+
+impl Phases {
+    pub fn new(what: &'static str) -> Phases {
+        Phases {
+            what,
+            last: Instant::now(),
+        }
+    }
+
+    /// Logs how long `phase` took (since the previous phase ended).
+    pub fn done(&mut self, phase: &str) {
+        let now = Instant::now();
+        debug!(
+            "{}: {phase}: {:.1} ms",
+            self.what,
+            (now - self.last).as_secs_f64() * 1e3
+        );
+        self.last = now;
+    }
+}
+
 /// Reads, validates and compiles the config at `path`, logging what is
 /// legal but worth telling: who besides root can change the file, and the
 /// ruleset's warnings (entries two services share).
@@ -122,7 +149,27 @@ pub fn read_config(path: &Path) -> Result<Loaded, LoadedError> {
     for w in crate::perms::config_warnings(path) {
         warn!("{w}");
     }
-    let loaded = Loaded::read(path)?;
+    // `Loaded::read`, phase by phase.
+    let mut phases = Phases::new("config");
+    let display = path.display().to_string();
+    let text = fs::read_to_string(path).map_err(|error| LoadError::Read {
+        path: display.clone(),
+        error,
+    })?;
+    phases.done("reading the file");
+    let config = Config::parse(&text, &display)?;
+    phases.done("parsing and validating");
+    let ruleset = Ruleset::compile(&config)?;
+    phases.done("compiling the entries");
+    let sha256 = fwmark_core::loaded::sha256_hex(&text);
+    phases.done("hashing");
+    let loaded = Loaded {
+        path: display,
+        text,
+        sha256,
+        config,
+        ruleset,
+    };
     for w in &loaded.ruleset.warnings {
         warn!("{w}");
     }
@@ -290,10 +337,13 @@ pub fn switch(
     state: &mut State,
     new: &Loaded,
 ) -> Result<Diff, LiveError> {
+    let mut phases = Phases::new("switch");
     let live = live_config(state)?;
+    phases.done("compiling the live config");
     let nothing = nothing_live();
     let (old_c, old_r) = live.as_ref().unwrap_or(&nothing);
     let diff = diff::diff((old_c, old_r), (&new.config, &new.ruleset));
+    phases.done("diff");
 
     let plan = slots::assign(
         (&new.config, &new.ruleset),
@@ -301,6 +351,7 @@ pub fn switch(
         &state.slots,
         maps.rule_capacity(),
     )?;
+    phases.done("counter slots");
     let mut next = state.clone();
     next.generation += 1;
     next.slot = if maps.is_published()? {
@@ -328,6 +379,7 @@ pub fn switch(
     next.slots = plan.slots.clone();
 
     write_pending(paths, &next)?;
+    phases.done("writing the pending state");
     failpoint::pause(failpoint::step::AFTER_PENDING_WRITTEN);
     let slot = match maps.publish(&new.ruleset, &plan.slots, &dirty) {
         Ok(slot) => slot,
@@ -338,6 +390,7 @@ pub fn switch(
         }
     };
     debug_assert_eq!(slot, next.slot);
+    phases.done("publishing");
     failpoint::pause(failpoint::step::AFTER_SWITCH);
     durable::rename(&pending_file(paths), &paths.state_file()).map_err(|source| {
         LiveError::Record {
@@ -345,21 +398,23 @@ pub fn switch(
             source,
         }
     })?;
+    phases.done("recording the state");
     *state = next;
     Ok(diff)
 }
 
 fn write_pending(paths: &Paths, next: &State) -> Result<(), LiveError> {
-    // Root only, like state.json (it becomes state.json).
-    let text = serde_json::to_string_pretty(next).map_err(|source| LiveError::Serialize {
+    // Root only, like state.json (it becomes state.json). Compact: at 1M
+    // rules the pretty form spends a line per slot.
+    // Sized for the config text and the slots up front: no regrowing.
+    let mut text = Vec::with_capacity(next.config_text.len() + 11 * next.slots.len() + 4096);
+    serde_json::to_writer(&mut text, next).map_err(|source| LiveError::Serialize {
         iface: paths.iface.clone(),
         source,
     })?;
-    durable::write(&pending_file(paths), text.as_bytes(), 0o600).map_err(|source| {
-        LiveError::Write {
-            path: pending_file(paths),
-            source,
-        }
+    durable::write(&pending_file(paths), &text, 0o600).map_err(|source| LiveError::Write {
+        path: pending_file(paths),
+        source,
     })
 }
 

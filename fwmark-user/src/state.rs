@@ -487,8 +487,8 @@ impl State {
 
     /// Writes the state atomically and durably ([`crate::durable`]).
     pub fn save(&self, paths: &Paths) -> io::Result<()> {
-        let text = serde_json::to_string_pretty(self)?;
-        crate::durable::write(&paths.state_file(), text.as_bytes(), 0o600)
+        let text = serde_json::to_vec(self)?;
+        crate::durable::write(&paths.state_file(), &text, 0o600)
     }
 }
 

@@ -97,6 +97,10 @@ enum Task {
         /// until its targets are decided (default: 300, or 20 with --quick).
         #[arg(long)]
         e2e_budget: Option<f64>,
+        /// Run one section alone (`apply` or `scrape`) and print its targets
+        /// and table; docs/ is not written.
+        #[arg(long, value_name = "SECTION")]
+        only: Option<String>,
     },
     /// Run traffic through fwmark (release build, as root) while its config
     /// changes every second, checking marks, counters, memory, file
@@ -308,7 +312,11 @@ fn main() -> Result<()> {
             setup::setup()?;
             fuzz::fuzz(target.as_deref(), seconds)
         }
-        Task::Bench { quick, e2e_budget } => {
+        Task::Bench {
+            quick,
+            e2e_budget,
+            only,
+        } => {
             setup::setup()?;
             let fwmark = util::build_fwmark(true)?;
             let bench = util::build_bench()?;
@@ -317,9 +325,12 @@ fn main() -> Result<()> {
             if let Some(b) = e2e_budget {
                 cmd.arg("--e2e-budget").arg(b.to_string());
             }
+            if let Some(section) = &only {
+                cmd.arg("--only").arg(section);
+            }
             if quick {
                 cmd.arg("--quick");
-            } else {
+            } else if only.is_none() {
                 cmd.arg("--out").arg(util::root().join("docs"));
             }
             util::exec(cmd)

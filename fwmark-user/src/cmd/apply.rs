@@ -14,6 +14,7 @@ use crate::cli::ApplyArgs;
 pub fn apply(args: ApplyArgs) -> Result<()> {
     // An invalid config fails here, before anything is touched.
     let new = live::read_config(&args.config)?;
+    let mut phases = live::Phases::new("apply");
     preflight::check_privileges()?;
     preflight::interface_index(&args.iface)?;
     // A member of a group (`fwmark run --iface A --iface B`) switches the
@@ -30,6 +31,7 @@ pub fn apply(args: ApplyArgs) -> Result<()> {
     }
     let mut maps = Maps::from_pins(&paths.pin_dir).with_context(|| paths.not_attached())?;
     let mut state = live::load_state(&paths, Some(&maps))?.with_context(|| paths.not_attached())?;
+    phases.done("reading the state");
 
     if args.dry_run {
         let live = live::live_config(&state)?.unwrap_or_else(live::nothing_live);
