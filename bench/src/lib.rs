@@ -186,10 +186,23 @@ pub struct ClassifierPoint {
     pub floor: Vec<f64>,
     pub v4_hit: Vec<f64>,
     pub v6_hit: Vec<f64>,
+    /// One IPv4 packet (one service) repeated: the same lookup every run,
+    /// its cache lines warm.
+    pub v4_one: Vec<f64>,
+    /// One IPv6 packet repeated.
+    pub v6_one: Vec<f64>,
     pub miss: Vec<f64>,
     /// Bytes of kernel memory of all fwmark maps, per entry (memlock is
     /// exact: one figure).
     pub bytes_per_entry: f64,
+    /// Bytes of the IPv4 exact map (elements and bucket array) per IPv4
+    /// entry.
+    pub v4_bytes_per_entry: f64,
+    /// Bytes of the IPv6 exact map per IPv6 entry.
+    pub v6_bytes_per_entry: f64,
+    /// Bytes of the per-rule per-CPU counters per rule (grows with the
+    /// CPU count).
+    pub counter_bytes_per_rule: f64,
     /// Seconds to load and publish the generation.
     pub publish_seconds: f64,
 }
@@ -206,9 +219,26 @@ impl ClassifierPoint {
     pub fn v6_above_floor(&self) -> Vec<f64> {
         diff(&self.v6_hit, &self.floor)
     }
+    pub fn v4_one_above_floor(&self) -> Vec<f64> {
+        diff(&self.v4_one, &self.floor)
+    }
+    pub fn v6_one_above_floor(&self) -> Vec<f64> {
+        diff(&self.v6_one, &self.floor)
+    }
     pub fn miss_above_floor(&self) -> Vec<f64> {
         diff(&self.miss, &self.floor)
     }
+}
+
+/// Kernel memory (fdinfo's memlock) of one map.
+pub fn map_memory(map: &aya::maps::MapData) -> Result<u64> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let fd = map.fd().as_fd().as_raw_fd();
+    std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .context("no memlock in fdinfo")
 }
 
 /// Kernel memory of every BPF map this process holds an fd to.
@@ -251,16 +281,25 @@ pub fn classifier(opts: Options) -> Result<Vec<ClassifierPoint>> {
         let mut dp = Datapath::load(rs.rules.len().max(1) as u32, None, None)?;
         dp.publish_simple(&rs)?;
         let publish_seconds = started.elapsed().as_secs_f64();
-        let bytes_per_entry = {
+        let (bytes_per_entry, v4_bytes_per_entry, v6_bytes_per_entry, counter_bytes_per_rule) = {
             // The map fds this process gained are this datapath's, plus the
             // live inner maps opened here.
-            let _inner = dp.maps.live_inner_maps()?;
-            (process_map_memory()? - before) as f64 / rs.exact.len() as f64
+            let (exact4, exact6, _prefix) = dp.maps.live_inner_maps()?;
+            let v4 = rs.exact.iter().filter(|(k, _)| k.family == 4).count();
+            let v6 = rs.exact.len() - v4;
+            (
+                (process_map_memory()? - before) as f64 / rs.exact.len() as f64,
+                map_memory(&exact4)? as f64 / v4.max(1) as f64,
+                map_memory(&exact6)? as f64 / v6.max(1) as f64,
+                map_memory(dp.maps.rule_stats_map())? as f64 / rs.rules.len().max(1) as f64,
+            )
         };
         let frames = [
             frames(n, opts.packets(), false, 80),
             frames(n, opts.packets(), true, 80),
             frames(n, opts.packets(), false, 81),
+            frames(n, 1, false, 80),
+            frames(n, 1, true, 80),
         ];
         loaded.push((
             dp,
@@ -270,15 +309,20 @@ pub fn classifier(opts: Options) -> Result<Vec<ClassifierPoint>> {
                 floor: Vec::new(),
                 v4_hit: Vec::new(),
                 v6_hit: Vec::new(),
+                v4_one: Vec::new(),
+                v6_one: Vec::new(),
                 miss: Vec::new(),
                 bytes_per_entry,
+                v4_bytes_per_entry,
+                v6_bytes_per_entry,
+                counter_bytes_per_rule,
                 publish_seconds,
             },
         ));
     }
     let repeat = opts.repeat();
     for _ in 0..opts.reps() {
-        for (dp, [hits4, hits6, misses], point) in &mut loaded {
+        for (dp, [hits4, hits6, misses, one4, one6], point) in &mut loaded {
             let program = dp.program()?;
             point
                 .floor
@@ -286,6 +330,10 @@ pub fn classifier(opts: Options) -> Result<Vec<ClassifierPoint>> {
             point.v4_hit.push(ns_per_packet(program, hits4, repeat)?);
             point.v6_hit.push(ns_per_packet(program, hits6, repeat)?);
             point.miss.push(ns_per_packet(program, misses, repeat)?);
+            // One packet, as many runs as the distinct packets get in all.
+            let runs = repeat * hits4.len() as u32;
+            point.v4_one.push(ns_per_packet(program, one4, runs)?);
+            point.v6_one.push(ns_per_packet(program, one6, runs)?);
         }
     }
     Ok(loaded.into_iter().map(|(_, _, p)| p).collect())
@@ -309,6 +357,8 @@ pub fn classifier_table(points: &[ClassifierPoint]) -> Table {
             "IPv4 hit above floor",
             "IPv6 hit",
             "IPv6 hit above floor",
+            "one IPv4 packet above floor",
+            "one IPv6 packet above floor",
             "miss",
             "miss above floor",
             "IPv4 above floor, 95% CI",
@@ -326,6 +376,8 @@ pub fn classifier_table(points: &[ClassifierPoint]) -> Table {
                     cost(&p.v4_above_floor(), 1),
                     figure(&p.v6_hit, 1),
                     cost(&p.v6_above_floor(), 1),
+                    cost(&p.v4_one_above_floor(), 1),
+                    cost(&p.v6_one_above_floor(), 1),
                     figure(&p.miss, 1),
                     cost(&p.miss_above_floor(), 1),
                     interval(&p.v4_above_floor(), 1),
@@ -1128,15 +1180,25 @@ pub fn memory_table(points: &[ClassifierPoint]) -> Table {
                16 bytes x CPUs per extra slot. memlock is exact (one figure); the load time is \
                one load."
             .into(),
-        columns: ["entries", "bytes per entry", "load + publish (s)"]
-            .map(String::from)
-            .to_vec(),
+        columns: [
+            "entries",
+            "bytes per entry",
+            "IPv4 exact map per IPv4 entry",
+            "IPv6 exact map per IPv6 entry",
+            "per-CPU counters per rule",
+            "load + publish (s)",
+        ]
+        .map(String::from)
+        .to_vec(),
         rows: points
             .iter()
             .map(|p| {
                 vec![
                     (p.services * 2).to_string(),
                     format!("{:.0}", p.bytes_per_entry),
+                    format!("{:.0}", p.v4_bytes_per_entry),
+                    format!("{:.0}", p.v6_bytes_per_entry),
+                    format!("{:.0}", p.counter_bytes_per_rule),
                     format!("{:.3}", p.publish_seconds),
                 ]
             })

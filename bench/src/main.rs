@@ -1,8 +1,10 @@
 //! `cargo xtask bench`: see the `fwmark_bench` library. Usage (as root):
-//! fwmark-bench --fwmark FWMARK_BIN [--quick] [--e2e-budget SECONDS] [--out DIR]
+//! fwmark-bench --fwmark FWMARK_BIN [--quick] [--classifier-only] [--e2e-budget SECONDS] [--out DIR]
 //! Prints the tables; with --out writes DIR/benchmarks.md and
 //! DIR/benchmarks.png. --e2e-budget bounds how long the end-to-end section
 //! repeats its rounds to decide its targets (default 300 s, 20 s quick).
+//! --classifier-only runs the classifier and memory sections alone and
+//! prints them (no report written).
 
 use std::path::PathBuf;
 
@@ -11,6 +13,7 @@ use fwmark_bench::{self as bench, Options};
 
 fn main() -> Result<()> {
     let mut quick = false;
+    let mut classifier_only = false;
     let mut budget: Option<f64> = None;
     let mut out: Option<PathBuf> = None;
     let mut fwmark: Option<PathBuf> = None;
@@ -18,6 +21,7 @@ fn main() -> Result<()> {
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => quick = true,
+            "--classifier-only" => classifier_only = true,
             "--out" => out = args.next().map(Into::into),
             "--fwmark" => fwmark = args.next().map(Into::into),
             "--e2e-budget" => {
@@ -45,6 +49,17 @@ fn main() -> Result<()> {
     let mut opts = Options::new(quick);
     if let Some(b) = budget {
         opts.e2e_budget = b;
+    }
+    if classifier_only {
+        // Sections 1 and 4 (and the range figures) alone, printed only.
+        let points = bench::classifier(opts)?;
+        for t in [
+            bench::classifier_table(&points),
+            bench::memory_table(&points),
+        ] {
+            println!("{}", t.markdown());
+        }
+        return Ok(());
     }
     let report = bench::run(opts, &fwmark)?;
     println!("{}", report.markdown);

@@ -11,7 +11,11 @@ use core::mem::{align_of, size_of};
 pub mod map_names {
     /// `Array<u32, 1>`: index of the generation the classifier uses.
     pub const ACTIVE: &str = "ACTIVE";
-    /// `ArrayOfMaps<HashMap<ServiceKey, Target>, 2>`: exact-address entries per generation.
+    /// `ArrayOfMaps<HashMap<ServiceKey4, Target>, 2>`: exact IPv4-address
+    /// entries per generation (8-byte key).
+    pub const EXACT4: &str = "EXACT4";
+    /// `ArrayOfMaps<HashMap<ServiceKey, Target>, 2>`: exact IPv6-address
+    /// entries per generation.
     pub const EXACT: &str = "EXACT";
     /// `ArrayOfMaps<LpmTrie<ServiceKey, Target>, 2>`: prefix entries per generation.
     pub const PREFIX: &str = "PREFIX";
@@ -24,7 +28,7 @@ pub mod map_names {
 /// Version of the pinned maps' layout (their names, key and value types,
 /// the `ACTIVE` word). The loader records it in the interface's state and
 /// refuses to adopt pins of another version; change it with any of those.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Name of the classifier program in the eBPF object.
 pub const PROGRAM_NAME: &str = "fwmark";
@@ -212,6 +216,43 @@ impl ServiceKey {
     }
 }
 
+/// The IPv4 exact-match key: (protocol, destination port, destination
+/// address) in 8 bytes, two words, without [`ServiceKey`]'s family byte and
+/// its 12 bytes of zero address. The kernel hashes and compares 8 bytes
+/// instead of 20, and a preallocated hash element is 72 bytes instead of 88
+/// (48 of kernel header, the key rounded up to 8, the value to 8).
+///
+/// IPv6 exact entries keep [`ServiceKey`] (family byte included): without
+/// the family the key would be 20 bytes all the same (1 + 1 + 2 + 16), so
+/// the element and the hash cost are unchanged, and the one type stays
+/// shared with the LPM trie of both families.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ServiceKey4 {
+    /// [`IPPROTO_TCP`], [`IPPROTO_UDP`] or [`IPPROTO_SCTP`].
+    pub proto: u8,
+    /// Always zero (the key has no padding the kernel could hash).
+    pub zero: u8,
+    /// Destination port in network byte order (`[hi, lo]`), or [`ALL_PORTS`].
+    pub port: [u8; 2],
+    /// Destination address bytes in packet order (`u32::from_ne_bytes`).
+    pub addr: u32,
+}
+
+impl ServiceKey {
+    /// The IPv4 exact key of an IPv4 [`ServiceKey`] (its first address word).
+    #[inline(always)]
+    pub const fn v4(&self) -> ServiceKey4 {
+        ServiceKey4 {
+            proto: self.proto,
+            zero: 0,
+            port: self.port,
+            addr: self.addr[0],
+        }
+    }
+}
+
 /// What to do with a packet that matched: `mark = (mark & !mask) | (value & mask)`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -312,6 +353,8 @@ impl GlobalCounters {
 // Layout contract: sizes and alignments both sides rely on, with no padding.
 const _: () = assert!(size_of::<ServiceKey>() == 20);
 const _: () = assert!(align_of::<ServiceKey>() == 4);
+const _: () = assert!(size_of::<ServiceKey4>() == 8);
+const _: () = assert!(align_of::<ServiceKey4>() == 4);
 const _: () = assert!(size_of::<Target>() == 16);
 const _: () = assert!(align_of::<Target>() == 4);
 const _: () = assert!(size_of::<RuleCounters>() == 24);
@@ -331,6 +374,8 @@ const _: () = assert!(LPM_LOOKUP_PREFIX_LEN as usize == size_of::<ServiceKey>() 
 mod pod {
     // SAFETY: `ServiceKey` derives `bytemuck::Pod` (see above).
     unsafe impl aya::Pod for super::ServiceKey {}
+    // SAFETY: `ServiceKey4` derives `bytemuck::Pod`.
+    unsafe impl aya::Pod for super::ServiceKey4 {}
     // SAFETY: `Target` derives `bytemuck::Pod`.
     unsafe impl aya::Pod for super::Target {}
     // SAFETY: `RuleCounters` derives `bytemuck::Pod`.

@@ -12,6 +12,10 @@
 //! It never drops, redirects or rewrites a packet and always returns
 //! `TC_ACT_UNSPEC` (== `TCX_NEXT`), so later tc programs still run.
 //!
+//! Exact IPv4 addresses are looked up in `EXACT4` by an 8-byte key
+//! (protocol, port, address), exact IPv6 addresses in `EXACT` by the
+//! 20-byte `ServiceKey`, prefixes of both families in `PREFIX`.
+//!
 //! Precedence, first match wins:
 //! 1. exact address, exact port
 //! 2. exact address, all ports
@@ -45,8 +49,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, trace};
 use fwmark_common::{
-    ACTIVE_GENERATION_MASK, ACTIVE_HAS_PREFIX, ACTIVE_ICMP_ERRORS, ALL_PORTS, GENERATIONS,
-    GlobalCounters, LPM_LOOKUP_PREFIX_LEN, RuleCounters, ServiceKey, Target, TargetBytes,
+    ACTIVE_GENERATION_MASK, ACTIVE_HAS_PREFIX, ACTIVE_ICMP_ERRORS, ALL_PORTS, FAMILY_IPV4,
+    GENERATIONS, GlobalCounters, LPM_LOOKUP_PREFIX_LEN, RuleCounters, ServiceKey, ServiceKey4,
+    Target, TargetBytes,
 };
 use parse::{Icmp, Parsed};
 
@@ -55,9 +60,15 @@ use parse::{Icmp, Parsed};
 #[btf_map]
 static ACTIVE: Array<u32, 1> = Array::new();
 
-/// Exact-address entries, one inner hash map per generation (inner maps are
-/// created and filled by userspace and never modified once published).
-/// Values are `Target`s declared as bytes (see `TargetBytes`: kernel 6.1).
+/// Exact IPv4-address entries (8-byte key), one inner hash map per
+/// generation (inner maps are created and filled by userspace and never
+/// modified once published). Values are `Target`s declared as bytes (see
+/// `TargetBytes`: kernel 6.1).
+#[btf_map]
+static EXACT4: ArrayOfMaps<HashMap<ServiceKey4, TargetBytes, 1>, { GENERATIONS as usize }> =
+    ArrayOfMaps::new();
+
+/// Exact IPv6-address entries, like `EXACT4` with the 20-byte key.
 #[btf_map]
 static EXACT: ArrayOfMaps<HashMap<ServiceKey, TargetBytes, 1>, { GENERATIONS as usize }> =
     ArrayOfMaps::new();
@@ -196,7 +207,18 @@ fn lookup(active: u32, key: &ServiceKey, with_port: bool) -> Option<Target> {
     let mut key = *key;
     let port = key.port;
 
-    if let Some(exact) = EXACT.get(generation) {
+    if key.family == FAMILY_IPV4 {
+        if let Some(exact) = EXACT4.get(generation) {
+            let mut key4 = key.v4();
+            if with_port && let Some(target) = exact.get_ptr(&key4) {
+                return Some(read_target(target));
+            }
+            key4.port = ALL_PORTS.to_be_bytes();
+            if let Some(target) = exact.get_ptr(&key4) {
+                return Some(read_target(target));
+            }
+        }
+    } else if let Some(exact) = EXACT.get(generation) {
         if with_port && let Some(target) = exact.get_ptr(&key) {
             return Some(read_target(target));
         }
@@ -205,12 +227,12 @@ fn lookup(active: u32, key: &ServiceKey, with_port: bool) -> Option<Target> {
             return Some(read_target(target));
         }
     }
+    key.port = port;
 
     if active & ACTIVE_HAS_PREFIX == 0 {
         return None;
     }
     let prefix = PREFIX.get(generation)?;
-    key.port = port;
     let mut lpm_key = Key::new(LPM_LOOKUP_PREFIX_LEN, key);
     let with_port = if with_port {
         prefix.get(&lpm_key).map(|t| read_target(t))

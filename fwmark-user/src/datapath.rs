@@ -1,10 +1,11 @@
 //! The kernel side as userspace sees it: load the classifier, switch its
 //! maps to a new configuration generation, read its counters.
 //!
-//! A ruleset is published as a *generation*: a fresh inner hash map (exact
-//! entries) and a fresh inner LPM trie (prefix entries) are filled completely
-//! while nothing can see them, placed in the unused slot of the `EXACT` and
-//! `PREFIX` outer arrays, and then `ACTIVE` (one 32-bit word: slot and
+//! A ruleset is published as a *generation*: fresh inner hash maps (exact
+//! IPv4 entries under an 8-byte key, exact IPv6 entries) and a fresh inner
+//! LPM trie (prefix entries) are filled completely while nothing can see
+//! them, placed in the unused slot of the `EXACT4`, `EXACT` and `PREFIX`
+//! outer arrays, and then `ACTIVE` (one 32-bit word: slot and
 //! has-prefix flag) is pointed at them. The classifier reads `ACTIVE` once per
 //! packet, so a packet is classified wholly by one generation.
 //!
@@ -25,8 +26,8 @@ use aya::{
 };
 use aya_obj::generated::{bpf_attr, bpf_attr__bindgen_ty_3, bpf_cmd};
 use fwmark_common::{
-    ACTIVE_GENERATION_MASK, ACTIVE_HAS_PREFIX, ACTIVE_ICMP_ERRORS, GENERATIONS, GlobalCounters,
-    Link, RuleCounters, ServiceKey, Target, map_names,
+    ACTIVE_GENERATION_MASK, ACTIVE_HAS_PREFIX, ACTIVE_ICMP_ERRORS, FAMILY_IPV4, GENERATIONS,
+    GlobalCounters, Link, RuleCounters, ServiceKey, ServiceKey4, Target, map_names,
 };
 
 use fwmark_core::ruleset::Ruleset;
@@ -43,11 +44,11 @@ pub static FLOOR_OBJECT: &[u8] =
 /// Inserts `keys[i] -> values[i]` into an exact-entry map with
 /// `BPF_MAP_UPDATE_BATCH`, many entries per syscall. On an error, returns
 /// where the failed chunk starts (all before it were inserted), with the
-/// error. The map is typed, so its key and value sizes are those of
-/// `ServiceKey` and `Target` (aya checks them when the map is made).
-fn update_batch(
-    map: &HashMap<MapData, ServiceKey, Target>,
-    keys: &[ServiceKey],
+/// error. The map is typed, so its key and value sizes are those of `K`
+/// and `Target` (aya checks them when the map is made).
+fn update_batch<K: aya::Pod>(
+    map: &HashMap<MapData, K, Target>,
+    keys: &[K],
     values: &[Target],
 ) -> Result<(), (usize, std::io::Error)> {
     let map = map.map();
@@ -176,6 +177,25 @@ fn lookup_batch_per_cpu<V: aya::Pod + bytemuck::Pod>(
     (done >= len).then_some(values)
 }
 
+/// A new exact-entry hash map holding `keys[i] -> values[i]`: sized to
+/// the entries (at least 1), filled many entries per syscall, one by one
+/// where batches are refused.
+fn fill_exact<K: aya::Pod>(
+    keys: &[K],
+    values: &[Target],
+) -> Result<HashMap<MapData, K, Target>, DatapathError> {
+    let len = u32::try_from(keys.len().max(1)).unwrap_or(u32::MAX);
+    let mut map: HashMap<MapData, K, Target> =
+        HashMap::create(len, 0).map_err(map_err("exact entries"))?;
+    if let Err((done, _)) = update_batch(&map, keys, values) {
+        for (key, value) in keys.iter().zip(values).skip(done) {
+            map.insert(key, value, 0)
+                .map_err(map_err("exact entries"))?;
+        }
+    }
+    Ok(map)
+}
+
 /// `BPF_F_NO_PREALLOC`: required by LPM tries.
 const BPF_F_NO_PREALLOC: u32 = 1;
 
@@ -183,8 +203,9 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 pub const MIN_RULE_CAPACITY: u32 = 16 * 1024;
 
 /// Every map of the classifier, by name.
-pub const MAP_NAMES: [&str; 5] = [
+pub const MAP_NAMES: [&str; 6] = [
     map_names::ACTIVE,
+    map_names::EXACT4,
     map_names::EXACT,
     map_names::PREFIX,
     map_names::RULE_STATS,
@@ -234,6 +255,7 @@ pub fn rule_capacity(rules: usize) -> u32 {
 /// The classifier's maps, owned by this process (from a load or from pins).
 pub struct Maps {
     active: Array<MapData, u32>,
+    exact4: ArrayOfMaps<MapData, MapData>,
     exact: ArrayOfMaps<MapData, MapData>,
     prefix: ArrayOfMaps<MapData, MapData>,
     rule_stats: PerCpuArray<MapData, RuleCounters>,
@@ -252,6 +274,7 @@ impl Maps {
     fn from_ebpf(ebpf: &mut Ebpf) -> Result<Maps, DatapathError> {
         Ok(Maps {
             active: Maps::typed(map_names::ACTIVE, ebpf.take_map(map_names::ACTIVE))?,
+            exact4: Maps::typed(map_names::EXACT4, ebpf.take_map(map_names::EXACT4))?,
             exact: Maps::typed(map_names::EXACT, ebpf.take_map(map_names::EXACT))?,
             prefix: Maps::typed(map_names::PREFIX, ebpf.take_map(map_names::PREFIX))?,
             rule_stats: Maps::typed(map_names::RULE_STATS, ebpf.take_map(map_names::RULE_STATS))?,
@@ -270,6 +293,7 @@ impl Maps {
         }
         Ok(Maps {
             active: Maps::typed(map_names::ACTIVE, open(dir, map_names::ACTIVE)?)?,
+            exact4: Maps::typed(map_names::EXACT4, open(dir, map_names::EXACT4)?)?,
             exact: Maps::typed(map_names::EXACT, open(dir, map_names::EXACT)?)?,
             prefix: Maps::typed(map_names::PREFIX, open(dir, map_names::PREFIX)?)?,
             rule_stats: Maps::typed(map_names::RULE_STATS, open(dir, map_names::RULE_STATS)?)?,
@@ -295,11 +319,14 @@ impl Maps {
         Ok(self.active_word()? & ACTIVE_GENERATION_MASK)
     }
 
-    /// Handles on the live generation's inner maps (exact hash, prefix
-    /// trie), e.g. to measure their memory.
-    pub fn live_inner_maps(&self) -> Result<(MapData, MapData), DatapathError> {
+    /// Handles on the live generation's inner maps (IPv4 exact hash, IPv6
+    /// exact hash, prefix trie), e.g. to measure their memory.
+    pub fn live_inner_maps(&self) -> Result<(MapData, MapData, MapData), DatapathError> {
         let slot = self.active_slot()?;
         Ok((
+            self.exact4
+                .get(&slot, 0)
+                .map_err(map_err(map_names::EXACT4))?,
             self.exact
                 .get(&slot, 0)
                 .map_err(map_err(map_names::EXACT))?,
@@ -307,6 +334,11 @@ impl Maps {
                 .get(&slot, 0)
                 .map_err(map_err(map_names::PREFIX))?,
         ))
+    }
+
+    /// The per-rule counter map (per CPU), e.g. to measure its memory.
+    pub fn rule_stats_map(&self) -> &MapData {
+        self.rule_stats.map()
     }
 
     /// Whether a generation has ever been published into these maps.
@@ -342,19 +374,17 @@ impl Maps {
             rule: slots[t.rule as usize],
             ..*t
         };
-        let exact_len = u32::try_from(ruleset.exact.len().max(1)).unwrap_or(u32::MAX);
-        let mut exact: HashMap<MapData, ServiceKey, Target> =
-            HashMap::create(exact_len, 0).map_err(map_err("exact entries"))?;
-        let keys: Vec<ServiceKey> = ruleset.exact.iter().map(|(k, _)| *k).collect();
-        let values: Vec<Target> = ruleset.exact.iter().map(|(_, t)| target(t)).collect();
-        // Many entries per syscall; one by one where batches are refused.
-        if let Err((done, _)) = update_batch(&exact, &keys, &values) {
-            for (key, value) in keys.iter().zip(&values).skip(done) {
-                exact
-                    .insert(key, value, 0)
-                    .map_err(map_err("exact entries"))?;
-            }
-        }
+        // Exact entries by family: IPv4 under its 8-byte key.
+        let (v4, v6): (Vec<_>, Vec<_>) = ruleset
+            .exact
+            .iter()
+            .partition(|(k, _)| k.family == FAMILY_IPV4);
+        let keys4: Vec<ServiceKey4> = v4.iter().map(|(k, _)| k.v4()).collect();
+        let values4: Vec<Target> = v4.iter().map(|(_, t)| target(t)).collect();
+        let exact4 = fill_exact(&keys4, &values4)?;
+        let keys: Vec<ServiceKey> = v6.iter().map(|(k, _)| *k).collect();
+        let values: Vec<Target> = v6.iter().map(|(_, t)| target(t)).collect();
+        let exact = fill_exact(&keys, &values)?;
         let prefix_len = u32::try_from(ruleset.prefix.len().max(1)).unwrap_or(u32::MAX);
         let mut prefix: LpmTrie<MapData, ServiceKey, Target> =
             LpmTrie::create(prefix_len, BPF_F_NO_PREALLOC).map_err(map_err("prefix entries"))?;
@@ -370,6 +400,9 @@ impl Maps {
         self.zero_rule_slots(fresh_slots)?;
 
         // 2. Place them in the unused slot; 3. switch with one word.
+        self.exact4
+            .set(next, exact4.map(), 0)
+            .map_err(map_err(map_names::EXACT4))?;
         self.exact
             .set(next, exact.map(), 0)
             .map_err(map_err(map_names::EXACT))?;
@@ -414,6 +447,11 @@ impl Maps {
             .set(live, live_exact, 0)
             .map_err(map_err(map_names::EXACT))?;
         // 5. Release the old generation's memory: nothing reads it now.
+        let empty_exact4: HashMap<MapData, ServiceKey4, Target> =
+            HashMap::create(1, 0).map_err(map_err("exact entries"))?;
+        self.exact4
+            .set(old, empty_exact4.map(), 0)
+            .map_err(map_err(map_names::EXACT4))?;
         let empty_exact: HashMap<MapData, ServiceKey, Target> =
             HashMap::create(1, 0).map_err(map_err("exact entries"))?;
         let empty_prefix: LpmTrie<MapData, ServiceKey, Target> =

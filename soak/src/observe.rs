@@ -389,7 +389,7 @@ pub struct Kernel {
     pub programs: Vec<u32>,
     /// Maps the attached program uses (its outer maps, counters, ...).
     pub program_maps: BTreeSet<u32>,
-    /// The inner maps in the generation slots of `EXACT` and `PREFIX`.
+    /// The inner maps in the generation slots of `EXACT4`, `EXACT` and `PREFIX`.
     pub inner_maps: BTreeSet<u32>,
     /// Kernel memory charged to all of those maps (fdinfo `memlock`).
     pub memlock: u64,
@@ -424,6 +424,7 @@ impl Kernel {
                 .extend(p.map_ids().context("program map ids")?.unwrap_or_default());
         }
         for name in [
+            fwmark_common::map_names::EXACT4,
             fwmark_common::map_names::EXACT,
             fwmark_common::map_names::PREFIX,
         ] {

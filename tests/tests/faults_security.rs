@@ -164,6 +164,7 @@ fn pins_and_state_are_root_only() {
     }
     for name in [
         "ACTIVE",
+        "EXACT4",
         "EXACT",
         "PREFIX",
         "RULE_STATS",
