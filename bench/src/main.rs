@@ -3,8 +3,8 @@
 //! Prints the tables; with --out writes DIR/benchmarks.md and
 //! DIR/benchmarks.png. --e2e-budget bounds how long the end-to-end section
 //! repeats its rounds to decide its targets (default 300 s, 20 s quick).
-//! --classifier-only runs the classifier and memory sections alone and
-//! prints them (no report written).
+//! --classifier-only runs the classifier, memory and port-range sections
+//! alone and prints them with their targets (no report written).
 
 use std::path::PathBuf;
 
@@ -51,13 +51,19 @@ fn main() -> Result<()> {
         opts.e2e_budget = b;
     }
     if classifier_only {
-        // Sections 1 and 4 (and the range figures) alone, printed only.
+        // Sections 1, 4 and 6 alone, printed with their targets.
         let points = bench::classifier(opts)?;
+        let ranges = bench::ranges()?;
         for t in [
             bench::classifier_table(&points),
             bench::memory_table(&points),
+            bench::ranges_table(&ranges),
         ] {
             println!("{}", t.markdown());
+        }
+        let checks = bench::other_checks(&points, &[], &[]);
+        for c in checks.iter().chain(&bench::range_checks(&ranges)) {
+            println!("- {}", c.line());
         }
         return Ok(());
     }

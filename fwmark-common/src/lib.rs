@@ -17,6 +17,12 @@ pub mod map_names {
     /// `ArrayOfMaps<HashMap<ServiceKey, Target>, 2>`: exact IPv6-address
     /// entries per generation.
     pub const EXACT: &str = "EXACT";
+    /// `ArrayOfMaps<HashMap<ServiceKey4, RangeTable>, 2>`: port ranges of
+    /// exact IPv4 addresses per generation (key port [`super::ALL_PORTS`]).
+    pub const RANGE4: &str = "RANGE4";
+    /// `ArrayOfMaps<HashMap<ServiceKey, RangeTable>, 2>`: port ranges of
+    /// exact IPv6 addresses per generation.
+    pub const RANGE6: &str = "RANGE6";
     /// `ArrayOfMaps<LpmTrie<ServiceKey, Target>, 2>`: prefix entries per generation.
     pub const PREFIX: &str = "PREFIX";
     /// `PerCpuArray<RuleCounters>`: packets and bytes per rule.
@@ -77,6 +83,11 @@ pub const ACTIVE_GENERATION_MASK: u32 = 0xff;
 /// without it the classifier skips the LPM lookups. Switching generation and
 /// this flag is one 32-bit write, so a packet never sees one without the other.
 pub const ACTIVE_HAS_PREFIX: u32 = 1 << 8;
+
+/// Set in the `ACTIVE` value when the active generation has port ranges
+/// (`RANGE4`/`RANGE6` entries); without it the classifier skips the range
+/// lookup, so a config without ranges pays nothing for them.
+pub const ACTIVE_HAS_RANGE: u32 = 1 << 10;
 
 /// Set in the `ACTIVE` value when the active generation's config has
 /// `icmp_errors = true`: ICMP errors get the mark of the service their
@@ -253,6 +264,40 @@ impl ServiceKey {
     }
 }
 
+/// Port ranges one [`RangeTable`] holds: the ranges of one (family,
+/// protocol, exact address). The classifier scans them in order, so the
+/// bound is small; further ranges of the same address are expanded into
+/// exact entries (one per port) by the compiler.
+pub const MAX_RANGES: usize = 8;
+
+/// One port range of a [`RangeTable`]: ports `lo..=hi` (host order) get
+/// `target`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct PortRangeEntry {
+    /// First port, host byte order.
+    pub lo: u16,
+    /// Last port (inclusive), host byte order.
+    pub hi: u16,
+    pub target: Target,
+}
+
+/// The port ranges of one (family, protocol, exact address): the value of
+/// the `RANGE4`/`RANGE6` maps. `ranges[..len]` are disjoint and sorted by
+/// port; the classifier scans them after the exact-port lookup misses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct RangeTable {
+    /// Ranges in use (at most [`MAX_RANGES`]).
+    pub len: u32,
+    pub ranges: [PortRangeEntry; MAX_RANGES],
+}
+
+/// How the classifier declares a range map's value (see [`TargetBytes`]).
+pub type RangeTableBytes = [u8; size_of::<RangeTable>()];
+
 /// What to do with a packet that matched: `mark = (mark & !mask) | (value & mask)`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -357,6 +402,10 @@ const _: () = assert!(size_of::<ServiceKey4>() == 8);
 const _: () = assert!(align_of::<ServiceKey4>() == 4);
 const _: () = assert!(size_of::<Target>() == 16);
 const _: () = assert!(align_of::<Target>() == 4);
+const _: () = assert!(size_of::<PortRangeEntry>() == 20);
+const _: () = assert!(align_of::<PortRangeEntry>() == 4);
+const _: () = assert!(size_of::<RangeTable>() == 4 + 20 * MAX_RANGES);
+const _: () = assert!(align_of::<RangeTable>() == 4);
 const _: () = assert!(size_of::<RuleCounters>() == 24);
 const _: () = assert!(align_of::<RuleCounters>() == 8);
 const _: () = assert!(size_of::<GlobalCounters>() == 56);
@@ -364,6 +413,9 @@ const _: () = assert!(align_of::<GlobalCounters>() == 8);
 const _: () = assert!(GENERATIONS - 1 <= ACTIVE_GENERATION_MASK);
 const _: () = assert!(ACTIVE_HAS_PREFIX & ACTIVE_GENERATION_MASK == 0);
 const _: () = assert!(ACTIVE_ICMP_ERRORS & (ACTIVE_GENERATION_MASK | ACTIVE_HAS_PREFIX) == 0);
+const _: () = assert!(
+    ACTIVE_HAS_RANGE & (ACTIVE_GENERATION_MASK | ACTIVE_HAS_PREFIX | ACTIVE_ICMP_ERRORS) == 0
+);
 const _: () = assert!(wire::EMBEDDED_L4_MIN <= wire::UDP_HLEN);
 const _: () = assert!(LPM_LOOKUP_PREFIX_LEN as usize == size_of::<ServiceKey>() * 8);
 
@@ -378,6 +430,8 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceKey4 {}
     // SAFETY: `Target` derives `bytemuck::Pod`.
     unsafe impl aya::Pod for super::Target {}
+    // SAFETY: `RangeTable` derives `bytemuck::Pod`.
+    unsafe impl aya::Pod for super::RangeTable {}
     // SAFETY: `RuleCounters` derives `bytemuck::Pod`.
     unsafe impl aya::Pod for super::RuleCounters {}
     // SAFETY: `GlobalCounters` derives `bytemuck::Pod`.

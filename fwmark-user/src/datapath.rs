@@ -26,11 +26,12 @@ use aya::{
 };
 use aya_obj::generated::{bpf_attr, bpf_attr__bindgen_ty_3, bpf_cmd};
 use fwmark_common::{
-    ACTIVE_GENERATION_MASK, ACTIVE_HAS_PREFIX, ACTIVE_ICMP_ERRORS, FAMILY_IPV4, GENERATIONS,
-    GlobalCounters, Link, RuleCounters, ServiceKey, ServiceKey4, Target, map_names,
+    ACTIVE_GENERATION_MASK, ACTIVE_HAS_PREFIX, ACTIVE_HAS_RANGE, ACTIVE_ICMP_ERRORS, FAMILY_IPV4,
+    GENERATIONS, GlobalCounters, Link, MAX_RANGES, PortRangeEntry, RangeTable, RuleCounters,
+    ServiceKey, ServiceKey4, Target, map_names,
 };
 
-use fwmark_core::ruleset::Ruleset;
+use fwmark_core::ruleset::{RangeEntry, Ruleset};
 
 /// The classifier object, built by `build.rs` from `fwmark-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fwmark"));
@@ -196,6 +197,48 @@ fn fill_exact<K: aya::Pod>(
     Ok(map)
 }
 
+/// The range tables of `ranges` (grouped by key, in port order, at most
+/// `MAX_RANGES` per key: `Ruleset::compile` makes them so), with their
+/// targets' rules mapped by `target`.
+fn range_tables(
+    ranges: &[&RangeEntry],
+    target: &impl Fn(&Target) -> Target,
+) -> (Vec<ServiceKey>, Vec<RangeTable>) {
+    let mut keys: Vec<ServiceKey> = Vec::new();
+    let mut tables: Vec<RangeTable> = Vec::new();
+    for r in ranges {
+        if keys.last() != Some(&r.key) {
+            keys.push(r.key);
+            tables.push(bytemuck::Zeroable::zeroed());
+        }
+        let table = tables.last_mut().expect("pushed above");
+        let i = table.len as usize;
+        assert!(i < MAX_RANGES, "the compiler keeps at most MAX_RANGES per key");
+        table.ranges[i] = PortRangeEntry {
+            lo: r.lo,
+            hi: r.hi,
+            target: target(&r.target),
+        };
+        table.len += 1;
+    }
+    (keys, tables)
+}
+
+/// A new range map holding `keys[i] -> tables[i]`, sized to them (at
+/// least 1).
+fn fill_range<K: aya::Pod>(
+    keys: &[K],
+    tables: &[RangeTable],
+) -> Result<HashMap<MapData, K, RangeTable>, DatapathError> {
+    let len = u32::try_from(keys.len().max(1)).unwrap_or(u32::MAX);
+    let mut map: HashMap<MapData, K, RangeTable> =
+        HashMap::create(len, 0).map_err(map_err("port ranges"))?;
+    for (key, table) in keys.iter().zip(tables) {
+        map.insert(key, table, 0).map_err(map_err("port ranges"))?;
+    }
+    Ok(map)
+}
+
 /// `BPF_F_NO_PREALLOC`: required by LPM tries.
 const BPF_F_NO_PREALLOC: u32 = 1;
 
@@ -203,10 +246,12 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 pub const MIN_RULE_CAPACITY: u32 = 16 * 1024;
 
 /// Every map of the classifier, by name.
-pub const MAP_NAMES: [&str; 6] = [
+pub const MAP_NAMES: [&str; 8] = [
     map_names::ACTIVE,
     map_names::EXACT4,
     map_names::EXACT,
+    map_names::RANGE4,
+    map_names::RANGE6,
     map_names::PREFIX,
     map_names::RULE_STATS,
     map_names::GLOBAL_STATS,
@@ -257,6 +302,8 @@ pub struct Maps {
     active: Array<MapData, u32>,
     exact4: ArrayOfMaps<MapData, MapData>,
     exact: ArrayOfMaps<MapData, MapData>,
+    range4: ArrayOfMaps<MapData, MapData>,
+    range6: ArrayOfMaps<MapData, MapData>,
     prefix: ArrayOfMaps<MapData, MapData>,
     rule_stats: PerCpuArray<MapData, RuleCounters>,
     global_stats: PerCpuArray<MapData, GlobalCounters>,
@@ -275,6 +322,8 @@ impl Maps {
         Ok(Maps {
             active: Maps::typed(map_names::ACTIVE, ebpf.take_map(map_names::ACTIVE))?,
             exact4: Maps::typed(map_names::EXACT4, ebpf.take_map(map_names::EXACT4))?,
+            range4: Maps::typed(map_names::RANGE4, ebpf.take_map(map_names::RANGE4))?,
+            range6: Maps::typed(map_names::RANGE6, ebpf.take_map(map_names::RANGE6))?,
             exact: Maps::typed(map_names::EXACT, ebpf.take_map(map_names::EXACT))?,
             prefix: Maps::typed(map_names::PREFIX, ebpf.take_map(map_names::PREFIX))?,
             rule_stats: Maps::typed(map_names::RULE_STATS, ebpf.take_map(map_names::RULE_STATS))?,
@@ -294,6 +343,8 @@ impl Maps {
         Ok(Maps {
             active: Maps::typed(map_names::ACTIVE, open(dir, map_names::ACTIVE)?)?,
             exact4: Maps::typed(map_names::EXACT4, open(dir, map_names::EXACT4)?)?,
+            range4: Maps::typed(map_names::RANGE4, open(dir, map_names::RANGE4)?)?,
+            range6: Maps::typed(map_names::RANGE6, open(dir, map_names::RANGE6)?)?,
             exact: Maps::typed(map_names::EXACT, open(dir, map_names::EXACT)?)?,
             prefix: Maps::typed(map_names::PREFIX, open(dir, map_names::PREFIX)?)?,
             rule_stats: Maps::typed(map_names::RULE_STATS, open(dir, map_names::RULE_STATS)?)?,
@@ -333,6 +384,19 @@ impl Maps {
             self.prefix
                 .get(&slot, 0)
                 .map_err(map_err(map_names::PREFIX))?,
+        ))
+    }
+
+    /// Handles on the live generation's range maps (IPv4, IPv6).
+    pub fn live_range_maps(&self) -> Result<(MapData, MapData), DatapathError> {
+        let slot = self.active_slot()?;
+        Ok((
+            self.range4
+                .get(&slot, 0)
+                .map_err(map_err(map_names::RANGE4))?,
+            self.range6
+                .get(&slot, 0)
+                .map_err(map_err(map_names::RANGE6))?,
         ))
     }
 
@@ -385,6 +449,15 @@ impl Maps {
         let keys: Vec<ServiceKey> = v6.iter().map(|(k, _)| *k).collect();
         let values: Vec<Target> = v6.iter().map(|(_, t)| target(t)).collect();
         let exact = fill_exact(&keys, &values)?;
+        // Port ranges by family: one table per (protocol, address).
+        let (r4, r6): (Vec<_>, Vec<_>) = ruleset
+            .ranges
+            .iter()
+            .partition(|r| r.key.family == FAMILY_IPV4);
+        let (keys4, tables4) = range_tables(&r4, &target);
+        let range4 = fill_range(&keys4.iter().map(ServiceKey::v4).collect::<Vec<_>>(), &tables4)?;
+        let (keys6, tables6) = range_tables(&r6, &target);
+        let range6 = fill_range(&keys6, &tables6)?;
         let prefix_len = u32::try_from(ruleset.prefix.len().max(1)).unwrap_or(u32::MAX);
         let mut prefix: LpmTrie<MapData, ServiceKey, Target> =
             LpmTrie::create(prefix_len, BPF_F_NO_PREALLOC).map_err(map_err("prefix entries"))?;
@@ -406,6 +479,12 @@ impl Maps {
         self.exact
             .set(next, exact.map(), 0)
             .map_err(map_err(map_names::EXACT))?;
+        self.range4
+            .set(next, range4.map(), 0)
+            .map_err(map_err(map_names::RANGE4))?;
+        self.range6
+            .set(next, range6.map(), 0)
+            .map_err(map_err(map_names::RANGE6))?;
         self.prefix
             .set(next, prefix.map(), 0)
             .map_err(map_err(map_names::PREFIX))?;
@@ -414,6 +493,9 @@ impl Maps {
         } else {
             ACTIVE_HAS_PREFIX
         };
+        if !ruleset.ranges.is_empty() {
+            flags |= ACTIVE_HAS_RANGE;
+        }
         if ruleset.icmp_errors {
             // In the same word: ICMP errors are marked from exactly the
             // packet that first sees these entries.
@@ -452,6 +534,14 @@ impl Maps {
         self.exact4
             .set(old, empty_exact4.map(), 0)
             .map_err(map_err(map_names::EXACT4))?;
+        let empty_range4 = fill_range::<ServiceKey4>(&[], &[])?;
+        self.range4
+            .set(old, empty_range4.map(), 0)
+            .map_err(map_err(map_names::RANGE4))?;
+        let empty_range6 = fill_range::<ServiceKey>(&[], &[])?;
+        self.range6
+            .set(old, empty_range6.map(), 0)
+            .map_err(map_err(map_names::RANGE6))?;
         let empty_exact: HashMap<MapData, ServiceKey, Target> =
             HashMap::create(1, 0).map_err(map_err("exact entries"))?;
         let empty_prefix: LpmTrie<MapData, ServiceKey, Target> =
