@@ -26,8 +26,8 @@ use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
 use fwmark::datapath::{Datapath, Floor};
 use fwmark_common::Target;
 use fwmark_core::{
-    config::{PortRange, Proto},
     config::Config,
+    config::{PortRange, Proto},
     ruleset::{RangeEntry, Rule, Ruleset, service_key},
 };
 
@@ -1430,24 +1430,31 @@ pub fn scrape_table(points: &[ScrapePoint]) -> Table {
 const MISSES: &str = "
 ### Where targets are missed, and why
 
-- **Classifier, IPv4 hit above the floor.** The hit path is: one per-CPU
-  counter struct, Ethernet/IPv4/L4 parsing, the generation word, the outer
-  array-of-maps lookup, one hash lookup (jhash over the 20-byte key shared by
-  IPv4 and IPv6, then a 20-byte compare), the per-rule per-CPU counters and
-  the mark write. The map lookups are inlined by the verifier except the hash
-  lookup itself, which is most of the cost. Two changes would cut it further:
-  an IPv4-only exact map with an 8-byte key (protocol, port, address), and
-  word loads of the packet fields (LLVM splits unaligned loads into bytes on
-  the BPF target unless `allows-misaligned-mem-access` is enabled, which
-  aya-build does not let us pass). IPv6 hits meet their target, and the cost
-  does not grow with the number of services.
-- **Memory per entry.** A preallocated hash element is 88 bytes here (48 of
-  kernel header, 24 of key rounded up from 20, 16 of value) plus about 17
-  bytes of bucket array at 1M entries; the per-rule counters add 16 bytes per
-  possible CPU plus an 8-byte per-CPU pointer (40 bytes on this 2-CPU VM, and
-  more on larger machines). An IPv4-only 8-byte key would save 16 bytes per
-  IPv4 entry; counters per service instead of per rule would make the counter
-  memory independent of the number of entries.
+- **Classifier, hits above the floor.** The hit path is: one per-CPU
+  counter struct, Ethernet/IP/L4 parsing, the generation word, the outer
+  array-of-maps lookup, one hash lookup (IPv4: jhash over the 8-byte key of
+  `EXACT4` and an 8-byte compare; IPv6: the 20-byte key), the per-rule
+  per-CPU counters and the mark write. The map lookups are inlined by the
+  verifier except the hash lookup itself, which is most of the cost; one
+  packet repeated costs the same as 1,000 distinct ones, so it is
+  instructions, not cache misses. Word loads of the packet fields are not
+  possible here: LLVM splits unaligned loads into bytes on the BPF target
+  unless `allows-misaligned-mem-access` is enabled, which aya-build does not
+  let us pass. The cost does not grow with the number of services.
+- **Port range hit against an exact hit.** A range hit is the exact-port
+  lookup (a miss: a whole hash lookup), then the range table's hash lookup
+  and a scan of at most 8 ranges: one hash lookup more than an exact hit,
+  which is what the difference measures. Meeting 10 ns needs the range
+  found without the exact-port miss first, e.g. all port entries of an
+  address that has ranges held in its range table (one lookup for both),
+  at the price of one more lookup for exact hits of such addresses.
+- **Memory per entry.** A preallocated hash element is 72 bytes for IPv4
+  (48 of kernel header, the 8-byte key, 16 of value) and 88 for IPv6 (the
+  20-byte key rounded up to 24), plus about 17 bytes of bucket array at 1M
+  entries; the per-rule counters add 24 bytes per possible CPU plus an
+  8-byte per-CPU pointer (56 bytes on this 2-CPU VM, and more on larger
+  machines); counters per service instead of per rule would make the
+  counter memory independent of the number of entries.
 - **Apply time.** `fwmark apply` of 1M entries spends about a third of its
   time reading and validating the 17 MB TOML file, the rest computing the
   diff and counter slots, writing the state, inserting the entries (batched,

@@ -337,7 +337,13 @@ impl Ruleset {
                     continue;
                 }
                 for port in c.lo..=c.hi {
-                    rs.exact.push((ServiceKey { port: port.to_be_bytes(), ..key }, c.target));
+                    rs.exact.push((
+                        ServiceKey {
+                            port: port.to_be_bytes(),
+                            ..key
+                        },
+                        c.target,
+                    ));
                 }
             }
             rs.ranges.extend(wide.iter().map(|c| RangeEntry {
@@ -384,9 +390,7 @@ impl Ruleset {
         let range_hits = self
             .ranges
             .iter()
-            .filter(|r| {
-                r.key == all_ports_key && port.is_some_and(|p| r.lo <= p && p <= r.hi)
-            })
+            .filter(|r| r.key == all_ports_key && port.is_some_and(|p| r.lo <= p && p <= r.hi))
             .map(|r| r.target);
         let exact_hits = [port, Some(ALL_PORTS)]
             .into_iter()
@@ -577,7 +581,13 @@ mod tests {
             assert_eq!((r.lo, r.hi, r.key.port), (10000, 10002, [0, 0]));
             let rule = &rs.rules[r.target.rule as usize];
             assert_eq!(rule.proto.number(), r.key.proto);
-            assert_eq!(rule.ports, Some(PortRange { lo: 10000, hi: 10002 }));
+            assert_eq!(
+                rule.ports,
+                Some(PortRange {
+                    lo: 10000,
+                    hi: 10002
+                })
+            );
         }
         let addr: IpAddr = "192.0.2.10".parse().unwrap();
         assert_eq!(rs.classify(addr, 6, Some(10001)).map(|t| t.mark), Some(21));
@@ -608,8 +618,24 @@ mod tests {
         let addr: IpAddr = "192.0.2.10".parse().unwrap();
         let rule = |p| rs.classify(addr, 6, Some(p)).map(|t| t.rule);
         assert_eq!(
-            [rule(50), rule(99), rule(100), rule(101), rule(250), rule(301), rule(400)],
-            [Some(2), Some(2), Some(0), Some(2), Some(1), Some(2), Some(2)]
+            [
+                rule(50),
+                rule(99),
+                rule(100),
+                rule(101),
+                rule(250),
+                rule(301),
+                rule(400)
+            ],
+            [
+                Some(2),
+                Some(2),
+                Some(0),
+                Some(2),
+                Some(1),
+                Some(2),
+                Some(2)
+            ]
         );
         // Outside every range: the all-ports entry.
         assert_eq!(rule(401), Some(3));
@@ -625,7 +651,10 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("192.0.2.10 tcp port 1500-2000"), "{err}");
-        assert!(err.contains("\"a\" (line 1)") && err.contains("\"b\" (line 7)"), "{err}");
+        assert!(
+            err.contains("\"a\" (line 1)") && err.contains("\"b\" (line 7)"),
+            "{err}"
+        );
     }
 
     #[test]

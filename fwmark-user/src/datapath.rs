@@ -213,7 +213,10 @@ fn range_tables(
         }
         let table = tables.last_mut().expect("pushed above");
         let i = table.len as usize;
-        assert!(i < MAX_RANGES, "the compiler keeps at most MAX_RANGES per key");
+        assert!(
+            i < MAX_RANGES,
+            "the compiler keeps at most MAX_RANGES per key"
+        );
         table.ranges[i] = PortRangeEntry {
             lo: r.lo,
             hi: r.hi,
@@ -455,7 +458,10 @@ impl Maps {
             .iter()
             .partition(|r| r.key.family == FAMILY_IPV4);
         let (keys4, tables4) = range_tables(&r4, &target);
-        let range4 = fill_range(&keys4.iter().map(ServiceKey::v4).collect::<Vec<_>>(), &tables4)?;
+        let range4 = fill_range(
+            &keys4.iter().map(ServiceKey::v4).collect::<Vec<_>>(),
+            &tables4,
+        )?;
         let (keys6, tables6) = range_tables(&r6, &target);
         let range6 = fill_range(&keys6, &tables6)?;
         let prefix_len = u32::try_from(ruleset.prefix.len().max(1)).unwrap_or(u32::MAX);

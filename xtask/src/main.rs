@@ -97,6 +97,10 @@ enum Task {
         /// until its targets are decided (default: 300, or 20 with --quick).
         #[arg(long)]
         e2e_budget: Option<f64>,
+        /// Only the classifier, memory and port-range sections, printed
+        /// with their targets; docs/ is not written.
+        #[arg(long)]
+        classifier_only: bool,
     },
     /// Run traffic through fwmark (release build, as root) while its config
     /// changes every second, checking marks, counters, memory, file
@@ -308,7 +312,11 @@ fn main() -> Result<()> {
             setup::setup()?;
             fuzz::fuzz(target.as_deref(), seconds)
         }
-        Task::Bench { quick, e2e_budget } => {
+        Task::Bench {
+            quick,
+            e2e_budget,
+            classifier_only,
+        } => {
             setup::setup()?;
             let fwmark = util::build_fwmark(true)?;
             let bench = util::build_bench()?;
@@ -317,9 +325,12 @@ fn main() -> Result<()> {
             if let Some(b) = e2e_budget {
                 cmd.arg("--e2e-budget").arg(b.to_string());
             }
+            if classifier_only {
+                cmd.arg("--classifier-only");
+            }
             if quick {
                 cmd.arg("--quick");
-            } else {
+            } else if !classifier_only {
                 cmd.arg("--out").arg(util::root().join("docs"));
             }
             util::exec(cmd)

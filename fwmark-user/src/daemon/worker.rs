@@ -496,13 +496,14 @@ fn attach_fresh(setup: &Setup, requested: AttachMode) -> Result<Live> {
     state.save(paths).map_err(DaemonError::save(paths))?;
     info!(
         "attached to {} ingress via {} (program id {}): {} services, {} rules, {} exact + {} \
-         prefix entries from {} (generation {})",
+         range + {} prefix entries from {} (generation {})",
         paths.iface,
         requested,
         state.program_id,
         new.config.len(),
         new.ruleset.rules.len(),
         new.ruleset.exact.len(),
+        new.ruleset.ranges.len(),
         new.ruleset.prefix.len(),
         new.path,
         state.generation
@@ -574,12 +575,13 @@ fn switch_logged(live: &mut Live, state: &mut State, new: &Loaded) -> Result<()>
 /// What is live, for the status line: generation, entry counts, attachment.
 fn summary(state: &State, live: &Loaded) -> String {
     format!(
-        "generation {}, {} services, {} rules, {} exact + {} prefix entries ({} attachment, \
-         program id {})",
+        "generation {}, {} services, {} rules, {} exact + {} range + {} prefix entries ({} \
+         attachment, program id {})",
         state.generation,
         live.config.len(),
         live.ruleset.rules.len(),
         live.ruleset.exact.len(),
+        live.ruleset.ranges.len(),
         live.ruleset.prefix.len(),
         state.mode,
         state.program_id
