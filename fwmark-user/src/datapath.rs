@@ -260,6 +260,18 @@ pub const MAP_NAMES: [&str; 8] = [
     map_names::GLOBAL_STATS,
 ];
 
+/// The maps every layout version pins (ABI 2 had no `EXACT4`, `RANGE4`,
+/// `RANGE6`): their presence says a previous fwmark left pins, whatever
+/// its layout; the state's layout version then says whether this one can
+/// adopt them or refuses them as incompatible.
+pub const PINS_OF_EVERY_LAYOUT: [&str; 5] = [
+    map_names::ACTIVE,
+    map_names::EXACT,
+    map_names::PREFIX,
+    map_names::RULE_STATS,
+    map_names::GLOBAL_STATS,
+];
+
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     #[error("loading the eBPF object failed")]

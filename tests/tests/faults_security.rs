@@ -166,6 +166,8 @@ fn pins_and_state_are_root_only() {
         "ACTIVE",
         "EXACT4",
         "EXACT",
+        "RANGE4",
+        "RANGE6",
         "PREFIX",
         "RULE_STATS",
         "GLOBAL_STATS",

@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 
 use crate::{
     attach::{self, Attached},
-    datapath::{self, Datapath, KernelLogger, MAP_NAMES, Maps},
+    datapath::{self, Datapath, KernelLogger, Maps, PINS_OF_EVERY_LAYOUT},
     ingress, live,
     metrics::Current,
     mode::AttachMode,
@@ -363,7 +363,7 @@ fn start(setup: &Setup) -> Result<Live> {
         ..
     } = setup;
     let requested = *requested;
-    let pins_present = MAP_NAMES.iter().all(|n| paths.pin(n).exists());
+    let pins_present = PINS_OF_EVERY_LAYOUT.iter().all(|n| paths.pin(n).exists());
     // Recover an interrupted switch before reading the state.
     let maps = if pins_present {
         datapath::Maps::from_pins(&paths.pin_dir).ok()
