@@ -65,8 +65,8 @@ pub fn best<T>(candidates: impl IntoIterator<Item = (Rank, T)>) -> Option<(Rank,
 pub enum Stage {
     /// 1. exact address, exact port.
     ExactPort,
-    /// 1. exact address, a port range (a port entry, looked up after the
-    /// exact port; ranges of one address never overlap).
+    /// Also stage 1: exact address, a port range (a port entry, looked up
+    /// after the exact port; ranges of one address never overlap).
     ExactRange,
     /// 2. exact address, every port.
     ExactAllPorts,
