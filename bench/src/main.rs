@@ -1,6 +1,6 @@
 //! `cargo xtask bench`: see the `fwmark_bench` library. Usage (as root):
 //! fwmark-bench --fwmark FWMARK_BIN [--quick] [--e2e-budget SECONDS] [--out DIR]
-//!              [--only apply|scrape]
+//!              [--only classifier|apply|scrape]
 //! Prints the tables; with --out writes DIR/benchmarks.md and
 //! DIR/benchmarks.png. --only runs one section alone and prints its targets
 //! and table (nothing is written). --e2e-budget bounds how long the end-to-end section
@@ -41,7 +41,7 @@ fn main() -> Result<()> {
                 );
             }
             other => bail!(
-                "unknown argument {other:?}; usage: fwmark-bench --fwmark BIN [--quick] [--e2e-budget SECONDS] [--out DIR] [--only apply|scrape]"
+                "unknown argument {other:?}; usage: fwmark-bench --fwmark BIN [--quick] [--e2e-budget SECONDS] [--out DIR] [--only classifier|apply|scrape]"
             ),
         }
     }

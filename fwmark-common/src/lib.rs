@@ -11,8 +11,18 @@ use core::mem::{align_of, size_of};
 pub mod map_names {
     /// `Array<u32, 1>`: index of the generation the classifier uses.
     pub const ACTIVE: &str = "ACTIVE";
-    /// `ArrayOfMaps<HashMap<ServiceKey, Target>, 2>`: exact-address entries per generation.
+    /// `ArrayOfMaps<HashMap<ServiceKey4, Target>, 2>`: exact IPv4-address
+    /// entries per generation (8-byte key).
+    pub const EXACT4: &str = "EXACT4";
+    /// `ArrayOfMaps<HashMap<ServiceKey, Target>, 2>`: exact IPv6-address
+    /// entries per generation.
     pub const EXACT: &str = "EXACT";
+    /// `ArrayOfMaps<HashMap<ServiceKey4, RangeTable>, 2>`: port ranges of
+    /// exact IPv4 addresses per generation (key port [`super::ALL_PORTS`]).
+    pub const RANGE4: &str = "RANGE4";
+    /// `ArrayOfMaps<HashMap<ServiceKey, RangeTable>, 2>`: port ranges of
+    /// exact IPv6 addresses per generation.
+    pub const RANGE6: &str = "RANGE6";
     /// `ArrayOfMaps<LpmTrie<ServiceKey, Target>, 2>`: prefix entries per generation.
     pub const PREFIX: &str = "PREFIX";
     /// `PerCpuArray<RuleCounters>`: packets and bytes per rule.
@@ -86,6 +96,11 @@ pub const ACTIVE_GENERATION_MASK: u32 = 0xff;
 /// without it the classifier skips the LPM lookups. Switching generation and
 /// this flag is one 32-bit write, so a packet never sees one without the other.
 pub const ACTIVE_HAS_PREFIX: u32 = 1 << 8;
+
+/// Set in the `ACTIVE` value when the active generation has port ranges
+/// (`RANGE4`/`RANGE6` entries); without it the classifier skips the range
+/// lookup, so a config without ranges pays nothing for them.
+pub const ACTIVE_HAS_RANGE: u32 = 1 << 10;
 
 /// Set in the `ACTIVE` value when the active generation's config has
 /// `icmp_errors = true`: ICMP errors get the mark of the service their
@@ -225,6 +240,77 @@ impl ServiceKey {
     }
 }
 
+/// The IPv4 exact-match key: (protocol, destination port, destination
+/// address) in 8 bytes, two words, without [`ServiceKey`]'s family byte and
+/// its 12 bytes of zero address. The kernel hashes and compares 8 bytes
+/// instead of 20, and a preallocated hash element is 72 bytes instead of 88
+/// (48 of kernel header, the key rounded up to 8, the value to 8).
+///
+/// IPv6 exact entries keep [`ServiceKey`] (family byte included): without
+/// the family the key would be 20 bytes all the same (1 + 1 + 2 + 16), so
+/// the element and the hash cost are unchanged, and the one type stays
+/// shared with the LPM trie of both families.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ServiceKey4 {
+    /// [`IPPROTO_TCP`], [`IPPROTO_UDP`] or [`IPPROTO_SCTP`].
+    pub proto: u8,
+    /// Always zero (the key has no padding the kernel could hash).
+    pub zero: u8,
+    /// Destination port in network byte order (`[hi, lo]`), or [`ALL_PORTS`].
+    pub port: [u8; 2],
+    /// Destination address bytes in packet order (`u32::from_ne_bytes`).
+    pub addr: u32,
+}
+
+impl ServiceKey {
+    /// The IPv4 exact key of an IPv4 [`ServiceKey`] (its first address word).
+    #[inline(always)]
+    pub const fn v4(&self) -> ServiceKey4 {
+        ServiceKey4 {
+            proto: self.proto,
+            zero: 0,
+            port: self.port,
+            addr: self.addr[0],
+        }
+    }
+}
+
+/// Port ranges one [`RangeTable`] holds: the ranges of one (family,
+/// protocol, exact address). The classifier scans them in order, so the
+/// bound is small; further ranges of the same address are expanded into
+/// exact entries (one per port) by the compiler.
+pub const MAX_RANGES: usize = 8;
+
+/// One port range of a [`RangeTable`]: ports `lo..=hi` (host order) get
+/// `target`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct PortRangeEntry {
+    /// First port, host byte order.
+    pub lo: u16,
+    /// Last port (inclusive), host byte order.
+    pub hi: u16,
+    pub target: Target,
+}
+
+/// The port ranges of one (family, protocol, exact address): the value of
+/// the `RANGE4`/`RANGE6` maps. `ranges[..len]` are disjoint and sorted by
+/// port; the classifier scans them after the exact-port lookup misses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct RangeTable {
+    /// Ranges in use (at most [`MAX_RANGES`]).
+    pub len: u32,
+    pub ranges: [PortRangeEntry; MAX_RANGES],
+}
+
+/// How the classifier declares a range map's value (see [`TargetBytes`]).
+pub type RangeTableBytes = [u8; size_of::<RangeTable>()];
+
 /// What to do with a packet that matched: `mark = (mark & !mask) | (value & mask)`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -325,8 +411,14 @@ impl GlobalCounters {
 // Layout contract: sizes and alignments both sides rely on, with no padding.
 const _: () = assert!(size_of::<ServiceKey>() == 20);
 const _: () = assert!(align_of::<ServiceKey>() == 4);
+const _: () = assert!(size_of::<ServiceKey4>() == 8);
+const _: () = assert!(align_of::<ServiceKey4>() == 4);
 const _: () = assert!(size_of::<Target>() == 16);
 const _: () = assert!(align_of::<Target>() == 4);
+const _: () = assert!(size_of::<PortRangeEntry>() == 20);
+const _: () = assert!(align_of::<PortRangeEntry>() == 4);
+const _: () = assert!(size_of::<RangeTable>() == 4 + 20 * MAX_RANGES);
+const _: () = assert!(align_of::<RangeTable>() == 4);
 const _: () = assert!(size_of::<RuleCounters>() == 24);
 const _: () = assert!(align_of::<RuleCounters>() == 8);
 const _: () = assert!(size_of::<GlobalCounters>() == 56);
@@ -334,6 +426,9 @@ const _: () = assert!(align_of::<GlobalCounters>() == 8);
 const _: () = assert!(GENERATIONS - 1 <= ACTIVE_GENERATION_MASK);
 const _: () = assert!(ACTIVE_HAS_PREFIX & ACTIVE_GENERATION_MASK == 0);
 const _: () = assert!(ACTIVE_ICMP_ERRORS & (ACTIVE_GENERATION_MASK | ACTIVE_HAS_PREFIX) == 0);
+const _: () = assert!(
+    ACTIVE_HAS_RANGE & (ACTIVE_GENERATION_MASK | ACTIVE_HAS_PREFIX | ACTIVE_ICMP_ERRORS) == 0
+);
 const _: () = assert!(wire::EMBEDDED_L4_MIN <= wire::UDP_HLEN);
 const _: () = assert!(LPM_LOOKUP_PREFIX_LEN as usize == size_of::<ServiceKey>() * 8);
 
@@ -344,8 +439,12 @@ const _: () = assert!(LPM_LOOKUP_PREFIX_LEN as usize == size_of::<ServiceKey>() 
 mod pod {
     // SAFETY: `ServiceKey` derives `bytemuck::Pod` (see above).
     unsafe impl aya::Pod for super::ServiceKey {}
+    // SAFETY: `ServiceKey4` derives `bytemuck::Pod`.
+    unsafe impl aya::Pod for super::ServiceKey4 {}
     // SAFETY: `Target` derives `bytemuck::Pod`.
     unsafe impl aya::Pod for super::Target {}
+    // SAFETY: `RangeTable` derives `bytemuck::Pod`.
+    unsafe impl aya::Pod for super::RangeTable {}
     // SAFETY: `RuleCounters` derives `bytemuck::Pod`.
     unsafe impl aya::Pod for super::RuleCounters {}
     // SAFETY: `GlobalCounters` derives `bytemuck::Pod`.

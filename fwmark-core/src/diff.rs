@@ -50,12 +50,14 @@ impl fmt::Display for Diff {
     }
 }
 
-/// (lpm prefix length or exact, key) -> (mark, mask).
+/// First word of a port range's identity in [`entries`]: above every LPM
+/// prefix length, plus the range's last port; the key's port is its first.
+const RANGE_TAG: u32 = 1 << 16;
+
+/// (lpm prefix length or exact, key) -> (mark, mask); a port range of an
+/// exact address is (`RANGE_TAG` + last port, key with the first port).
 fn entries(rs: &Ruleset) -> foldhash::HashMap<(u32, ServiceKey), (u32, u32)> {
-    let mut out = foldhash::HashMap::with_capacity_and_hasher(
-        rs.exact.len() + rs.prefix.len(),
-        Default::default(),
-    );
+    let mut out = foldhash::HashMap::with_capacity_and_hasher(rs.entries(), Default::default());
     out.extend(each_entry(rs));
     out
 }
@@ -70,6 +72,16 @@ fn each_entry(rs: &Ruleset) -> impl Iterator<Item = ((u32, ServiceKey), (u32, u3
                 .iter()
                 .map(|e| ((e.prefix_len, e.key), (e.target.mark, e.target.mask))),
         )
+        .chain(rs.ranges.iter().map(|r| {
+            let key = ServiceKey {
+                port: r.lo.to_be_bytes(),
+                ..r.key
+            };
+            (
+                (RANGE_TAG + u32::from(r.hi), key),
+                (r.target.mark, r.target.mask),
+            )
+        }))
 }
 
 /// Rules per service index, in one pass.
@@ -220,7 +232,8 @@ mod tests {
                 "- service \"old\" mark 0x9: 192.0.2.99 udp port 1",
             ]
         );
-        // 443 re-marked; 8000, 8001, 53 added; 80 and 1 removed.
+        // 443 re-marked; 8000-8001 (one range entry) and 53 added; 80 and
+        // 1 removed.
         assert_eq!(
             (
                 d.entries_added,
@@ -228,11 +241,11 @@ mod tests {
                 d.entries_remarked,
                 d.entries_unchanged
             ),
-            (3, 2, 1, 0)
+            (2, 2, 1, 0)
         );
         assert!(
             d.to_string()
-                .ends_with("entries: 3 added, 2 removed, 1 re-marked, 0 unchanged")
+                .ends_with("entries: 2 added, 2 removed, 1 re-marked, 0 unchanged")
         );
     }
 

@@ -982,14 +982,13 @@ impl Model {
         if rule.proto != proto || !rule.vip.contains(&dst) {
             return None;
         }
-        let by_port = match rule.ports {
-            None => false,
-            Some(r) => match port {
-                Some(p) if r.lo <= p && p <= r.hi => true,
+        if let Some(r) = rule.ports {
+            match port {
+                Some(p) if r.lo <= p && p <= r.hi => {}
                 _ => return None,
-            },
-        };
-        Some(Stage::of(&rule.vip, !by_port))
+            }
+        }
+        Some(Stage::of_rule(&rule.vip, rule.ports))
     }
 
     /// The rules that match (dst, proto, port), each with its stage, in

@@ -65,6 +65,9 @@ pub fn best<T>(candidates: impl IntoIterator<Item = (Rank, T)>) -> Option<(Rank,
 pub enum Stage {
     /// 1. exact address, exact port.
     ExactPort,
+    /// Also stage 1: exact address, a port range (a port entry, looked up
+    /// after the exact port; ranges of one address never overlap).
+    ExactRange,
     /// 2. exact address, every port.
     ExactAllPorts,
     /// 3. a prefix with a port entry.
@@ -85,10 +88,22 @@ impl Stage {
     }
 }
 
+impl Stage {
+    /// The stage of a rule's entries for a packet its ports match: a port
+    /// range of an exact address is [`Stage::ExactRange`].
+    pub fn of_rule(vip: &IpNet, ports: Option<PortRange>) -> Stage {
+        match ports {
+            Some(p) if p.lo < p.hi && Prefix(vip).is_host() => Stage::ExactRange,
+            _ => Stage::of(vip, ports.is_none()),
+        }
+    }
+}
+
 impl fmt::Display for Stage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Stage::ExactPort => "1 (exact address, exact port)",
+            Stage::ExactRange => "1 (exact address, port range)",
             Stage::ExactAllPorts => "2 (exact address, every port)",
             Stage::PrefixPort => "3 (longest prefix, port entry)",
             Stage::PrefixAllPorts => "3 (longest prefix, every-port entry)",

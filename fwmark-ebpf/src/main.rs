@@ -12,8 +12,14 @@
 //! It never drops, redirects or rewrites a packet and always returns
 //! `TC_ACT_UNSPEC` (== `TCX_NEXT`), so later tc programs still run.
 //!
+//! Exact IPv4 addresses are looked up in `EXACT4` by an 8-byte key
+//! (protocol, port, address), exact IPv6 addresses in `EXACT` by the
+//! 20-byte `ServiceKey`, prefixes of both families in `PREFIX`.
+//!
 //! Precedence, first match wins:
-//! 1. exact address, exact port
+//! 1. exact address, exact port, then exact address, port range (`RANGE4`,
+//!    `RANGE6`: a small sorted table per address, scanned only when the
+//!    generation has ranges)
 //! 2. exact address, all ports
 //! 3. longest address prefix; at equal length the port entry before the
 //!    all-ports entry
@@ -46,9 +52,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, trace};
 use fwmark_common::{
-    ACTIVE_GENERATION_MASK, ACTIVE_HAS_PREFIX, ACTIVE_ICMP_ERRORS, ALL_PORTS, GENERATIONS,
-    GlobalCounters, LPM_LOOKUP_PREFIX_LEN, MAX_INTERFACES, RuleCounters, ServiceKey, Target,
-    TargetBytes,
+    ACTIVE_GENERATION_MASK, ACTIVE_HAS_PREFIX, ACTIVE_HAS_RANGE, ACTIVE_ICMP_ERRORS, ALL_PORTS,
+    FAMILY_IPV4, GENERATIONS, GlobalCounters, LPM_LOOKUP_PREFIX_LEN, MAX_INTERFACES, MAX_RANGES,
+    RangeTable, RangeTableBytes, RuleCounters, ServiceKey, ServiceKey4, Target, TargetBytes,
 };
 use parse::{Icmp, Parsed};
 
@@ -57,11 +63,28 @@ use parse::{Icmp, Parsed};
 #[btf_map]
 static ACTIVE: Array<u32, 1> = Array::new();
 
-/// Exact-address entries, one inner hash map per generation (inner maps are
-/// created and filled by userspace and never modified once published).
-/// Values are `Target`s declared as bytes (see `TargetBytes`: kernel 6.1).
+/// Exact IPv4-address entries (8-byte key), one inner hash map per
+/// generation (inner maps are created and filled by userspace and never
+/// modified once published). Values are `Target`s declared as bytes (see
+/// `TargetBytes`: kernel 6.1).
+#[btf_map]
+static EXACT4: ArrayOfMaps<HashMap<ServiceKey4, TargetBytes, 1>, { GENERATIONS as usize }> =
+    ArrayOfMaps::new();
+
+/// Exact IPv6-address entries, like `EXACT4` with the 20-byte key.
 #[btf_map]
 static EXACT: ArrayOfMaps<HashMap<ServiceKey, TargetBytes, 1>, { GENERATIONS as usize }> =
+    ArrayOfMaps::new();
+
+/// Port ranges of exact IPv4 addresses, one inner hash map per generation:
+/// (protocol, address) with port `ALL_PORTS` -> a `RangeTable` (as bytes).
+#[btf_map]
+static RANGE4: ArrayOfMaps<HashMap<ServiceKey4, RangeTableBytes, 1>, { GENERATIONS as usize }> =
+    ArrayOfMaps::new();
+
+/// Port ranges of exact IPv6 addresses, like `RANGE4`.
+#[btf_map]
+static RANGE6: ArrayOfMaps<HashMap<ServiceKey, RangeTableBytes, 1>, { GENERATIONS as usize }> =
     ArrayOfMaps::new();
 
 /// Prefix entries, one inner LPM trie per generation; empty slot = no prefixes.
@@ -205,21 +228,47 @@ fn lookup(active: u32, key: &ServiceKey, with_port: bool) -> Option<Target> {
     let mut key = *key;
     let port = key.port;
 
-    if let Some(exact) = EXACT.get(generation) {
+    // A range is a port entry: after the exact port, before all ports;
+    // looked up only when the generation has ranges.
+    let ranges = with_port && active & ACTIVE_HAS_RANGE != 0;
+    if key.family == FAMILY_IPV4 {
+        if let Some(exact) = EXACT4.get(generation) {
+            let mut key4 = key.v4();
+            if with_port && let Some(target) = exact.get_ptr(&key4) {
+                return Some(read_target(target));
+            }
+            key4.port = ALL_PORTS.to_be_bytes();
+            if ranges
+                && let Some(table) = RANGE4.get(generation).and_then(|m| m.get_ptr(&key4))
+                && let Some(target) = in_range(table, port)
+            {
+                return Some(target);
+            }
+            if let Some(target) = exact.get_ptr(&key4) {
+                return Some(read_target(target));
+            }
+        }
+    } else if let Some(exact) = EXACT.get(generation) {
         if with_port && let Some(target) = exact.get_ptr(&key) {
             return Some(read_target(target));
         }
         key.port = ALL_PORTS.to_be_bytes();
+        if ranges
+            && let Some(table) = RANGE6.get(generation).and_then(|m| m.get_ptr(&key))
+            && let Some(target) = in_range(table, port)
+        {
+            return Some(target);
+        }
         if let Some(target) = exact.get_ptr(&key) {
             return Some(read_target(target));
         }
     }
+    key.port = port;
 
     if active & ACTIVE_HAS_PREFIX == 0 {
         return None;
     }
     let prefix = PREFIX.get(generation)?;
-    key.port = port;
     let mut lpm_key = Key::new(LPM_LOOKUP_PREFIX_LEN, key);
     let with_port = if with_port {
         prefix.get(&lpm_key).map(|t| read_target(t))
@@ -233,6 +282,32 @@ fn lookup(active: u32, key: &ServiceKey, with_port: bool) -> Option<Target> {
         (Some(p), _) => Some(p),
         (None, a) => a,
     }
+}
+
+/// The target of the range of `table` that holds `port` (network order),
+/// if one does: a scan of at most `MAX_RANGES` sorted, disjoint ranges.
+#[inline(always)]
+fn in_range(table: *const RangeTableBytes, port: [u8; 2]) -> Option<Target> {
+    let port = u16::from_be_bytes(port);
+    let table = table.cast::<RangeTable>();
+    // SAFETY: `table` points at a live map value (published inner maps are
+    // never modified) that userspace wrote as a `RangeTable`'s bytes; hash
+    // map values are 8-byte aligned, enough for `RangeTable` (align 4).
+    let len = unsafe { (*table).len };
+    for i in 0..MAX_RANGES {
+        if i as u32 >= len {
+            break;
+        }
+        // SAFETY: as above; `i < MAX_RANGES`, inside the value.
+        let range = unsafe { &(*table).ranges[i] };
+        if port < range.lo {
+            break;
+        }
+        if port <= range.hi {
+            return Some(range.target);
+        }
+    }
+    None
 }
 
 /// The `Target` stored in an inner map's value.

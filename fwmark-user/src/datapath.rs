@@ -1,10 +1,11 @@
 //! The kernel side as userspace sees it: load the classifier, switch its
 //! maps to a new configuration generation, read its counters.
 //!
-//! A ruleset is published as a *generation*: a fresh inner hash map (exact
-//! entries) and a fresh inner LPM trie (prefix entries) are filled completely
-//! while nothing can see them, placed in the unused slot of the `EXACT` and
-//! `PREFIX` outer arrays, and then `ACTIVE` (one 32-bit word: slot and
+//! A ruleset is published as a *generation*: fresh inner hash maps (exact
+//! IPv4 entries under an 8-byte key, exact IPv6 entries) and a fresh inner
+//! LPM trie (prefix entries) are filled completely while nothing can see
+//! them, placed in the unused slot of the `EXACT4`, `EXACT` and `PREFIX`
+//! outer arrays, and then `ACTIVE` (one 32-bit word: slot and
 //! has-prefix flag) is pointed at them. The classifier reads `ACTIVE` once per
 //! packet, so a packet is classified wholly by one generation.
 //!
@@ -25,11 +26,12 @@ use aya::{
 };
 use aya_obj::generated::{bpf_attr, bpf_attr__bindgen_ty_3, bpf_cmd};
 use fwmark_common::{
-    ACTIVE_GENERATION_MASK, ACTIVE_HAS_PREFIX, ACTIVE_ICMP_ERRORS, GENERATIONS, GlobalCounters,
-    Link, MAX_INTERFACES, RuleCounters, ServiceKey, Target, map_names,
+    ACTIVE_GENERATION_MASK, ACTIVE_HAS_PREFIX, ACTIVE_HAS_RANGE, ACTIVE_ICMP_ERRORS, FAMILY_IPV4,
+    GENERATIONS, GlobalCounters, Link, MAX_INTERFACES, MAX_RANGES, PortRangeEntry, RangeTable,
+    RuleCounters, ServiceKey, ServiceKey4, Target, map_names,
 };
 
-use fwmark_core::ruleset::Ruleset;
+use fwmark_core::ruleset::{RangeEntry, Ruleset};
 
 /// The classifier object, built by `build.rs` from `fwmark-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fwmark"));
@@ -43,11 +45,11 @@ pub static FLOOR_OBJECT: &[u8] =
 /// Inserts `keys[i] -> values[i]` into an exact-entry map with
 /// `BPF_MAP_UPDATE_BATCH`, many entries per syscall. On an error, returns
 /// where the failed chunk starts (all before it were inserted), with the
-/// error. The map is typed, so its key and value sizes are those of
-/// `ServiceKey` and `Target` (aya checks them when the map is made).
-fn update_batch(
-    map: &HashMap<MapData, ServiceKey, Target>,
-    keys: &[ServiceKey],
+/// error. The map is typed, so its key and value sizes are those of `K`
+/// and `Target` (aya checks them when the map is made).
+fn update_batch<K: aya::Pod>(
+    map: &HashMap<MapData, K, Target>,
+    keys: &[K],
     values: &[Target],
 ) -> Result<(), (usize, std::io::Error)> {
     let map = map.map();
@@ -222,6 +224,70 @@ fn lookup_batch_per_cpu<V: aya::Pod + bytemuck::Pod>(
     (done >= len).then_some(values)
 }
 
+/// A new exact-entry hash map holding `keys[i] -> values[i]`: sized to
+/// the entries (at least 1), filled many entries per syscall, one by one
+/// where batches are refused.
+fn fill_exact<K: aya::Pod>(
+    keys: &[K],
+    values: &[Target],
+) -> Result<HashMap<MapData, K, Target>, DatapathError> {
+    let len = u32::try_from(keys.len().max(1)).unwrap_or(u32::MAX);
+    let mut map: HashMap<MapData, K, Target> =
+        HashMap::create(len, 0).map_err(map_err("exact entries"))?;
+    if let Err((done, _)) = update_batch(&map, keys, values) {
+        for (key, value) in keys.iter().zip(values).skip(done) {
+            map.insert(key, value, 0)
+                .map_err(map_err("exact entries"))?;
+        }
+    }
+    Ok(map)
+}
+
+/// The range tables of `ranges` (grouped by key, in port order, at most
+/// `MAX_RANGES` per key: `Ruleset::compile` makes them so), with their
+/// targets' rules mapped by `target`.
+fn range_tables(
+    ranges: &[&RangeEntry],
+    target: &impl Fn(&Target) -> Target,
+) -> (Vec<ServiceKey>, Vec<RangeTable>) {
+    let mut keys: Vec<ServiceKey> = Vec::new();
+    let mut tables: Vec<RangeTable> = Vec::new();
+    for r in ranges {
+        if keys.last() != Some(&r.key) {
+            keys.push(r.key);
+            tables.push(bytemuck::Zeroable::zeroed());
+        }
+        let table = tables.last_mut().expect("pushed above");
+        let i = table.len as usize;
+        assert!(
+            i < MAX_RANGES,
+            "the compiler keeps at most MAX_RANGES per key"
+        );
+        table.ranges[i] = PortRangeEntry {
+            lo: r.lo,
+            hi: r.hi,
+            target: target(&r.target),
+        };
+        table.len += 1;
+    }
+    (keys, tables)
+}
+
+/// A new range map holding `keys[i] -> tables[i]`, sized to them (at
+/// least 1).
+fn fill_range<K: aya::Pod>(
+    keys: &[K],
+    tables: &[RangeTable],
+) -> Result<HashMap<MapData, K, RangeTable>, DatapathError> {
+    let len = u32::try_from(keys.len().max(1)).unwrap_or(u32::MAX);
+    let mut map: HashMap<MapData, K, RangeTable> =
+        HashMap::create(len, 0).map_err(map_err("port ranges"))?;
+    for (key, table) in keys.iter().zip(tables) {
+        map.insert(key, table, 0).map_err(map_err("port ranges"))?;
+    }
+    Ok(map)
+}
+
 /// `BPF_F_NO_PREALLOC`: required by LPM tries.
 const BPF_F_NO_PREALLOC: u32 = 1;
 
@@ -229,9 +295,12 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 pub const MIN_RULE_CAPACITY: u32 = 16 * 1024;
 
 /// Every map of the classifier, by name.
-pub const MAP_NAMES: [&str; 5] = [
+pub const MAP_NAMES: [&str; 8] = [
     map_names::ACTIVE,
+    map_names::EXACT4,
     map_names::EXACT,
+    map_names::RANGE4,
+    map_names::RANGE6,
     map_names::PREFIX,
     map_names::RULE_STATS,
     map_names::GLOBAL_STATS,
@@ -280,7 +349,10 @@ pub fn rule_capacity(rules: usize) -> u32 {
 /// The classifier's maps, owned by this process (from a load or from pins).
 pub struct Maps {
     active: Array<MapData, u32>,
+    exact4: ArrayOfMaps<MapData, MapData>,
     exact: ArrayOfMaps<MapData, MapData>,
+    range4: ArrayOfMaps<MapData, MapData>,
+    range6: ArrayOfMaps<MapData, MapData>,
     prefix: ArrayOfMaps<MapData, MapData>,
     rule_stats: PerCpuArray<MapData, RuleCounters>,
     global_stats: PerCpuArray<MapData, GlobalCounters>,
@@ -298,6 +370,9 @@ impl Maps {
     fn from_ebpf(ebpf: &mut Ebpf) -> Result<Maps, DatapathError> {
         Ok(Maps {
             active: Maps::typed(map_names::ACTIVE, ebpf.take_map(map_names::ACTIVE))?,
+            exact4: Maps::typed(map_names::EXACT4, ebpf.take_map(map_names::EXACT4))?,
+            range4: Maps::typed(map_names::RANGE4, ebpf.take_map(map_names::RANGE4))?,
+            range6: Maps::typed(map_names::RANGE6, ebpf.take_map(map_names::RANGE6))?,
             exact: Maps::typed(map_names::EXACT, ebpf.take_map(map_names::EXACT))?,
             prefix: Maps::typed(map_names::PREFIX, ebpf.take_map(map_names::PREFIX))?,
             rule_stats: Maps::typed(map_names::RULE_STATS, ebpf.take_map(map_names::RULE_STATS))?,
@@ -316,6 +391,9 @@ impl Maps {
         }
         Ok(Maps {
             active: Maps::typed(map_names::ACTIVE, open(dir, map_names::ACTIVE)?)?,
+            exact4: Maps::typed(map_names::EXACT4, open(dir, map_names::EXACT4)?)?,
+            range4: Maps::typed(map_names::RANGE4, open(dir, map_names::RANGE4)?)?,
+            range6: Maps::typed(map_names::RANGE6, open(dir, map_names::RANGE6)?)?,
             exact: Maps::typed(map_names::EXACT, open(dir, map_names::EXACT)?)?,
             prefix: Maps::typed(map_names::PREFIX, open(dir, map_names::PREFIX)?)?,
             rule_stats: Maps::typed(map_names::RULE_STATS, open(dir, map_names::RULE_STATS)?)?,
@@ -341,11 +419,14 @@ impl Maps {
         Ok(self.active_word()? & ACTIVE_GENERATION_MASK)
     }
 
-    /// Handles on the live generation's inner maps (exact hash, prefix
-    /// trie), e.g. to measure their memory.
-    pub fn live_inner_maps(&self) -> Result<(MapData, MapData), DatapathError> {
+    /// Handles on the live generation's inner maps (IPv4 exact hash, IPv6
+    /// exact hash, prefix trie), e.g. to measure their memory.
+    pub fn live_inner_maps(&self) -> Result<(MapData, MapData, MapData), DatapathError> {
         let slot = self.active_slot()?;
         Ok((
+            self.exact4
+                .get(&slot, 0)
+                .map_err(map_err(map_names::EXACT4))?,
             self.exact
                 .get(&slot, 0)
                 .map_err(map_err(map_names::EXACT))?,
@@ -353,6 +434,24 @@ impl Maps {
                 .get(&slot, 0)
                 .map_err(map_err(map_names::PREFIX))?,
         ))
+    }
+
+    /// Handles on the live generation's range maps (IPv4, IPv6).
+    pub fn live_range_maps(&self) -> Result<(MapData, MapData), DatapathError> {
+        let slot = self.active_slot()?;
+        Ok((
+            self.range4
+                .get(&slot, 0)
+                .map_err(map_err(map_names::RANGE4))?,
+            self.range6
+                .get(&slot, 0)
+                .map_err(map_err(map_names::RANGE6))?,
+        ))
+    }
+
+    /// The per-rule counter map (per CPU), e.g. to measure its memory.
+    pub fn rule_stats_map(&self) -> &MapData {
+        self.rule_stats.map()
     }
 
     /// Whether a generation has ever been published into these maps.
@@ -390,21 +489,31 @@ impl Maps {
             rule: slots[t.rule as usize],
             ..*t
         };
-        let exact_len = u32::try_from(ruleset.exact.len().max(1)).unwrap_or(u32::MAX);
-        let mut exact: HashMap<MapData, ServiceKey, Target> =
-            HashMap::create(exact_len, 0).map_err(map_err("exact entries"))?;
-        phases.done("creating the exact map");
-        let keys: Vec<ServiceKey> = ruleset.exact.iter().map(|(k, _)| *k).collect();
-        let values: Vec<Target> = ruleset.exact.iter().map(|(_, t)| target(t)).collect();
-        // Many entries per syscall; one by one where batches are refused.
-        if let Err((done, _)) = update_batch(&exact, &keys, &values) {
-            for (key, value) in keys.iter().zip(&values).skip(done) {
-                exact
-                    .insert(key, value, 0)
-                    .map_err(map_err("exact entries"))?;
-            }
-        }
-        phases.done("inserting the exact entries");
+        // Exact entries by family: IPv4 under its 8-byte key.
+        let (v4, v6): (Vec<_>, Vec<_>) = ruleset
+            .exact
+            .iter()
+            .partition(|(k, _)| k.family == FAMILY_IPV4);
+        let keys4: Vec<ServiceKey4> = v4.iter().map(|(k, _)| k.v4()).collect();
+        let values4: Vec<Target> = v4.iter().map(|(_, t)| target(t)).collect();
+        let exact4 = fill_exact(&keys4, &values4)?;
+        let keys: Vec<ServiceKey> = v6.iter().map(|(k, _)| *k).collect();
+        let values: Vec<Target> = v6.iter().map(|(_, t)| target(t)).collect();
+        let exact = fill_exact(&keys, &values)?;
+        phases.done("creating and filling the exact maps");
+        // Port ranges by family: one table per (protocol, address).
+        let (r4, r6): (Vec<_>, Vec<_>) = ruleset
+            .ranges
+            .iter()
+            .partition(|r| r.key.family == FAMILY_IPV4);
+        let (keys4, tables4) = range_tables(&r4, &target);
+        let range4 = fill_range(
+            &keys4.iter().map(ServiceKey::v4).collect::<Vec<_>>(),
+            &tables4,
+        )?;
+        let (keys6, tables6) = range_tables(&r6, &target);
+        let range6 = fill_range(&keys6, &tables6)?;
+        phases.done("the port ranges");
         let prefix_len = u32::try_from(ruleset.prefix.len().max(1)).unwrap_or(u32::MAX);
         let mut prefix: LpmTrie<MapData, ServiceKey, Target> =
             LpmTrie::create(prefix_len, BPF_F_NO_PREALLOC).map_err(map_err("prefix entries"))?;
@@ -422,9 +531,18 @@ impl Maps {
         phases.done("zeroing fresh counter slots");
 
         // 2. Place them in the unused slot; 3. switch with one word.
+        self.exact4
+            .set(next, exact4.map(), 0)
+            .map_err(map_err(map_names::EXACT4))?;
         self.exact
             .set(next, exact.map(), 0)
             .map_err(map_err(map_names::EXACT))?;
+        self.range4
+            .set(next, range4.map(), 0)
+            .map_err(map_err(map_names::RANGE4))?;
+        self.range6
+            .set(next, range6.map(), 0)
+            .map_err(map_err(map_names::RANGE6))?;
         self.prefix
             .set(next, prefix.map(), 0)
             .map_err(map_err(map_names::PREFIX))?;
@@ -434,6 +552,9 @@ impl Maps {
         } else {
             ACTIVE_HAS_PREFIX
         };
+        if !ruleset.ranges.is_empty() {
+            flags |= ACTIVE_HAS_RANGE;
+        }
         if ruleset.icmp_errors {
             // In the same word: ICMP errors are marked from exactly the
             // packet that first sees these entries.
@@ -478,6 +599,19 @@ impl Maps {
             .set(live, live_exact, 0)
             .map_err(map_err(map_names::EXACT))?;
         // 5. Release the old generation's memory: nothing reads it now.
+        let empty_exact4: HashMap<MapData, ServiceKey4, Target> =
+            HashMap::create(1, 0).map_err(map_err("exact entries"))?;
+        self.exact4
+            .set(old, empty_exact4.map(), 0)
+            .map_err(map_err(map_names::EXACT4))?;
+        let empty_range4 = fill_range::<ServiceKey4>(&[], &[])?;
+        self.range4
+            .set(old, empty_range4.map(), 0)
+            .map_err(map_err(map_names::RANGE4))?;
+        let empty_range6 = fill_range::<ServiceKey>(&[], &[])?;
+        self.range6
+            .set(old, empty_range6.map(), 0)
+            .map_err(map_err(map_names::RANGE6))?;
         let empty_exact: HashMap<MapData, ServiceKey, Target> =
             HashMap::create(1, 0).map_err(map_err("exact entries"))?;
         self.exact

@@ -1,7 +1,7 @@
 //! What outlives one fwmark process, per network namespace and interface:
 //!
-//! - `/sys/fs/bpf/fwmark/<iface>/`: the pinned maps (`ACTIVE`, `EXACT`,
-//!   `PREFIX`, `RULE_STATS`, `GLOBAL_STATS`) and, with tcx, the pinned `link`;
+//! - `/sys/fs/bpf/fwmark/<iface>/`: the pinned maps (`ACTIVE`, `EXACT4`, `EXACT`,
+//!   `RANGE4`, `RANGE6`, `PREFIX`, `RULE_STATS`, `GLOBAL_STATS`) and, with tcx, the pinned `link`;
 //! - `/run/fwmark/<iface>/state.json`: the live config (text, path, hash),
 //!   its generation number, the counter slot of every rule, and how the
 //!   program is attached;

@@ -419,7 +419,7 @@ impl Poller<'_> {
             }
         }
         self.inner_ever.extend(&k.inner_maps);
-        let full = 2 * fwmark_common::GENERATIONS as usize;
+        let full = observe::OUTER_MAPS.len() * fwmark_common::GENERATIONS as usize;
         self.checks
             .check("kernel objects", k.programs.len() == 1, || {
                 format!("{} programs on the interface, not one", k.programs.len())
@@ -459,7 +459,7 @@ impl Poller<'_> {
     /// The first kernel reading with every generation slot filled: the
     /// shape every later reading must have.
     fn kernel_baseline(&self) -> Option<Kernel> {
-        let full = 2 * fwmark_common::GENERATIONS as usize;
+        let full = observe::OUTER_MAPS.len() * fwmark_common::GENERATIONS as usize;
         self.kernel
             .iter()
             .map(|(_, k)| k)

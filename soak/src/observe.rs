@@ -382,6 +382,15 @@ impl Process {
     }
 }
 
+/// fwmark's array-of-maps, each with one inner map per generation slot.
+pub const OUTER_MAPS: [&str; 5] = [
+    fwmark_common::map_names::EXACT4,
+    fwmark_common::map_names::EXACT,
+    fwmark_common::map_names::RANGE4,
+    fwmark_common::map_names::RANGE6,
+    fwmark_common::map_names::PREFIX,
+];
+
 /// fwmark's objects in the kernel, and the machine's totals.
 #[derive(Clone, Debug, Default)]
 pub struct Kernel {
@@ -389,7 +398,8 @@ pub struct Kernel {
     pub programs: Vec<u32>,
     /// Maps the attached program uses (its outer maps, counters, ...).
     pub program_maps: BTreeSet<u32>,
-    /// The inner maps in the generation slots of `EXACT` and `PREFIX`.
+    /// The inner maps in the generation slots of `EXACT4`, `EXACT`,
+    /// `RANGE4`, `RANGE6` and `PREFIX`.
     pub inner_maps: BTreeSet<u32>,
     /// Kernel memory charged to all of those maps (fdinfo `memlock`).
     pub memlock: u64,
@@ -423,10 +433,7 @@ impl Kernel {
             out.program_maps
                 .extend(p.map_ids().context("program map ids")?.unwrap_or_default());
         }
-        for name in [
-            fwmark_common::map_names::EXACT,
-            fwmark_common::map_names::PREFIX,
-        ] {
+        for name in OUTER_MAPS {
             let path = pin_dir.join(name);
             let data =
                 MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;

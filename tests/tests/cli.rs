@@ -42,7 +42,7 @@ fn check_accepts_the_example() {
     assert!(out.status.success(), "{}", stderr(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains("OK: 4 services, 7 rules, 10007 exact + 0 prefix entries"),
+        stdout.contains("OK: 4 services, 7 rules, 6 exact + 1 range + 0 prefix entries"),
         "{stdout}"
     );
 }

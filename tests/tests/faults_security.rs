@@ -164,7 +164,10 @@ fn pins_and_state_are_root_only() {
     }
     for name in [
         "ACTIVE",
+        "EXACT4",
         "EXACT",
+        "RANGE4",
+        "RANGE6",
         "PREFIX",
         "RULE_STATS",
         "GLOBAL_STATS",

@@ -97,8 +97,9 @@ enum Task {
         /// until its targets are decided (default: 300, or 20 with --quick).
         #[arg(long)]
         e2e_budget: Option<f64>,
-        /// Run one section alone (`apply` or `scrape`) and print its targets
-        /// and table; docs/ is not written.
+        /// Run one section alone (`classifier`: the classifier, memory and
+        /// port-range sections; `apply`; `scrape`) and print its targets and
+        /// tables; docs/ is not written.
         #[arg(long, value_name = "SECTION")]
         only: Option<String>,
     },

@@ -11,11 +11,12 @@ use crate::cli::CheckArgs;
 pub fn check(args: &CheckArgs) -> Result<()> {
     let loaded = live::read_config(&args.config)?;
     println!(
-        "{}: OK: {} services, {} rules, {} exact + {} prefix entries",
+        "{}: OK: {} services, {} rules, {} exact + {} range + {} prefix entries",
         loaded.path,
         loaded.config.len(),
         loaded.ruleset.rules.len(),
         loaded.ruleset.exact.len(),
+        loaded.ruleset.ranges.len(),
         loaded.ruleset.prefix.len()
     );
     if !args.ipvs {

@@ -28,10 +28,12 @@ pub fn import(args: ImportArgs) -> Result<()> {
         eprintln!("fwmark import: {line}");
     }
     eprintln!(
-        "fwmark import: {} MARK rules from {source} -> {} services, {} exact + {} prefix entries",
+        "fwmark import: {} MARK rules from {source} -> {} services, {} exact + {} range + {} \
+         prefix entries",
         imported.rules,
         imported.config.len(),
         imported.ruleset.exact.len(),
+        imported.ruleset.ranges.len(),
         imported.ruleset.prefix.len()
     );
     Ok(())

@@ -24,7 +24,7 @@ use tokio::sync::oneshot;
 
 use crate::{
     attach::{self, Attached},
-    datapath::{self, Datapath, KernelLogger, MAP_NAMES, Maps},
+    datapath::{self, Datapath, KernelLogger, Maps},
     ingress, live,
     metrics::Current,
     mode::AttachMode,
@@ -621,7 +621,7 @@ fn start_first(setup: &Setup) -> Result<Live> {
     // An interrupted upgrade from an older layout is finished or discarded
     // first: it decides which pins are the live ones.
     upgrade::recover(paths)?;
-    let pins_present = MAP_NAMES.iter().all(|n| paths.pin(n).exists());
+    let pins_present = datapath::MAP_NAMES.iter().all(|n| paths.pin(n).exists());
     let legacy_pins = upgrade::v2::MAP_NAMES.iter().all(|n| paths.pin(n).exists());
     // Recover an interrupted switch before reading the state.
     let maps = if pins_present {
@@ -782,13 +782,14 @@ fn attach_fresh(setup: &Setup, requested: AttachMode) -> Result<Live> {
     state.save(paths).map_err(DaemonError::save(paths))?;
     info!(
         "attached to {} ingress via {} (program id {}): {} services, {} rules, {} exact + {} \
-         prefix entries from {} (generation {})",
+         range + {} prefix entries from {} (generation {})",
         paths.iface,
         requested,
         state.program_id,
         new.config.len(),
         new.ruleset.rules.len(),
         new.ruleset.exact.len(),
+        new.ruleset.ranges.len(),
         new.ruleset.prefix.len(),
         new.path,
         state.generation
@@ -865,12 +866,13 @@ fn switch_logged(live: &mut Live, state: &mut State, new: &Loaded) -> Result<()>
 /// What is live, for the status line: generation, entry counts, attachment.
 fn summary(state: &State, live: &Loaded) -> String {
     format!(
-        "generation {}, {} services, {} rules, {} exact + {} prefix entries ({} attachment, \
-         program id {})",
+        "generation {}, {} services, {} rules, {} exact + {} range + {} prefix entries ({} \
+         attachment, program id {})",
         state.generation,
         live.config.len(),
         live.ruleset.rules.len(),
         live.ruleset.exact.len(),
+        live.ruleset.ranges.len(),
         live.ruleset.prefix.len(),
         state.mode,
         state.program_id
