@@ -309,7 +309,10 @@ pub fn classifier(opts: Options) -> Result<Vec<ClassifierPoint>> {
             // The map fds this process gained are this datapath's, plus the
             // live inner maps opened here.
             let (exact4, exact6, _prefix) = dp.maps.live_inner_maps()?;
-            let (range4, _range6) = dp.maps.live_range_maps()?;
+            let (range4, _range6) = dp
+                .maps
+                .live_range_maps()?
+                .context("the memory section's config has port ranges")?;
             let v4 = rs.exact.iter().filter(|(k, _)| k.family == 4).count();
             let v6 = rs.exact.len() - v4;
             // The range map measured here is the range section's, not the

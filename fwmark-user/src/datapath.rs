@@ -52,34 +52,10 @@ fn update_batch<K: aya::Pod>(
     keys: &[K],
     values: &[Target],
 ) -> Result<(), (usize, std::io::Error)> {
-    let map = map.map();
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-    const CHUNK: usize = 16 * 1024;
     assert_eq!(keys.len(), values.len(), "one value per key");
-    let fd = map.fd().as_fd().as_raw_fd();
-    let mut done = 0;
-    while done < keys.len() {
-        let n = (keys.len() - done).min(CHUNK);
-        let mut batch = bpf_attr__bindgen_ty_3 {
-            in_batch: 0,
-            out_batch: 0,
-            keys: keys[done..].as_ptr() as u64,
-            values: values[done..].as_ptr() as u64,
-            count: n as u32,
-            map_fd: fd as u32,
-            elem_flags: 0,
-            flags: 0,
-        };
-        // SAFETY: `keys` and `values` hold at least `n` elements from `done`
-        // on, of the map's key and value sizes (the map is typed).
-        if let Err(error) = unsafe { bpf_batch(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut batch) } {
-            // The kernel reports a partial count only once it started; redo
-            // the whole chunk one by one (inserting again is harmless).
-            return Err((done, error));
-        }
-        done += n;
-    }
-    Ok(())
+    // SAFETY: from any `done`, `values` holds as many values as `keys`
+    // holds keys, of the typed map's value size.
+    unsafe { update_chunks(map.map(), keys, |done| values[done..].as_ptr().cast()) }
 }
 
 /// Sets the per-CPU values of array indexes `slots` to zero on every CPU
@@ -91,35 +67,55 @@ fn zero_batch_per_cpu<V: aya::Pod + bytemuck::Pod>(
     slots: &[u32],
     cpus: usize,
 ) -> Result<(), (usize, std::io::Error)> {
-    let map = map.map();
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-    const CHUNK: usize = 16 * 1024;
     assert_eq!(
         std::mem::size_of::<V>() % 8,
         0,
         "per-CPU values are 8-byte multiples"
     );
-    let fd = map.fd().as_fd().as_raw_fd();
     // The same zeroes for every chunk: the kernel only reads them.
-    let zeros = vec![<V as bytemuck::Zeroable>::zeroed(); CHUNK.min(slots.len()) * cpus];
+    let zeros = vec![<V as bytemuck::Zeroable>::zeroed(); BATCH_CHUNK.min(slots.len()) * cpus];
+    // SAFETY: `zeros` holds a chunk's worth of per-CPU values (`cpus` of
+    // the typed map's value size V per key; V is a multiple of 8 bytes,
+    // asserted above, so the kernel's rounding adds nothing).
+    unsafe { update_chunks(map.map(), slots, |_| zeros.as_ptr().cast()) }
+}
+
+/// Keys per `BPF_MAP_UPDATE_BATCH` call.
+const BATCH_CHUNK: usize = 16 * 1024;
+
+/// `BPF_MAP_UPDATE_BATCH` of `keys` into `map`, [`BATCH_CHUNK`] keys per
+/// call; `values(done)` gives the values of the chunk starting at key
+/// `done`. On an error, returns where the failed chunk starts (all before
+/// it were written; the kernel reports a partial count only once it
+/// started, so callers redo the whole chunk one by one), with the error.
+///
+/// # Safety
+///
+/// `K` must be the map's key type, and `values(done)` must point at the
+/// values of at least `min(keys.len() - done, BATCH_CHUNK)` keys, laid out
+/// as the kernel reads the map's values.
+unsafe fn update_chunks<K>(
+    map: &MapData,
+    keys: &[K],
+    values: impl Fn(usize) -> *const u8,
+) -> Result<(), (usize, std::io::Error)> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let fd = map.fd().as_fd().as_raw_fd();
     let mut done = 0;
-    while done < slots.len() {
-        let n = (slots.len() - done).min(CHUNK);
+    while done < keys.len() {
+        let n = (keys.len() - done).min(BATCH_CHUNK);
         let mut batch = bpf_attr__bindgen_ty_3 {
             in_batch: 0,
             out_batch: 0,
-            keys: slots[done..].as_ptr() as u64,
-            values: zeros.as_ptr() as u64,
+            keys: keys[done..].as_ptr() as u64,
+            values: values(done) as u64,
             count: n as u32,
             map_fd: fd as u32,
             elem_flags: 0,
             flags: 0,
         };
-        // SAFETY: `slots` holds at least `n` u32 keys (an array's key) from
-        // `done` on, and `zeros` `n` per-CPU values of `cpus` CPUs of the
-        // map's value size: the map is typed with V (aya checks the size)
-        // and V is a multiple of 8 bytes (asserted above), so the kernel's
-        // rounding adds nothing.
+        // SAFETY: `keys` holds at least `n` keys of the map's key type from
+        // `done` on, and the caller vouches for the values.
         if let Err(error) = unsafe { bpf_batch(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut batch) } {
             return Err((done, error));
         }
@@ -419,10 +415,21 @@ impl Maps {
         Ok(self.active_word()? & ACTIVE_GENERATION_MASK)
     }
 
-    /// Handles on the live generation's inner maps (IPv4 exact hash, IPv6
-    /// exact hash, prefix trie), e.g. to measure their memory.
-    pub fn live_inner_maps(&self) -> Result<(MapData, MapData, MapData), DatapathError> {
-        let slot = self.active_slot()?;
+    /// Handles on the live generation's exact maps (IPv4, IPv6) and its
+    /// prefix trie (only when the generation has prefix entries: without
+    /// them no trie is placed for it).
+    pub fn live_inner_maps(&self) -> Result<(MapData, MapData, Option<MapData>), DatapathError> {
+        let word = self.active_word()?;
+        let slot = word & ACTIVE_GENERATION_MASK;
+        let prefix = if word & ACTIVE_HAS_PREFIX != 0 {
+            Some(
+                self.prefix
+                    .get(&slot, 0)
+                    .map_err(map_err(map_names::PREFIX))?,
+            )
+        } else {
+            None
+        };
         Ok((
             self.exact4
                 .get(&slot, 0)
@@ -430,23 +437,26 @@ impl Maps {
             self.exact
                 .get(&slot, 0)
                 .map_err(map_err(map_names::EXACT))?,
-            self.prefix
-                .get(&slot, 0)
-                .map_err(map_err(map_names::PREFIX))?,
+            prefix,
         ))
     }
 
-    /// Handles on the live generation's range maps (IPv4, IPv6).
-    pub fn live_range_maps(&self) -> Result<(MapData, MapData), DatapathError> {
-        let slot = self.active_slot()?;
-        Ok((
+    /// Handles on the live generation's range maps (IPv4, IPv6), when it
+    /// has port ranges (without them none are placed for it).
+    pub fn live_range_maps(&self) -> Result<Option<(MapData, MapData)>, DatapathError> {
+        let word = self.active_word()?;
+        if word & ACTIVE_HAS_RANGE == 0 {
+            return Ok(None);
+        }
+        let slot = word & ACTIVE_GENERATION_MASK;
+        Ok(Some((
             self.range4
                 .get(&slot, 0)
                 .map_err(map_err(map_names::RANGE4))?,
             self.range6
                 .get(&slot, 0)
                 .map_err(map_err(map_names::RANGE6))?,
-        ))
+        )))
     }
 
     /// The per-rule counter map (per CPU), e.g. to measure its memory.
@@ -530,31 +540,40 @@ impl Maps {
         self.zero_rule_slots(fresh_slots)?;
         phases.done("zeroing fresh counter slots");
 
-        // 2. Place them in the unused slot; 3. switch with one word.
+        // 2. Place them in the unused slot; 3. switch with one word. Each
+        // placement is a map-in-map update, which returns after an RCU
+        // grace period, so the range and prefix maps are placed only when
+        // the generation has such entries (and once into a slot that never
+        // held one, so every slot always holds a map). Without them their
+        // flag is off in the ACTIVE word and the classifier never reads
+        // those slots: what an earlier generation left there is never seen.
         self.exact4
             .set(next, exact4.map(), 0)
             .map_err(map_err(map_names::EXACT4))?;
         self.exact
             .set(next, exact.map(), 0)
             .map_err(map_err(map_names::EXACT))?;
-        self.range4
-            .set(next, range4.map(), 0)
-            .map_err(map_err(map_names::RANGE4))?;
-        self.range6
-            .set(next, range6.map(), 0)
-            .map_err(map_err(map_names::RANGE6))?;
-        self.prefix
-            .set(next, prefix.map(), 0)
-            .map_err(map_err(map_names::PREFIX))?;
-        phases.done("placing the new generation");
-        let mut flags = if ruleset.prefix.is_empty() {
-            0
-        } else {
-            ACTIVE_HAS_PREFIX
-        };
+        let mut flags = 0;
+        if !ruleset.ranges.is_empty() || self.range4.get(&next, 0).is_err() {
+            self.range4
+                .set(next, range4.map(), 0)
+                .map_err(map_err(map_names::RANGE4))?;
+            self.range6
+                .set(next, range6.map(), 0)
+                .map_err(map_err(map_names::RANGE6))?;
+        }
         if !ruleset.ranges.is_empty() {
             flags |= ACTIVE_HAS_RANGE;
         }
+        if !ruleset.prefix.is_empty() || self.prefix.get(&next, 0).is_err() {
+            self.prefix
+                .set(next, prefix.map(), 0)
+                .map_err(map_err(map_names::PREFIX))?;
+        }
+        if !ruleset.prefix.is_empty() {
+            flags |= ACTIVE_HAS_PREFIX;
+        }
+        phases.done("placing the new generation");
         if ruleset.icmp_errors {
             // In the same word: ICMP errors are marked from exactly the
             // packet that first sees these entries.
@@ -569,8 +588,7 @@ impl Maps {
         if next != current {
             // The new generation is live from here on: what follows only
             // frees the old one, so a failure is a warning, not an error.
-            let had_prefix = current_word & ACTIVE_HAS_PREFIX != 0;
-            if let Err(e) = self.release(current, had_prefix, exact.map()) {
+            if let Err(e) = self.release(current, current_word, exact.map()) {
                 log::warn!(
                     "the new config is live, but freeing the previous generation failed \
                      (it is freed at the next change): {e}"
@@ -583,13 +601,14 @@ impl Maps {
 
     /// Waits until no program reads generation `old` any more, then
     /// replaces its maps by empty ones so their memory goes. Its prefix
-    /// trie is replaced only when it has entries (`had_prefix`: its
-    /// `ACTIVE` word had the flag); an empty one holds no memory, and each
-    /// map-in-map update costs an RCU grace period.
+    /// trie and range tables are replaced only when it had such entries
+    /// (`old_word`, its `ACTIVE` word, has their flag); otherwise they were
+    /// not placed for it, and each map-in-map update costs an RCU grace
+    /// period.
     fn release(
         &mut self,
         old: u32,
-        had_prefix: bool,
+        old_word: u32,
         live_exact: &MapData,
     ) -> Result<(), DatapathError> {
         let live = (old + 1) % GENERATIONS;
@@ -604,20 +623,22 @@ impl Maps {
         self.exact4
             .set(old, empty_exact4.map(), 0)
             .map_err(map_err(map_names::EXACT4))?;
-        let empty_range4 = fill_range::<ServiceKey4>(&[], &[])?;
-        self.range4
-            .set(old, empty_range4.map(), 0)
-            .map_err(map_err(map_names::RANGE4))?;
-        let empty_range6 = fill_range::<ServiceKey>(&[], &[])?;
-        self.range6
-            .set(old, empty_range6.map(), 0)
-            .map_err(map_err(map_names::RANGE6))?;
+        if old_word & ACTIVE_HAS_RANGE != 0 {
+            let empty_range4 = fill_range::<ServiceKey4>(&[], &[])?;
+            self.range4
+                .set(old, empty_range4.map(), 0)
+                .map_err(map_err(map_names::RANGE4))?;
+            let empty_range6 = fill_range::<ServiceKey>(&[], &[])?;
+            self.range6
+                .set(old, empty_range6.map(), 0)
+                .map_err(map_err(map_names::RANGE6))?;
+        }
         let empty_exact: HashMap<MapData, ServiceKey, Target> =
             HashMap::create(1, 0).map_err(map_err("exact entries"))?;
         self.exact
             .set(old, empty_exact.map(), 0)
             .map_err(map_err(map_names::EXACT))?;
-        if had_prefix {
+        if old_word & ACTIVE_HAS_PREFIX != 0 {
             let empty_prefix: LpmTrie<MapData, ServiceKey, Target> =
                 LpmTrie::create(1, BPF_F_NO_PREALLOC).map_err(map_err("prefix entries"))?;
             self.prefix

@@ -622,6 +622,53 @@ fn republishing_switches_prefix_lookups_on_and_off() {
     assert_untouched(&h, &Frame::new("192.0.2.10", L4::Tcp(80)));
 }
 
+/// Port ranges switched on, off and on again: the range tables and their
+/// flag in `ACTIVE` go with the generation, and a table a generation
+/// without ranges leaves in a slot is never read.
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn republishing_switches_range_lookups_on_and_off() {
+    let service = |ports: &str, mark: u32| {
+        format!(
+            "[[service]]\nname = \"ftp\"\nvip = \"192.0.2.21\"\nproto = \"tcp\"\n\
+             ports = {ports}\nmark = {mark}\n"
+        )
+    };
+    let compile = |text: &str| {
+        fwmark_core::ruleset::Ruleset::compile(
+            &fwmark_core::config::Config::parse(text, "ranges").unwrap(),
+        )
+        .unwrap()
+    };
+    let wide = service(r#"[21, "10000-20000"]"#, 21);
+    let Some(mut h) = harness("republishing_ranges", &wide) else {
+        return;
+    };
+    assert_eq!(h.ruleset.ranges.len(), 1, "10000-20000 stays one range");
+    let (p12345, p15500, p21) = (
+        Frame::new("192.0.2.21", L4::Tcp(12345)),
+        Frame::new("192.0.2.21", L4::Tcp(15500)),
+        Frame::new("192.0.2.21", L4::Tcp(21)),
+    );
+    assert_marked(&h, &p12345, 21);
+    let none = compile(&service("[21]", 21));
+    assert!(none.ranges.is_empty());
+    // Twice: the second lands in the slot the ranges were published in.
+    for _ in 0..2 {
+        h.datapath.publish_simple(&none).unwrap();
+        assert_untouched(&h, &p12345);
+        assert_marked(&h, &p21, 21);
+    }
+    let narrow = compile(&service(r#"["15000-16000"]"#, 22));
+    h.datapath.publish_simple(&narrow).unwrap();
+    assert_untouched(&h, &p12345);
+    assert_untouched(&h, &p21);
+    assert_marked(&h, &p15500, 22);
+    h.datapath.publish_simple(&none).unwrap();
+    assert_untouched(&h, &p15500);
+    assert_marked(&h, &p21, 21);
+}
+
 /// Config A: the exact entry marks 80. Config B: no exact entry, the prefix
 /// marks 81. A packet classified with A's prefix but B's exact map (a mix)
 /// would get mark 1, or none at all.

@@ -529,13 +529,7 @@ fn start_members(live: &mut Live, setup: &Setup) -> Result<()> {
             // What a group that is gone left (a stale link pin): not ours.
             paths.remove().map_err(DaemonError::remove(paths))?;
         }
-        paths
-            .create_dirs()
-            .map_err(|source| DaemonError::CreateDirs {
-                pin_dir: paths.pin_dir.clone(),
-                run_dir: paths.run_dir.clone(),
-                source,
-            })?;
+        create_dirs(paths)?;
         paths
             .write_group(&live.paths.iface)
             .map_err(DaemonError::save(paths))?;
@@ -746,13 +740,7 @@ fn start_first(setup: &Setup) -> Result<Live> {
     // Fresh: maps created and pinned, config published, then attached, so
     // the first packet the program sees is already classified. A failure on
     // the way removes what it created.
-    paths
-        .create_dirs()
-        .map_err(|source| DaemonError::CreateDirs {
-            pin_dir: paths.pin_dir.clone(),
-            run_dir: paths.run_dir.clone(),
-            source,
-        })?;
+    create_dirs(paths)?;
     let fresh = attach_fresh(setup, requested);
     if fresh.is_err() {
         let _ = paths.remove();
@@ -1056,4 +1044,15 @@ fn reattach(live: &mut Live, i: usize) -> Result<(State, u32)> {
     port.ifindex = Some(index);
     live.current.touch(&live.paths, live.maps());
     Ok((state, index))
+}
+
+/// Creates an interface's pin and state directories.
+fn create_dirs(paths: &Paths) -> Result<(), DaemonError> {
+    paths
+        .create_dirs()
+        .map_err(|source| DaemonError::CreateDirs {
+            pin_dir: paths.pin_dir.clone(),
+            run_dir: paths.run_dir.clone(),
+            source,
+        })
 }
