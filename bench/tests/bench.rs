@@ -32,6 +32,7 @@ fn quick_benchmark_report_is_well_formed() {
         "### 3. Apply time",
         "### 4. Kernel memory",
         "### 5. Metrics scrape",
+        "### 6. Port ranges",
     ] {
         assert!(md.contains(heading), "missing {heading}:\n{md}");
     }
@@ -75,7 +76,7 @@ fn quick_benchmark_report_is_well_formed() {
             }
         }
     }
-    assert_eq!(tables, 6, "{md}");
+    assert_eq!(tables, 7, "{md}");
     let targets = md
         .lines()
         .filter(|l| {
