@@ -737,15 +737,7 @@ impl Maps {
         let sum: Vec<GlobalCounters> = now
             .iter()
             .zip(global)
-            .map(|(a, b)| GlobalCounters {
-                seen: a.seen + b.seen,
-                marked: a.marked + b.marked,
-                no_match: a.no_match + b.no_match,
-                non_ip: a.non_ip + b.non_ip,
-                later_fragment: a.later_fragment + b.later_fragment,
-                malformed: a.malformed + b.malformed,
-                icmp_error: a.icmp_error + b.icmp_error,
-            })
+            .map(|(a, b)| add_global(*a, b))
             .collect();
         let sum = PerCpuValues::try_from(sum).map_err(DatapathError::Cpus)?;
         self.global_stats

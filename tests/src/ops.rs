@@ -187,6 +187,27 @@ pub fn send(lab: &Lab, p: &Probe) {
         .unwrap_or_else(|e| panic!("sending {p}: {e:#}"));
 }
 
+/// Streams UDP datagrams from the client to `VIP` ports 80 and 443, about
+/// 20k a second, until `stop` is set; returns how many went to each port.
+pub fn stream_until(lab: &Lab, stop: &std::sync::atomic::AtomicBool) -> [u64; 2] {
+    lab.client
+        .run(|| {
+            let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            let mut sent = [0u64; 2];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for (i, port) in [80u16, 443].into_iter().enumerate() {
+                    if sock.send_to(b"load", (VIP, port)).is_ok() {
+                        sent[i] += 1;
+                    }
+                }
+                // Bounded rate: about 20k datagrams per second.
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            sent
+        })
+        .expect("enter the client namespace")
+}
+
 /// fwmark's run directory of the director's interface (state and locks).
 pub fn run_dir(lab: &Lab) -> PathBuf {
     let [_, run] = lab.director.fwmark_dirs(&lab.director_if);

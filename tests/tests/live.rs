@@ -51,24 +51,7 @@ fn applies_under_load_never_leave_a_packet_unmarked() {
 
     let stop = AtomicBool::new(false);
     let sent = std::thread::scope(|s| {
-        let sender = s.spawn(|| {
-            lab.client
-                .run(|| {
-                    let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-                    let mut sent = [0u64; 2];
-                    while !stop.load(Ordering::Relaxed) {
-                        for (i, port) in [80u16, 443].into_iter().enumerate() {
-                            if sock.send_to(b"load", (VIP, port)).is_ok() {
-                                sent[i] += 1;
-                            }
-                        }
-                        // Bounded rate: about 20k datagrams per second.
-                        std::thread::sleep(Duration::from_micros(100));
-                    }
-                    sent
-                })
-                .unwrap()
-        });
+        let sender = s.spawn(|| fwmark_testlab::ops::stream_until(&lab, &stop));
         for i in 0..100 {
             let file = if i % 2 == 0 { &b } else { &a };
             ok(apply(&lab, file));

@@ -114,24 +114,7 @@ fn upgrade_without_a_gap(mode: &str, killed_at: Option<&str>) {
 
     let stop = AtomicBool::new(false);
     let (sent, old_status, upgraded_log) = std::thread::scope(|s| {
-        let sender = s.spawn(|| {
-            lab.client
-                .run(|| {
-                    let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-                    let mut sent = [0u64; 2];
-                    while !stop.load(Ordering::Relaxed) {
-                        for (i, port) in [80u16, 443].into_iter().enumerate() {
-                            if sock.send_to(b"load", (VIP, port)).is_ok() {
-                                sent[i] += 1;
-                            }
-                        }
-                        // Bounded rate: about 20k datagrams per second.
-                        std::thread::sleep(Duration::from_micros(100));
-                    }
-                    sent
-                })
-                .unwrap()
-        });
+        let sender = s.spawn(|| fwmark_testlab::ops::stream_until(&lab, &stop));
         std::thread::sleep(Duration::from_millis(300));
         stop_ok(old);
         // The old daemon is gone, its program marks on from the pins.
