@@ -187,6 +187,18 @@ pub fn send(lab: &Lab, p: &Probe) {
         .unwrap_or_else(|e| panic!("sending {p}: {e:#}"));
 }
 
+/// The `packets` counter of service `name` in a `status --json` document.
+pub fn service_packets(status: &serde_json::Value, name: &str) -> u64 {
+    status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no service {name} in {status}"))["packets"]
+        .as_u64()
+        .unwrap()
+}
+
 /// Streams UDP datagrams from the client to `VIP` ports 80 and 443, about
 /// 20k a second, until `stop` is set; returns how many went to each port.
 pub fn stream_until(lab: &Lab, stop: &std::sync::atomic::AtomicBool) -> [u64; 2] {

@@ -13,8 +13,8 @@ use fwmark_testlab::{
     netns::Lab,
     nft::{MarkCounters, ProbeProto},
     ops::{
-        DNS_VIP, TempDir, VIP, apply, fwmark, get_metrics, ingress, ok, send, spawn_apply,
-        status_json, stop_ok, web_dns_config as config,
+        DNS_VIP, TempDir, VIP, apply, fwmark, get_metrics, ingress, ok, send, service_packets,
+        spawn_apply, status_json, stop_ok, web_dns_config as config,
     },
 };
 
@@ -22,17 +22,6 @@ use fwmark_testlab::{
 /// configs, and config A (web under mark 80) written there.
 fn setup(name: &str, tools: &[&str]) -> Option<(Lab, TempDir, String)> {
     fwmark_testlab::ops::setup(name, tools, &[VIP, DNS_VIP], "a.toml")
-}
-
-fn service_packets(status: &serde_json::Value, name: &str) -> u64 {
-    status["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == name)
-        .unwrap_or_else(|| panic!("no service {name} in {status}"))["packets"]
-        .as_u64()
-        .unwrap()
 }
 
 #[test]

@@ -12,7 +12,7 @@ use fwmark_testlab::{
     daemon::{Daemon, fwmark_bin},
     kernel,
     netns::{Netns, ingress_programs, unique_name},
-    ops::TempDir,
+    ops::{TempDir, service_packets},
     packets::{Ext, Frame, L4},
     recorder::{Point, Recorder},
     tun::Tun,
@@ -182,16 +182,7 @@ fn tun_packets_get_exact_marks_and_counts() {
     assert_eq!(status["global"]["marked"], hits, "{status}");
     assert_eq!(status["global"]["no_match"], misses, "{status}");
     assert_eq!(status["global"]["malformed"], 0, "{status}");
-    let packets = |service: &str| {
-        status["services"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["name"] == service)
-            .unwrap_or_else(|| panic!("no service {service} in {status}"))["packets"]
-            .as_u64()
-            .unwrap()
-    };
+    let packets = |service: &str| service_packets(&status, service);
     assert_eq!(packets("web"), 2 * COPIES);
     assert_eq!(packets("dns"), 2 * COPIES);
     assert_eq!(packets("net"), 2 * COPIES);

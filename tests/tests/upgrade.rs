@@ -15,20 +15,11 @@ use fwmark_testlab::{
     failpoint,
     netns::Lab,
     nft::{MarkCounters, ProbeProto},
-    ops::{DNS_VIP, VIP, fwmark, ingress, ok, pin_dir, run_dir, status_json, stop_ok},
+    ops::{
+        DNS_VIP, VIP, fwmark, ingress, ok, pin_dir, run_dir, service_packets, status_json, stop_ok,
+    },
     prev,
 };
-
-fn service_packets(status: &serde_json::Value, name: &str) -> u64 {
-    status["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == name)
-        .unwrap_or_else(|| panic!("no service {name} in {status}"))["packets"]
-        .as_u64()
-        .unwrap()
-}
 
 /// `fwmark status --json` of the director's interface by the binary `bin`.
 fn status_by(lab: &Lab, bin: &std::path::Path) -> serde_json::Value {
